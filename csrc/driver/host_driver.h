@@ -1,0 +1,53 @@
+// The host backend: VMM semantics on host memory, so every policy runs without a GPU.
+//
+// physical chunk = memfd_create (sealed against resizing), reserve = mmap(PROT_NONE, MAP_NORESERVE),
+// map = mmap(MAP_FIXED|MAP_SHARED) of the memfd, set_access = mprotect(RW), unmap = an anonymous
+// PROT_NONE mapping over the same addresses (they stay reserved), export/import = dup'd fds.
+#pragma once
+
+#include <atomic>
+
+#include "driver/driver.h"
+
+namespace glake {
+
+/// VMM primitives over host memory; one "device", 2 MiB granularity.
+class HostDriver final : public Driver {
+ public:
+  static constexpr std::size_t kGranularity = 2u << 20;
+
+  const char* name() const override { return "host"; }
+  int device_count() override { return 1; }
+  std::size_t granularity(int) override { return kGranularity; }
+  MemInfo mem_info(int device) override;
+
+  void memcpy(int device, DevPtr dst, DevPtr src, std::size_t n) override;
+  void memcpy_async(int device, DevPtr dst, DevPtr src, std::size_t n, StreamHandle stream) override;
+  void memset(int device, DevPtr dst, int value, std::size_t n) override;
+
+  StreamHandle stream_create(int device) override;
+  void stream_destroy(int, StreamHandle) override {}
+  void stream_synchronize(int, StreamHandle) override {}
+  bool stream_is_capturing(int, StreamHandle) override { return false; }
+  EventHandle event_create(int device) override;
+  void event_record(int, EventHandle, StreamHandle) override {}
+  bool event_query(int, EventHandle) override { return true; }
+  void event_synchronize(int, EventHandle) override {}
+  void event_destroy(int, EventHandle) override {}
+
+ protected:
+  PhysHandle do_create(int device, std::size_t size) override;
+  void do_release(int device, PhysHandle handle) override;
+  DevPtr do_reserve(int device, std::size_t size, std::size_t alignment) override;
+  void do_free_va(int device, DevPtr va, std::size_t size) override;
+  void do_map(int device, DevPtr va, std::size_t size, PhysHandle handle) override;
+  void do_unmap(int device, DevPtr va, std::size_t size) override;
+  void do_set_access(int device, DevPtr va, std::size_t size) override;
+  int do_export_fd(int device, PhysHandle handle) override;
+  PhysHandle do_import_fd(int device, int fd, std::size_t size) override;
+
+ private:
+  std::atomic<std::uintptr_t> next_id_{1};  // host streams and events are plain ids
+};
+
+}  // namespace glake
