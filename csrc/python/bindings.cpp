@@ -1,30 +1,22 @@
 // glake._C: the one pybind11 module. Thin: argument checks, GIL release, error translation.
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
-
+// This file binds the core; each layer above binds itself in its own bind_*.cpp (RegisterBinder).
 #include <cstring>
-#include <optional>
-#include <string>
+#include <utility>
+#include <vector>
+
+#include "python/common.h"
 
 #include "core/chunk_pool.h"
 #include "core/virtual_range.h"
+#include "core/vmm_bench.h"
 #include "driver/driver.h"
 
-namespace py = pybind11;
 using namespace glake;
+using namespace glake::py_bind;
 
-namespace {
+namespace glake::py_bind {
 
-using Backend = std::optional<std::string>;
-using NoGil = py::call_guard<py::gil_scoped_release>;
-
-PyObject* exc_glake = nullptr;
-PyObject* exc_oom = nullptr;
-PyObject* exc_invalid = nullptr;
-PyObject* exc_unavailable = nullptr;
-
-/// A Python int that must be a positive (or, with allow_zero, non-negative) byte count.
-std::size_t to_size(long long v, const char* what, bool allow_zero = false) {
+std::size_t to_size(long long v, const char* what, bool allow_zero) {
   if (v < 0 || (v == 0 && !allow_zero)) {
     throw InvalidArgumentError(std::string(what) + "=" + std::to_string(v) + " must be " +
                                (allow_zero ? "non-negative" : "positive"));
@@ -32,14 +24,28 @@ std::size_t to_size(long long v, const char* what, bool allow_zero = false) {
   return static_cast<std::size_t>(v);
 }
 
-/// Python's handle on a chunk; release() drops this owner's reference early.
-struct PyChunk {
-  std::shared_ptr<PhysChunk> p;
-  PhysChunk& get() const {
-    if (!p) throw InvalidArgumentError("this PhysChunk was released");
-    return *p;
-  }
-};
+PhysChunk& PyChunk::get() const {
+  if (!p) throw InvalidArgumentError("this PhysChunk was released");
+  return *p;
+}
+
+namespace {
+std::vector<std::pair<const char*, Binder>>& binders() {
+  static std::vector<std::pair<const char*, Binder>> all;
+  return all;
+}
+}  // namespace
+
+RegisterBinder::RegisterBinder(const char* name, Binder binder) { binders().emplace_back(name, binder); }
+
+}  // namespace glake::py_bind
+
+namespace {
+
+PyObject* exc_glake = nullptr;
+PyObject* exc_oom = nullptr;
+PyObject* exc_invalid = nullptr;
+PyObject* exc_unavailable = nullptr;
 
 std::optional<PyChunk> wrap_chunk(std::shared_ptr<PhysChunk> c) {
   if (!c) return std::nullopt;
@@ -152,6 +158,13 @@ PYBIND11_MODULE(_C, m) {
         if (!buf.empty()) get_driver(b).memcpy(device, dst, reinterpret_cast<std::uintptr_t>(buf.data()), buf.size());
       }, py::arg("dst"), py::arg("data"), py::arg("device") = 0, py::arg("backend") = py::none(),
       "Copies the bytes of `data` to dst.");
+
+  m.def("measure_vmm_latency", [](int n, int device, Backend b) {
+        Driver& d = get_driver(b);
+        py::gil_scoped_release nogil;
+        return measure_vmm_latency(d, device, n);
+      }, py::arg("n"), py::arg("device") = 0, py::arg("backend") = py::none(),
+      "Microseconds per call of create/map/set_access/set_access_again/unmap/release over n chunks.");
 
   py::class_<PyChunk>(m, "PhysChunk", "One physical allocation, refcounted; freed when no owner and no mapping holds it.")
       .def(py::init([](std::optional<long long> size, int device, Backend b) {
@@ -311,4 +324,6 @@ PYBIND11_MODULE(_C, m) {
         d["hits"] = s.hits;
         return d;
       }, "The pool's counters.");
+
+  for (auto& [name, binder] : binders()) binder(m);
 }

@@ -1,0 +1,48 @@
+"""Helpers shared by the benchmark scripts: machine description, table printing, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+RESULTS_DIR = Path(os.environ.get("GLAKE_BENCH_DIR", Path(__file__).resolve().parent / "results"))
+
+
+def machine() -> Dict[str, Any]:
+    """What the numbers were measured on."""
+    info: Dict[str, Any] = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0:
+            info["gpu"] = out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return info
+
+
+def print_table(title: str, header: Sequence[str], rows: List[Sequence[Any]]) -> None:
+    """Print one aligned text table (Markdown-compatible)."""
+    cells = [[str(h) for h in header]] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}\n")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(cells[0], widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells[1:]:
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
+
+
+def write_json(name: str, payload: Dict[str, Any]) -> Path:
+    """Write results/<name>.json (or $GLAKE_BENCH_DIR) and return its path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    payload = {"machine": machine(), **payload}
+    path.write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {path}")
+    return path
