@@ -44,8 +44,8 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
         jobs = str(os.cpu_count() or 2)
         subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
-        if getattr(self, "editable_mode", False):
-            # pip install -e copies only _C into the sources; the libraries beside it must follow.
+        if getattr(self, "editable_mode", False) or self.inplace:
+            # pip install -e and build_ext --inplace copy only _C into the sources; the libraries must follow.
             for lib in out_dir.glob("lib*.so"):
                 shutil.copy2(lib, ROOT / "glake" / lib.name)
 
