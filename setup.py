@@ -44,9 +44,13 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
         jobs = str(os.cpu_count() or 2)
         subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
+        self._built_libs = list(out_dir.glob("lib*.so"))
+
+    def run(self) -> None:
+        super().run()
         if getattr(self, "editable_mode", False) or self.inplace:
             # pip install -e and build_ext --inplace copy only _C into the sources; the libraries must follow.
-            for lib in out_dir.glob("lib*.so"):
+            for lib in getattr(self, "_built_libs", []):
                 shutil.copy2(lib, ROOT / "glake" / lib.name)
 
 
