@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/sysinfo.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -50,6 +51,13 @@ MemInfo HostDriver::mem_info(int device) {
     std::getline(in, unit);
     if (key == "MemTotal:") info.total = kb * 1024;
     if (key == "MemAvailable:") info.free = kb * 1024;
+  }
+  if (info.total == 0 || info.free == 0) {  // no /proc or no MemAvailable (some VMs): ask the kernel
+    struct sysinfo si {};
+    if (sysinfo(&si) == 0) {
+      if (info.total == 0) info.total = static_cast<std::size_t>(si.totalram) * si.mem_unit;
+      if (info.free == 0) info.free = static_cast<std::size_t>(si.freeram + si.bufferram) * si.mem_unit;
+    }
   }
   return info;
 }
