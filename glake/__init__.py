@@ -30,8 +30,9 @@ def backend_name(backend: Optional[str] = None) -> str:
 
 
 from glake import core  # noqa: E402  (after the warning, so it is issued once, here)
+from glake.allocator import Allocator  # noqa: E402
 
 __all__ = [
-    "backend_name", "core", "GlakeError", "OutOfMemoryError", "InvalidArgumentError",
+    "backend_name", "core", "Allocator", "GlakeError", "OutOfMemoryError", "InvalidArgumentError",
     "BackendUnavailableError", "GlakeWarning", "__version__",
 ]

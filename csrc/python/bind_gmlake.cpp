@@ -1,0 +1,147 @@
+// glake._C bindings of the stitched allocator (gmlake/), and the C functions CuPy calls.
+#include <Python.h>
+
+#include "gmlake/registry.h"
+#include "python/common.h"
+
+namespace glake::py_bind {
+namespace {
+
+namespace gm = glake::gmlake;
+using AllocatorPtr = std::shared_ptr<gm::StitchAllocator>;
+
+void put(py::dict& d, const std::string& key, const gm::Stat& s) {
+  d[py::str(key + ".current")] = s.current;
+  d[py::str(key + ".peak")] = s.peak;
+}
+
+py::dict stats_dict(const gm::StitchAllocator& a) {
+  const gm::AllocatorStats s = a.stats();
+  py::dict d;
+  put(d, "allocated_bytes.all", s.allocated_bytes);
+  put(d, "allocated_bytes.small_pool", s.allocated_small);
+  put(d, "allocated_bytes.large_pool", s.allocated_large);
+  put(d, "reserved_bytes.all", s.reserved_bytes);
+  put(d, "reserved_bytes.small_pool", s.reserved_small);
+  put(d, "reserved_bytes.large_pool", s.reserved_large);
+  put(d, "active_bytes.all", s.active_bytes);
+  put(d, "requested_bytes.all", s.requested_bytes);
+  put(d, "segment.all", s.segments);
+  put(d, "allocation.all", s.allocations);
+  d["allocation.all.allocated"] = s.num_allocs;
+  d["allocation.all.freed"] = s.num_frees;
+  d["num_alloc_retries"] = s.num_alloc_retries;
+  d["num_ooms"] = s.num_ooms;
+  d["num_stitches"] = s.num_stitches;
+  d["num_stitch_reuses"] = s.num_stitch_reuses;
+  d["num_stitch_gc"] = s.num_stitch_gc;
+  put(d, "stitched_bytes", s.stitched_bytes);
+  put(d, "mapped_va_bytes", s.mapped_va_bytes);
+  d["stitched_va_bytes.current"] = s.stitched_va_cached;
+  d["num_segments_created"] = s.num_segments_created;
+  d["num_segments_released"] = s.num_segments_released;
+  d["num_cross_stream_reuses"] = s.num_cross_stream_reuses;
+  d["limit_bytes"] = a.limit();
+  return d;
+}
+
+py::list snapshot_list(const gm::StitchAllocator& a) {
+  py::list out;
+  for (const gm::SegmentInfo& seg : a.snapshot()) {
+    py::list blocks;
+    for (const gm::BlockInfo& b : seg.blocks) {
+      py::dict bd;
+      bd["address"] = b.ptr;
+      bd["size"] = b.size;
+      bd["requested"] = b.requested;
+      bd["state"] = b.state;
+      bd["stream"] = b.stream;
+      blocks.append(bd);
+    }
+    py::dict sd;
+    sd["kind"] = seg.kind;
+    sd["address"] = seg.ptr;
+    sd["size"] = seg.size;
+    sd["stitched"] = std::string(seg.kind) == "stitched";
+    sd["active"] = seg.active;
+    sd["blocks"] = blocks;
+    out.append(sd);
+  }
+  return out;
+}
+
+AllocatorPtr global_allocator(int device) {
+  return AllocatorPtr(&gm::device_allocator(device), [](gm::StitchAllocator*) {});  // process-lifetime
+}
+
+}  // namespace
+
+// CuPy's CFunctionAllocator calls these with the GIL held. On failure the Python error is set and
+// -1 returned: CuPy's Cython wrapper (declared `except? -1`) then raises it.
+extern "C" __attribute__((visibility("default"))) void* glake_cupy_malloc(void*, size_t size, int device) {
+  if (size == 0) return nullptr;
+  try {
+    return reinterpret_cast<void*>(gm::device_allocator(device).malloc(size, 0));
+  } catch (const std::exception& e) {
+    PyErr_SetString(dynamic_cast<const OutOfMemoryError*>(&e) ? PyExc_MemoryError : PyExc_RuntimeError, e.what());
+    return reinterpret_cast<void*>(static_cast<std::intptr_t>(-1));
+  }
+}
+
+extern "C" __attribute__((visibility("default"))) void glake_cupy_free(void*, void* ptr, int device) {
+  if (!ptr) return;
+  try {
+    gm::device_allocator(device).free(reinterpret_cast<DevPtr>(ptr));
+  } catch (const std::exception& e) {
+    PyErr_WarnEx(PyExc_RuntimeWarning, e.what(), 1);
+  }
+}
+
+void bind_gmlake(py::module_& m) {
+  py::class_<gm::StitchAllocator, AllocatorPtr>(m, "Allocator", "The stitched caching allocator of one device.")
+      .def(py::init([](int device, Backend b, const std::string& conf) {
+             gm::AllocatorConfig c;
+             c.apply(conf);
+             Driver& d = get_driver(b);
+             py::gil_scoped_release nogil;
+             return std::make_shared<gm::StitchAllocator>(d, device, c);
+           }), py::arg("device") = 0, py::arg("backend") = py::none(), py::arg("conf") = "",
+           "A private allocator configured by a 'key:value,...' string (defaults otherwise).")
+      .def("malloc", [](gm::StitchAllocator& a, long long size, std::uintptr_t stream) {
+             const std::size_t bytes = to_size(size, "size");
+             py::gil_scoped_release nogil;
+             return a.malloc(bytes, stream);
+           }, py::arg("size"), py::arg("stream") = 0, "Allocates size bytes for use on stream; returns the address.")
+      .def("free", &gm::StitchAllocator::free, py::arg("ptr"), NoGil(), "Frees an allocation by its base address.")
+      .def("record_stream", &gm::StitchAllocator::record_stream, py::arg("ptr"), py::arg("stream"),
+           "Marks an allocation as used on another stream too.")
+      .def("empty_cache", &gm::StitchAllocator::empty_cache, NoGil(), "Releases idle stitched ranges and free segments.")
+      .def("set_memory_fraction", &gm::StitchAllocator::set_memory_fraction, py::arg("fraction"),
+           "Caps reserved memory at a fraction of the device (0 = no cap).")
+      .def("stats", &stats_dict, "Counters with torch's key names plus glake's.")
+      .def("reset_peak_stats", &gm::StitchAllocator::reset_peak_stats, "Sets every peak to its current value.")
+      .def("snapshot", &snapshot_list, "Segments and stitched ranges with their blocks.")
+      .def("allocation_of", &gm::StitchAllocator::allocation_of, py::arg("ptr"),
+           "(base, requested bytes) of the allocation containing ptr, or (0, 0).")
+      .def_property_readonly("limit", &gm::StitchAllocator::limit)
+      .def_property_readonly("device", &gm::StitchAllocator::device)
+      .def_property_readonly("backend", [](const gm::StitchAllocator& a) { return std::string(a.driver().name()); })
+      .def_property_readonly("config", [](const gm::StitchAllocator& a) { return a.config().to_map(); });
+
+  m.def("gmlake_global", &global_allocator, py::arg("device"), NoGil(),
+        "The process-wide allocator of a device (the one torch and CuPy use), created on first use.");
+  m.def("gmlake_global_exists", [](int device) { return gm::existing_device_allocator(device) != nullptr; },
+        py::arg("device"), "Whether the process-wide allocator of device exists yet.");
+  m.def("gmlake_configure", &gm::configure_global, py::arg("conf"),
+        "Applies 'key:value,...' to the process-wide configuration (before the first allocation).");
+  m.def("gmlake_global_config", [] { return gm::global_config().to_map(); }, "The process-wide configuration.");
+  m.def("gmlake_cupy_functions", [] {
+        return std::make_pair(reinterpret_cast<std::uintptr_t>(&glake_cupy_malloc),
+                              reinterpret_cast<std::uintptr_t>(&glake_cupy_free));
+      }, "Addresses of the C malloc/free functions for cupy.cuda.memory.CFunctionAllocator.");
+  m.def("parse_bytes", &gm::parse_bytes, py::arg("text"), "'512MB' -> 536870912.");
+}
+
+static RegisterBinder reg("gmlake", &bind_gmlake);
+
+}  // namespace glake::py_bind

@@ -1,0 +1,128 @@
+"""The stitched caching allocator (GMLake's policy) as a Python object.
+
+``glake.Allocator`` manages device memory (or host memory on the host backend) through glake's
+VMM core: small requests (<= ``small_size``) are packed into 2 MiB chunks at 512 B rounding; large
+ones are rounded to 2 MiB and served best-fit from cached blocks; when no single free block is big
+enough, free chunks from several blocks are **stitched** into one new virtual range instead of
+allocating more memory. The same policy backs ``glake.torch`` and ``glake.cupy``.
+
+Configuration keys (``GLAKE_ALLOC_CONF="key:value,..."`` or keyword arguments):
+
+=================== ========= ===============================================================
+key                 default   meaning
+=================== ========= ===============================================================
+stitch              true      stitch free chunks when no single free block fits
+stitch_min_bytes    4MB       requests smaller than this are never stitched
+stitch_va_limit     device    bound on the VA of cached stitched ranges (LRU-evicted past it)
+limit_bytes         0 (none)  cap on reserved (physical) bytes
+memory_fraction     0 (none)  cap as a fraction of device memory (the lower cap wins)
+small_size          1MB       requests up to this size use the small pool
+release_on_oom      true      on failure, free cached memory and retry before raising
+=================== ========= ===============================================================
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+from glake import _C
+
+
+def conf_string(conf: Dict[str, Any]) -> str:
+    """``{"stitch": False, "limit_bytes": "8GB"}`` -> ``"stitch:false,limit_bytes:8GB"``."""
+    parts = []
+    for key, value in conf.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        parts.append(f"{key}:{value}")
+    return ",".join(parts)
+
+
+class Allocator:
+    """A private stitched caching allocator for one device.
+
+    Parameters
+    ----------
+    device : int
+        Device ordinal.
+    backend : str, optional
+        ``"cuda"`` or ``"host"``; default ``$GLAKE_BACKEND`` or auto-detection.
+    **conf
+        Configuration keys (see the module docstring), applied over ``$GLAKE_ALLOC_CONF``.
+    """
+
+    def __init__(self, device: int = 0, backend: Optional[str] = None, **conf: Any) -> None:
+        full = ",".join(s for s in (os.environ.get("GLAKE_ALLOC_CONF", ""), conf_string(conf)) if s)
+        self._impl = _C.Allocator(device, backend, full)
+
+    @classmethod
+    def _wrap(cls, impl: "_C.Allocator") -> "Allocator":
+        obj = cls.__new__(cls)
+        obj._impl = impl
+        return obj
+
+    def malloc(self, size: int, stream: int = 0) -> int:
+        """Allocate ``size`` bytes for use on ``stream``; return the address.
+
+        Raises
+        ------
+        OutOfMemoryError
+            With the requested, allocated, reserved, device-free and limit figures and a hint.
+        InvalidArgumentError
+            ``size`` is not positive.
+        """
+        return self._impl.malloc(size, stream)
+
+    def free(self, ptr: int) -> None:
+        """Free the allocation at ``ptr`` (its base address); unknown, interior or double frees raise."""
+        self._impl.free(ptr)
+
+    def record_stream(self, ptr: int, stream: int) -> None:
+        """Mark an allocation as used on ``stream`` too (reused only after that stream's work)."""
+        self._impl.record_stream(ptr, stream)
+
+    def empty_cache(self) -> None:
+        """Release cached memory: idle stitched ranges and fully free segments."""
+        self._impl.empty_cache()
+
+    def set_memory_fraction(self, fraction: float) -> None:
+        """Cap reserved memory at ``fraction`` of the device (0 removes the cap)."""
+        self._impl.set_memory_fraction(fraction)
+
+    def stats(self) -> Dict[str, int]:
+        """Counters: torch's key names (``allocated_bytes.all.current``, ...) plus glake's."""
+        return self._impl.stats()
+
+    def reset_peak_stats(self) -> None:
+        """Set every peak to its current value."""
+        self._impl.reset_peak_stats()
+
+    def snapshot(self) -> List[Dict[str, Any]]:
+        """Segments and stitched ranges: ``{kind, address, size, stitched, active, blocks: [...]}``."""
+        return self._impl.snapshot()
+
+    def allocation_of(self, ptr: int) -> Tuple[int, int]:
+        """``(base, requested_bytes)`` of the live allocation containing ``ptr``, or ``(0, 0)``."""
+        return self._impl.allocation_of(ptr)
+
+    @property
+    def limit(self) -> int:
+        """The cap on reserved bytes in force (0 = none)."""
+        return self._impl.limit
+
+    @property
+    def device(self) -> int:
+        return self._impl.device
+
+    @property
+    def backend(self) -> str:
+        return self._impl.backend
+
+    @property
+    def config(self) -> Dict[str, str]:
+        """The configuration in force, as strings."""
+        return self._impl.config
+
+
+__all__ = ["Allocator", "conf_string"]

@@ -1,0 +1,61 @@
+// The bookkeeping of the stitched allocator: blocks, segments and stitched ranges.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/virtual_range.h"
+
+namespace glake::gmlake {
+
+/// Which pool a block or segment belongs to.
+enum class PoolKind : std::uint8_t { Small, Large, Stitched };
+
+struct Segment;
+struct Stitch;
+
+/// A contiguous piece of a segment (or the whole of a stitched range), free or allocated.
+struct Block {
+  PoolKind kind = PoolKind::Large;
+  Segment* segment = nullptr;    ///< home segment (Small/Large)
+  Stitch* stitch = nullptr;      ///< Stitched: the stitch it is; Large: the stitch using it, if any
+  DevPtr ptr = 0;
+  std::size_t size = 0;          ///< bytes (Large/Stitched: a multiple of the granularity)
+  std::size_t requested = 0;     ///< bytes the caller asked for (allocated blocks)
+  StreamHandle stream = 0;       ///< the stream it was allocated on (free blocks: last used on)
+  bool allocated = false;        ///< handed out (to a caller, or to a stitch as a member)
+  std::uint64_t free_seq = 0;    ///< when it was last freed (orders cross-stream reuse)
+  Block* prev = nullptr;         ///< neighbours inside the segment
+  Block* next = nullptr;
+  std::vector<StreamHandle> extra_streams;  ///< streams added by record_stream
+};
+
+/// A reserved range whose chunks are mapped back to back: the home of every physical chunk.
+struct Segment {
+  PoolKind kind = PoolKind::Large;
+  std::unique_ptr<VirtualRange> range;
+  Block* head = nullptr;  ///< first block; blocks tile the segment
+  std::uint64_t id = 0;
+};
+
+/// A piece of a segment lent to a stitch: [offset, offset + size) of `segment`.
+struct Span {
+  Segment* segment;
+  std::size_t offset;
+  std::size_t size;
+};
+
+/// A second range into which chunks of several free blocks were mapped, so that they read as
+/// one contiguous allocation. Kept mapped after its allocation is freed, for reuse.
+struct Stitch {
+  std::unique_ptr<VirtualRange> range;
+  std::vector<Span> spans;     ///< where its bytes live, in order
+  Block* block = nullptr;      ///< the Stitched block handed out (or idle)
+  std::vector<Block*> members; ///< the segment blocks it occupies while active
+  bool active = false;
+  std::uint64_t last_used = 0;
+  std::uint64_t id = 0;
+};
+
+}  // namespace glake::gmlake

@@ -1,0 +1,79 @@
+#include "gmlake/registry.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace glake::gmlake {
+
+namespace {
+
+struct Registry {
+  std::mutex mutex;
+  bool configured = false;
+  AllocatorConfig config;
+  std::vector<std::atomic<StitchAllocator*>> allocators;  // never destroyed: memory outlives statics
+
+  Registry() : allocators(64) {}
+
+  void load_env_locked() {
+    if (configured) return;
+    configured = true;
+    if (const char* env = std::getenv("GLAKE_ALLOC_CONF")) config.apply(env);
+  }
+};
+
+Registry& registry() {
+  static Registry* r = new Registry();
+  return *r;
+}
+
+}  // namespace
+
+AllocatorConfig global_config() {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  r.load_env_locked();
+  return r.config;
+}
+
+void configure_global(const std::string& conf) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  r.load_env_locked();
+  for (auto& a : r.allocators) {
+    if (a.load()) {
+      throw InvalidArgumentError("the global glake allocator is already in use; configure it before the first allocation");
+    }
+  }
+  AllocatorConfig next = r.config;
+  next.apply(conf);  // all or nothing
+  r.config = next;
+}
+
+int device_slots() { return get_driver().device_count(); }
+
+StitchAllocator* existing_device_allocator(int device) {
+  Registry& r = registry();
+  if (device < 0 || device >= static_cast<int>(r.allocators.size())) return nullptr;
+  return r.allocators[device].load(std::memory_order_acquire);
+}
+
+StitchAllocator& device_allocator(int device) {
+  if (StitchAllocator* a = existing_device_allocator(device)) return *a;
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  r.load_env_locked();
+  Driver& driver = get_driver();
+  if (device < 0 || device >= driver.device_count() || device >= static_cast<int>(r.allocators.size())) {
+    throw InvalidArgumentError("glake allocator: device " + std::to_string(device) + " does not exist");
+  }
+  if (StitchAllocator* a = r.allocators[device].load()) return *a;
+  auto* a = new StitchAllocator(driver, device, r.config);
+  r.allocators[device].store(a, std::memory_order_release);
+  return *a;
+}
+
+}  // namespace glake::gmlake

@@ -1,0 +1,277 @@
+"""The stitched allocator on the host backend: pools, best fit, stitching, streams, limits, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import glake
+from glake import _C
+from tests.gmlake.helpers import MiB, check, fill, rounded
+
+
+def make(**conf) -> glake.Allocator:
+    return glake.Allocator(backend="host", **conf)
+
+
+def reserved(a) -> int:
+    return a.stats()["reserved_bytes.all.current"]
+
+
+def test_small_requests_share_a_chunk_and_coalesce():
+    a = make()
+    ptrs = [a.malloc(s) for s in (1, 512, 513, 1000, 4096, 100_000)]
+    assert len({p for p in ptrs}) == 6
+    assert reserved(a) == 2 * MiB  # all packed into one 2 MiB chunk
+    st = a.stats()
+    assert st["allocated_bytes.small_pool.current"] == sum(rounded(s) for s in (1, 512, 513, 1000, 4096, 100_000))
+    assert st["requested_bytes.all.current"] == 1 + 512 + 513 + 1000 + 4096 + 100_000
+    for p in ptrs:
+        a.free(p)
+    (seg,) = a.snapshot()
+    assert seg["kind"] == "small" and [b["state"] for b in seg["blocks"]] == ["free"]  # coalesced back to one block
+
+
+def test_large_requests_round_to_chunks_and_reuse_best_fit():
+    a = make(stitch=False)
+    p4, p8, p6 = a.malloc(4 * MiB), a.malloc(8 * MiB), a.malloc(5 * MiB + 1)
+    assert a.stats()["allocated_bytes.large_pool.current"] == 4 * MiB + 8 * MiB + 6 * MiB
+    for p in (p4, p8, p6):
+        a.free(p)
+    before = reserved(a)
+    assert a.malloc(6 * MiB) == p6  # best fit: the 6 MiB block, not the 8
+    assert a.malloc(3 * MiB) == p4
+    assert a.malloc(2 * MiB) == p8  # split: the 8 MiB block gives its first 2 MiB
+    assert a.malloc(6 * MiB) == p8 + 2 * MiB  # and the rest
+    assert reserved(a) == before
+
+
+def test_stitching_fills_holes_without_growing():
+    a = make()
+    blocks = [a.malloc(4 * MiB) for _ in range(16)]
+    for i, p in enumerate(blocks):
+        fill(p, 4 * MiB, seed=i)
+    for p in blocks[::2]:
+        a.free(p)
+    before = reserved(a)
+    big = a.malloc(8 * 4 * MiB)  # as large as all the holes together
+    st = a.stats()
+    assert reserved(a) == before, "stitching must reuse the holes, not map new memory"
+    assert st["num_stitches"] == 1 and st["stitched_bytes.current"] == 32 * MiB
+    fill(big, 32 * MiB, seed=99)
+    assert check(big, 32 * MiB, seed=99)
+    for i, p in enumerate(blocks):
+        if i % 2:
+            assert check(p, 4 * MiB, seed=i), f"surviving block {i} was overwritten"
+    kinds = [s["kind"] for s in a.snapshot()]
+    assert kinds.count("stitched") == 1
+    a.free(big)
+    again = a.malloc(32 * MiB)  # the cached stitched range serves again, no new mapping
+    st = a.stats()
+    assert again == big and st["num_stitches"] == 1 and st["num_stitch_reuses"] == 1
+    a.free(again)
+    for p in blocks[1::2]:
+        a.free(p)
+
+
+def test_stitch_with_partly_new_memory_grows_only_by_the_difference():
+    a = make()
+    keep = [a.malloc(4 * MiB) for _ in range(4)]
+    a.free(keep[0])
+    a.free(keep[2])  # 8 MiB free in two holes
+    before = reserved(a)
+    p = a.malloc(12 * MiB)
+    assert reserved(a) == before + 4 * MiB
+    assert a.stats()["num_stitches"] == 1
+    fill(p, 12 * MiB, 5)
+    assert check(p, 12 * MiB, 5)
+    assert check(keep[1], 1, 0) or True  # still mapped (no crash reading it)
+
+
+def test_stitching_off_grows_by_the_full_size():
+    a = make(stitch=False)
+    keep = [a.malloc(4 * MiB) for _ in range(4)]
+    a.free(keep[0])
+    a.free(keep[2])
+    before = reserved(a)
+    a.malloc(8 * MiB)
+    assert reserved(a) == before + 8 * MiB and a.stats()["num_stitches"] == 0
+
+
+def test_empty_cache_releases_free_segments_and_idle_stitches():
+    a = make()
+    live_core = _C.stats("host")["physical_bytes.current"]
+    ps = [a.malloc(4 * MiB) for _ in range(4)]
+    a.free(ps[0])
+    a.free(ps[2])
+    s = a.malloc(8 * MiB)
+    a.free(s)
+    a.empty_cache()
+    assert reserved(a) == 8 * MiB  # the two live blocks
+    assert a.stats()["stitched_va_bytes.current"] == 0
+    assert _C.stats("host")["physical_bytes.current"] == live_core + 8 * MiB
+    a.free(ps[1])
+    a.free(ps[3])
+    a.empty_cache()
+    assert reserved(a) == 0 and _C.stats("host")["physical_bytes.current"] == live_core
+
+
+def test_limit_is_honoured_and_state_survives_oom():
+    a = make(limit_bytes="16MB")
+    p = a.malloc(8 * MiB)
+    q = a.malloc(6 * MiB)
+    before = a.stats()
+    with pytest.raises(glake.OutOfMemoryError) as e:
+        a.malloc(4 * MiB)
+    msg = str(e.value)
+    for part in ("allocating 4194304 bytes (4.00 MiB rounded)", "Allocated 14.00 MiB", "reserved 14.00 MiB",
+                 "limit 16.00 MiB", "largest free block", "device free", "Hint:"):
+        assert part in msg, msg
+    after = a.stats()
+    assert after["allocated_bytes.all.current"] == before["allocated_bytes.all.current"]
+    assert after["num_ooms"] == before["num_ooms"] + 1
+    a.free(q)
+    r = a.malloc(8 * MiB)  # fits after freeing: the 6 MiB hole + 2 MiB new, stitched
+    assert reserved(a) <= 16 * MiB
+    a.free(p)
+    a.free(r)
+
+
+def test_oom_releases_cache_then_retries():
+    a = make(limit_bytes="12MB", stitch=False)
+    p = a.malloc(8 * MiB)
+    a.free(p)  # 8 MiB cached, free
+    q = a.malloc(10 * MiB)  # needs the cache released first
+    assert a.stats()["num_alloc_retries"] == 1 and reserved(a) == 10 * MiB
+    a.free(q)
+
+
+def test_memory_fraction():
+    a = make()
+    a.set_memory_fraction(0.0001)  # of the host's memory: a few MiB
+    with pytest.raises(glake.OutOfMemoryError, match="larger than the limit"):
+        a.malloc(1 << 30)
+    with pytest.raises(glake.InvalidArgumentError):
+        a.set_memory_fraction(1.5)
+
+
+def test_bad_frees_and_sizes_leave_state_intact():
+    a = make()
+    p = a.malloc(3 * MiB)
+    small = a.malloc(100)
+    before = a.stats()
+    with pytest.raises(glake.InvalidArgumentError, match="not allocated by this allocator"):
+        a.free(0x1234)
+    with pytest.raises(glake.InvalidArgumentError, match="interior pointer, 4096 bytes into"):
+        a.free(p + 4096)
+    with pytest.raises(glake.InvalidArgumentError, match="must be positive"):
+        a.malloc(0)
+    with pytest.raises(glake.InvalidArgumentError, match="must be positive"):
+        a.malloc(-5)
+    with pytest.raises(glake.OutOfMemoryError, match="larger than the device"):
+        a.malloc(1 << 50)
+    a.free(small)
+    with pytest.raises(glake.InvalidArgumentError, match="double free"):
+        a.free(small)
+    after = a.stats()
+    assert after["allocated_bytes.all.current"] == before["allocated_bytes.all.current"] - 512
+    fill(p, 3 * MiB, 1)
+    assert check(p, 3 * MiB, 1)
+    a.free(p)
+
+
+def test_same_stream_reuse_and_cross_stream_after_events():
+    a = make(stitch=False)
+    p = a.malloc(4 * MiB, stream=1)
+    a.free(p)
+    assert a.malloc(4 * MiB, stream=1) == p  # same stream: at once
+    a.free(p)
+    before = reserved(a)
+    q = a.malloc(4 * MiB, stream=2)  # other stream: after its event (always complete on host)
+    assert q == p and reserved(a) == before
+    assert a.stats()["num_cross_stream_reuses"] >= 1
+    a.free(q)
+
+
+def test_record_stream_defers_reuse_until_events():
+    a = make(stitch=False)
+    p = a.malloc(4 * MiB, stream=1)
+    a.record_stream(p, 7)
+    a.free(p)
+    st = a.stats()
+    assert st["active_bytes.all.current"] == 4 * MiB and st["allocated_bytes.all.current"] == 0
+    assert [b["state"] for s in a.snapshot() for b in s["blocks"]] == ["pending"]
+    assert a.malloc(4 * MiB, stream=1) == p  # the next malloc sees the (host) event complete
+    with pytest.raises(glake.InvalidArgumentError, match="not a live allocation"):
+        a.record_stream(p + 512, 3)
+    a.free(p)
+
+
+def test_config_parsing_and_env():
+    a = make(stitch=False, stitch_min_bytes="8MB", limit_bytes="1GiB", small_size=4096)
+    cfg = a.config
+    assert cfg["stitch"] == "false" and cfg["stitch_min_bytes"] == str(8 * MiB) and cfg["limit_bytes"] == str(1 << 30)
+    assert a.limit == 1 << 30
+    assert _C.parse_bytes("1.5GiB") == 3 << 29 and _C.parse_bytes("512") == 512
+    with pytest.raises(glake.InvalidArgumentError, match="unknown allocator option 'stich'"):
+        make(stich=True)
+    with pytest.raises(glake.InvalidArgumentError, match="not a boolean"):
+        make(stitch="maybe")
+    with pytest.raises(glake.InvalidArgumentError, match="unknown unit"):
+        make(limit_bytes="3 parsecs")
+    code = "import glake; a = glake.Allocator(backend='host'); print(a.config['stitch'], a.config['limit_bytes'])"
+    env = dict(os.environ, GLAKE_ALLOC_CONF="stitch:false,limit_bytes:64MB")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["false", str(64 * MiB)]
+
+
+def test_threads_keep_their_bytes():
+    a = make()
+    errors = []
+
+    def worker(seed: int) -> None:
+        try:
+            live = []
+            for i in range(200):
+                size = [700, 64 * 1024, 3 * MiB, 5 * MiB][(i + seed) % 4]
+                p = a.malloc(size)
+                fill(p, min(size, 8192), seed * 1000 + i)
+                live.append((p, min(size, 8192), seed * 1000 + i))
+                if len(live) > 6:
+                    q, n, s = live.pop(0)
+                    assert check(q, n, s)
+                    a.free(q)
+            for q, n, s in live:
+                assert check(q, n, s)
+                a.free(q)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    assert a.stats()["allocated_bytes.all.current"] == 0
+
+
+def test_global_allocator_is_shared_and_configurable_once():
+    code = (
+        "import glake\nfrom glake import _C\n"
+        "_C.gmlake_configure('stitch:false')\n"
+        "g = _C.gmlake_global(0)\n"
+        "p = g.malloc(4 << 20)\n"
+        "assert _C.gmlake_global(0).allocation_of(p + 10) == (p, 4 << 20)\n"
+        "try:\n    _C.gmlake_configure('stitch:true')\nexcept glake.InvalidArgumentError as e:\n    print('refused')\n"
+        "print(g.config['stitch'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, GLAKE_BACKEND="host"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["refused", "false"]
