@@ -9,7 +9,9 @@ import sys
 import pytest
 
 import glake
-from conftest import HAS_CUDA
+from glake import _C
+
+HAS_CUDA = _C.cuda_unavailable_reason() == ""
 
 
 def run_py(code: str, **env: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,229 @@
+"""glake as PyTorch's CUDA allocator: stitching against fragmentation, no torch rebuild.
+
+>>> import glake.torch
+>>> glake.torch.install()            # before the first CUDA allocation
+>>> x = torch.empty(1 << 30, device="cuda")
+>>> print(glake.torch.memory_summary())
+
+Under a pluggable allocator torch's own ``torch.cuda.memory_stats``, ``memory_allocated``,
+``memory_snapshot`` and friends raise; use the functions of this module instead (same names, same
+key names, plus glake's: ``num_stitches``, ``stitched_bytes.current``, ``mapped_va_bytes.current``...).
+
+Notes
+-----
+- ``install`` must run before CUDA memory is first allocated (torch refuses to swap allocators
+  afterwards). ``glake run -- python train.py`` does it for you.
+- A stitched block spans several physical allocations: nvidia_peermem (GPUDirect RDMA) cannot pin
+  it. Disable stitching (``stitch=False``) for buffers registered with RDMA NICs.
+- CUDA graphs: capture after a warm-up run, so that the captured code's memory is cached; glake
+  never maps or synchronises during capture and raises a clear error if it would have to.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any, Dict, List, Optional
+
+from glake import _C
+from glake.allocator import Allocator, conf_string
+from glake.errors import BackendUnavailableError, GlakeError
+
+_PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libglake_torch.so")
+_state: Dict[str, Any] = {"installed": False, "allocator": None}
+
+
+def plugin_path() -> str:
+    """Path of the C-ABI plugin library (``glake_malloc`` / ``glake_free``)."""
+    return _PLUGIN
+
+
+def _pluggable():
+    import torch
+
+    return torch.cuda.memory.CUDAPluggableAllocator(_PLUGIN, "glake_malloc", "glake_free")
+
+
+def _wire_hooks(pluggable) -> List[str]:
+    """Connect empty_cache, set_per_process_memory_fraction and record_stream to glake."""
+    lib = ctypes.CDLL(_PLUGIN)
+    inner = pluggable.allocator()
+    wired = []
+    for setter, symbol in (("set_reset_fn", "glake_empty_cache"),
+                           ("set_memory_fraction_fn", "glake_set_memory_fraction"),
+                           ("set_record_stream_fn", "glake_record_stream")):
+        fn = getattr(inner, setter, None)
+        if fn is not None:
+            fn(ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value)
+            wired.append(setter)
+    return wired
+
+
+def install(**conf: Any) -> None:
+    """Make glake torch's CUDA allocator for this process.
+
+    Parameters
+    ----------
+    **conf
+        Allocator configuration (see :mod:`glake.allocator`), applied over ``$GLAKE_ALLOC_CONF``.
+
+    Raises
+    ------
+    BackendUnavailableError
+        No usable CUDA GPU (glake's backend is not ``cuda``).
+    GlakeError
+        CUDA memory was already allocated through torch's own allocator.
+    """
+    import torch
+
+    if _state["installed"]:
+        if conf:
+            raise GlakeError("glake.torch is already installed; its configuration can no longer change")
+        return
+    if not torch.cuda.is_available() or _C.backend_name(None) != "cuda":
+        raise BackendUnavailableError("glake.torch.install() needs a CUDA GPU and glake's cuda backend "
+                                      f"(backend is {_C.backend_name(None)!r}; {_C.cuda_unavailable_reason()})")
+    if conf:
+        _C.gmlake_configure(conf_string(conf))
+    pluggable = _pluggable()
+    try:
+        torch.cuda.memory.change_current_allocator(pluggable)
+    except RuntimeError as e:
+        raise GlakeError("glake.torch.install() must run before the first CUDA allocation of this process "
+                         f"(torch says: {e}). Call it at the top of your script, or use `glake run -- python ...`."
+                         ) from e
+    _state["hooks"] = _wire_hooks(pluggable)
+    _state["installed"] = True
+    _state["allocator"] = pluggable
+
+
+def is_installed() -> bool:
+    """Whether glake is torch's CUDA allocator in this process."""
+    return bool(_state["installed"])
+
+
+def _device_index(device) -> int:
+    import torch
+
+    if device is None:
+        return torch.cuda.current_device()
+    if isinstance(device, int):
+        return device
+    return torch.device(device).index or 0
+
+
+def allocator(device=None) -> Allocator:
+    """The process-wide glake allocator of ``device`` (the one torch uses once installed)."""
+    return Allocator._wrap(_C.gmlake_global(_device_index(device)))
+
+
+def memory_stats(device=None) -> Dict[str, int]:
+    """torch.cuda.memory_stats() for glake: torch's key names plus glake's."""
+    return allocator(device).stats()
+
+
+def memory_allocated(device=None) -> int:
+    """Bytes held by live tensors."""
+    return memory_stats(device)["allocated_bytes.all.current"]
+
+
+def max_memory_allocated(device=None) -> int:
+    """Peak of memory_allocated since the start or the last reset_peak_memory_stats."""
+    return memory_stats(device)["allocated_bytes.all.peak"]
+
+
+def memory_reserved(device=None) -> int:
+    """Physical bytes glake holds (live tensors + cache)."""
+    return memory_stats(device)["reserved_bytes.all.current"]
+
+
+def max_memory_reserved(device=None) -> int:
+    """Peak of memory_reserved."""
+    return memory_stats(device)["reserved_bytes.all.peak"]
+
+
+def reset_peak_memory_stats(device=None) -> None:
+    """Set every peak to its current value."""
+    allocator(device).reset_peak_stats()
+
+
+def empty_cache(device=None) -> None:
+    """Release glake's cached memory (idle stitched ranges and free segments)."""
+    allocator(device).empty_cache()
+
+
+def memory_snapshot(device=None) -> List[Dict[str, Any]]:
+    """Segments and stitched ranges with their blocks (address, size, state, stream)."""
+    return allocator(device).snapshot()
+
+
+def format_summary(stats: Dict[str, int], title: str = "glake memory summary") -> str:
+    """A text table of allocator stats, laid out like torch.cuda.memory_summary()."""
+
+    def size(n: int) -> str:
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if abs(n) < 1024 or unit == "TiB":
+                return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            n /= 1024
+        return str(n)
+
+    rows = [
+        ("Allocated memory", "allocated_bytes.all", size),
+        ("  from small pool", "allocated_bytes.small_pool", size),
+        ("  from large pool", "allocated_bytes.large_pool", size),
+        ("Active memory", "active_bytes.all", size),
+        ("Requested memory", "requested_bytes.all", size),
+        ("Reserved memory", "reserved_bytes.all", size),
+        ("Stitched memory", "stitched_bytes", size),
+        ("Mapped VA", "mapped_va_bytes", size),
+        ("Allocations", "allocation.all", str),
+        ("Segments", "segment.all", str),
+    ]
+    width = 76
+    lines = ["=" * width, f"|{title:^{width - 2}}|", "=" * width,
+             f"| {'Metric':<30}| {'Cur Usage':>19} | {'Peak Usage':>19} |", "-" * width]
+    for label, key, fmt in rows:
+        lines.append(f"| {label:<30}| {fmt(stats[key + '.current']):>19} | {fmt(stats[key + '.peak']):>19} |")
+    lines.append("-" * width)
+    eff = stats["allocated_bytes.all.peak"] / stats["reserved_bytes.all.peak"] if stats["reserved_bytes.all.peak"] else 0
+    for label, value in (("Stitches (new / reused)", f"{stats['num_stitches']} / {stats['num_stitch_reuses']}"),
+                         ("Alloc retries / OOMs", f"{stats['num_alloc_retries']} / {stats['num_ooms']}"),
+                         ("Peak allocated / peak reserved", f"{eff:.3f}"),
+                         ("Limit", size(stats["limit_bytes"]) if stats["limit_bytes"] else "none")):
+        lines.append(f"| {label:<30}| {value:>41} |")
+    lines.append("=" * width)
+    return "\n".join(lines)
+
+
+def memory_summary(device=None) -> str:
+    """torch.cuda.memory_summary() for glake."""
+    return format_summary(memory_stats(device), f"glake memory summary, device {_device_index(device)}")
+
+
+def mem_pool():
+    """A ``torch.cuda.MemPool`` backed by glake, for ``with torch.cuda.use_mem_pool(pool):`` regions.
+
+    In this mode torch's caching allocator splits blocks and glake only sees segment-sized
+    requests, so stitching helps less than with :func:`install`.
+    """
+    import torch
+
+    pluggable = _pluggable()
+    _wire_hooks(pluggable)
+    return torch.cuda.MemPool(allocator=pluggable.allocator())
+
+
+def auto_install() -> Optional[str]:
+    """Install if ``$GLAKE_AUTO_INSTALL`` is set (used by ``glake run``); returns why not, or None."""
+    try:
+        install()
+    except GlakeError as e:
+        return str(e)
+    return None
+
+
+__all__ = [
+    "install", "is_installed", "allocator", "memory_stats", "memory_allocated", "max_memory_allocated",
+    "memory_reserved", "max_memory_reserved", "reset_peak_memory_stats", "empty_cache", "memory_snapshot",
+    "memory_summary", "format_summary", "mem_pool", "plugin_path",
+]
