@@ -153,3 +153,10 @@ class GLAKE_API StitchAllocator {
 };
 
 }  // namespace glake::gmlake
+
+namespace glake::gmlake {
+
+/// Median nanoseconds of one malloc+free pair of `size` bytes on `a` (cached path), over `iters`.
+GLAKE_API double measure_alloc_free_ns(StitchAllocator& a, std::size_t size, int iters);
+
+}  // namespace glake::gmlake

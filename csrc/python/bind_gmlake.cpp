@@ -139,6 +139,12 @@ void bind_gmlake(py::module_& m) {
         return std::make_pair(reinterpret_cast<std::uintptr_t>(&glake_cupy_malloc),
                               reinterpret_cast<std::uintptr_t>(&glake_cupy_free));
       }, "Addresses of the C malloc/free functions for cupy.cuda.memory.CFunctionAllocator.");
+  m.def("gmlake_measure_alloc_free_ns", [](AllocatorPtr a, long long size, int iters) {
+        const std::size_t bytes = to_size(size, "size");
+        py::gil_scoped_release nogil;
+        return gm::measure_alloc_free_ns(*a, bytes, iters);
+      }, py::arg("allocator"), py::arg("size"), py::arg("iters"),
+      "Median ns of one cached malloc+free pair, timed in C++.");
   m.def("parse_bytes", &gm::parse_bytes, py::arg("text"), "'512MB' -> 536870912.");
 }
 

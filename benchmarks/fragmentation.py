@@ -1,0 +1,287 @@
+"""Fragmentation under training: torch native vs native + expandable_segments vs glake.
+
+Workloads (each allocator in its own process, same seeds, same batches):
+  full   fine-tune a ~1.1B-parameter Llama-shaped decoder (random weights, bf16, AdamW, gradient
+         checkpointing) on batches whose sequence length changes every step;
+  lora   the same model frozen, with rank-16 LoRA adapters on every projection;
+  trace  the allocation trace of `full` (recorded with torch's memory history under the native
+         allocator) replayed through each allocator's raw alloc/free.
+Columns: peak allocated, peak requested (exact bytes asked for), peak reserved, efficiency =
+requested / reserved at their peaks (allocated / reserved also shown), median step time and the ratio
+to native, all from the same run. With --max-batch, also the largest batch each allocator trains
+under the same memory cap.
+
+    python benchmarks/fragmentation.py [--steps 30] [--batch 8] [--seq-min 128 --seq-max 2048]
+                                       [--workloads full,lora,trace] [--max-batch --cap-gb 40]
+The model has no rotary embedding (memory behaviour is unchanged); it is built in plain torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_json  # noqa: E402
+
+ALLOCATORS = ["native", "expandable", "glake"]
+GiB = 1 << 30
+
+
+# ---------------------------------------------------------------------------------------- model
+def build_model(torch, dim, layers, heads, kv_heads, ffn, vocab, lora_rank=0):
+    nn, F = torch.nn, torch.nn.functional
+
+    class LoRALinear(nn.Module):
+        def __init__(self, base: nn.Linear, rank: int) -> None:
+            super().__init__()
+            self.base = base
+            self.a = nn.Parameter(torch.randn(rank, base.in_features, dtype=base.weight.dtype) * 0.01)
+            self.b = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))
+
+        def forward(self, x):
+            return self.base(x) + (x @ self.a.t()) @ self.b.t()
+
+    class DecoderLayer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            hd = dim // heads
+            self.hd = hd
+            self.n1, self.n2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
+            self.q, self.o = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+            self.k, self.v = nn.Linear(dim, kv_heads * hd, bias=False), nn.Linear(dim, kv_heads * hd, bias=False)
+            self.gate, self.up = nn.Linear(dim, ffn, bias=False), nn.Linear(dim, ffn, bias=False)
+            self.down = nn.Linear(ffn, dim, bias=False)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            h = self.n1(x)
+            q = self.q(h).view(b, t, heads, self.hd).transpose(1, 2)
+            k = self.k(h).view(b, t, kv_heads, self.hd).transpose(1, 2)
+            v = self.v(h).view(b, t, kv_heads, self.hd).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            x = x + self.o(a.transpose(1, 2).reshape(b, t, dim))
+            h = self.n2(x)
+            return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(vocab, dim)
+            self.layers = nn.ModuleList(DecoderLayer() for _ in range(layers))
+            self.norm = nn.RMSNorm(dim)
+            self.head = nn.Linear(dim, vocab, bias=False)
+
+        def forward(self, tokens):
+            x = self.embed(tokens)
+            for layer in self.layers:
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            return self.head(self.norm(x))
+
+    model = Decoder()
+    if lora_rank:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in model.layers:
+            for name in ("q", "k", "v", "o", "gate", "up", "down"):
+                setattr(layer, name, LoRALinear(getattr(layer, name), lora_rank))
+    return model
+
+
+# --------------------------------------------------------------------------------------- worker
+def setup_allocator(kind: str, cap: float):
+    if kind == "expandable":
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    if kind == "glake":
+        import glake.torch
+
+        glake.torch.install(**({"limit_bytes": int(cap)} if cap else {}))
+    import torch
+
+    if cap and kind != "glake":
+        torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    return torch
+
+
+def peaks(torch, kind: str) -> dict:
+    if kind == "glake":
+        import glake.torch as gt
+
+        s = gt.memory_stats()
+    else:
+        s = torch.cuda.memory_stats()
+    return {k: s[k] for k in ("allocated_bytes.all.peak", "reserved_bytes.all.peak", "requested_bytes.all.peak")} | {
+        "num_alloc_retries": s.get("num_alloc_retries", 0), "num_stitches": s.get("num_stitches", 0)}
+
+
+def seq_lengths(steps: int, lo: int, hi: int, seed: int = 0):
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(lo, hi + 1, 64) for _ in range(steps)]
+
+
+def train_worker(kind: str, args) -> dict:
+    torch = setup_allocator(kind, args.cap)
+    torch.manual_seed(0)
+    dims = dict(dim=args.dim, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, ffn=args.ffn, vocab=args.vocab)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):  # built in place: no fp32 copy, no host-side init
+        model = build_model(torch, **dims, lora_rank=16 if args.workload == "lora" else 0)
+    torch.set_default_dtype(torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    lens = seq_lengths(args.steps, args.seq_min, args.seq_max)
+    if args.record_trace:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    times, losses = [], []
+    for step, t in enumerate(lens):
+        tokens = torch.randint(0, args.vocab, (args.batch, t + 1), device="cuda")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, args.vocab), tokens[:, 1:].reshape(-1))
+        del logits
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    out = {"median_step_s": statistics.median(times[3:]), "losses": losses[:3], **peaks(torch, kind),
+           "params": sum(p.numel() for p in model.parameters())}
+    if args.record_trace:
+        snap = torch.cuda.memory._snapshot()
+        events = [(e["action"], e["addr"], e["size"]) for e in snap["device_traces"][0]
+                  if e["action"] in ("alloc", "free_completed")]
+        torch.cuda.memory._record_memory_history(enabled=None)
+        Path(args.record_trace).write_text(json.dumps(events))
+        out["trace_events"] = len(events)
+    return out
+
+
+def trace_worker(kind: str, args) -> dict:
+    torch = setup_allocator(kind, args.cap)
+    events = json.loads(Path(args.trace).read_text())
+    live, requested, peak_requested = {}, 0, 0
+    t0 = time.perf_counter()
+    for action, addr, size in events:
+        if action == "alloc":
+            live[addr] = (torch.cuda.caching_allocator_alloc(size), size)
+            requested += size
+            peak_requested = max(peak_requested, requested)
+        elif addr in live:
+            ptr, size = live.pop(addr)
+            torch.cuda.caching_allocator_delete(ptr)
+            requested -= size
+    elapsed = time.perf_counter() - t0
+    out = {"median_step_s": elapsed, **peaks(torch, kind), "events": len(events)}
+    out["requested_bytes.all.peak"] = peak_requested  # what the trace asked for, the same for all
+    return out
+
+
+# ---------------------------------------------------------------------------------- orchestration
+def run_worker(kind: str, workload: str, extra: list, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--workload", workload, *extra,
+           "--steps", str(args.steps), "--batch", str(args.batch), "--seq-min", str(args.seq_min),
+           "--seq-max", str(args.seq_max), "--dim", str(args.dim), "--layers", str(args.layers),
+           "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--ffn", str(args.ffn),
+           "--vocab", str(args.vocab), "--cap", str(args.cap)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        return {"error": (proc.stderr or proc.stdout)[-1500:]}
+    return json.loads(line[0][7:])
+
+
+def max_batch(kind: str, args) -> int:
+    """Largest batch (binary search) that trains --steps steps at --seq-max under --cap-gb."""
+    lo, hi, best = 1, args.batch * 8, 0
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        trial = argparse.Namespace(**{**vars(args), "batch": mid, "cap": args.cap_gb * GiB, "seq_min": args.seq_max // 2})
+        res = run_worker(kind, "full", [], trial)
+        if "error" in res:
+            hi = mid - 1
+        else:
+            best, lo = mid, mid + 1
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="full,lora,trace")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-min", type=int, default=128)
+    ap.add_argument("--seq-max", type=int, default=2048)
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--cap", type=float, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--max-batch", action="store_true", help="also search the largest batch under --cap-gb")
+    ap.add_argument("--cap-gb", type=float, default=40)
+    ap.add_argument("--worker", choices=ALLOCATORS, help=argparse.SUPPRESS)
+    ap.add_argument("--workload", default="full", help=argparse.SUPPRESS)
+    ap.add_argument("--record-trace", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--trace", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        fn = trace_worker if args.workload == "trace" else train_worker
+        print("RESULT " + json.dumps(fn(args.worker, args)))
+        return
+
+    workloads = args.workloads.split(",")
+    results: dict = {}
+    trace_file = os.path.join(tempfile.mkdtemp(), "trace.json")
+    for workload in workloads:
+        results[workload] = {}
+        for kind in ALLOCATORS:
+            if workload == "trace":
+                if not os.path.exists(trace_file):
+                    rec = run_worker("native", "full", ["--record-trace", trace_file], args)
+                    if "error" in rec:
+                        raise SystemExit(f"recording the trace failed: {rec['error']}")
+                extra = ["--trace", trace_file]
+            else:
+                extra = []
+            print(f"running {workload} / {kind} ...", flush=True)
+            results[workload][kind] = run_worker(kind, workload, extra, args)
+    rows = []
+    for workload in workloads:
+        base = results[workload].get("native", {}).get("median_step_s")
+        for kind in ALLOCATORS:
+            r = results[workload][kind]
+            if "error" in r:
+                rows.append([workload, kind, "error", "", "", "", "", "", ""])
+                print(f"{workload}/{kind} failed:\n{r['error']}")
+                continue
+            res, req, alloc = r["reserved_bytes.all.peak"], r["requested_bytes.all.peak"], r["allocated_bytes.all.peak"]
+            rows.append([workload, kind, round(alloc / GiB, 2), round(req / GiB, 2), round(res / GiB, 2),
+                         round(req / res, 3), round(alloc / res, 3), round(r["median_step_s"] * 1e3, 1),
+                         round(r["median_step_s"] / base, 3) if base else ""])
+    print_table(f"Fragmentation: batch {args.batch}, seq {args.seq_min}-{args.seq_max}, {args.steps} steps",
+                ["workload", "allocator", "peak alloc GiB", "peak requested GiB", "peak reserved GiB",
+                 "requested/reserved", "alloc/reserved", "median step ms (trace: total)", "time / native"], rows)
+    if args.max_batch:
+        mb = {kind: max_batch(kind, args) for kind in ALLOCATORS}
+        results["max_batch"] = {"cap_gb": args.cap_gb, "seq": args.seq_max, **mb}
+        print_table(f"Largest batch at seq {args.seq_max // 2}-{args.seq_max} under {args.cap_gb} GiB",
+                    ["allocator", "max batch"], [[k, v] for k, v in mb.items()])
+    write_json("fragmentation", {"args": {k: v for k, v in vars(args).items() if k not in ("worker",)},
+                                 "results": results})
+
+
+if __name__ == "__main__":
+    main()
