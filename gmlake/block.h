@@ -47,13 +47,18 @@ struct Span {
 };
 
 /// A second range into which chunks of several free blocks were mapped, so that they read as
-/// one contiguous allocation. Kept mapped after its allocation is freed, for reuse.
+/// one contiguous allocation. Kept mapped after its allocation is freed, for reuse:
+///  - active:   allocated; its members (a prefix of its spans) are lent to it;
+///  - held:     free, members still lent: a free block on the fast path (any request up to its
+///              size takes it, giving back the members it does not need);
+///  - detached: free, members back in the pool: reusable when the spans it needs are free again.
 struct Stitch {
   std::unique_ptr<VirtualRange> range;
   std::vector<Span> spans;     ///< where its bytes live, in order
-  Block* block = nullptr;      ///< the Stitched block handed out (or idle)
-  std::vector<Block*> members; ///< the segment blocks it occupies while active
+  Block* block = nullptr;      ///< the Stitched block (its size: the bytes in use, <= the range)
+  std::vector<Block*> members; ///< the segment blocks lent to it (active or held)
   bool active = false;
+  bool held = false;
   std::uint64_t last_used = 0;
   std::uint64_t id = 0;
 };

@@ -9,6 +9,22 @@ namespace {
 
 constexpr std::size_t kSmallRound = 512;
 
+/// Puts the calling thread in relaxed stream-capture mode for its lifetime (when asked to).
+class CaptureModeGuard {
+ public:
+  CaptureModeGuard(Driver& driver, bool relax) : driver_(driver), relax_(relax) {
+    if (relax_) previous_ = driver_.exchange_capture_mode(CaptureMode::Relaxed);
+  }
+  ~CaptureModeGuard() {
+    if (relax_) driver_.exchange_capture_mode(previous_);
+  }
+
+ private:
+  Driver& driver_;
+  bool relax_;
+  CaptureMode previous_ = CaptureMode::Global;
+};
+
 /// "1.50 GiB" or "14.00 MiB": readable at any size.
 std::string gib(std::size_t bytes) {
   char buf[48];
@@ -157,6 +173,7 @@ DevPtr StitchAllocator::malloc(std::size_t size, StreamHandle stream) {
   }
   if (!deferred_.empty()) process_deferred(false);
   Block* b = take_fit(kind, rounded, stream);
+  if (!b && kind == PoolKind::Large) b = take_held_stitch(rounded, stream);
   if (!b) b = slow_path(kind, rounded, stream, size);
   b->allocated = true;
   b->requested = size;
@@ -185,7 +202,7 @@ void StitchAllocator::free(DevPtr ptr) {
                                    std::to_string(owner->requested) + " bytes");
       }
     }
-    for (const FreeSet* set : {&small_free_, &large_free_}) {
+    for (const FreeSet* set : {&small_free_, &large_free_, &stitch_free_}) {
       for (const Block* f : *set) {
         if (ptr >= f->ptr && ptr < f->ptr + f->size) {
           throw InvalidArgumentError("free(" + hex(ptr) + "): double free (that memory is already free)");
@@ -284,8 +301,8 @@ std::vector<SegmentInfo> StitchAllocator::snapshot() const {
   for (const auto& s : stitches_) {
     SegmentInfo info{"stitched", s->range->ptr(), s->range->size(), s->active, {}};
     const Block* b = s->block;
-    info.blocks.push_back({b->ptr, b->size, s->active ? b->requested : 0,
-                           s->active ? (allocated_.count(b->ptr) ? "allocated" : "pending") : "free", b->stream});
+    const char* state = s->active ? (allocated_.count(b->ptr) ? "allocated" : "pending") : s->held ? "held" : "free";
+    info.blocks.push_back({b->ptr, b->size, s->active ? b->requested : 0, state, b->stream});
     out.push_back(std::move(info));
   }
   return out;
@@ -296,21 +313,78 @@ std::vector<SegmentInfo> StitchAllocator::snapshot() const {
 void StitchAllocator::release_block(Block* b) {
   b->free_seq = ++free_seq_;
   if (b->kind == PoolKind::Stitched) {
-    release_stitch(b->stitch);
+    hold_stitch(b->stitch);
     return;
   }
   insert_free(b);
 }
 
-void StitchAllocator::release_stitch(Stitch* s) {
+void StitchAllocator::hold_stitch(Stitch* s) {
+  s->active = false;
+  s->held = true;
+  s->last_used = ++tick_;
+  stitch_free_.insert(s->block);
+}
+
+void StitchAllocator::dissolve(Stitch* s) {
+  stitch_free_.erase(s->block);
   for (Block* m : s->members) {
     m->free_seq = s->block->free_seq;
     m->stream = s->block->stream;
     insert_free(m);
   }
   s->members.clear();
-  s->active = false;
-  s->last_used = ++tick_;
+  s->held = false;
+}
+
+void StitchAllocator::dissolve_held(StreamHandle stream, bool all_streams) {
+  std::vector<Stitch*> held;
+  for (Block* b : stitch_free_) {
+    if (all_streams || b->stream == stream) held.push_back(b->stitch);
+  }
+  for (Stitch* s : held) dissolve(s);
+}
+
+void StitchAllocator::shrink_stitch(Stitch* s, std::size_t size) {
+  // Keep the members that cover the first `size` bytes; give the rest back to the pool.
+  std::vector<Block*> keep;
+  std::size_t acc = 0;
+  for (Block* m : s->members) {
+    if (acc >= size) {
+      m->stream = s->block->stream;
+      m->free_seq = s->block->free_seq;
+      insert_free(m);
+      continue;
+    }
+    if (acc + m->size > size) {  // split at a chunk boundary: the tail goes back
+      Block* tail = new Block(*m);
+      tail->ptr = m->ptr + (size - acc);
+      tail->size = m->size - (size - acc);
+      tail->prev = m;
+      if (m->next) m->next->prev = tail;
+      m->next = tail;
+      m->size = size - acc;
+      tail->stream = s->block->stream;
+      tail->free_seq = s->block->free_seq;
+      insert_free(tail);
+    }
+    acc += m->size;
+    keep.push_back(m);
+  }
+  s->members = std::move(keep);
+  s->block->size = size;
+}
+
+Block* StitchAllocator::take_held_stitch(std::size_t size, StreamHandle stream) {
+  auto it = stitch_free_.lower_bound(FreeKey{stream, size, 0});
+  if (it == stitch_free_.end() || (*it)->stream != stream) return nullptr;
+  Stitch* s = (*it)->stitch;
+  stitch_free_.erase(it);
+  if (s->block->size > size) shrink_stitch(s, size);
+  s->held = false;
+  s->active = true;
+  stats_.num_stitch_reuses++;
+  return s->block;
 }
 
 void StitchAllocator::process_deferred(bool wait) {
@@ -391,6 +465,7 @@ void StitchAllocator::gc_stitches() {
       if (!s->active && (!lru || s->last_used < lru->last_used)) lru = s.get();
     }
     if (!lru) return;
+    if (lru->held) dissolve(lru);
     drop_stitch(lru);
   }
 }
@@ -413,6 +488,7 @@ void StitchAllocator::release_segment(Segment* seg) {
 }
 
 std::size_t StitchAllocator::release_cached() {
+  dissolve_held(0, true);
   std::vector<Stitch*> idle;
   for (auto& s : stitches_) {
     if (!s->active) idle.push_back(s.get());
@@ -466,39 +542,44 @@ Segment* StitchAllocator::create_segment(PoolKind kind, std::size_t bytes, Strea
 }
 
 Block* StitchAllocator::reuse_stitch(std::size_t size, StreamHandle stream) {
+  // A detached stitch at least as large whose first `size` bytes all lie in free blocks of this
+  // stream serves again without mapping anything: its prefix becomes the allocation.
+  auto piece = [&](const Span& sp, std::size_t acc) { return std::min(sp.size, size - acc); };
+  auto host_of = [](const Span& sp, DevPtr start) {
+    Block* h = sp.segment->head;
+    while (h && h->ptr + h->size <= start) h = h->next;
+    return h;
+  };
+  Stitch* best = nullptr;
   for (auto& s : stitches_) {
-    if (s->active || s->block->size != size) continue;
-    // Every span must lie inside one free block of this stream.
-    std::vector<Block*> hosts;
-    for (const Span& sp : s->spans) {
-      const DevPtr start = sp.segment->range->ptr() + sp.offset;
-      Block* host = sp.segment->head;
-      while (host && host->ptr + host->size <= start) host = host->next;
-      if (!host || host->allocated || host->stream != stream || host->ptr + host->size < start + sp.size ||
-          !large_free_.count(host)) {
-        hosts.clear();
-        break;
-      }
-      hosts.push_back(host);
-    }
-    if (hosts.empty()) continue;
-    for (std::size_t i = 0; i < s->spans.size(); ++i) {
+    if (s->active || s->held || s->range->size() < size) continue;
+    if (best && s->range->size() >= best->range->size()) continue;
+    bool ok = true;
+    for (std::size_t i = 0, acc = 0; ok && acc < size; acc += s->spans[i].size, ++i) {
       const Span& sp = s->spans[i];
-      // A host may hold several spans: re-find it after earlier carves split it.
       const DevPtr start = sp.segment->range->ptr() + sp.offset;
-      Block* host = sp.segment->head;
-      while (host->ptr + host->size <= start) host = host->next;
-      Block* m = carve(host, start, sp.size);
-      m->allocated = true;
-      m->stitch = s.get();
-      s->members.push_back(m);
+      Block* h = host_of(sp, start);
+      ok = h && !h->allocated && h->stream == stream && h->ptr + h->size >= start + piece(sp, acc) &&
+           large_free_.count(h);
     }
-    s->active = true;
-    s->block->stream = stream;
-    stats_.num_stitch_reuses++;
-    return s->block;
+    if (ok) best = s.get();
   }
-  return nullptr;
+  if (!best) return nullptr;
+  for (std::size_t i = 0, acc = 0; acc < size; ++i) {
+    const Span& sp = best->spans[i];
+    const DevPtr start = sp.segment->range->ptr() + sp.offset;
+    const std::size_t n = piece(sp, acc);
+    Block* m = carve(host_of(sp, start), start, n);  // re-found: earlier carves may have split it
+    m->allocated = true;
+    m->stitch = best;
+    best->members.push_back(m);
+    acc += n;
+  }
+  best->block->size = size;
+  best->block->stream = stream;
+  best->active = true;
+  stats_.num_stitch_reuses++;
+  return best->block;
 }
 
 Block* StitchAllocator::stitch(std::size_t size, StreamHandle stream) {
@@ -555,6 +636,8 @@ Block* StitchAllocator::grow(PoolKind kind, std::size_t size, StreamHandle strea
     create_segment(kind, granularity_, stream);
     return take_fit(kind, size, stream);
   }
+  dissolve_held(stream, false);  // their members may form (or join) what this request needs
+  if (Block* b = take_fit(kind, size, stream)) return b;
   if (Block* b = reuse_stitch(size, stream)) return b;
   // Stitch when what is free covers a useful part of the request (an eighth or more); below that,
   // mapping every chunk a second time costs more than the few free bytes it saves.
@@ -571,16 +654,9 @@ Block* StitchAllocator::slow_path(PoolKind kind, std::size_t size, StreamHandle 
   if (migrate_free_blocks(stream, false)) {
     if (Block* b = take_fit(kind, size, stream)) return b;
   }
-  if (driver_.stream_is_capturing(device_, stream)) {
-    // During graph capture no driver call may map, create or synchronise: only cached memory serves.
-    if (kind == PoolKind::Large) {
-      if (Block* b = reuse_stitch(size, stream)) return b;
-    }
-    stats_.num_ooms++;
-    throw Error("glake: a CUDA graph is being captured on stream " + hex(stream) + " and no cached block of " +
-                std::to_string(requested) + " bytes is free; new memory cannot be mapped during capture. "
-                "Run the captured code once before capturing (warm-up), so that its memory is cached.");
-  }
+  // During graph capture, driver calls must not invalidate the capture: like torch, switch this
+  // thread to relaxed capture mode while the slow path creates, maps or waits.
+  CaptureModeGuard relax(driver_, driver_.stream_is_capturing(device_, stream));
   try {
     return grow(kind, size, stream);
   } catch (const OutOfMemoryError& first) {

@@ -112,7 +112,11 @@ class GLAKE_API StitchAllocator {
   Block* carve(Block* b, DevPtr start, std::size_t size);
   void insert_free(Block* b);
   void release_block(Block* b);
-  void release_stitch(Stitch* s);
+  void hold_stitch(Stitch* s);
+  void dissolve(Stitch* s);
+  void dissolve_held(StreamHandle stream, bool all_streams);
+  Block* take_held_stitch(std::size_t size, StreamHandle stream);
+  void shrink_stitch(Stitch* s, std::size_t size);
   Block* slow_path(PoolKind kind, std::size_t size, StreamHandle stream, std::size_t requested);
   Block* grow(PoolKind kind, std::size_t size, StreamHandle stream);
   Block* reuse_stitch(std::size_t size, StreamHandle stream);
@@ -135,6 +139,7 @@ class GLAKE_API StitchAllocator {
   std::size_t device_total_;
   mutable std::mutex mutex_;
   FreeSet small_free_, large_free_;
+  FreeSet stitch_free_;  ///< held stitched blocks (see Stitch)
   std::map<DevPtr, Block*> allocated_;
   std::vector<std::unique_ptr<Segment>> segments_;
   std::vector<std::unique_ptr<Stitch>> stitches_;

@@ -275,4 +275,11 @@ void CudaDriver::event_destroy(int device, EventHandle event) {
   check(api_.p_cuEventDestroy(reinterpret_cast<CUevent>(event)), "cuEventDestroy(" + hex(event) + ")");
 }
 
+CaptureMode CudaDriver::exchange_capture_mode(CaptureMode mode) {
+  auto m = static_cast<CUstreamCaptureMode>(static_cast<int>(mode));
+  check(api_.p_cuThreadExchangeStreamCaptureMode(&m), "cuThreadExchangeStreamCaptureMode(" +
+        std::to_string(static_cast<int>(mode)) + ")");
+  return static_cast<CaptureMode>(static_cast<int>(m));
+}
+
 }  // namespace glake

@@ -23,7 +23,7 @@ namespace glake {
   X(cuMemUnmap) X(cuMemSetAccess) X(cuMemExportToShareableHandle) X(cuMemImportFromShareableHandle) \
   X(cuMemGetInfo) X(cuMemcpy) X(cuMemcpyAsync) X(cuMemsetD8) X(cuStreamCreate) X(cuStreamDestroy)  \
   X(cuStreamSynchronize) X(cuStreamIsCapturing) X(cuEventCreate) X(cuEventRecord) X(cuEventQuery)  \
-  X(cuEventSynchronize) X(cuEventDestroy)
+  X(cuEventSynchronize) X(cuEventDestroy) X(cuThreadExchangeStreamCaptureMode)
 
 /// Function pointers into libcuda, resolved once.
 struct CudaApi {
@@ -56,6 +56,7 @@ class CudaDriver final : public Driver {
   bool event_query(int device, EventHandle event) override;
   void event_synchronize(int device, EventHandle event) override;
   void event_destroy(int device, EventHandle event) override;
+  CaptureMode exchange_capture_mode(CaptureMode mode) override;
 
   /// Makes `device`'s primary context current on this thread for the guard's lifetime.
   class ContextGuard {

@@ -27,6 +27,9 @@ enum class DriverOp : int { Create, Release, Reserve, FreeVa, Map, Unmap, SetAcc
 /// Name of a DriverOp, as used in stats keys ("create", "map", ...).
 const char* op_name(DriverOp op);
 
+/// How strictly a thread's driver calls are checked while a stream captures a CUDA graph.
+enum class CaptureMode : int { Global = 0, ThreadLocal = 1, Relaxed = 2 };
+
 /// Free and total memory of one device, in bytes.
 struct MemInfo {
   std::size_t free = 0;
@@ -121,6 +124,9 @@ class GLAKE_API Driver {
   virtual void event_synchronize(int device, EventHandle event) = 0;
   /// Destroys an event.
   virtual void event_destroy(int device, EventHandle event) = 0;
+
+  /// Sets this thread's stream-capture mode and returns the previous one (host: no-op).
+  virtual CaptureMode exchange_capture_mode(CaptureMode mode) { return mode; }
 
   /// This driver's counters.
   DriverStats& stats() { return stats_; }

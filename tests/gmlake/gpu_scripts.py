@@ -98,7 +98,7 @@ def oom() -> None:
         raise AssertionError("no OOM")
     keep.pop()
     y = torch.ones(1 << 30, dtype=torch.uint8, device="cuda")
-    assert int(y.sum()) == 1 << 30
+    assert int(y[:: 1 << 12].sum()) == 1 << 18  # a strided sum: no 8 GB int64 temporary
     st = glake.torch.memory_stats()
     assert st["num_ooms"] >= 1 and st["reserved_bytes.all.current"] <= 4 << 30
     torch.cuda.set_per_process_memory_fraction(0.01)
@@ -125,7 +125,8 @@ def cupy_interop() -> None:
     before = glake.torch.memory_stats()["allocation.all.allocated"]
     a = cupy.arange(1 << 24, dtype=cupy.float32)
     t = torch.as_tensor(a, device="cuda")
-    assert float(t.sum()) == float(a.sum())
+    assert t.data_ptr() == a.data.ptr
+    assert torch.equal(t, torch.arange(1 << 24, device="cuda", dtype=torch.float32))
     assert glake.torch.memory_stats()["allocation.all.allocated"] > before
     base, size = glake.torch.allocator().allocation_of(a.data.ptr)
     assert base == a.data.ptr and size == a.nbytes

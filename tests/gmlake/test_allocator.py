@@ -275,3 +275,30 @@ def test_global_allocator_is_shared_and_configurable_once():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["refused", "false"]
+
+
+def test_freed_stitch_is_held_and_serves_smaller_requests_without_mapping():
+    a = make()
+    blocks = [a.malloc(4 * MiB) for _ in range(16)]
+    for p in blocks[::2]:
+        a.free(p)
+    big = a.malloc(32 * MiB)
+    a.free(big)  # held: still one stitched block on the fast path
+    assert [b["state"] for s in a.snapshot() if s["stitched"] for b in s["blocks"]] == ["held"]
+    before, maps = reserved(a), _C.stats("host")["calls.map"]
+    half = a.malloc(16 * MiB)  # the held stitch, shrunk: the other 16 MiB go back to the pool
+    assert half == big and _C.stats("host")["calls.map"] == maps
+    fill(half, 16 * MiB, 3)
+    rest = [a.malloc(4 * MiB) for _ in range(4)]  # served by the returned members
+    assert reserved(a) == before and _C.stats("host")["calls.map"] == maps
+    for p in rest:
+        fill(p, 4 * MiB, 4)
+    assert check(half, 16 * MiB, 3)
+    for p in rest + [half]:
+        a.free(p)
+    again = a.malloc(32 * MiB)  # the detached range's spans are free again: prefix reuse, no mapping
+    st = a.stats()
+    assert again == big and st["num_stitches"] == 1 and _C.stats("host")["calls.map"] == maps
+    a.free(again)
+    for p in blocks[1::2]:
+        a.free(p)
