@@ -31,10 +31,12 @@ def worker(kind: str, iters: int, repeats: int) -> dict:
     import torch
 
     out = {}
+    for _ in range(3):  # warm-up pass over every size: blocks cached, code paths hot
+        for size in SIZES:
+            for _ in range(200):
+                x = torch.empty(size, dtype=torch.uint8, device="cuda")
+                del x
     for size in SIZES:
-        for _ in range(100):  # warm: the block is cached afterwards
-            x = torch.empty(size, dtype=torch.uint8, device="cuda")
-            del x
         batches = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -46,8 +48,11 @@ def worker(kind: str, iters: int, repeats: int) -> dict:
     if kind == "glake":
         from glake import _C
 
+        # The same C++ malloc+free without torch: on a fresh private allocator, and on the global
+        # allocator torch used above (same cache state), to tell glake's cost from torch's plugin path.
         raw = _C.Allocator(0, "cuda", "")
         out["raw_ns"] = {s: _C.gmlake_measure_alloc_free_ns(raw, s, 20000) for s in SIZES}
+        out["raw_global_ns"] = {s: _C.gmlake_measure_alloc_free_ns(_C.gmlake_global(0), s, 20000) for s in SIZES}
     return out
 
 
@@ -72,9 +77,10 @@ def main() -> None:
     for size in SIZES:
         n, g = results["native"][str(size)], results["glake"][str(size)]
         raw = results["glake"]["raw_ns"][str(size)]
-        rows.append([f"{size:,}", round(n, 2), round(g, 2), round(g / n, 3), round(raw / 1000, 3)])
+        raw_g = results["glake"]["raw_global_ns"][str(size)]
+        rows.append([f"{size:,}", round(n, 2), round(g, 2), round(g / n, 3), round(raw / 1000, 3), round(raw_g / 1000, 3)])
     print_table("torch.empty + del, microseconds per pair (median of batches)",
-                ["size (B)", "native", "glake", "glake / native", "glake raw C++ malloc+free"], rows)
+                ["size (B)", "native", "glake", "glake / native", "raw C++ (fresh)", "raw C++ (torch's allocator)"], rows)
     write_json("alloc_latency", {"iters": args.iters, "repeats": args.repeats, "us_per_pair": results})
 
 
