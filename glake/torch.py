@@ -15,8 +15,10 @@ Notes
   afterwards). ``glake run -- python train.py`` does it for you.
 - A stitched block spans several physical allocations: nvidia_peermem (GPUDirect RDMA) cannot pin
   it. Disable stitching (``stitch=False``) for buffers registered with RDMA NICs.
-- CUDA graphs: capture after a warm-up run, so that the captured code's memory is cached; glake
-  never maps or synchronises during capture and raises a clear error if it would have to.
+- CUDA graphs: memory allocated while a ``torch.cuda.CUDAGraph`` captures is kept for that graph
+  until it is reset or destroyed (glake wraps capture_begin/capture_end/reset for this); it is not
+  reused within the same capture. If the slow path must map during capture, glake switches the
+  thread to relaxed capture mode, as torch does around cudaMalloc.
 """
 
 from __future__ import annotations
@@ -93,8 +95,58 @@ def install(**conf: Any) -> None:
                          f"(torch says: {e}). Call it at the top of your script, or use `glake run -- python ...`."
                          ) from e
     _state["hooks"] = _wire_hooks(pluggable)
+    _patch_graphs(torch)
     _state["installed"] = True
     _state["allocator"] = pluggable
+
+
+_graph_devices: Dict[int, int] = {}
+
+
+def _patch_graphs(torch) -> None:
+    """Tell glake when a CUDA graph captures and when it goes, so that memory a graph's replays
+    use is never handed to anyone else while the graph lives (torch's private graph pools do the
+    same for its own allocator; a pluggable allocator gets no such call from torch)."""
+    graph_cls = torch.cuda.CUDAGraph
+    if getattr(graph_cls, "_glake_patched", False):
+        return
+    begin, end, reset = graph_cls.capture_begin, graph_cls.capture_end, graph_cls.reset
+
+    def release(self) -> None:
+        dev = _graph_devices.pop(id(self), None)
+        if dev is not None:
+            _C.gmlake_release_graph(dev, id(self))
+
+    def capture_begin(self, *args, **kwargs):
+        dev = torch.cuda.current_device()
+        release(self)  # re-capturing a graph replaces its old memory
+        _graph_devices[id(self)] = dev
+        _C.gmlake_begin_graph(dev, id(self))
+        try:
+            return begin(self, *args, **kwargs)
+        except BaseException:
+            _C.gmlake_end_graph(dev, id(self))
+            release(self)
+            raise
+
+    def capture_end(self):
+        try:
+            return end(self)
+        finally:
+            dev = _graph_devices.get(id(self))
+            if dev is not None:
+                _C.gmlake_end_graph(dev, id(self))
+
+    def reset_(self):
+        reset(self)
+        release(self)
+
+    def __del__(self):
+        release(self)
+
+    graph_cls.capture_begin, graph_cls.capture_end, graph_cls.reset = capture_begin, capture_end, reset_
+    graph_cls.__del__ = __del__
+    graph_cls._glake_patched = True
 
 
 def is_installed() -> bool:

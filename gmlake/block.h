@@ -26,6 +26,7 @@ struct Block {
   StreamHandle stream = 0;       ///< the stream it was allocated on (free blocks: last used on)
   bool allocated = false;        ///< handed out (to a caller, or to a stitch as a member)
   std::uint64_t free_seq = 0;    ///< when it was last freed (orders cross-stream reuse)
+  std::uint64_t graph = 0;       ///< the CUDA graph whose capture allocated it (0 = none)
   Block* prev = nullptr;         ///< neighbours inside the segment
   Block* next = nullptr;
   std::vector<StreamHandle> extra_streams;  ///< streams added by record_stream

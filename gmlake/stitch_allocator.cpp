@@ -47,12 +47,18 @@ StitchAllocator::~StitchAllocator() {
   std::lock_guard<std::mutex> lock(mutex_);
   for (auto& d : deferred_) {
     for (EventHandle e : d.events) driver_.event_destroy(device_, e);
+    if (d.block->kind == PoolKind::Stitched) d.block->stitch->active = false;
   }
   for (auto& [stream, se] : stream_events_) {
     if (se.event) driver_.event_destroy(device_, se.event);
   }
   for (auto& [ptr, b] : allocated_) {
-    if (b->kind == PoolKind::Stitched) delete b;  // segment blocks are deleted with their segment
+    if (b->kind == PoolKind::Stitched) b->stitch->active = false;  // deleted with the stitches below
+  }
+  for (auto& [graph, blocks] : graph_blocks_) {
+    for (Block* b : blocks) {
+      if (b->kind == PoolKind::Stitched) b->stitch->active = false;
+    }
   }
   for (auto& s : stitches_) {
     if (!s->active) delete s->block;
@@ -178,6 +184,11 @@ DevPtr StitchAllocator::malloc(std::size_t size, StreamHandle stream) {
   b->allocated = true;
   b->requested = size;
   b->stream = stream;
+  b->graph = 0;
+  if (capturing_graphs_.load(std::memory_order_relaxed) && capture_graph_ &&
+      driver_.stream_is_capturing(device_, stream)) {
+    b->graph = capture_graph_;  // a driver query only while some graph is being captured
+  }
   allocated_.emplace(b->ptr, b);
   stats_.num_allocs++;
   stats_.allocations.add(1);
@@ -220,6 +231,11 @@ void StitchAllocator::free(DevPtr ptr) {
   (b->kind == PoolKind::Small ? stats_.allocated_small : stats_.allocated_large).add(-rounded);
   stats_.requested_bytes.add(-static_cast<std::int64_t>(b->requested));
   if (b->kind == PoolKind::Stitched) stats_.stitched_bytes.add(-rounded);
+  if (b->graph && graph_blocks_.count(b->graph)) {
+    graph_blocks_[b->graph].push_back(b);  // replays may still use it: kept until the graph goes
+    b->extra_streams.clear();
+    return;
+  }
   if (!b->extra_streams.empty()) {
     Deferred d{b, {}};
     for (StreamHandle s : b->extra_streams) {
@@ -244,6 +260,30 @@ void StitchAllocator::record_stream(DevPtr ptr, StreamHandle stream) {
   if (std::find(b->extra_streams.begin(), b->extra_streams.end(), stream) == b->extra_streams.end()) {
     b->extra_streams.push_back(stream);
   }
+}
+
+void StitchAllocator::begin_graph(std::uint64_t graph) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  graph_blocks_.emplace(graph, std::vector<Block*>{});
+  capture_graph_ = graph;
+  capturing_graphs_.fetch_add(1);
+}
+
+void StitchAllocator::end_graph(std::uint64_t graph) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (capture_graph_ == graph) capture_graph_ = 0;
+  capturing_graphs_.fetch_sub(1);
+}
+
+void StitchAllocator::release_graph(std::uint64_t graph) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = graph_blocks_.find(graph);
+  if (it == graph_blocks_.end()) return;
+  for (Block* b : it->second) {
+    stats_.active_bytes.add(-static_cast<std::int64_t>(b->size));
+    release_block(b);
+  }
+  graph_blocks_.erase(it);
 }
 
 void StitchAllocator::empty_cache() {

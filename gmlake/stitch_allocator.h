@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -79,6 +80,13 @@ class GLAKE_API StitchAllocator {
   void empty_cache();
   /// Sets the cap as a fraction of device memory (0 = none), like torch's.
   void set_memory_fraction(double fraction);
+  /// A CUDA graph `graph` starts capturing: allocations made on capturing streams until
+  /// end_graph belong to it, and their memory is not reused outside it until release_graph.
+  void begin_graph(std::uint64_t graph);
+  /// The capture of `graph` ended (its memory stays reserved for replays).
+  void end_graph(std::uint64_t graph);
+  /// `graph` was reset or destroyed: its memory, once freed, returns to the cache.
+  void release_graph(std::uint64_t graph);
   /// Counters.
   AllocatorStats stats() const;
   /// Resets peaks to current values.
@@ -154,6 +162,9 @@ class GLAKE_API StitchAllocator {
   };
   std::map<StreamHandle, StreamEvent> stream_events_;
   std::uint64_t free_seq_ = 0, tick_ = 0, next_id_ = 1;
+  std::atomic<int> capturing_graphs_{0};  ///< read without the lock on every malloc
+  std::uint64_t capture_graph_ = 0;
+  std::map<std::uint64_t, std::vector<Block*>> graph_blocks_;  ///< live graphs -> their freed blocks
   AllocatorStats stats_;
 };
 

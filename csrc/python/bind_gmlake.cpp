@@ -132,6 +132,13 @@ void bind_gmlake(py::module_& m) {
         "The process-wide allocator of a device (the one torch and CuPy use), created on first use.");
   m.def("gmlake_global_exists", [](int device) { return gm::existing_device_allocator(device) != nullptr; },
         py::arg("device"), "Whether the process-wide allocator of device exists yet.");
+  m.def("gmlake_begin_graph", [](int device, std::uint64_t graph) { gm::device_allocator(device).begin_graph(graph); },
+        py::arg("device"), py::arg("graph"), "A CUDA graph starts capturing on device (called by glake.torch).");
+  m.def("gmlake_end_graph", [](int device, std::uint64_t graph) { gm::device_allocator(device).end_graph(graph); },
+        py::arg("device"), py::arg("graph"), "The capture of a graph ended.");
+  m.def("gmlake_release_graph", [](int device, std::uint64_t graph) {
+        gm::device_allocator(device).release_graph(graph);
+      }, py::arg("device"), py::arg("graph"), NoGil(), "A graph was reset or destroyed: its memory returns to the cache.");
   m.def("gmlake_configure", &gm::configure_global, py::arg("conf"),
         "Applies 'key:value,...' to the process-wide configuration (before the first allocation).");
   m.def("gmlake_global_config", [] { return gm::global_config().to_map(); }, "The process-wide configuration.");

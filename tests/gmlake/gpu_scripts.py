@@ -52,13 +52,21 @@ def graph() -> None:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         static_y = model(static_x)
+    # Eager tensors allocated after capture must not share memory with the graph's intermediates.
+    bystanders = [torch.full((128, 1024), float(i), device="cuda") for i in range(8)]
     for _ in range(5):
         x = torch.randn(128, 256, device="cuda")
         static_x.copy_(x)
         g.replay()
         torch.cuda.synchronize()
         assert torch.allclose(static_y, model(x), atol=1e-5), "replay differs from eager"
-    print("graph ok")
+        for i, b in enumerate(bystanders):
+            assert bool((b == float(i)).all()), "a replay overwrote an eager tensor"
+    reserved = glake.torch.memory_reserved()
+    del static_y
+    g.reset()
+    del g
+    print("graph ok", reserved)
 
 
 def streams() -> None:
