@@ -5,10 +5,12 @@
 #include <string>
 #include <vector>
 
+#include "common/error.h"
+
 namespace glake::multipath {
 
 /// Every knob of a CopyEngine. Defaults come from measurements on an H100 (see docs/multipath.md).
-struct EngineConfig {
+struct GLAKE_API EngineConfig {
   /// Bytes per pinned staging buffer: one pipeline step of a pageable copy.
   std::size_t chunk_bytes = 8u << 20;
   /// Staging buffers: how many chunks can be in flight between the CPU threads and the copy lanes.

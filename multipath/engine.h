@@ -31,14 +31,14 @@ namespace glake::multipath {
 enum class MemKind : int { Auto = 0, Host, Pageable, Pinned, Device };
 
 /// Parses "auto", "host", "pageable", "pinned" or "device"; throws InvalidArgumentError otherwise.
-MemKind parse_mem_kind(const std::string& s);
+GLAKE_API MemKind parse_mem_kind(const std::string& s);
 /// Name of a MemKind.
-const char* mem_kind_name(MemKind k);
+GLAKE_API const char* mem_kind_name(MemKind k);
 
 /// The paths a copy can take; index into EngineStats arrays.
 enum class CopyPath : int { Plain = 0, StagedH2D, StagedD2H, PinnedSplit, Peer, kCount };
 /// Name of a CopyPath ("plain", "staged_h2d", ...).
-const char* copy_path_name(CopyPath p);
+GLAKE_API const char* copy_path_name(CopyPath p);
 
 /// A snapshot of an engine's counters.
 struct EngineStats {
