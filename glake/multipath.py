@@ -39,10 +39,11 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 from glake import _C
-from glake.errors import InvalidArgumentError
+from glake.errors import GlakeWarning, InvalidArgumentError
 
 ENV_VAR = "GLAKE_MULTIPATH_CONF"
 
@@ -405,8 +406,8 @@ def close_all() -> None:
     for e in engines:
         try:
             e.close()
-        except Exception:  # noqa: BLE001 - at exit a dead device must not mask the real error
-            pass
+        except Exception as err:  # noqa: BLE001 - at exit a dead device must not mask the real error
+            warnings.warn(f"glake.multipath: closing {e!r} failed: {err}", GlakeWarning, stacklevel=2)
 
 
 atexit.register(close_all)
