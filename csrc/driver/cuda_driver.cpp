@@ -215,66 +215,6 @@ void CudaDriver::memset(int device, DevPtr dst, int value, std::size_t n) {
   check(api_.p_cuStreamSynchronize(nullptr), "cuStreamSynchronize(0)");
 }
 
-StreamHandle CudaDriver::stream_create(int device) {
-  check_device(device);
-  ContextGuard guard(*this, device);
-  CUstream s = nullptr;
-  check(api_.p_cuStreamCreate(&s, CU_STREAM_NON_BLOCKING), "cuStreamCreate(NON_BLOCKING)");
-  return reinterpret_cast<StreamHandle>(s);
-}
-
-void CudaDriver::stream_destroy(int device, StreamHandle stream) {
-  ContextGuard guard(*this, device);
-  check(api_.p_cuStreamDestroy(reinterpret_cast<CUstream>(stream)), "cuStreamDestroy(" + hex(stream) + ")");
-}
-
-void CudaDriver::stream_synchronize(int device, StreamHandle stream) {
-  ContextGuard guard(*this, device);
-  check(api_.p_cuStreamSynchronize(reinterpret_cast<CUstream>(stream)), "cuStreamSynchronize(" + hex(stream) + ")");
-}
-
-bool CudaDriver::stream_is_capturing(int device, StreamHandle stream) {
-  ContextGuard guard(*this, device);
-  CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
-  const CUresult res = api_.p_cuStreamIsCapturing(reinterpret_cast<CUstream>(stream), &status);
-  // The legacy stream cannot be queried while another stream captures: treat it as capturing.
-  if (res == CUDA_ERROR_STREAM_CAPTURE_IMPLICIT) return true;
-  check(res, "cuStreamIsCapturing(" + hex(stream) + ")");
-  return status != CU_STREAM_CAPTURE_STATUS_NONE;
-}
-
-EventHandle CudaDriver::event_create(int device) {
-  check_device(device);
-  ContextGuard guard(*this, device);
-  CUevent e = nullptr;
-  check(api_.p_cuEventCreate(&e, CU_EVENT_DISABLE_TIMING), "cuEventCreate(DISABLE_TIMING)");
-  return reinterpret_cast<EventHandle>(e);
-}
-
-void CudaDriver::event_record(int device, EventHandle event, StreamHandle stream) {
-  ContextGuard guard(*this, device);
-  check(api_.p_cuEventRecord(reinterpret_cast<CUevent>(event), reinterpret_cast<CUstream>(stream)),
-        "cuEventRecord(event=" + hex(event) + ", stream=" + hex(stream) + ")");
-}
-
-bool CudaDriver::event_query(int device, EventHandle event) {
-  ContextGuard guard(*this, device);
-  const CUresult res = api_.p_cuEventQuery(reinterpret_cast<CUevent>(event));
-  if (res == CUDA_ERROR_NOT_READY) return false;
-  check(res, "cuEventQuery(" + hex(event) + ")");
-  return true;
-}
-
-void CudaDriver::event_synchronize(int device, EventHandle event) {
-  ContextGuard guard(*this, device);
-  check(api_.p_cuEventSynchronize(reinterpret_cast<CUevent>(event)), "cuEventSynchronize(" + hex(event) + ")");
-}
-
-void CudaDriver::event_destroy(int device, EventHandle event) {
-  ContextGuard guard(*this, device);
-  check(api_.p_cuEventDestroy(reinterpret_cast<CUevent>(event)), "cuEventDestroy(" + hex(event) + ")");
-}
-
 void CudaDriver::stream_wait_event(int device, StreamHandle stream, EventHandle event) {
   ContextGuard guard(*this, device);
   check(api_.p_cuStreamWaitEvent(reinterpret_cast<CUstream>(stream), reinterpret_cast<CUevent>(event), 0),
@@ -358,6 +298,66 @@ void CudaDriver::enable_peer_access(int device, int peer) {
   const CUresult res = api_.p_cuCtxEnablePeerAccess(peer_ctx, 0);
   if (res == CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED) return;
   check(res, "cuCtxEnablePeerAccess(device=" + std::to_string(device) + ", peer=" + std::to_string(peer) + ")");
+}
+
+StreamHandle CudaDriver::stream_create(int device) {
+  check_device(device);
+  ContextGuard guard(*this, device);
+  CUstream s = nullptr;
+  check(api_.p_cuStreamCreate(&s, CU_STREAM_NON_BLOCKING), "cuStreamCreate(NON_BLOCKING)");
+  return reinterpret_cast<StreamHandle>(s);
+}
+
+void CudaDriver::stream_destroy(int device, StreamHandle stream) {
+  ContextGuard guard(*this, device);
+  check(api_.p_cuStreamDestroy(reinterpret_cast<CUstream>(stream)), "cuStreamDestroy(" + hex(stream) + ")");
+}
+
+void CudaDriver::stream_synchronize(int device, StreamHandle stream) {
+  ContextGuard guard(*this, device);
+  check(api_.p_cuStreamSynchronize(reinterpret_cast<CUstream>(stream)), "cuStreamSynchronize(" + hex(stream) + ")");
+}
+
+bool CudaDriver::stream_is_capturing(int device, StreamHandle stream) {
+  ContextGuard guard(*this, device);
+  CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
+  const CUresult res = api_.p_cuStreamIsCapturing(reinterpret_cast<CUstream>(stream), &status);
+  // The legacy stream cannot be queried while another stream captures: treat it as capturing.
+  if (res == CUDA_ERROR_STREAM_CAPTURE_IMPLICIT) return true;
+  check(res, "cuStreamIsCapturing(" + hex(stream) + ")");
+  return status != CU_STREAM_CAPTURE_STATUS_NONE;
+}
+
+EventHandle CudaDriver::event_create(int device) {
+  check_device(device);
+  ContextGuard guard(*this, device);
+  CUevent e = nullptr;
+  check(api_.p_cuEventCreate(&e, CU_EVENT_DISABLE_TIMING), "cuEventCreate(DISABLE_TIMING)");
+  return reinterpret_cast<EventHandle>(e);
+}
+
+void CudaDriver::event_record(int device, EventHandle event, StreamHandle stream) {
+  ContextGuard guard(*this, device);
+  check(api_.p_cuEventRecord(reinterpret_cast<CUevent>(event), reinterpret_cast<CUstream>(stream)),
+        "cuEventRecord(event=" + hex(event) + ", stream=" + hex(stream) + ")");
+}
+
+bool CudaDriver::event_query(int device, EventHandle event) {
+  ContextGuard guard(*this, device);
+  const CUresult res = api_.p_cuEventQuery(reinterpret_cast<CUevent>(event));
+  if (res == CUDA_ERROR_NOT_READY) return false;
+  check(res, "cuEventQuery(" + hex(event) + ")");
+  return true;
+}
+
+void CudaDriver::event_synchronize(int device, EventHandle event) {
+  ContextGuard guard(*this, device);
+  check(api_.p_cuEventSynchronize(reinterpret_cast<CUevent>(event)), "cuEventSynchronize(" + hex(event) + ")");
+}
+
+void CudaDriver::event_destroy(int device, EventHandle event) {
+  ContextGuard guard(*this, device);
+  check(api_.p_cuEventDestroy(reinterpret_cast<CUevent>(event)), "cuEventDestroy(" + hex(event) + ")");
 }
 
 }  // namespace glake

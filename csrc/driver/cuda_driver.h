@@ -22,9 +22,10 @@ namespace glake {
   X(cuMemCreate) X(cuMemRelease) X(cuMemAddressReserve) X(cuMemAddressFree) X(cuMemMap)             \
   X(cuMemUnmap) X(cuMemSetAccess) X(cuMemExportToShareableHandle) X(cuMemImportFromShareableHandle) \
   X(cuMemGetInfo) X(cuMemcpy) X(cuMemcpyAsync) X(cuMemsetD8) X(cuStreamCreate) X(cuStreamDestroy)  \
+  X(cuStreamWaitEvent) X(cuMemHostAlloc) X(cuMemFreeHost) X(cuMemAlloc) X(cuMemFree)                \
+  X(cuPointerGetAttributes) X(cuDeviceCanAccessPeer) X(cuCtxEnablePeerAccess)                         \
   X(cuStreamSynchronize) X(cuStreamIsCapturing) X(cuEventCreate) X(cuEventRecord) X(cuEventQuery)  \
-  X(cuEventSynchronize) X(cuEventDestroy) X(cuStreamWaitEvent) X(cuMemHostAlloc) X(cuMemFreeHost)        \
-  X(cuMemAlloc) X(cuMemFree) X(cuPointerGetAttributes) X(cuDeviceCanAccessPeer) X(cuCtxEnablePeerAccess)
+  X(cuEventSynchronize) X(cuEventDestroy)
 
 /// Function pointers into libcuda, resolved once.
 struct CudaApi {
@@ -48,6 +49,15 @@ class CudaDriver final : public Driver {
   void memcpy_async(int device, DevPtr dst, DevPtr src, std::size_t n, StreamHandle stream) override;
   void memset(int device, DevPtr dst, int value, std::size_t n) override;
 
+  void stream_wait_event(int device, StreamHandle stream, EventHandle event) override;
+  DevPtr host_alloc_pinned(int device, std::size_t size) override;
+  void host_free_pinned(int device, DevPtr ptr) override;
+  DevPtr device_alloc(int device, std::size_t size) override;
+  void device_free(int device, DevPtr ptr) override;
+  PointerInfo pointer_info(int device, DevPtr ptr) override;
+  bool can_access_peer(int device, int peer) override;
+  void enable_peer_access(int device, int peer) override;
+
   StreamHandle stream_create(int device) override;
   void stream_destroy(int device, StreamHandle stream) override;
   void stream_synchronize(int device, StreamHandle stream) override;
@@ -57,15 +67,6 @@ class CudaDriver final : public Driver {
   bool event_query(int device, EventHandle event) override;
   void event_synchronize(int device, EventHandle event) override;
   void event_destroy(int device, EventHandle event) override;
-
-  void stream_wait_event(int device, StreamHandle stream, EventHandle event) override;
-  DevPtr host_alloc_pinned(int device, std::size_t size) override;
-  void host_free_pinned(int device, DevPtr ptr) override;
-  DevPtr device_alloc(int device, std::size_t size) override;
-  void device_free(int device, DevPtr ptr) override;
-  PointerInfo pointer_info(int device, DevPtr ptr) override;
-  bool can_access_peer(int device, int peer) override;
-  void enable_peer_access(int device, int peer) override;
 
   /// Makes `device`'s primary context current on this thread for the guard's lifetime.
   class ContextGuard {

@@ -27,6 +27,12 @@ enum class DriverOp : int { Create, Release, Reserve, FreeVa, Map, Unmap, SetAcc
 /// Name of a DriverOp, as used in stats keys ("create", "map", ...).
 const char* op_name(DriverOp op);
 
+/// Free and total memory of one device, in bytes.
+struct MemInfo {
+  std::size_t free = 0;
+  std::size_t total = 0;
+};
+
 /// What an address points at, as far as a backend can tell.
 enum class MemoryType : int {
   Unknown = 0,  ///< The backend cannot tell (host backend: the caller must say).
@@ -43,12 +49,6 @@ const char* memory_type_name(MemoryType type);
 struct PointerInfo {
   MemoryType type = MemoryType::Unknown;
   int device = -1;
-};
-
-/// Free and total memory of one device, in bytes.
-struct MemInfo {
-  std::size_t free = 0;
-  std::size_t total = 0;
 };
 
 /// A snapshot of a driver's counters.
@@ -140,6 +140,9 @@ class GLAKE_API Driver {
   /// Destroys an event.
   virtual void event_destroy(int device, EventHandle event) = 0;
 
+  /// This driver's counters.
+  DriverStats& stats() { return stats_; }
+
   // Copy-engine support (multipath). The base versions throw Error("... not supported"): both
   // backends implement them; the defaults only keep other Driver subclasses compiling.
 
@@ -159,9 +162,6 @@ class GLAKE_API Driver {
   virtual bool can_access_peer(int device, int peer);
   /// Lets `device` access `peer`'s memory directly; already enabled is fine.
   virtual void enable_peer_access(int device, int peer);
-
-  /// This driver's counters.
-  DriverStats& stats() { return stats_; }
 
  protected:
   virtual PhysHandle do_create(int device, std::size_t size) = 0;
