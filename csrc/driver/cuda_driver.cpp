@@ -215,6 +215,91 @@ void CudaDriver::memset(int device, DevPtr dst, int value, std::size_t n) {
   check(api_.p_cuStreamSynchronize(nullptr), "cuStreamSynchronize(0)");
 }
 
+void CudaDriver::stream_wait_event(int device, StreamHandle stream, EventHandle event) {
+  ContextGuard guard(*this, device);
+  check(api_.p_cuStreamWaitEvent(reinterpret_cast<CUstream>(stream), reinterpret_cast<CUevent>(event), 0),
+        "cuStreamWaitEvent(stream=" + hex(stream) + ", event=" + hex(event) + ")");
+}
+
+DevPtr CudaDriver::host_alloc_pinned(int device, std::size_t size) {
+  check_device(device);
+  ContextGuard guard(*this, device);
+  void* p = nullptr;
+  check(api_.p_cuMemHostAlloc(&p, size, CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc(" + size_arg(size) + ", PORTABLE)");
+  return reinterpret_cast<DevPtr>(p);
+}
+
+void CudaDriver::host_free_pinned(int device, DevPtr ptr) {
+  ContextGuard guard(*this, device);
+  check(api_.p_cuMemFreeHost(reinterpret_cast<void*>(ptr)), "cuMemFreeHost(" + hex(ptr) + ")");
+}
+
+DevPtr CudaDriver::device_alloc(int device, std::size_t size) {
+  check_device(device);
+  ContextGuard guard(*this, device);
+  CUdeviceptr p = 0;
+  check(api_.p_cuMemAlloc(&p, size), "cuMemAlloc(" + size_arg(size) + ", device=" + std::to_string(device) + ")");
+  return p;
+}
+
+void CudaDriver::device_free(int device, DevPtr ptr) {
+  ContextGuard guard(*this, device);
+  check(api_.p_cuMemFree(ptr), "cuMemFree(" + hex(ptr) + ")");
+}
+
+PointerInfo CudaDriver::pointer_info(int device, DevPtr ptr) {
+  check_device(device);
+  ContextGuard guard(*this, device);  // with unified addressing the answer does not depend on the context
+  unsigned int mem_type = 0;
+  int ordinal = -1;
+  unsigned int managed = 0;
+  CUpointer_attribute attrs[] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                                 CU_POINTER_ATTRIBUTE_IS_MANAGED};
+  void* data[] = {&mem_type, &ordinal, &managed};
+  const CUresult res = api_.p_cuPointerGetAttributes(3, attrs, data, ptr);
+  PointerInfo info;
+  // Memory CUDA does not know (plain malloc/mmap) reads as type 0; some drivers answer INVALID_VALUE.
+  if (res == CUDA_ERROR_INVALID_VALUE) {
+    info.type = MemoryType::Pageable;
+    return info;
+  }
+  check(res, "cuPointerGetAttributes(ptr=" + hex(ptr) + ", MEMORY_TYPE|DEVICE_ORDINAL|IS_MANAGED)");
+  if (managed) {
+    info.type = MemoryType::Managed;
+  } else if (mem_type == CU_MEMORYTYPE_DEVICE) {
+    info.type = MemoryType::Device;
+    info.device = ordinal;
+  } else if (mem_type == CU_MEMORYTYPE_HOST) {
+    info.type = MemoryType::Pinned;
+  } else {
+    info.type = MemoryType::Pageable;
+  }
+  return info;
+}
+
+bool CudaDriver::can_access_peer(int device, int peer) {
+  check_device(device);
+  check_device(peer);
+  if (device == peer) return false;
+  CUdevice dev = 0, peer_dev = 0;
+  check(api_.p_cuDeviceGet(&dev, device), "cuDeviceGet(" + std::to_string(device) + ")");
+  check(api_.p_cuDeviceGet(&peer_dev, peer), "cuDeviceGet(" + std::to_string(peer) + ")");
+  int can = 0;
+  check(api_.p_cuDeviceCanAccessPeer(&can, dev, peer_dev),
+        "cuDeviceCanAccessPeer(device=" + std::to_string(device) + ", peer=" + std::to_string(peer) + ")");
+  return can != 0;
+}
+
+void CudaDriver::enable_peer_access(int device, int peer) {
+  check_device(device);
+  check_device(peer);
+  CUcontext peer_ctx = primary_context(peer);
+  ContextGuard guard(*this, device);
+  const CUresult res = api_.p_cuCtxEnablePeerAccess(peer_ctx, 0);
+  if (res == CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED) return;
+  check(res, "cuCtxEnablePeerAccess(device=" + std::to_string(device) + ", peer=" + std::to_string(peer) + ")");
+}
+
 StreamHandle CudaDriver::stream_create(int device) {
   check_device(device);
   ContextGuard guard(*this, device);

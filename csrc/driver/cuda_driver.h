@@ -22,6 +22,8 @@ namespace glake {
   X(cuMemCreate) X(cuMemRelease) X(cuMemAddressReserve) X(cuMemAddressFree) X(cuMemMap)             \
   X(cuMemUnmap) X(cuMemSetAccess) X(cuMemExportToShareableHandle) X(cuMemImportFromShareableHandle) \
   X(cuMemGetInfo) X(cuMemcpy) X(cuMemcpyAsync) X(cuMemsetD8) X(cuStreamCreate) X(cuStreamDestroy)  \
+  X(cuStreamWaitEvent) X(cuMemHostAlloc) X(cuMemFreeHost) X(cuMemAlloc) X(cuMemFree)                \
+  X(cuPointerGetAttributes) X(cuDeviceCanAccessPeer) X(cuCtxEnablePeerAccess)                         \
   X(cuStreamSynchronize) X(cuStreamIsCapturing) X(cuEventCreate) X(cuEventRecord) X(cuEventQuery)  \
   X(cuEventSynchronize) X(cuEventDestroy) X(cuThreadExchangeStreamCaptureMode)
 
@@ -46,6 +48,15 @@ class CudaDriver final : public Driver {
   void memcpy(int device, DevPtr dst, DevPtr src, std::size_t n) override;
   void memcpy_async(int device, DevPtr dst, DevPtr src, std::size_t n, StreamHandle stream) override;
   void memset(int device, DevPtr dst, int value, std::size_t n) override;
+
+  void stream_wait_event(int device, StreamHandle stream, EventHandle event) override;
+  DevPtr host_alloc_pinned(int device, std::size_t size) override;
+  void host_free_pinned(int device, DevPtr ptr) override;
+  DevPtr device_alloc(int device, std::size_t size) override;
+  void device_free(int device, DevPtr ptr) override;
+  PointerInfo pointer_info(int device, DevPtr ptr) override;
+  bool can_access_peer(int device, int peer) override;
+  void enable_peer_access(int device, int peer) override;
 
   StreamHandle stream_create(int device) override;
   void stream_destroy(int device, StreamHandle stream) override;

@@ -47,6 +47,17 @@ const char* op_name(DriverOp op) {
   }
 }
 
+const char* memory_type_name(MemoryType type) {
+  switch (type) {
+    case MemoryType::Unknown: return "unknown";
+    case MemoryType::Pageable: return "pageable";
+    case MemoryType::Pinned: return "pinned";
+    case MemoryType::Device: return "device";
+    case MemoryType::Managed: return "managed";
+    default: return "?";
+  }
+}
+
 void DriverStats::record(DriverOp op, std::uint64_t ns) {
   calls[static_cast<int>(op)].fetch_add(1, std::memory_order_relaxed);
   time_ns[static_cast<int>(op)].fetch_add(ns, std::memory_order_relaxed);
@@ -194,6 +205,21 @@ PhysHandle Driver::import_fd(int device, int fd, std::size_t size) {
   DriverStats::bump(stats_.physical_bytes, stats_.physical_bytes_peak, static_cast<std::int64_t>(size));
   return h;
 }
+
+namespace {
+[[noreturn]] void unsupported(const Driver& d, const char* what) {
+  throw Error(std::string(d.name()) + " backend does not support " + what);
+}
+}  // namespace
+
+void Driver::stream_wait_event(int, StreamHandle, EventHandle) { unsupported(*this, "stream_wait_event"); }
+DevPtr Driver::host_alloc_pinned(int, std::size_t) { unsupported(*this, "host_alloc_pinned"); }
+void Driver::host_free_pinned(int, DevPtr) { unsupported(*this, "host_free_pinned"); }
+DevPtr Driver::device_alloc(int, std::size_t) { unsupported(*this, "device_alloc"); }
+void Driver::device_free(int, DevPtr) { unsupported(*this, "device_free"); }
+PointerInfo Driver::pointer_info(int, DevPtr) { unsupported(*this, "pointer_info"); }
+bool Driver::can_access_peer(int, int) { unsupported(*this, "can_access_peer"); }
+void Driver::enable_peer_access(int, int) { unsupported(*this, "enable_peer_access"); }
 
 bool cuda_backend_built() {
 #ifdef GLAKE_HAVE_CUDA

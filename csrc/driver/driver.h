@@ -36,6 +36,24 @@ struct MemInfo {
   std::size_t total = 0;
 };
 
+/// What an address points at, as far as a backend can tell.
+enum class MemoryType : int {
+  Unknown = 0,  ///< The backend cannot tell (host backend: the caller must say).
+  Pageable,     ///< Ordinary host memory the driver does not know (cuda: not registered or pinned).
+  Pinned,       ///< Page-locked host memory the copy engines can reach directly.
+  Device,       ///< Memory of one device (PointerInfo::device says which).
+  Managed,      ///< Unified (managed) memory.
+};
+
+/// Name of a MemoryType ("unknown", "pageable", "pinned", "device", "managed").
+const char* memory_type_name(MemoryType type);
+
+/// The kind of memory at an address and, for device memory, its device.
+struct PointerInfo {
+  MemoryType type = MemoryType::Unknown;
+  int device = -1;
+};
+
 /// A snapshot of a driver's counters.
 struct DriverStatsSnapshot {
   std::array<std::uint64_t, static_cast<int>(DriverOp::kCount)> calls{};
@@ -130,6 +148,26 @@ class GLAKE_API Driver {
 
   /// This driver's counters.
   DriverStats& stats() { return stats_; }
+
+  // Copy-engine support (multipath). The base versions throw Error("... not supported"): both
+  // backends implement them; the defaults only keep other Driver subclasses compiling.
+
+  /// Makes later work on `stream` wait (on the device) until `event` has completed; host: no-op.
+  virtual void stream_wait_event(int device, StreamHandle stream, EventHandle event);
+  /// Allocates `size` bytes of page-locked host memory usable by every device (host: aligned memory).
+  virtual DevPtr host_alloc_pinned(int device, std::size_t size);
+  /// Frees memory from host_alloc_pinned.
+  virtual void host_free_pinned(int device, DevPtr ptr);
+  /// Allocates `size` bytes of plain device memory (cuMemAlloc; host: aligned host memory).
+  virtual DevPtr device_alloc(int device, std::size_t size);
+  /// Frees memory from device_alloc.
+  virtual void device_free(int device, DevPtr ptr);
+  /// The kind of memory at `ptr`, asked in `device`'s context (host backend: always Unknown).
+  virtual PointerInfo pointer_info(int device, DevPtr ptr);
+  /// Whether `device` can access memory of `peer` directly (false for device == peer).
+  virtual bool can_access_peer(int device, int peer);
+  /// Lets `device` access `peer`'s memory directly; already enabled is fine.
+  virtual void enable_peer_access(int device, int peer);
 
  protected:
   virtual PhysHandle do_create(int device, std::size_t size) = 0;

@@ -11,6 +11,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <string>
@@ -37,6 +38,17 @@ constexpr unsigned kChunkSeals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
 }
 
 std::string va_args(DevPtr va, std::size_t size) { return "va=" + hex(va) + ", size=" + std::to_string(size); }
+
+/// Page-aligned host memory for the host backend's "pinned" and "device" buffers.
+DevPtr aligned_host_alloc(const char* call, std::size_t size) {
+  void* p = nullptr;
+  const int err = posix_memalign(&p, 4096, size ? size : 1);
+  if (err != 0) {
+    errno = err;
+    throw_errno(std::string(call) + "(size=" + std::to_string(size) + ")");
+  }
+  return reinterpret_cast<DevPtr>(p);
+}
 
 }  // namespace
 
@@ -147,6 +159,32 @@ void HostDriver::memcpy_async(int device, DevPtr dst, DevPtr src, std::size_t n,
 
 void HostDriver::memset(int, DevPtr dst, int value, std::size_t n) {
   std::memset(reinterpret_cast<void*>(dst), value, n);
+}
+
+DevPtr HostDriver::host_alloc_pinned(int device, std::size_t size) {
+  check_device(device);
+  return aligned_host_alloc("host_alloc_pinned", size);
+}
+
+void HostDriver::host_free_pinned(int, DevPtr ptr) { std::free(reinterpret_cast<void*>(ptr)); }
+
+DevPtr HostDriver::device_alloc(int device, std::size_t size) {
+  check_device(device);
+  return aligned_host_alloc("device_alloc", size);
+}
+
+void HostDriver::device_free(int, DevPtr ptr) { std::free(reinterpret_cast<void*>(ptr)); }
+
+bool HostDriver::can_access_peer(int device, int peer) {
+  check_device(device);
+  check_device(peer);
+  return false;  // one device: it has no peers
+}
+
+void HostDriver::enable_peer_access(int device, int peer) {
+  check_device(device);
+  check_device(peer);
+  throw InvalidArgumentError("host backend: device " + std::to_string(device) + " has no peer " + std::to_string(peer));
 }
 
 StreamHandle HostDriver::stream_create(int device) {

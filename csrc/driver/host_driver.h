@@ -35,6 +35,15 @@ class HostDriver final : public Driver {
   void event_synchronize(int, EventHandle) override {}
   void event_destroy(int, EventHandle) override {}
 
+  void stream_wait_event(int, StreamHandle, EventHandle) override {}  // host events are always complete
+  DevPtr host_alloc_pinned(int device, std::size_t size) override;
+  void host_free_pinned(int device, DevPtr ptr) override;
+  DevPtr device_alloc(int device, std::size_t size) override;
+  void device_free(int device, DevPtr ptr) override;
+  PointerInfo pointer_info(int, DevPtr) override { return PointerInfo{}; }  // cannot tell: all is host memory
+  bool can_access_peer(int device, int peer) override;
+  void enable_peer_access(int device, int peer) override;
+
  protected:
   PhysHandle do_create(int device, std::size_t size) override;
   void do_release(int device, PhysHandle handle) override;
