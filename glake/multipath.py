@@ -25,7 +25,7 @@ Paths (``Engine.plan`` tells which one a copy takes):
 ``peer``          a large pinned copy partly routed through peer GPUs (``peers=True``)
 
 Configuration: keyword arguments of :class:`Engine`, or for the default engines the environment
-variable ``GLAKE_MULTIPATH_CONF="chunk_bytes:8M,buffers:4,threads:16"`` (keyword arguments win).
+variable ``GLAKE_MULTIPATH_CONF="chunk_bytes:16M,buffers:4,threads:16"`` (keyword arguments win).
 Keys: see :data:`CONFIG_KEYS`. Sizes take K/M/G suffixes (powers of 1024).
 
 The host backend runs the same pipeline host-to-host with real threads and real staging buffers:

@@ -12,7 +12,7 @@ namespace glake::multipath {
 /// Every knob of a CopyEngine. Defaults come from measurements on an H100 (see docs/multipath.md).
 struct GLAKE_API EngineConfig {
   /// Bytes per pinned staging buffer: one pipeline step of a pageable copy.
-  std::size_t chunk_bytes = 8u << 20;
+  std::size_t chunk_bytes = 16u << 20;
   /// Staging buffers: how many chunks can be in flight between the CPU threads and the copy lanes.
   int buffers = 4;
   /// CPU threads copying into/out of staging, the calling thread included (0 = min(16, cores)).
@@ -26,7 +26,7 @@ struct GLAKE_API EngineConfig {
   /// Pinned copies smaller than this take the plain path even when pinned_streams > 1.
   std::size_t pinned_split_min_bytes = 64u << 20;
   /// Pageable copies smaller than this take the plain path (the driver's own staging); 0 = never.
-  std::size_t small_copy_bytes = 256u << 10;
+  std::size_t small_copy_bytes = 8u << 20;
   /// Route part of large pinned copies through peer GPUs that have peer access (off by default).
   bool peers = false;
   /// Peer devices to consider (empty = every other device); each is used only if access exists.

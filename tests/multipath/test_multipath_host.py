@@ -92,7 +92,7 @@ def test_pipeline_shapes(conf):
 
 
 def test_large_default_config():
-    """Hundreds of MiB through the default (8 MiB x 4) pipeline."""
+    """Hundreds of MiB through the default (16 MiB x 4) pipeline."""
     n = 300 * MIB + 12345
     src = rand_bytes(n, 1)
     dev = np.empty(n, np.uint8)
