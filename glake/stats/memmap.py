@@ -32,7 +32,7 @@ def pool_from_snapshot(name: str, device: int, backend: str, granularity: int,
             state = str(b["state"])
             blocks.append({"address": int(b["address"]), "size": int(b["size"]), "requested": int(b["requested"]),
                            "state": _SNAPSHOT_STATE.get(state, state) if kind != "stitched" else state,
-                           "stream": int(b["stream"]), "lent_to": 0})
+                           "stream": int(b["stream"]), "lent_to": int(b.get("lent_to", 0) or 0)})
         blocks.sort(key=lambda b: b["address"])
         segments.append({"kind": kind, "address": int(seg["address"]), "size": int(seg["size"]),
                          "active": bool(seg["active"]), "blocks": blocks})
@@ -52,9 +52,11 @@ def live_stitches(pool: Mapping[str, Any]) -> List[Mapping[str, Any]]:
 def link_lent_blocks(pool: Dict[str, Any]) -> int:
     """Fill ``lent_to`` of lent blocks where the owner is certain; returns how many were linked.
 
-    ``Allocator.snapshot`` does not say which stitched range uses a lent block. When exactly one
-    stitched range holds lent chunks, every lent block is its; with several the owner is left 0
-    (unknown) rather than guessed. A server that knows (the C++ one can) fills it itself.
+    ``Allocator.snapshot`` does not say which stitched range uses a lent block (a snapshot block
+    with a ``lent_to`` key is taken as it is). When exactly one stitched range holds lent chunks,
+    every lent block is its; with several the owner is left 0 (unknown) rather than guessed (sizes
+    do not decide it: a stitch's members may cover more than its block). A server that knows (the
+    C++ one can) fills it itself.
     """
     live = live_stitches(pool)
     if len(live) != 1:
@@ -77,15 +79,16 @@ def summarize(pools: Iterable[Mapping[str, Any]]) -> Dict[str, Any]:
     Returns
     -------
     dict
-        ``reserved`` (bytes of segments: physical memory), ``allocated`` (allocated or pending
-        blocks, stitched ranges included: what the allocator's ``allocated_bytes`` counts),
+        ``reserved`` (bytes of segments: physical memory, the allocator's ``reserved_bytes``),
+        ``allocated`` (allocated blocks, stitched ranges included: the allocator's
+        ``allocated_bytes``), ``pending`` (freed blocks waiting for other streams),
         ``free`` (free segment blocks), ``lent`` (segment blocks lent to stitched ranges), ``held``
         (freed stitched ranges kept for reuse), ``largest_free`` (largest free segment block),
         ``fragmentation`` (1 - largest_free / free: 0 when all free memory is one block, near 1
         when it is in many small pieces; 0 when nothing is free), ``utilization``
         (allocated / reserved), counts of ``segments``, ``stitched_ranges``, ``blocks``, ``chunks``.
     """
-    out = {"reserved": 0, "allocated": 0, "free": 0, "lent": 0, "held": 0, "largest_free": 0,
+    out = {"reserved": 0, "allocated": 0, "pending": 0, "free": 0, "lent": 0, "held": 0, "largest_free": 0,
            "segments": 0, "stitched_ranges": 0, "blocks": 0, "chunks": 0}
     for pool in pools:
         g = int(pool.get("granularity") or 0)
@@ -101,8 +104,10 @@ def summarize(pools: Iterable[Mapping[str, Any]]) -> Dict[str, Any]:
             for b in seg["blocks"]:
                 out["blocks"] += 1
                 state = b["state"]
-                if state in ("allocated", "pending"):
+                if state == "allocated":
                     out["allocated"] += b["size"]
+                elif state == "pending":
+                    out["pending"] += b["size"]
                 elif stitched and state == "held":
                     out["held"] += b["size"]
                 elif not stitched and state == "free":
