@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from typing import Any, List, Optional
 
 MISSING_DEPS = "glake {cmd}: the stats commands need the 'stats' extra: pip install 'glake[stats]' ({err})"
 
 
+PIPE_WIDTH = 220  # piped output is not squeezed to a terminal's width (like ps(1))
+
+
 def _console(file=None):
     from rich.console import Console
 
-    width = max(shutil.get_terminal_size((160, 40)).columns, 100)
-    return Console(file=file or sys.stdout, width=width, highlight=False, soft_wrap=False)
+    out = file or sys.stdout
+    width = None if out.isatty() else PIPE_WIDTH  # a terminal: its own width
+    return Console(file=out, width=width, highlight=False, soft_wrap=False)
 
 
 def _print_json(obj: Any) -> None:

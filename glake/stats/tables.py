@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from glake.stats import memmap
-from glake.stats.units import fmt_bytes, fmt_count, fmt_figure
+from glake.stats.units import fmt_bytes, fmt_count, fmt_figure, fmt_ns
 
 
 def command_line(process: Mapping[str, Any], width: int = 60) -> str:
@@ -41,21 +41,27 @@ def allocator_totals(stats: Mapping[str, Any]) -> Dict[str, Any]:
 def ps_table(entries: Sequence[Any]) -> Table:
     """One row per stats socket: live processes with their totals, others with what is wrong."""
     table = Table(box=box.SIMPLE_HEAD, title="glake processes", title_justify="left")
-    for col, justify in (("PID", "right"), ("STATUS", "left"), ("BACKEND", "left"), ("DEV", "left"),
-                         ("ALLOCATED", "right"), ("RESERVED", "right"), ("PEAK RESERVED", "right"),
-                         ("STITCHED", "right"), ("OOMS", "right"), ("COMMAND", "left")):
-        table.add_column(col, justify=justify, no_wrap=col != "COMMAND")
+    rows = []
     for e in entries:
         if e.stats is None:
-            table.add_row(str(e.pid), Text(e.status, style="yellow"), "", "", "", "", "", "", "",
-                          Text(e.reason, style="dim"))
+            rows.append((str(e.pid), e.status, "", "", "", "", "", "", "", e.reason))
             continue
         t = allocator_totals(e.stats)
         p = e.stats["process"]
-        table.add_row(str(e.pid), Text(e.status, style="green"), p["backend"],
-                      ",".join(map(str, t["devices"])) or "-",
-                      fmt_bytes(t["allocated"]), fmt_bytes(t["reserved"]), fmt_bytes(t["reserved_peak"]),
-                      f"{fmt_bytes(t['stitched'])} ({t['stitches']})", str(t["ooms"]), command_line(p))
+        rows.append((str(e.pid), e.status, p["backend"], ",".join(map(str, t["devices"])) or "-",
+                     fmt_bytes(t["allocated"]), fmt_bytes(t["reserved"]), fmt_bytes(t["reserved_peak"]),
+                     f"{fmt_bytes(t['stitched'])} ({t['stitches']})", str(t["ooms"]), command_line(p)))
+    for i, (col, justify) in enumerate((("PID", "right"), ("STATUS", "left"), ("BACKEND", "left"),
+                                        ("DEV", "left"), ("ALLOCATED", "right"), ("RESERVED", "right"),
+                                        ("PEAK RESERVED", "right"), ("STITCHED", "right"), ("OOMS", "right"),
+                                        ("COMMAND", "left"))):
+        if col == "COMMAND":  # the only column that gives way on a narrow terminal
+            table.add_column(col, justify=justify, min_width=12, ratio=1)
+        else:
+            table.add_column(col, justify=justify, no_wrap=True, min_width=max([len(col)] + [len(r[i]) for r in rows]))
+    for r, e in zip(rows, entries):
+        style = "green" if e.stats is not None else "yellow"
+        table.add_row(r[0], Text(r[1], style=style), *r[2:9], Text(r[9], style="" if e.stats else "dim"))
     return table
 
 
@@ -70,8 +76,25 @@ def _section_title(s: Mapping[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def section_table(s: Mapping[str, Any]) -> Table:
-    """A section's figures; ``X.current`` / ``X.peak`` pairs share a row."""
+# Figures shown first, in this order (torch's memory_summary order, then glake's); others follow by name.
+FIRST = ("allocated_bytes.all", "allocated_bytes.small_pool", "allocated_bytes.large_pool", "active_bytes.all",
+         "requested_bytes.all", "reserved_bytes.all", "reserved_bytes.small_pool", "reserved_bytes.large_pool",
+         "free_bytes", "largest_free_bytes", "stitched_bytes", "lent_bytes", "held_bytes", "mapped_va_bytes",
+         "stitched_va_bytes", "allocation.all", "segment.all", "allocation.all.allocated", "allocation.all.freed",
+         "num_stitches", "num_stitch_reuses", "num_stitch_gc", "num_alloc_retries", "num_ooms", "limit_bytes",
+         "chunks_live", "chunks_created", "chunks_released", "physical_bytes", "mapped_bytes", "reserved_va_bytes",
+         "ranges_live")
+
+
+def _order(stem: str) -> tuple:
+    return (FIRST.index(stem), "") if stem in FIRST else (len(FIRST), stem)
+
+
+def section_table(s: Mapping[str, Any]) -> Any:
+    """A section's figures (``X.current`` / ``X.peak`` pairs share a row); driver calls
+    (``calls.OP`` / ``time_ns.OP``) in a table of their own."""
+    from rich.console import Group
+
     table = Table(box=box.SIMPLE_HEAD, title=_section_title(s), title_justify="left", title_style="bold")
     table.add_column("figure")
     table.add_column("current", justify="right")
@@ -80,22 +103,35 @@ def section_table(s: Mapping[str, Any]) -> Table:
         table.add_row(Text("error", style="red"), Text(s["error"], style="red"), "")
         return table
     counters: Dict[str, Any] = dict(s["counters"])
-    done = set()
-    for key in counters:
-        if key in done:
+    ops = sorted(k[len("calls."):] for k in counters if k.startswith("calls."))
+    rows: Dict[str, List[Any]] = {}
+    for key, value in counters.items():
+        if key.startswith("calls.") or (key.startswith("time_ns.") and ops):
             continue
         if key.endswith(".current") or key.endswith(".peak"):
-            stem = key.rsplit(".", 1)[0]
-            cur, peak = counters.get(stem + ".current"), counters.get(stem + ".peak")
-            done.update((stem + ".current", stem + ".peak"))
-            table.add_row(stem, fmt_figure(stem, cur) if cur is not None else "",
-                          fmt_figure(stem, peak) if peak is not None else "")
+            stem, which = key.rsplit(".", 1)
+            rows.setdefault(stem, [None, None])[0 if which == "current" else 1] = value
         else:
-            done.add(key)
-            table.add_row(key, fmt_figure(key, counters[key]), "")
-    for key, value in s["values"].items():
+            rows[key] = [value, None]
+    for stem in sorted(rows, key=_order):
+        cur, peak = rows[stem]
+        table.add_row(stem, fmt_figure(stem, cur) if cur is not None else "",
+                      fmt_figure(stem, peak) if peak is not None else "")
+    for key, value in sorted(s["values"].items()):
         table.add_row(key, f"{value:.3f}", "")
-    return table
+    if not ops:
+        return table
+    drv = Table(box=box.SIMPLE_HEAD, title=f"{_section_title(s)} · driver calls", title_justify="left",
+                title_style="bold")
+    for col in ("operation", "calls", "time", "mean"):
+        drv.add_column(col, justify="left" if col == "operation" else "right")
+    for op in ops:
+        n, t = counters.get(f"calls.{op}", 0), counters.get(f"time_ns.{op}", 0)
+        drv.add_row(op, fmt_count(n), fmt_ns(t), fmt_ns(t / n) if n else "")
+    if "time_ns.total" in counters:
+        drv.add_row(Text("total", style="bold"), fmt_count(sum(counters.get(f"calls.{op}", 0) for op in ops)),
+                    fmt_ns(counters["time_ns.total"]), "")
+    return Group(table, drv)
 
 
 def map_table(pool: Mapping[str, Any], limit: int = 40) -> Table:
@@ -167,12 +203,17 @@ TOP_COLUMNS = ("PID", "POOL", "DEV", "ALLOCATED / PEAK", "RESERVED / PEAK", "STI
 
 
 def top_table(rows: Sequence[Sequence[Any]], title: str) -> Table:
+    """The ``glake top`` table: figures keep their width, the command line takes what is left."""
     table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", title_style="bold")
-    for col in TOP_COLUMNS:
-        table.add_column(col, justify="left" if col in ("POOL", "COMMAND") else "right",
-                         no_wrap=col != "COMMAND")
-    for r in rows:
-        table.add_row(*[str(x) for x in r])
+    cells = [[str(x) for x in r] for r in rows]
+    for i, col in enumerate(TOP_COLUMNS):
+        if col == "COMMAND":
+            table.add_column(col, justify="left", no_wrap=True, overflow="ellipsis", min_width=12, ratio=1)
+        else:
+            width = max([len(col)] + [len(r[i]) for r in cells])
+            table.add_column(col, justify="left" if col == "POOL" else "right", no_wrap=True, min_width=width)
+    for r in cells:
+        table.add_row(*r)
     return table
 
 

@@ -69,9 +69,12 @@ def test_stats_table(child, capsys):
     code, out, _ = run_cli(capsys, "stats", str(child.pid))
     assert code == 0
     assert f"pid {child.pid}" in out
-    for text in ("allocator · fragmented · device 0", "allocated_bytes.all", "num_stitches", "vmm", "calls.map",
-                 "demo", "this source always fails"):
+    for text in ("allocator · fragmented · device 0", "allocated_bytes.all", "num_stitches", "largest_free_bytes",
+                 "fragmentation", "vmm · backend=host · driver calls", "set_access", "demo", "hit_rate",
+                 "this source always fails"):
         assert text in out, text
+    (row,) = [line.split() for line in out.splitlines() if line.split()[:1] == ["allocated_bytes.all"]]
+    assert row[1:3] == ["46.10", "MiB"]  # current, formatted
 
 
 def test_stats_json(child, capsys):
