@@ -62,7 +62,7 @@ def _pool_title(pool: Mapping[str, Any], drawn: int) -> str:
     ]
     hidden = len(pool["segments"]) - drawn
     if hidden > 0:
-        lines[1] += f"   [{hidden} more bands not drawn]"
+        lines[0] += f"   [the last {hidden} of {len(pool['segments'])} bands are not drawn]"
     return "\n".join(lines)
 
 
@@ -96,7 +96,7 @@ def _draw_pool(ax, pool: Mapping[str, Any], scale: str) -> None:
                     ax.text(x + w / 2, y, f"→{stitch_names[b['lent_to']]}", ha="center", va="center", fontsize=7,
                             color="#3d2200", zorder=4)
             elif stitched and w > 0.08:
-                what = "detached: chunks returned, VA kept" if b["state"] == "free" else b["state"]
+                what = "detached" if b["state"] == "free" else b["state"]
                 ax.text(x + w / 2, y, f"{stitch_names[seg['address']]}  {what}", ha="center",
                         va="center", fontsize=7, color="black", zorder=4,
                         bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
@@ -188,7 +188,7 @@ def render_png(path: str, pools: Sequence[Mapping[str, Any]], process: Optional[
     else:
         drawn = [p for p in pools if p["segments"]]
         ratios = [min(len(p["segments"]), MAX_BANDS) + 1 for p in drawn]
-        top_px, bottom_px, gap_px = 100.0, 72.0, 110.0  # titles above each pool, axis and legend below
+        top_px, bottom_px, gap_px = 100.0, 86.0, 110.0  # titles above each pool, axis and legend below
         axes_px = max(40.0, (height - top_px - bottom_px - gap_px * (len(drawn) - 1)) / len(drawn))
         gs = fig.add_gridspec(len(drawn), 1, height_ratios=ratios, left=0.2, right=0.93, top=1.0 - top_px / height,
                               bottom=bottom_px / height, hspace=gap_px / axes_px)
@@ -196,7 +196,9 @@ def render_png(path: str, pools: Sequence[Mapping[str, Any]], process: Optional[
             _draw_pool(fig.add_subplot(gs[i]), pool, scale)
     handles = [Patch(facecolor=COLORS[s], edgecolor="#8c8c8c", label=LABELS[s]) for s in LABELS]
     handles.append(Patch(facecolor="white", edgecolor=STITCH_EDGE, hatch="///", label="stitched range (S1, S2, ...)"))
-    fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=7.5, frameon=False)
+    handles.append(Patch(facecolor=COLORS["free"], edgecolor=STITCH_EDGE, hatch="///",
+                         label="detached stitched range (chunks returned, VA kept)"))
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7.5, frameon=False)
     fig.savefig(path, dpi=dpi, format="png")
     return width, height
 
