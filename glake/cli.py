@@ -1,6 +1,10 @@
 """The `glake` command line.
 
     glake run [--conf KEY:VALUE,...] -- python train.py [args]   run a program with glake as its allocator
+    glake ps [--json]                                            glake processes of this user publishing stats
+    glake stats PID|ADDR [--json] [--prometheus]                 the stats of one process
+    glake top [PID|ADDR ...] [--interval S] [--iterations N]     a live view of glake processes
+    glake map PID|ADDR [--png FILE] [--json]                     the memory map of one process (a picture)
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                     "(sets GLAKE_ALLOC_CONF for the program)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- then the program and its arguments")
     run.set_defaults(func=_run)
+    from glake.stats.cli import add_parsers  # imports nothing heavy: grpc, rich etc. load when a command runs
+
+    add_parsers(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

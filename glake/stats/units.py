@@ -1,0 +1,44 @@
+"""Formatting of figures for people: bytes, durations, counts."""
+
+from __future__ import annotations
+
+
+def fmt_bytes(n: float) -> str:
+    """``1536`` -> ``"1.50 KiB"``; ``0`` -> ``"0 B"``."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def fmt_ns(ns: float) -> str:
+    """Nanoseconds -> ``"812 ns"``, ``"3.21 ms"``, ``"1.50 s"``."""
+    ns = float(ns)
+    if abs(ns) < 1_000:
+        return f"{ns:.0f} ns"
+    if abs(ns) < 1_000_000:
+        return f"{ns / 1e3:.1f} µs"
+    if abs(ns) < 1_000_000_000:
+        return f"{ns / 1e6:.2f} ms"
+    return f"{ns / 1e9:.2f} s"
+
+
+def fmt_count(n: float) -> str:
+    """``1234567`` -> ``"1,234,567"``."""
+    return f"{int(n):,}"
+
+
+def fmt_figure(key: str, value: float) -> str:
+    """A figure by its name: ``*bytes*`` as bytes, ``time_ns*`` as a duration, else a count or ratio."""
+    if isinstance(value, float) and not float(value).is_integer():
+        return f"{value:.3f}"
+    if "bytes" in key:
+        return fmt_bytes(value)
+    if key.startswith("time_ns") or key.endswith("_ns"):
+        return fmt_ns(value)
+    return fmt_count(value)
+
+
+__all__ = ["fmt_bytes", "fmt_ns", "fmt_count", "fmt_figure"]
