@@ -7,6 +7,7 @@ memory, so everything runs and is tested without a GPU).
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Optional
 
@@ -36,3 +37,8 @@ __all__ = [
     "backend_name", "core", "Allocator", "GlakeError", "OutOfMemoryError", "InvalidArgumentError",
     "BackendUnavailableError", "GlakeWarning", "__version__",
 ]
+
+if os.environ.get("GLAKE_STATS") == "1":  # publish this process's stats (glake ps / stats / top / map)
+    from glake.stats import serve_from_env
+
+    serve_from_env()
