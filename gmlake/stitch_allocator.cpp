@@ -334,7 +334,8 @@ std::vector<SegmentInfo> StitchAllocator::snapshot() const {
   for (const auto& seg : segments_) {
     SegmentInfo info{seg->kind == PoolKind::Small ? "small" : "large", seg->range->ptr(), seg->range->size(), true, {}};
     for (const Block* b = seg->head; b; b = b->next) {
-      info.blocks.push_back({b->ptr, b->size, b->requested, state_of(b), b->stream});
+      info.blocks.push_back({b->ptr, b->size, b->requested, state_of(b), b->stream,
+                             b->allocated && b->stitch ? b->stitch->range->ptr() : 0});
     }
     out.push_back(std::move(info));
   }
@@ -342,7 +343,7 @@ std::vector<SegmentInfo> StitchAllocator::snapshot() const {
     SegmentInfo info{"stitched", s->range->ptr(), s->range->size(), s->active, {}};
     const Block* b = s->block;
     const char* state = s->active ? (allocated_.count(b->ptr) ? "allocated" : "pending") : s->held ? "held" : "free";
-    info.blocks.push_back({b->ptr, b->size, s->active ? b->requested : 0, state, b->stream});
+    info.blocks.push_back({b->ptr, b->size, s->active ? b->requested : 0, state, b->stream, 0});
     out.push_back(std::move(info));
   }
   return out;

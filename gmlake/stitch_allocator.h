@@ -49,6 +49,7 @@ struct BlockInfo {
   std::size_t requested;
   const char* state;  ///< "allocated", "free", "stitched" (lent to a stitch), "pending" (awaiting events)
   StreamHandle stream;
+  DevPtr lent_to = 0;  ///< "stitched" blocks: the address of the stitched range using them
 };
 
 /// One segment or stitched range as seen by snapshot().

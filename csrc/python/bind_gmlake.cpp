@@ -56,6 +56,7 @@ py::list snapshot_list(const gm::StitchAllocator& a) {
       bd["requested"] = b.requested;
       bd["state"] = b.state;
       bd["stream"] = b.stream;
+      bd["lent_to"] = b.lent_to;
       blocks.append(bd);
     }
     py::dict sd;
