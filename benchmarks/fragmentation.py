@@ -203,10 +203,11 @@ def run_worker(kind: str, workload: str, extra: list, args) -> dict:
 
 def max_batch(kind: str, args) -> int:
     """Largest batch (binary search) that trains --steps steps at --seq-max under --cap-gb."""
-    lo, hi, best = 1, args.batch * 8, 0
+    lo, hi, best = 1, args.batch * 3, 0
     while lo <= hi:
         mid = (lo + hi) // 2
-        trial = argparse.Namespace(**{**vars(args), "batch": mid, "cap": args.cap_gb * GiB, "seq_min": args.seq_max // 2})
+        trial = argparse.Namespace(**{**vars(args), "batch": mid, "cap": args.cap_gb * GiB, "seq_min": args.seq_max // 2,
+                                      "steps": args.max_batch_steps})
         res = run_worker(kind, "full", [], trial)
         if "error" in res:
             hi = mid - 1
@@ -230,7 +231,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--cap", type=float, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--max-batch", action="store_true", help="also search the largest batch under --cap-gb")
-    ap.add_argument("--cap-gb", type=float, default=40)
+    ap.add_argument("--cap-gb", type=float, default=20)
+    ap.add_argument("--max-batch-steps", type=int, default=6, help="steps each max-batch trial must survive")
     ap.add_argument("--worker", choices=ALLOCATORS, help=argparse.SUPPRESS)
     ap.add_argument("--workload", default="full", help=argparse.SUPPRESS)
     ap.add_argument("--record-trace", default="", help=argparse.SUPPRESS)
@@ -242,7 +244,7 @@ def main() -> None:
         print("RESULT " + json.dumps(fn(args.worker, args)))
         return
 
-    workloads = args.workloads.split(",")
+    workloads = [w for w in args.workloads.split(",") if w]  # --workloads "" with --max-batch: search only
     results: dict = {}
     trace_file = os.path.join(tempfile.mkdtemp(), "trace.json")
     for workload in workloads:
@@ -271,15 +273,17 @@ def main() -> None:
             rows.append([workload, kind, round(alloc / GiB, 2), round(req / GiB, 2), round(res / GiB, 2),
                          round(req / res, 3), round(alloc / res, 3), round(r["median_step_s"] * 1e3, 1),
                          round(r["median_step_s"] / base, 3) if base else ""])
-    print_table(f"Fragmentation: batch {args.batch}, seq {args.seq_min}-{args.seq_max}, {args.steps} steps",
-                ["workload", "allocator", "peak alloc GiB", "peak requested GiB", "peak reserved GiB",
-                 "requested/reserved", "alloc/reserved", "median step ms (trace: total)", "time / native"], rows)
+    if rows:
+        print_table(f"Fragmentation: batch {args.batch}, seq {args.seq_min}-{args.seq_max}, {args.steps} steps",
+                    ["workload", "allocator", "peak alloc GiB", "peak requested GiB", "peak reserved GiB",
+                     "requested/reserved", "alloc/reserved", "median step ms (trace: total)", "time / native"], rows)
     if args.max_batch:
         mb = {kind: max_batch(kind, args) for kind in ALLOCATORS}
         results["max_batch"] = {"cap_gb": args.cap_gb, "seq": args.seq_max, **mb}
-        print_table(f"Largest batch at seq {args.seq_max // 2}-{args.seq_max} under {args.cap_gb} GiB",
+        print_table(f"Largest batch at seq {args.seq_max // 2}-{args.seq_max} under {args.cap_gb} GiB "
+                    f"({args.max_batch_steps} steps each)",
                     ["allocator", "max batch"], [[k, v] for k, v in mb.items()])
-    write_json("fragmentation", {"args": {k: v for k, v in vars(args).items() if k not in ("worker",)},
+    write_json("fragmentation" + ("_max_batch" if not workloads else ""), {"args": {k: v for k, v in vars(args).items() if k not in ("worker",)},
                                  "results": results})
 
 
