@@ -1,0 +1,123 @@
+"""Where new backing comes from: the pool within the budget, then released slots, then lookahead.
+
+:class:`ChunkSupply` is the part of :class:`~glake.kvcache.manager.KVCache` that finds chunks for a
+growing slot and decides out-of-memory. In order it takes: chunks the pool can hand out under the
+budget (cached ones first, then new ones); chunks kept by released slots, least recently released
+first and highest index first (deferred reclamation: they are used until the pool needs them, so
+they never cause a false out-of-memory); and, for a synchronous reservation only, chunks that the
+mapper mapped past other live sequences' reserved lengths (lookahead is speculative). A synchronous
+request that cannot be met raises :class:`glake.OutOfMemoryError` naming the budget and the usage
+*before* anything is unmapped or mapped. Runs with the manager's lock held.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+from glake import core
+from glake.errors import OutOfMemoryError
+from glake.kvcache.slots import IDLE, Slot
+
+
+class ChunkSupply:
+    """Chunk acquisition and reclamation (a mixin of KVCache)."""
+
+    def _pool_left(self) -> int:
+        """Chunks the pool can still hand out: budget minus chunks in use (free device memory without a budget)."""
+        if self._budget_chunks is None:
+            return core.mem_info(self.backend, self.device_index)[0] // self.layout.chunk_bytes
+        return max(0, self._budget_chunks - self._pool.stats()["in_use_chunks"])
+
+    def _idle_victims(self, exclude: int) -> List[Tuple[int, int]]:
+        """(slot, index) of chunks only released slots hold: oldest release first, highest index first."""
+        out = []
+        for i in self._idle:
+            if i != exclude:
+                out.extend((i, j) for j in reversed(self._table.exclusive_indices(i)))
+        return out
+
+    def _surplus_victims(self, exclude: int) -> List[Tuple[int, int]]:
+        """(slot, index) of live sequences' lookahead chunks: mapped past their reserved length, unshared."""
+        out = []
+        for i, st in self._active.items():
+            if i != exclude:
+                need = self.layout.chunks_for(st.target)
+                out.extend((i, j) for j in reversed(self._table.exclusive_indices(i)) if j >= need)
+        return out
+
+    def _usage(self) -> str:
+        active = sum(self._table.count(i) for i in self._active)
+        budget = ("none (device memory)" if self._budget_chunks is None else
+                  f"{self._budget_chunks * self.layout.chunk_bytes} B ({self._budget_chunks} chunks of "
+                  f"{self.layout.chunk_bytes >> 20} MiB)")
+        return (f"memory budget {budget}; in use: {self._table.unique_chunks} physical chunks "
+                f"({self._table.shared_chunks} shared), {active} mappings in {len(self._active)} live sequences, "
+                f"{len(self._idle_victims(-1))} reclaimable in {len(self._idle)} released slots, "
+                f"{self._pool.stats()['cached_chunks']} cached in the pool")
+
+    def _check_budget(self, n: int, for_slot: int, strict: bool, what: str) -> None:
+        """Raises OutOfMemoryError unless ``n`` chunks can be had without touching ``for_slot``."""
+        if n <= 0:
+            return
+        have = self._pool_left()
+        if have >= n:
+            return
+        have += len(self._idle_victims(for_slot))
+        if strict and have < n:
+            have += len(self._surplus_victims(for_slot))
+        if have < n:
+            raise OutOfMemoryError(f"KVCache: cannot back {what}: {n} more chunk(s) needed, {have} obtainable; "
+                                   + self._usage())
+
+    def _obtain(self, n: int, for_slot: int, strict: bool, what: str) -> list:
+        """``n`` chunks from the pool, then from released slots (then, if strict, from other sequences'
+        lookahead). Strict: all or OutOfMemoryError before anything changes; else as many as it can."""
+        if strict:
+            self._check_budget(n, for_slot, strict, what)
+        got: list = []
+        take = min(n, self._pool_left())
+        if take:
+            try:
+                got = self._pool.acquire_many(take)
+            except OutOfMemoryError:  # the device refused: reclaim below, or give up
+                if strict and len(self._idle_victims(for_slot)) + len(self._surplus_victims(for_slot)) < n:
+                    raise OutOfMemoryError(f"KVCache: the device has no memory for {what} ({n} chunk(s)) and too "
+                                           f"few can be reclaimed; " + self._usage()) from None
+        rest = n - len(got)
+        if rest:
+            victims = self._idle_victims(for_slot)
+            if strict:
+                victims += self._surplus_victims(for_slot)
+            for slot, j in victims[:rest]:
+                got.append(self._steal(slot, j))
+        return got
+
+    def _steal(self, slot: int, j: int):
+        """Unmaps chunk ``j`` of a released slot (or a live sequence's lookahead chunk) for reuse."""
+        c = self._table.unmap(slot, j)
+        st = self._slots[slot]
+        if st.state == IDLE:
+            self._n["reclaimed_released"] += 1
+            if not self._table.count(slot):
+                self._park(st)
+            else:
+                st.capacity = self.layout.tokens_backed(self._table.ready[slot])
+        else:
+            self._n["reclaimed_lookahead"] += 1
+            self._refresh(st, starved=True)
+        self._n["unmaps"] += 1
+        return c
+
+    def _grow(self, st: Slot, want: int, strict: bool, length: int = 0) -> int:
+        """Maps chunks into ``st``'s holes below index ``want``; returns how many were mapped."""
+        holes = self._table.holes(st.index, want)
+        if not holes:
+            return 0
+        what = f"{length} tokens of slot {st.index}" if strict else f"lookahead of slot {st.index}"
+        chunks = self._obtain(len(holes), st.index, strict, what)
+        if not chunks:
+            return 0
+        self._table.map_at(st.index, holes[:len(chunks)], chunks)
+        self._n["maps_sync" if strict else "maps_background"] += len(chunks)
+        return len(chunks)
+
