@@ -27,7 +27,9 @@ from glake.errors import InvalidArgumentError
 
 
 def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"{name}={value!r} must be an int")
+    if not isinstance(value, int):
         try:
             import operator
 

@@ -194,6 +194,22 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
         return None if self._budget_chunks is None else self._budget_chunks * self.layout.chunk_bytes
 
     @property
+    def base_ptr(self) -> int:
+        """Address of slot 0, token 0 (the start of the reserved range)."""
+        self._check_open()
+        return self._table.range.ptr
+
+    def chunk_ids(self, slot: int) -> List[Optional[int]]:
+        """Ids of the physical chunks mapped at each chunk index of ``slot`` (None = unmapped), any state.
+
+        Two slots showing the same id share that physical chunk (a fork prefix).
+        """
+        with self._lock:
+            self._check_open()
+            i = checked_index("slot", slot, 0, self.layout.max_seqs - 1)
+            return [None if c is None else c.id for c in self._table.chunks[i]]
+
+    @property
     def closed(self) -> bool:
         """True after :meth:`close`."""
         return self._closed

@@ -1,0 +1,50 @@
+"""Helpers shared by the kvcache tests: small model shapes, and writing/reading token values."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+MiB = 1 << 20
+CHUNK = 2 * MiB
+
+# row = 2 layers x 2 x 16 heads x 512 x 4 B = 128 KiB: 16 tokens per chunk, like Llama-3-8B in bf16
+LLAMA_LIKE = dict(num_layers=2, num_kv_heads=16, head_dim=512, dtype=torch.float32)
+# row = 3 x 2 x 8 x 120 x 4 B = 23040 B: 91.02 tokens per chunk, rows straddle chunk boundaries
+ODD_ROW = dict(num_layers=3, num_kv_heads=8, head_dim=120, dtype=torch.float32)
+# row = 3 x 2 x 32 x 4096 x 4 B = 3 MiB: one token spans 1.5 chunks
+HUGE_ROW = dict(num_layers=3, num_kv_heads=32, head_dim=4096, dtype=torch.float32)
+
+
+def put(kv, slot: int, start: int, values: Sequence[float]) -> None:
+    """Writes token values through the views: K of layer l = value + l, V = -(value + l), every head/dim."""
+    n = len(values)
+    if n == 0:
+        return
+    t = torch.as_tensor(np.asarray(values, dtype=np.float32), device=kv.device).to(kv.dtype)[:, None, None]
+    for layer in range(kv.layout.num_layers):
+        kv.k_cache(layer)[slot, start:start + n] = t + layer
+        kv.v_cache(layer)[slot, start:start + n] = -(t + layer)
+
+
+def get(kv, slot: int, start: int, end: int) -> np.ndarray:
+    """Reads tokens [start, end) back through the views, checking every layer/head/dim agrees."""
+    out = None
+    for layer in range(kv.layout.num_layers):
+        k = kv.k_cache(layer)[slot, start:end].float().cpu()
+        v = kv.v_cache(layer)[slot, start:end].float().cpu()
+        vals = k[:, 0, 0] - layer
+        assert torch.equal(k, (vals + layer)[:, None, None].expand_as(k)), f"layer {layer} K rows are not uniform"
+        assert torch.equal(v, -(vals + layer)[:, None, None].expand_as(v)), f"layer {layer} V disagrees with K"
+        if out is None:
+            out = vals
+        else:
+            assert torch.equal(out, vals), f"layer {layer} holds other values than layer 0"
+    return out.numpy() if out is not None else np.zeros(0, np.float32)
+
+
+def ramp(base: float, start: int, end: int) -> np.ndarray:
+    """Distinct, exactly representable values for tokens [start, end) of one sequence."""
+    return (base + np.arange(start, end)).astype(np.float32)
