@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import traceback
 import weakref
 from typing import Dict, List, Optional, Union
 
@@ -494,6 +495,9 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
                 self._refresh(st, starved=starved)
 
     def _record_mapper_error(self, e: BaseException) -> None:
+        # keep the traceback's lines but drop its frames' locals: they may hold chunks (which would
+        # then stay "in use" for as long as the error is remembered)
+        traceback.clear_frames(e.__traceback__)
         self._n["mapper_errors"] += 1
         if self._mapper_error is None:
             self._mapper_error = e

@@ -104,6 +104,7 @@ class ChunkSupply:
                 st.capacity = self.layout.tokens_backed(self._table.ready[slot])
         else:
             self._n["reclaimed_lookahead"] += 1
+            self._starved.add(slot)  # the mapper retries it when chunks are freed
             self._refresh(st, starved=True)
         self._n["unmaps"] += 1
         return c

@@ -1,0 +1,169 @@
+"""The background mapper: lookahead keeps reserve() off the driver, errors surface, it stops."""
+
+from __future__ import annotations
+
+import gc
+import random
+import threading
+
+import numpy as np
+import pytest
+
+import glake
+from glake import core
+from glake.kvcache import KVCache
+from kv_util import CHUNK, LLAMA_LIKE, get, put, ramp
+
+
+def test_lookahead_maps_before_need_so_decode_never_waits(make_kv):
+    kv = make_kv(lookahead_tokens=4, max_seq_len=128)
+    s = kv.allocate()  # queues the slot: the mapper backs its first tokens right away
+    assert kv.wait_mapper()
+    assert kv.capacity(s) == 16
+    vals = ramp(0, 0, 128)
+    for t in range(128):
+        kv.reserve(s, t + 1)      # the decode step
+        put(kv, s, t, vals[t:t + 1])
+        assert kv.wait_mapper()   # "the step took long enough for the mapper"
+    st = kv.stats()
+    assert st["sync_waits"] == 0 and st["maps_sync"] == 0 and st["maps_background"] == 8
+    assert st["mapper_passes"] >= 8 and st["mapper_errors"] == 0
+    assert np.array_equal(get(kv, s, 0, 128), vals)
+    kv.check_invariants()
+
+
+def test_lookahead_stays_within_lookahead(make_kv):
+    kv = make_kv(lookahead_tokens=4)
+    s = kv.allocate()
+    kv.wait_mapper()
+    kv.reserve(s, 11)  # 11 + 4 <= 16: nothing queued
+    kv.wait_mapper()
+    assert len(kv.chunk_ids(s)) == 1
+    kv.reserve(s, 13)  # 13 + 4 > 16: the next chunk
+    kv.wait_mapper()
+    assert len(kv.chunk_ids(s)) == 2 and kv.capacity(s) == 32
+
+
+class ExplodingLock:
+    def __enter__(self):
+        raise AssertionError("the reserve fast path took the lock")
+
+    def __exit__(self, *a):
+        return False
+
+
+@pytest.mark.parametrize("lookahead", [0, 4])
+def test_fast_path_takes_no_lock_and_calls_no_driver(make_kv, backend, lookahead):
+    kv = make_kv(lookahead_tokens=lookahead)
+    s = kv.allocate()
+    kv.reserve(s, 40)
+    kv.wait_mapper()
+    maps = core.stats(backend)["calls.map"]
+    real, kv._lock = kv._lock, ExplodingLock()
+    try:
+        for n in range(0, 44 if lookahead else 49):  # below the watermark with a mapper, else up to capacity
+            kv.reserve(s, n)
+    finally:
+        kv._lock = real
+    assert core.stats(backend)["calls.map"] == maps
+
+
+def test_a_mapper_error_surfaces_on_the_next_reserve_once(make_kv, monkeypatch):
+    kv = make_kv(lookahead_tokens=4)
+    s = kv.allocate()
+    kv.wait_mapper()
+    real = kv._table.map_run
+
+    def failing(slot, first, chunks):
+        if threading.current_thread().name == "glake-kv-mapper":
+            raise glake.GlakeError("cuMemMap(...) failed: CUDA_ERROR_INJECTED")
+        return real(slot, first, chunks)
+
+    monkeypatch.setattr(kv._table, "map_run", failing)
+    kv.reserve(s, 14)  # queues the next chunk; the mapper fails
+    kv.wait_mapper()
+    with pytest.raises(glake.GlakeError, match="background mapper failed: GlakeError: .*INJECTED") as e:
+        kv.reserve(s, 14)
+    assert isinstance(e.value.__cause__, glake.GlakeError)
+    kv.reserve(s, 15)  # raised once; the cache goes on
+    monkeypatch.setattr(kv._table, "map_run", real)
+    kv.reserve(s, 20)  # beyond capacity: the synchronous path maps
+    assert kv.capacity(s) >= 20 and kv.stats()["mapper_errors"] == 1
+    kv.check_invariants()
+
+
+def test_mapper_under_budget_pressure_gives_way_to_synchronous_reservations(make_kv):
+    kv = make_kv(lookahead_tokens=8, memory_budget=4 * CHUNK)
+    a, b = kv.allocate(), kv.allocate()
+    kv.wait_mapper()  # 1 chunk each
+    kv.reserve(a, 30)
+    kv.wait_mapper()  # a: 30 + 8 -> 3 chunks (the third is lookahead)
+    assert len(kv.chunk_ids(a)) == 3 and len(kv.chunk_ids(b)) == 1
+    kv.reserve(b, 20)  # needs a second chunk: the budget is full, a's lookahead chunk is reclaimed
+    st = kv.stats()
+    assert st["reclaimed_lookahead"] == 1 and kv.capacity(a) == 32 and kv.capacity(b) == 32
+    kv.wait_mapper()
+    kv.check_invariants()
+    kv.release(b)  # frees chunks: the starved slot a gets its lookahead back
+    kv.wait_mapper()
+    assert kv.capacity(a) >= 48
+    kv.check_invariants()
+
+
+def test_stop_and_collection(backend):
+    base = core.stats(backend)
+    kv = KVCache(backend=backend, **LLAMA_LIKE, max_seqs=2, max_seq_len=64, lookahead_tokens=4)
+    kv.reserve(kv.allocate(), 20)
+    mapper = kv._mapper
+    assert mapper.alive
+    del kv  # forgotten without close(): the finalizer stops the thread, the range frees itself
+    gc.collect()
+    mapper._thread.join(10)
+    assert not mapper.alive
+    now = core.stats(backend)
+    assert now["chunks_live"] == base["chunks_live"] and now["ranges_live"] == base["ranges_live"]
+
+
+def test_engine_and_mapper_concurrently_keep_data_and_invariants(make_kv):
+    """Many sequences growing, ending and forking while the mapper works (no timing assumed)."""
+    kv = make_kv(max_seqs=6, max_seq_len=96, lookahead_tokens=3, memory_budget=20 * CHUNK)
+    rnd = random.Random(7)
+    live = {}  # slot -> values
+    base = 0
+    for step in range(600):
+        if len(live) < 6 and rnd.random() < 0.1:
+            s = kv.allocate()
+            live[s] = np.zeros(0, np.float32)
+        for s in list(live):
+            vals = live[s]
+            n = len(vals)
+            if n == 96 or rnd.random() < 0.02:
+                kv.release(s)
+                del live[s]
+                continue
+            try:
+                kv.reserve(s, n + 1)
+            except glake.OutOfMemoryError:
+                kv.release(s)
+                del live[s]
+                continue
+            base += 1
+            put(kv, s, n, [float(base)])
+            live[s] = np.append(vals, np.float32(base))
+        if live and len(live) < 6 and rnd.random() < 0.05:
+            src = rnd.choice(list(live))
+            p = rnd.randint(0, len(live[src]))
+            try:
+                f = kv.fork(src, p)
+                live[f] = live[src][:p].copy()
+            except glake.OutOfMemoryError:
+                pass
+        if step % 50 == 0:
+            for s, vals in live.items():
+                assert np.array_equal(get(kv, s, 0, len(vals)), vals)
+    kv.wait_mapper()
+    kv.check_invariants()
+    for s, vals in live.items():
+        assert np.array_equal(get(kv, s, 0, len(vals)), vals)
+    st = kv.stats()
+    assert st["maps_background"] > 0 and st["mapper_errors"] == 0
