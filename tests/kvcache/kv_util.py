@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import pytest
 import torch
 
 MiB = 1 << 20
@@ -48,3 +49,41 @@ def get(kv, slot: int, start: int, end: int) -> np.ndarray:
 def ramp(base: float, start: int, end: int) -> np.ndarray:
     """Distinct, exactly representable values for tokens [start, end) of one sequence."""
     return (base + np.arange(start, end)).astype(np.float32)
+
+
+# ---- fixtures: test modules import make_kv_fixture / make_host_kv_fixture and take make_kv /
+# ---- make_host_kv. (No conftest.py here: tests/conftest.py must stay the only module named
+# ---- "conftest", or `from conftest import HAS_CUDA` in tests/test_backend.py would find this one.)
+
+def _maker(backend):
+    from glake.kvcache import KVCache
+
+    made = []
+
+    def make(**kw):
+        args = dict(LLAMA_LIKE, max_seqs=4, max_seq_len=128, lookahead_tokens=0)
+        args.update(kw)
+        kv = KVCache(backend=backend, **args)
+        made.append(kv)
+        return kv
+
+    return make, made
+
+
+@pytest.fixture(name="make_kv")
+def make_kv_fixture(backend):
+    """``make_kv(**overrides)``: a KVCache on the test's backend (LLAMA_LIKE shape, 4 slots of 128
+    tokens, no mapper thread by default), closed at teardown, before the leak check."""
+    make, made = _maker(backend)
+    yield make
+    for kv in made:
+        kv.close()
+
+
+@pytest.fixture(name="make_host_kv")
+def make_host_kv_fixture():
+    """Like make_kv, on the host backend only (for tests whose subject is not the backend)."""
+    make, made = _maker("host")
+    yield make
+    for kv in made:
+        kv.close()

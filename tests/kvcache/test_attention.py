@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-import torch.nn.functional as F
 
-from glake.kvcache import decode_attention
+pytest.importorskip("torch")  # glake.kvcache needs torch (not a test extra)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from glake.kvcache import decode_attention  # noqa: E402
+from kv_util import make_kv_fixture  # noqa: F401,E402  (fixtures)
 
 
 def dense_reference(q, ks, vs):

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-import glake
-from glake import core
-from glake.kvcache import KVLayout
-from kv_util import CHUNK, HUGE_ROW, ODD_ROW
+pytest.importorskip("torch")  # glake.kvcache needs torch (not a test extra)
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import glake  # noqa: E402
+from glake import core  # noqa: E402
+from glake.kvcache import KVLayout  # noqa: E402
+from kv_util import CHUNK, HUGE_ROW, ODD_ROW, make_host_kv_fixture  # noqa: F401,E402  (fixtures)
 
 
 def lay(layers, heads, dim, itemsize, seqs=4, seq_len=100):

@@ -6,12 +6,14 @@ import gc
 
 import numpy as np
 import pytest
-import torch
 
-import glake
-from glake import core
-from glake.kvcache import KVCache
-from kv_util import CHUNK, LLAMA_LIKE, ODD_ROW, get, put, ramp
+pytest.importorskip("torch")  # glake.kvcache needs torch (not a test extra)
+import torch  # noqa: E402
+
+import glake  # noqa: E402
+from glake import core  # noqa: E402
+from glake.kvcache import KVCache  # noqa: E402
+from kv_util import CHUNK, LLAMA_LIKE, ODD_ROW, get, put, ramp, make_kv_fixture  # noqa: F401,E402  (fixtures)
 
 
 def test_writes_land_in_the_slot_chunk_that_backs_them(make_kv, backend):

@@ -9,10 +9,12 @@ import threading
 import numpy as np
 import pytest
 
-import glake
-from glake import core
-from glake.kvcache import KVCache
-from kv_util import CHUNK, LLAMA_LIKE, get, put, ramp
+pytest.importorskip("torch")  # glake.kvcache needs torch (not a test extra)
+
+import glake  # noqa: E402
+from glake import core  # noqa: E402
+from glake.kvcache import KVCache  # noqa: E402
+from kv_util import CHUNK, LLAMA_LIKE, get, put, ramp, make_kv_fixture  # noqa: F401,E402  (fixtures)
 
 
 def test_lookahead_maps_before_need_so_decode_never_waits(make_kv):

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import glake
-from glake.kvcache import KVCache
-from kv_util import CHUNK, ODD_ROW, get, put
+pytest.importorskip("torch")  # glake.kvcache needs torch (not a test extra)
+from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
+
+import glake  # noqa: E402
+from glake.kvcache import KVCache  # noqa: E402
+from kv_util import CHUNK, ODD_ROW, get, put  # noqa: E402
 
 MAX_SEQS, MAX_LEN, BUDGET = 4, 400, 9  # 400 tokens of 23040 B = 5 chunks per slot; 9 chunks in all
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import glake
-from glake import core
-from kv_util import CHUNK, get, put, ramp
+pytest.importorskip("torch")  # glake.kvcache needs torch (not a test extra)
+
+import glake  # noqa: E402
+from glake import core  # noqa: E402
+from kv_util import CHUNK, get, put, ramp, make_kv_fixture  # noqa: F401,E402  (fixtures)
 
 
 def test_shared_chunks_of_a_released_fork_are_not_reclaimable(make_kv):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import glake
-from kv_util import CHUNK, ODD_ROW, get, put, ramp
+pytest.importorskip("torch")  # glake.kvcache needs torch (not a test extra)
+
+import glake  # noqa: E402
+from kv_util import CHUNK, ODD_ROW, get, put, ramp, make_kv_fixture  # noqa: F401,E402  (fixtures)
 
 
 def test_swap_round_trips_bytes_and_frees_chunks(make_kv, backend):
