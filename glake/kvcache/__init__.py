@@ -16,9 +16,9 @@ park a sequence in host memory. Needs torch. See docs/kvcache.md.
 True
 """
 
-from glake.kvcache.attention import decode_attention
+from glake.kvcache.attention import GatherIndex, attend, decode_attention, gather_index
 from glake.kvcache.layout import KVLayout
 from glake.kvcache.manager import KVCache
 from glake.kvcache.swap import SwapHandle
 
-__all__ = ["KVCache", "KVLayout", "SwapHandle", "decode_attention"]
+__all__ = ["KVCache", "KVLayout", "SwapHandle", "decode_attention", "gather_index", "attend", "GatherIndex"]

@@ -43,6 +43,8 @@ from glake.kvcache.stats import CacheIntrospection
 from glake.kvcache.supply import ChunkSupply
 from glake.kvcache.table import ChunkTable
 
+TRIM_BATCH = 16  # surplus chunks the mapper unmaps from one slot per pass (bounds its lock hold)
+
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "float64": torch.float64, "float8_e4m3fn": getattr(torch, "float8_e4m3fn", None),
@@ -193,6 +195,16 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
     def memory_budget(self) -> Optional[int]:
         """The budget in bytes (whole chunks), or None."""
         return None if self._budget_chunks is None else self._budget_chunks * self.layout.chunk_bytes
+
+    @property
+    def physical_chunks(self) -> int:
+        """Distinct physical chunks mapped right now (a lock-free gauge, cheap enough for every step)."""
+        return len(self._table.refs)
+
+    @property
+    def sync_waits(self) -> int:
+        """Reserve calls so far that had to map synchronously (lock-free; compare across a step)."""
+        return self._n["sync_waits"]
 
     @property
     def base_ptr(self) -> int:
@@ -455,11 +467,11 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
     # ---- memory ----------------------------------------------------------------------------------
 
     def num_free_chunks(self) -> int:
-        """Chunks a reservation can still get: unused budget (or free device memory without a budget)
-        plus chunks kept by released slots."""
+        """Chunks a reservation can still get: unused budget (or free device memory without a budget),
+        chunks kept by released slots, and live sequences' chunks past their reserved length."""
         with self._lock:
             self._check_open()
-            return self._pool_left() + len(self._idle_victims(exclude=-1))
+            return self._pool_left() + len(self._idle_victims(-1)) + len(self._surplus_victims(-1))
 
     def trim(self) -> int:
         """Unmaps every chunk kept by released slots and returns cached chunks to the driver; returns bytes freed."""
@@ -477,7 +489,8 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
     # ---- internals: the mapper thread's side -----------------------------------------------------
 
     def _background_pass(self, slots: List[int]) -> None:
-        """Tops up the queued slots to ``reserved + lookahead_tokens`` (runs on the mapper thread)."""
+        """Runs on the mapper thread: tops up each queued live slot to ``reserved + lookahead_tokens``,
+        and unmaps (into the pool) its chunks beyond that, at most ``TRIM_BATCH`` per pass."""
         for i in dict.fromkeys(slots):
             with self._lock:
                 if self._closed:
@@ -485,13 +498,19 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
                 st = self._slots[i]
                 if st.state != ACTIVE:
                     continue
-                want = self.layout.chunks_for(min(self.layout.max_seq_len, st.target + self.lookahead_tokens))
+                want = self._surplus_start(st)
                 starved = False
                 if want > self._table.ready[i]:
                     self._grow(st, want, strict=False)
                     starved = self._table.ready[i] < want
-                if starved:
-                    self._starved.add(i)
+                    if starved:
+                        self._starved.add(i)
+                if st.target > 0:
+                    extra = [j for j in self._table.exclusive_indices(i) if j >= want][-TRIM_BATCH:]
+                    for j in reversed(extra):
+                        self._table.unmap(i, j)
+                    self._n["unmaps"] += len(extra)
+                    self._n["trimmed"] += len(extra)
                 self._refresh(st, starved=starved)
 
     def _record_mapper_error(self, e: BaseException) -> None:

@@ -119,17 +119,33 @@ class SlotBook:
             st.state = FREE
 
     def _refresh(self, st: Slot, starved: bool = False) -> None:
-        """Recomputes capacity and watermark from the table; queues the slot if it is inside its lookahead."""
+        """Recomputes capacity and watermark from the table, and queues the slot for the mapper when
+        it is inside its lookahead or holds surplus chunks (see :meth:`_surplus_start`)."""
         cap = self.layout.tokens_backed(self._table.ready[st.index])
         st.capacity = cap
-        if self._mapper is None or cap >= self.layout.max_seq_len or starved:
+        if self._mapper is None or starved or st.state != ACTIVE:
+            st.watermark = NEVER
+            return
+        if len(self._table.chunks[st.index]) > self._surplus_start(st):
+            if st.target > 0:          # trim now
+                st.watermark = NEVER
+                self._mapper.request(st.index)
+            else:                      # a reused slot: its first reserve (the prompt) uses the kept
+                st.watermark = 0       # chunks, then the mapper trims what is left over
+            return
+        if cap >= self.layout.max_seq_len:
             st.watermark = NEVER
             return
         st.watermark = cap - self.lookahead_tokens
-        if st.state == ACTIVE and st.target > st.watermark:
+        if st.target > st.watermark:
             st.watermark = NEVER
             self._mapper.request(st.index)
 
+    def _surplus_start(self, st: Slot) -> int:
+        """First chunk index the mapper does not keep for a live sequence: its reserved length plus
+        the lookahead, rounded up to a chunk. Chunks from there on (kept from the slot's previous
+        sequence, or mapped ahead of a reservation that never came) are unmapped into the pool."""
+        return self.layout.chunks_for(min(self.layout.max_seq_len, st.target + self.lookahead_tokens))
 
     def _wake_starved(self) -> None:
         """Chunks were freed: let the mapper retry the slots whose lookahead it could not back."""

@@ -15,14 +15,16 @@ class CacheIntrospection:
 
         Gauges: ``chunks_physical`` (distinct chunks mapped), ``chunks_mapped`` (mappings; a shared
         chunk counts once per slot), ``chunks_shared``, ``chunks_active`` / ``chunks_released``
-        (mappings in live / released slots), ``chunks_reclaimable``, ``chunks_free``
+        (mappings in live / released slots), ``chunks_reclaimable`` (kept by released slots), ``chunks_surplus`` (live sequences' chunks
+        past their reserved length), ``chunks_free``
         (:meth:`num_free_chunks`), ``chunks_budget`` (None without a budget), ``pool_cached_chunks``,
         ``slots_active|released|free``, ``tokens_reserved`` (sum over live sequences),
         ``tokens_mapped`` (physical bytes held / row) and ``utilisation`` (their ratio; above 1 when
         forks share chunks).
         Counters: ``maps`` (chunks mapped, one driver map each) = ``maps_background`` + ``maps_sync``
         + ``maps_shared`` (fork prefixes); ``unmaps``; ``reclaimed_released`` /
-        ``reclaimed_lookahead``; ``sync_waits`` (reserve calls that mapped synchronously) and
+        ``reclaimed_lookahead``; ``trimmed`` (surplus chunks the mapper unmapped from live sequences
+        into the pool); ``sync_waits`` (reserve calls that mapped synchronously) and
         ``wait_ns`` (their time, lock waits included); ``mapper_passes``, ``mapper_busy_ns``,
         ``mapper_errors``; ``forks``, ``fork_tail_bytes``, ``releases``, ``swaps_out|in``,
         ``bytes_swapped_out|in``.
@@ -38,7 +40,8 @@ class CacheIntrospection:
                 "chunks_active": sum(tab.count(i) for i in self._active),
                 "chunks_released": sum(tab.count(i) for i in self._idle),
                 "chunks_reclaimable": len(self._idle_victims(-1)),
-                "chunks_free": self._pool_left() + len(self._idle_victims(-1)),
+                "chunks_surplus": len(self._surplus_victims(-1)),
+                "chunks_free": self._pool_left() + len(self._idle_victims(-1)) + len(self._surplus_victims(-1)),
                 "chunks_budget": self._budget_chunks, "pool_cached_chunks": self._pool.stats()["cached_chunks"],
                 "slots_active": len(self._active), "slots_released": len(self._idle), "slots_free": len(self._free),
                 "tokens_reserved": reserved, "tokens_mapped": held / lay.row_bytes,
@@ -46,7 +49,7 @@ class CacheIntrospection:
                 "maps": n["maps_background"] + n["maps_sync"] + n["maps_shared"],
             }
             for key in ("maps_background", "maps_sync", "maps_shared", "unmaps", "reclaimed_released",
-                        "reclaimed_lookahead", "sync_waits", "wait_ns", "mapper_errors", "forks", "fork_tail_bytes",
+                        "reclaimed_lookahead", "sync_waits", "wait_ns", "mapper_errors", "trimmed", "forks", "fork_tail_bytes",
                         "releases", "swaps_out", "swaps_in", "bytes_swapped_out", "bytes_swapped_in"):
                 out[key] = n[key]
             out["mapper_passes"] = self._mapper.passes if self._mapper else 0

@@ -169,3 +169,39 @@ def test_engine_and_mapper_concurrently_keep_data_and_invariants(make_kv):
         assert np.array_equal(get(kv, s, 0, len(vals)), vals)
     st = kv.stats()
     assert st["maps_background"] > 0 and st["mapper_errors"] == 0
+
+
+def test_a_reused_slot_serves_the_prompt_then_the_mapper_trims_its_surplus(make_kv, backend):
+    kv = make_kv(lookahead_tokens=4)
+    s = kv.allocate()
+    kv.reserve(s, 120)  # 8 chunks
+    kv.release(s)
+    s2 = kv.allocate()
+    assert s2 == s and kv.wait_mapper()
+    assert len(kv.chunk_ids(s2)) == 8  # kept while the new sequence has reserved nothing
+    maps = core.stats(backend)["calls.map"]
+    kv.reserve(s2, 30)  # the prompt: served by the kept chunks
+    assert kv.sync_waits == 1 and core.stats(backend)["calls.map"] == maps  # (the 1 is the first reserve(120))
+    kv.wait_mapper()
+    st = kv.stats()
+    assert len(kv.chunk_ids(s2)) == 3 and st["trimmed"] == 5  # 30 + 4 tokens -> 3 chunks kept
+    assert st["pool_cached_chunks"] == 5 and st["chunks_surplus"] == 1  # chunk 2 is lookahead
+    assert st["utilisation"] == pytest.approx(30 / 48)
+    bg = st["maps_background"]
+    kv.reserve(s2, 46)  # 46 + 4 > 48: the mapper maps chunk 3 (from the pool's cache) ahead of need
+    kv.wait_mapper()
+    assert kv.stats()["maps_background"] == bg + 1 and kv.sync_waits == 1 and kv.capacity(s2) == 64
+    kv.check_invariants()
+
+
+def test_without_a_mapper_reused_slots_keep_their_chunks_until_needed(make_kv):
+    kv = make_kv(lookahead_tokens=0, memory_budget=8 * CHUNK)
+    a = kv.allocate()
+    kv.reserve(a, 120)
+    kv.release(a)
+    a2, b = kv.allocate(), kv.allocate()
+    kv.reserve(a2, 10)
+    assert len(kv.chunk_ids(a2)) == 8 and kv.num_free_chunks() == 7  # 7 of a2's are past its reservation
+    kv.reserve(b, 100)  # 7 chunks: all taken from a2's surplus
+    assert kv.stats()["reclaimed_lookahead"] == 7 and len(kv.chunk_ids(a2)) == 1
+    kv.check_invariants()
