@@ -340,8 +340,9 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
                     if (i < n_full and tab.chunk(d, i).id != src_chunks[i].id) or (i >= n_full and tab.is_shared(d, i))]
             tail_reuse = bool(tail) and tab.chunk(d, n_full) is not None and n_full not in drop
             if tail and not tail_reuse:
-                freed = sum(1 for i in drop if not tab.is_shared(d, i))
-                self._check_budget(1 - freed, for_slot=d, strict=True, what=f"the copied tail of fork({src}, {p})")
+                freed = sum(1 for i in drop if not tab.is_shared(d, i))  # back to the pool when dropped
+                own = sum(1 for i in tab.exclusive_indices(d) if i > n_full and i not in drop)  # movable
+                self._check_budget(1 - freed - own, d, n_full + 1, f"the copied tail of fork({src}, {p})")
             self._activate(d, target=0, unmap_shared=False)
             try:
                 for i in reversed(drop):
@@ -352,7 +353,7 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
                 self._n["maps_shared"] += len(holes)
                 if tail:
                     if not tail_reuse:
-                        c = self._obtain(1, for_slot=d, strict=True, what=f"the copied tail of fork({src}, {p})")
+                        c = self._obtain(1, d, n_full + 1, True, f"the copied tail of fork({src}, {p})")
                         tab.map_at(d, [n_full], c)
                         self._n["maps_sync"] += 1
                     at = n_full * lay.chunk_bytes
@@ -471,7 +472,7 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
         chunks kept by released slots, and live sequences' chunks past their reserved length."""
         with self._lock:
             self._check_open()
-            return self._pool_left() + len(self._idle_victims(-1)) + len(self._surplus_victims(-1))
+            return self._pool_left() + len(self._idle_victims(-1)) + len(self._surplus_victims())
 
     def trim(self) -> int:
         """Unmaps every chunk kept by released slots and returns cached chunks to the driver; returns bytes freed."""

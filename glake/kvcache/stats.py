@@ -23,7 +23,8 @@ class CacheIntrospection:
         forks share chunks).
         Counters: ``maps`` (chunks mapped, one driver map each) = ``maps_background`` + ``maps_sync``
         + ``maps_shared`` (fork prefixes); ``unmaps``; ``reclaimed_released`` /
-        ``reclaimed_lookahead``; ``trimmed`` (surplus chunks the mapper unmapped from live sequences
+        ``reclaimed_lookahead``; ``moved`` (a slot's own chunks remapped from past its need into a
+        hole below it); ``trimmed`` (surplus chunks the mapper unmapped from live sequences
         into the pool); ``sync_waits`` (reserve calls that mapped synchronously) and
         ``wait_ns`` (their time, lock waits included); ``mapper_passes``, ``mapper_busy_ns``,
         ``mapper_errors``; ``forks``, ``fork_tail_bytes``, ``releases``, ``swaps_out|in``,
@@ -40,8 +41,8 @@ class CacheIntrospection:
                 "chunks_active": sum(tab.count(i) for i in self._active),
                 "chunks_released": sum(tab.count(i) for i in self._idle),
                 "chunks_reclaimable": len(self._idle_victims(-1)),
-                "chunks_surplus": len(self._surplus_victims(-1)),
-                "chunks_free": self._pool_left() + len(self._idle_victims(-1)) + len(self._surplus_victims(-1)),
+                "chunks_surplus": len(self._surplus_victims()),
+                "chunks_free": self._pool_left() + len(self._idle_victims(-1)) + len(self._surplus_victims()),
                 "chunks_budget": self._budget_chunks, "pool_cached_chunks": self._pool.stats()["cached_chunks"],
                 "slots_active": len(self._active), "slots_released": len(self._idle), "slots_free": len(self._free),
                 "tokens_reserved": reserved, "tokens_mapped": held / lay.row_bytes,
@@ -49,7 +50,7 @@ class CacheIntrospection:
                 "maps": n["maps_background"] + n["maps_sync"] + n["maps_shared"],
             }
             for key in ("maps_background", "maps_sync", "maps_shared", "unmaps", "reclaimed_released",
-                        "reclaimed_lookahead", "sync_waits", "wait_ns", "mapper_errors", "trimmed", "forks", "fork_tail_bytes",
+                        "reclaimed_lookahead", "moved", "sync_waits", "wait_ns", "mapper_errors", "trimmed", "forks", "fork_tail_bytes",
                         "releases", "swaps_out", "swaps_in", "bytes_swapped_out", "bytes_swapped_in"):
                 out[key] = n[key]
             out["mapper_passes"] = self._mapper.passes if self._mapper else 0

@@ -36,11 +36,14 @@ class ChunkSupply:
                 out.extend((i, j) for j in reversed(self._table.exclusive_indices(i)))
         return out
 
-    def _surplus_victims(self, exclude: int) -> List[Tuple[int, int]]:
-        """(slot, index) of live sequences' lookahead chunks: mapped past their reserved length, unshared."""
+    def _surplus_victims(self, for_slot: int = -1, own_keep: int = 0) -> List[Tuple[int, int]]:
+        """(slot, index) of live sequences' unshared chunks past their reserved length (lookahead, or
+        kept from a slot's previous sequence), ``for_slot``'s own past index ``own_keep`` first."""
         out = []
+        if for_slot in self._active:
+            out.extend((for_slot, j) for j in reversed(self._table.exclusive_indices(for_slot)) if j >= own_keep)
         for i, st in self._active.items():
-            if i != exclude:
+            if i != for_slot:
                 need = self.layout.chunks_for(st.target)
                 out.extend((i, j) for j in reversed(self._table.exclusive_indices(i)) if j >= need)
         return out
@@ -55,45 +58,52 @@ class ChunkSupply:
                 f"{len(self._idle_victims(-1))} reclaimable in {len(self._idle)} released slots, "
                 f"{self._pool.stats()['cached_chunks']} cached in the pool")
 
-    def _check_budget(self, n: int, for_slot: int, strict: bool, what: str) -> None:
-        """Raises OutOfMemoryError unless ``n`` chunks can be had without touching ``for_slot``."""
+    def _victims(self, for_slot: int, own_keep: int, strict: bool) -> List[Tuple[int, int]]:
+        """Chunks that may be unmapped to back ``for_slot`` below index ``own_keep``, in the order taken:
+        released slots' (oldest first), ``for_slot``'s own past ``own_keep``, then (strict only)
+        other live sequences' past their reserved length."""
+        victims = self._idle_victims(for_slot)
+        if strict:
+            return victims + self._surplus_victims(for_slot, own_keep)
+        if for_slot in self._active:
+            victims += [(for_slot, j) for j in reversed(self._table.exclusive_indices(for_slot)) if j >= own_keep]
+        return victims
+
+    def _check_budget(self, n: int, for_slot: int, own_keep: int, what: str) -> None:
+        """Raises OutOfMemoryError unless ``n`` chunks can be had for ``for_slot`` (strict rules)."""
         if n <= 0:
             return
         have = self._pool_left()
         if have >= n:
             return
-        have += len(self._idle_victims(for_slot))
-        if strict and have < n:
-            have += len(self._surplus_victims(for_slot))
+        have += len(self._victims(for_slot, own_keep, strict=True))
         if have < n:
             raise OutOfMemoryError(f"KVCache: cannot back {what}: {n} more chunk(s) needed, {have} obtainable; "
                                    + self._usage())
 
-    def _obtain(self, n: int, for_slot: int, strict: bool, what: str) -> list:
-        """``n`` chunks from the pool, then from released slots (then, if strict, from other sequences'
-        lookahead). Strict: all or OutOfMemoryError before anything changes; else as many as it can."""
+    def _obtain(self, n: int, for_slot: int, own_keep: int, strict: bool, what: str) -> list:
+        """``n`` chunks for ``for_slot`` (whose chunks below ``own_keep`` must stay): from the pool, then
+        from :meth:`_victims`. Strict: all, or OutOfMemoryError before anything changes; else as many
+        as it can (the mapper's lookahead never takes other live sequences' chunks)."""
         if strict:
-            self._check_budget(n, for_slot, strict, what)
+            self._check_budget(n, for_slot, own_keep, what)
         got: list = []
         take = min(n, self._pool_left())
         if take:
             try:
                 got = self._pool.acquire_many(take)
             except OutOfMemoryError:  # the device refused: reclaim below, or give up
-                if strict and len(self._idle_victims(for_slot)) + len(self._surplus_victims(for_slot)) < n:
+                if strict and len(self._victims(for_slot, own_keep, strict)) < n:
                     raise OutOfMemoryError(f"KVCache: the device has no memory for {what} ({n} chunk(s)) and too "
                                            f"few can be reclaimed; " + self._usage()) from None
         rest = n - len(got)
         if rest:
-            victims = self._idle_victims(for_slot)
-            if strict:
-                victims += self._surplus_victims(for_slot)
-            for slot, j in victims[:rest]:
-                got.append(self._steal(slot, j))
+            for slot, j in self._victims(for_slot, own_keep, strict)[:rest]:
+                got.append(self._steal(slot, j, for_slot))
         return got
 
-    def _steal(self, slot: int, j: int):
-        """Unmaps chunk ``j`` of a released slot (or a live sequence's lookahead chunk) for reuse."""
+    def _steal(self, slot: int, j: int, for_slot: int):
+        """Unmaps chunk ``j`` of ``slot`` (released, or past a live sequence's reservation) for ``for_slot``."""
         c = self._table.unmap(slot, j)
         st = self._slots[slot]
         if st.state == IDLE:
@@ -102,6 +112,8 @@ class ChunkSupply:
                 self._park(st)
             else:
                 st.capacity = self.layout.tokens_backed(self._table.ready[slot])
+        elif slot == for_slot:
+            self._n["moved"] += 1  # its own chunk, from past the needed range into a hole below it
         else:
             self._n["reclaimed_lookahead"] += 1
             self._starved.add(slot)  # the mapper retries it when chunks are freed
@@ -115,7 +127,7 @@ class ChunkSupply:
         if not holes:
             return 0
         what = f"{length} tokens of slot {st.index}" if strict else f"lookahead of slot {st.index}"
-        chunks = self._obtain(len(holes), st.index, strict, what)
+        chunks = self._obtain(len(holes), st.index, want, strict, what)
         if not chunks:
             return 0
         self._table.map_at(st.index, holes[:len(chunks)], chunks)

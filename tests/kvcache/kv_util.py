@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+# One intra-op thread: the tests move a few KiB per op, and on a loaded 2-CPU machine OpenMP's
+# barrier waits made every such op cost ~8 ms (200x slower than single-threaded).
+torch.set_num_threads(1)
+
 MiB = 1 << 20
 CHUNK = 2 * MiB
 
@@ -44,6 +48,35 @@ def get(kv, slot: int, start: int, end: int) -> np.ndarray:
         else:
             assert torch.equal(out, vals), f"layer {layer} holds other values than layer 0"
     return out.numpy() if out is not None else np.zeros(0, np.float32)
+
+
+def sample_tokens(kv, n: int, extra: int = 16, seed: int = 0) -> np.ndarray:
+    """Tokens worth checking in a sequence of n: both ends, every row on a chunk boundary, a few random ones."""
+    if n == 0:
+        return np.zeros(0, np.int64)
+    lay = kv.layout
+    bounds = [lay.first_token_after_chunks(c) - 1 for c in range(1, lay.chunks_for(n) + 1)]  # last token touching chunk c-1
+    bounds += [b + 1 for b in bounds]
+    rnd = np.random.default_rng(seed).integers(0, n, extra)
+    toks = np.unique(np.clip(np.array([0, n - 1] + bounds + list(rnd)), 0, n - 1))
+    return toks
+
+
+def get_at(kv, slot: int, tokens: np.ndarray) -> np.ndarray:
+    """Like get(), for the given tokens only."""
+    idx = torch.as_tensor(tokens, device=kv.device)
+    out = None
+    for layer in range(kv.layout.num_layers):
+        k = kv.k_cache(layer)[slot, idx].float().cpu()
+        v = kv.v_cache(layer)[slot, idx].float().cpu()
+        vals = k[:, 0, 0] - layer
+        assert torch.equal(k, (vals + layer)[:, None, None].expand_as(k)), f"layer {layer} K rows are not uniform"
+        assert torch.equal(v, -(vals + layer)[:, None, None].expand_as(v)), f"layer {layer} V disagrees with K"
+        if out is None:
+            out = vals
+        else:
+            assert torch.equal(out, vals), f"layer {layer} holds other values than layer 0"
+    return out.numpy()
 
 
 def ramp(base: float, start: int, end: int) -> np.ndarray:

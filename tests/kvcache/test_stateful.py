@@ -8,6 +8,8 @@ out-of-memory error is raised only when the chunks really are not there, and cha
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 
@@ -18,7 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import glake  # noqa: E402
 from glake.kvcache import KVCache  # noqa: E402
-from kv_util import CHUNK, ODD_ROW, get, put  # noqa: E402
+from kv_util import CHUNK, ODD_ROW, get, get_at, put, sample_tokens  # noqa: E402
 
 MAX_SEQS, MAX_LEN, BUDGET = 4, 400, 9  # 400 tokens of 23040 B = 5 chunks per slot; 9 chunks in all
 
@@ -34,6 +36,7 @@ class KVMachine(RuleBasedStateMachine):
         self.seqs = {}      # slot -> values of tokens [0, n)
         self.swapped = []   # (handle, values)
         self.counter = 0
+        self.steps = 0
 
     def fresh(self, n):
         vals = np.arange(self.counter, self.counter + n, dtype=np.float32) + 1
@@ -47,10 +50,18 @@ class KVMachine(RuleBasedStateMachine):
         ids = self.kv.chunk_ids(slot)
         return sum(1 for i in range(self.kv.layout.chunks_for(n)) if i >= len(ids) or ids[i] is None)
 
-    def oom_was_real(self, need):
-        # only meaningful without the mapper thread (no concurrent change, no lookahead to reclaim)
-        if self.lookahead == 0:
-            assert self.kv.num_free_chunks() < need, "out-of-memory raised while enough chunks were obtainable"
+    def obtainable_for(self, s, n):
+        """Chunks the rules allow to back slot s up to n tokens, computed from the chunk tables alone:
+        unused budget, chunks only released slots map, chunks only a live sequence maps past its
+        reserved length (s: past n). (Without a mapper thread, so nothing moves meanwhile.)"""
+        lay = self.kv.layout
+        rows = {i: self.kv.chunk_ids(i) for i in range(MAX_SEQS)}
+        count = collections.Counter(c for row in rows.values() for c in row if c is not None)
+        total = BUDGET - len(count)
+        for i, row in rows.items():
+            keep = lay.chunks_for(n) if i == s else lay.chunks_for(len(self.seqs[i])) if i in self.seqs else 0
+            total += sum(1 for j, c in enumerate(row) if c is not None and count[c] == 1 and j >= keep)
+        return total
 
     # ---- rules ---------------------------------------------------------------------------------
 
@@ -69,13 +80,15 @@ class KVMachine(RuleBasedStateMachine):
         n = min(len(vals) + by, MAX_LEN)
         need = self.holes(s, n)
         before = self.snapshot()
+        can = self.obtainable_for(s, n) >= need if self.lookahead == 0 else None
         try:
             self.kv.reserve(s, n)
         except glake.OutOfMemoryError:
-            self.oom_was_real(need)
+            assert can is not True, "out-of-memory although enough chunks were obtainable"
             if self.lookahead == 0:
                 assert self.snapshot() == before
             return
+        assert can is not False, "reserve succeeded beyond the budget"
         assert self.kv.capacity(s) >= n
         self.kv.check_writable(s, len(vals), n)  # the engine appends past any shared prefix
         new = self.fresh(n - len(vals))
@@ -163,19 +176,23 @@ class KVMachine(RuleBasedStateMachine):
         st_ = self.kv.stats()
         assert st_["slots_active"] == len(self.seqs)
         assert st_["chunks_physical"] <= BUDGET
+        self.steps += 1
         for s, vals in self.seqs.items():
             assert self.kv.reserved(s) == len(vals) and self.kv.capacity(s) >= len(vals)
-            assert np.array_equal(get(self.kv, s, 0, len(vals)), vals), f"slot {s} lost bytes"
+            toks = sample_tokens(self.kv, len(vals), seed=self.steps)  # chunk-boundary rows and a few more
+            assert np.array_equal(get_at(self.kv, s, toks), vals[toks]), f"slot {s} lost bytes"
 
     def teardown(self):
         try:
             self.kv.wait_mapper()
             self.kv.check_invariants()
+            for s, vals in self.seqs.items():  # every byte of every live sequence
+                assert np.array_equal(get(self.kv, s, 0, len(vals)), vals), f"slot {s} lost bytes"
         finally:
             self.kv.close()
 
 
-SETTINGS = settings(max_examples=60, stateful_step_count=40, deadline=None,
+SETTINGS = settings(max_examples=80, stateful_step_count=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -190,7 +207,7 @@ class MapperMachine(KVMachine):
 TestKVCacheSync = SyncMachine.TestCase
 TestKVCacheSync.settings = SETTINGS
 TestKVCacheWithMapper = MapperMachine.TestCase
-TestKVCacheWithMapper.settings = SETTINGS
+TestKVCacheWithMapper.settings = settings(SETTINGS, max_examples=50)
 
 
 class CudaMachine(KVMachine):
