@@ -147,7 +147,15 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
     def _build_views(self) -> None:
         rng = self._table.range
         if self._on_cuda:
-            base = torch.as_tensor(rng, device=self.device)
+            # torch.as_tensor asks the driver which device owns the first byte (cudaPointerGetAttributes),
+            # which fails on reserved-but-unmapped addresses: back that byte for the moment.
+            chunk = self._pool.acquire()
+            rng.map(0, chunk)
+            try:
+                base = torch.as_tensor(rng, device=self.device)
+            finally:
+                rng.unmap(0)
+                del chunk
         else:
             base = torch.from_numpy(np.asarray(rng))
         self._bytes = base  # uint8 over the whole range
