@@ -149,13 +149,13 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
         if self._on_cuda:
             # torch.as_tensor asks the driver which device owns the first byte (cudaPointerGetAttributes),
             # which fails on reserved-but-unmapped addresses: back that byte for the moment.
-            chunk = self._pool.acquire()
+            chunk = core.PhysChunk(device=self.device_index, backend=self.backend)  # not the pool's: freed below
             rng.map(0, chunk)
             try:
                 base = torch.as_tensor(rng, device=self.device)
             finally:
                 rng.unmap(0)
-                del chunk
+                chunk.release()
         else:
             base = torch.from_numpy(np.asarray(rng))
         self._bytes = base  # uint8 over the whole range
