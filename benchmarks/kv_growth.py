@@ -3,11 +3,13 @@
 Simulates continuous-batching decode of --seqs sequences with ShareGPT-like (prompt, output) lengths
 (benchmarks/data/sharegpt_lengths.npz) on a Llama-3-8B-shaped glake.kvcache.KVCache (32 layers,
 8 KV heads, 32 query heads, head_dim 128, bf16: 128 KiB per token, 16 tokens per 2 MiB chunk).
-Every step does real work: admit a new request into each slot freed by the previous step (allocate,
-reserve its prompt, write the prompt's K/V), reserve one more token per sequence (the engine's hot
-path), and per layer write the new token's K/V into the cache and run attention over every
-sequence's cached tokens (gather of the backed rows + SDPA, sequences bucketed by length); then
-synchronize. Step times are wall-clock per step.
+Every step does real work: reserve one more token per live sequence (the engine's hot path); per
+layer, write the new token's K/V into the cache and run attention over every sequence's cached
+tokens (gather of the backed rows + SDPA, sequences bucketed by length); admit the requests queued
+by the previous step (reserve the prompt, write its K/V: a prefill); release the sequences that
+ended and, for each, allocate a slot for the next request and prefetch its prompt (a scheduler
+knows its queue; the request is admitted next step and decodes from the one after); synchronize.
+Step times are wall-clock per step.
 
 Modes, all in one run with the same requests and the same work:
   premapped      anchor: every slot mapped up to the longest request before the run (no mapping at all)
@@ -76,7 +78,7 @@ class DecodeSim:
         self.slot: List[int] = []
         self.length: List[int] = []   # tokens cached (the next token is written at this position)
         self.left: List[int] = []     # tokens still to generate
-        self.pending: List[int] = []  # batch positions whose sequence ended: admit a new one next step
+        self.pending: List[tuple] = []  # (batch position, slot, prompt, output) admitted next step
         for _ in range(B):           # start in steady state: each slot part-way through a request
             p, o = self.take_request()
             done = int(self.rng.integers(0, o))
@@ -99,38 +101,51 @@ class DecodeSim:
 
     def step(self) -> None:
         kv, args = self.kv, self.args
-        for i in self.pending:  # admissions: a new request in each slot freed by the last step
-            p, o = self.take_request()
-            s = kv.allocate()
-            self.prefill(s, p)
-            self.slot[i], self.length[i], self.left[i] = s, p, o
-        self.pending = []
-        for s, n in zip(self.slot, self.length):
-            kv.reserve(s, n + 1)  # the hot path
-        order = np.argsort(self.length, kind="stable")
-        slots = np.asarray(self.slot)[order]
-        pos = np.asarray(self.length)[order]
+        waiting = {i for i, *_ in self.pending}
+        live = [i for i in range(len(self.slot)) if i not in waiting]
+        for i in live:
+            kv.reserve(self.slot[i], self.length[i] + 1)  # the hot path
+        live.sort(key=lambda i: self.length[i])
+        slots = np.asarray([self.slot[i] for i in live])
+        pos = np.asarray([self.length[i] for i in live])
         idx = torch.from_numpy(np.stack([slots, pos])).to(kv.device)
         t_slots, t_pos = idx[0], idx[1]
         t_len = t_pos + 1
-        bounds = np.linspace(0, len(order), args.buckets + 1).astype(int)
+        bounds = np.linspace(0, len(live), args.buckets + 1).astype(int)
         plans = [(a, b, gather_index(t_slots[a:b], t_len[a:b], int(pos[b - 1]) + 1))
                  for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        if args.emulate_step_ms:
+            time.sleep(args.emulate_step_ms / 1e3)
+        n = len(live)
         for layer in range(args.layers if args.attention else 0):
             kc, vc = kv.k_cache(layer), kv.v_cache(layer)
-            kc[t_slots, t_pos] = self.k_new[layer]
-            vc[t_slots, t_pos] = self.v_new[layer]
+            kc[t_slots, t_pos] = self.k_new[layer, :n]
+            vc[t_slots, t_pos] = self.v_new[layer, :n]
             for a, b, plan in plans:
                 attend(self.q[layer, a:b], kc, vc, plan)
-        for i in range(len(self.slot)):
+        for i in live:
             self.length[i] += 1
             self.left[i] -= 1
+        # admissions: the requests queued last step, whose prompts the mapper backed during this
+        # step's work; they decode from the next step on
+        for i, s, p, o in self.pending:
+            self.prefill(s, p)
+            self.slot[i], self.length[i], self.left[i] = s, p, o
+        self.pending = []
+        for i in live:
             if self.left[i] == 0:
+                # the scheduler knows its queue: the next request gets a slot now and its prompt is
+                # prefetched (mapped in the background while the next step runs)
                 kv.release(self.slot[i])
-                self.pending.append(i)
+                p, o = self.take_request()
+                s = kv.allocate()
+                kv.prefetch(s, p)
+                self.pending.append((i, s, p, o))
 
     def tokens_in_use(self) -> int:
-        return sum(self.length)
+        """Tokens held by live sequences (those that just ended do not count; their successor's prompt
+        is not written yet)."""
+        return sum(self.length) - sum(self.length[i] for i, *_ in self.pending)
 
 
 def sync(kv: KVCache) -> None:
@@ -244,7 +259,7 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-seq-len", type=int, default=2048)
-    ap.add_argument("--lookahead", default="4,16", help="comma-separated lookahead_tokens values to run")
+    ap.add_argument("--lookahead", default="2,8", help="comma-separated lookahead_tokens values to run")
     ap.add_argument("--buckets", type=int, default=4, help="length buckets of the batch attention")
     ap.add_argument("--repeats", type=int, default=1, help="run every mode this many times (pooled)")
     ap.add_argument("--fork-seqs", type=int, default=64)
@@ -252,6 +267,9 @@ def main() -> None:
     ap.add_argument("--no-attention", dest="attention", action="store_false",
                     help="skip the K/V writes and attention: steps then time the manager alone (for quick "
                          "utilisation studies; not the step-time comparison)")
+    ap.add_argument("--emulate-step-ms", type=float, default=0.0,
+                    help="with --no-attention: sleep this long per step in place of the GPU work, to check the "
+                         "mapper's logic on a host (a sleep frees the GIL, kernel launches do not: no step-time claim)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=str(HERE / "data" / "sharegpt_lengths.npz"))
     args = ap.parse_args()
@@ -286,7 +304,8 @@ def main() -> None:
                      sum(r["maps_background"] for r in rs), sum(r["maps_sync"] for r in rs), round(util, 4)])
     shape = f"{args.layers}L x {args.kv_heads} KV heads x {args.head_dim} x {args.dtype}"
     if not args.attention:
-        shape += ", NO attention (manager only)"
+        shape += ", NO attention (manager only" + (f", {args.emulate_step_ms} ms sleep per step)"
+                                                  if args.emulate_step_ms else ")")
     print_table(f"KV growth, backend={backend}, {args.seqs} sequences, {shape}, {args.steps} steps x {args.repeats}",
                 ["mode", "step ms", "p99 ms", "vs premapped", "steps waiting", "wait ms/step", "maps bg",
                  "maps sync", "KV util"], rows)

@@ -103,7 +103,7 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: Union[str, torch.dtype],
                  max_seqs: int, max_seq_len: int, memory_budget: Optional[int] = None,
                  device: Union[None, int, str, torch.device] = None, backend: Optional[str] = None,
-                 lookahead_tokens: int = 8) -> None:
+                 lookahead_tokens: int = 2) -> None:
         self.backend = core.backend_name(backend)
         self.device_index = _as_device_index(device, self.backend)
         self.dtype = _as_dtype(dtype)
@@ -256,7 +256,7 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
         with self._lock:
             st = self._active_slot(slot)
             del self._active[st.index]
-            st.target = 0
+            st.target = st.hint = 0
             st.watermark = NEVER
             if self._on_cuda and self._table.count(st.index):
                 done = torch.cuda.Event()
@@ -309,6 +309,23 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
             self._n["maps_sync_events"] += 1
         self._n["sync_waits"] += 1
         self._n["wait_ns"] += time.perf_counter_ns() - t0
+
+    def prefetch(self, slot: int, length: int) -> None:
+        """Asks the mapper to back tokens ``[0, length)`` of ``slot`` in the background; guarantees nothing.
+
+        For a length the engine will reserve soon (a queued request's prompt, admitted next step).
+        Lock-free and cheap; a no-op without a mapper (``lookahead_tokens=0``). Chunks prefetched
+        but not yet reserved may be reclaimed by other sequences' synchronous reservations.
+        """
+        st = self._active.get(slot)
+        if st is None or type(length) is not int:
+            st = self._active_slot(slot)
+            length = checked_index("length", length, 0, self.layout.max_seq_len)
+        length = min(max(length, 0), self.layout.max_seq_len)
+        if length > st.hint and self._mapper is not None:
+            st.hint = length
+            st.watermark = NEVER
+            self._mapper.request(st.index)
 
     def capacity(self, slot: int) -> int:
         """Tokens ``[0, capacity)`` of ``slot`` are backed right now."""
@@ -431,7 +448,7 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
                 copy_out(self._bytes[off:off + nbytes], buf, self._on_cuda)
             del self._active[st.index]
             self._n["unmaps"] += self._table.unmap_all(st.index)
-            st.target = 0
+            st.target = st.hint = 0
             self._park(st)
             self._wake_starved()
             self._n["swaps_out"] += 1
@@ -514,7 +531,7 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
                     starved = self._table.ready[i] < want
                     if starved:
                         self._starved.add(i)
-                if st.target > 0:
+                if st.target or st.hint:
                     extra = [j for j in self._table.exclusive_indices(i) if j >= want][-TRIM_BATCH:]
                     for j in reversed(extra):
                         self._table.unmap(i, j)

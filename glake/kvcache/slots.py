@@ -22,12 +22,13 @@ NEVER = 1 << 62  # a watermark no length reaches
 class Slot:
     """What the manager knows about one slot; ``capacity`` and ``watermark`` are read lock-free."""
 
-    __slots__ = ("index", "state", "target", "capacity", "watermark")
+    __slots__ = ("index", "state", "target", "hint", "capacity", "watermark")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.state = FREE
         self.target = 0          # tokens the engine reserved (max over reserve calls)
+        self.hint = 0            # tokens the engine announced with prefetch() (backed in the background)
         self.capacity = 0        # tokens [0, capacity) are backed
         self.watermark = NEVER   # a reserve beyond this queues the slot for the mapper
 
@@ -90,13 +91,14 @@ class SlotBook:
             self._free.remove(i)
         st.state = ACTIVE
         st.target = target
+        st.hint = 0
         self._active[i] = st
         self._refresh(st)
 
     def _deactivate(self, st: Slot) -> None:
         """Undoes _activate after a failure: the slot goes back to released/free."""
         self._active.pop(st.index, None)
-        st.target = 0
+        st.target = st.hint = 0
         self._park(st)
 
     def _park(self, st: Slot) -> None:
@@ -127,7 +129,7 @@ class SlotBook:
             st.watermark = NEVER
             return
         if len(self._table.chunks[st.index]) > self._surplus_start(st):
-            if st.target > 0:          # trim now
+            if st.target or st.hint:   # trim now
                 st.watermark = NEVER
                 self._mapper.request(st.index)
             else:                      # a reused slot: its first reserve (the prompt) uses the kept
@@ -137,15 +139,15 @@ class SlotBook:
             st.watermark = NEVER
             return
         st.watermark = cap - self.lookahead_tokens
-        if st.target > st.watermark:
+        if max(st.target, st.hint) > st.watermark:
             st.watermark = NEVER
             self._mapper.request(st.index)
 
     def _surplus_start(self, st: Slot) -> int:
-        """First chunk index the mapper does not keep for a live sequence: its reserved length plus
-        the lookahead, rounded up to a chunk. Chunks from there on (kept from the slot's previous
-        sequence, or mapped ahead of a reservation that never came) are unmapped into the pool."""
-        return self.layout.chunks_for(min(self.layout.max_seq_len, st.target + self.lookahead_tokens))
+        """First chunk index the mapper does not keep for a live sequence: its reserved (or prefetched)
+        length plus the lookahead, rounded up to a chunk. Chunks from there on (kept from the slot's
+        previous sequence, or mapped ahead of a reservation that never came) are unmapped into the pool."""
+        return self.layout.chunks_for(min(self.layout.max_seq_len, max(st.target, st.hint) + self.lookahead_tokens))
 
     def _wake_starved(self) -> None:
         """Chunks were freed: let the mapper retry the slots whose lookahead it could not back."""

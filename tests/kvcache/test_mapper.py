@@ -205,3 +205,28 @@ def test_without_a_mapper_reused_slots_keep_their_chunks_until_needed(make_kv):
     kv.reserve(b, 100)  # 7 chunks: all taken from a2's surplus
     assert kv.stats()["reclaimed_lookahead"] == 7 and len(kv.chunk_ids(a2)) == 1
     kv.check_invariants()
+
+
+def test_prefetch_backs_a_prompt_in_the_background(make_kv, backend):
+    kv = make_kv(lookahead_tokens=2)
+    s = kv.allocate()
+    kv.wait_mapper()
+    kv.prefetch(s, 70)  # the prompt of a request admitted next step
+    kv.wait_mapper()
+    assert kv.capacity(s) == 80 and kv.reserved(s) == 0
+    maps = core.stats(backend)["calls.map"]
+    kv.reserve(s, 70)
+    assert kv.sync_waits == 0 and core.stats(backend)["calls.map"] == maps
+    kv.prefetch(s, 10)  # never shrinks anything
+    kv.wait_mapper()
+    assert kv.capacity(s) == 80
+    with pytest.raises(glake.InvalidArgumentError):
+        kv.prefetch(s + 1, 5)
+    kv.check_invariants()
+
+
+def test_prefetch_without_a_mapper_is_a_no_op(make_kv):
+    kv = make_kv(lookahead_tokens=0)
+    s = kv.allocate()
+    kv.prefetch(s, 70)
+    assert kv.capacity(s) == 0

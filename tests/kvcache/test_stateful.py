@@ -158,6 +158,12 @@ class KVMachine(RuleBasedStateMachine):
         self.seqs[s] = vals
         assert np.array_equal(get(self.kv, s, 0, len(vals)), vals)
 
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data(), n=st.integers(0, MAX_LEN))
+    def prefetch(self, data, n):
+        s = data.draw(st.sampled_from(sorted(self.seqs)))
+        self.kv.prefetch(s, n)  # a hint: backing may come later, or never (the budget)
+
     @precondition(lambda self: self.lookahead)
     @rule()
     def wait_for_mapper(self):
