@@ -284,13 +284,22 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
         if self._mapper_error is not None:
             self._raise_mapper_error()
         st = self._active.get(slot)
-        if st is not None and type(length) is int and 0 <= length <= st.capacity:
-            if length > st.target:
-                st.target = length
+        if st is not None and type(length) is int and length >= 0:
+            t = st.target
+            if length <= t:
+                return  # guaranteed by an earlier call
+            # Publish the new target *before* reading the capacity: the mapper, which may unmap a
+            # live slot's chunks past its target, publishes the lower capacity before re-reading
+            # the target (see _background_pass). Whichever order the two threads run in, either
+            # this call sees the lower capacity (and takes the locked path) or the mapper sees
+            # this target (and keeps the chunks). The GIL makes these loads and stores ordered.
+            st.target = length
+            if length <= st.capacity:
                 if length > st.watermark:
                     st.watermark = NEVER
                     self._mapper.request(st.index)  # type: ignore[union-attr]  (watermark < NEVER only with a mapper)
-            return
+                return
+            st.target = t  # not backed: undo, and map under the lock
         self._reserve_slow(slot, length)
 
     def _reserve_slow(self, slot: int, length: int) -> None:
@@ -306,7 +315,6 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
             self._grow(st, self.layout.chunks_for(n), strict=True, length=n)
             st.target = max(st.target, n)
             self._refresh(st)
-            self._n["maps_sync_events"] += 1
         self._n["sync_waits"] += 1
         self._n["wait_ns"] += time.perf_counter_ns() - t0
 
@@ -532,12 +540,28 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
                     if starved:
                         self._starved.add(i)
                 if st.target or st.hint:
-                    extra = [j for j in self._table.exclusive_indices(i) if j >= want][-TRIM_BATCH:]
-                    for j in reversed(extra):
-                        self._table.unmap(i, j)
-                    self._n["unmaps"] += len(extra)
-                    self._n["trimmed"] += len(extra)
+                    self._trim(st, want)
                 self._refresh(st, starved=starved)
+
+    def _trim(self, st: Slot, keep: int) -> None:
+        """Unmaps (into the pool) up to TRIM_BATCH of a live slot's unshared chunks at index >= keep.
+
+        Runs on the mapper thread while the engine may be in reserve()'s lock-free path for this
+        slot, so it first publishes the capacity it is about to leave, then re-reads the target
+        the engine may have raised meanwhile, and keeps what that target needs (reserve() does the
+        mirror image: it publishes the target, then reads the capacity).
+        """
+        i = st.index
+        extra = [j for j in self._table.exclusive_indices(i) if j >= keep][-TRIM_BATCH:]
+        if not extra:
+            return
+        st.capacity = self.layout.tokens_backed(min(self._table.ready[i], extra[0]))
+        keep = max(keep, self.layout.chunks_for(st.target))
+        extra = [j for j in extra if j >= keep]
+        for j in reversed(extra):
+            self._table.unmap(i, j)
+        self._n["unmaps"] += len(extra)
+        self._n["trimmed"] += len(extra)
 
     def _record_mapper_error(self, e: BaseException) -> None:
         # keep the traceback's lines but drop its frames' locals: they may hold chunks (which would

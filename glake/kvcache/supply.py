@@ -60,13 +60,12 @@ class ChunkSupply:
 
     def _victims(self, for_slot: int, own_keep: int, strict: bool) -> List[Tuple[int, int]]:
         """Chunks that may be unmapped to back ``for_slot`` below index ``own_keep``, in the order taken:
-        released slots' (oldest first), ``for_slot``'s own past ``own_keep``, then (strict only)
-        other live sequences' past their reserved length."""
+        released slots' (oldest first); then, strict (synchronous) requests only, ``for_slot``'s own
+        past ``own_keep`` and other live sequences' past their reserved length. (The mapper thread
+        takes no live slot's chunk here: it trims with the protocol of ``KVCache._trim``.)"""
         victims = self._idle_victims(for_slot)
-        if strict:
-            return victims + self._surplus_victims(for_slot, own_keep)
-        if for_slot in self._active:
-            victims += [(for_slot, j) for j in reversed(self._table.exclusive_indices(for_slot)) if j >= own_keep]
+        if strict:  # the engine's own thread: no reserve() of a live slot can run meanwhile
+            victims += self._surplus_victims(for_slot, own_keep)
         return victims
 
     def _check_budget(self, n: int, for_slot: int, own_keep: int, what: str) -> None:

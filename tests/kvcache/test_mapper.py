@@ -230,3 +230,48 @@ def test_prefetch_without_a_mapper_is_a_no_op(make_kv):
     s = kv.allocate()
     kv.prefetch(s, 70)
     assert kv.capacity(s) == 0
+
+
+def test_trimming_never_unmaps_what_reserve_just_guaranteed(make_kv, monkeypatch):
+    """The mapper trims a reused slot's surplus while the engine's lock-free reserve() jumps past
+    the target the mapper saw: no chunk below a length reserve() has returned for may be unmapped.
+
+    The interleaving is forced: the mapper is held inside its first unmap (lock held) while the
+    engine reserves; a timer lets it go on. Every unmap after reserve() returned is checked.
+    """
+    kv = make_kv(lookahead_tokens=1, max_seqs=2, max_seq_len=128)
+    lay = kv.layout
+    s = kv.allocate()
+    kv.reserve(s, 128)  # 8 chunks, kept when released
+    kv.release(s)
+    s = kv.allocate()   # the same slot, its 8 chunks still mapped
+    kv.wait_mapper()
+    entered, proceed = threading.Event(), threading.Event()
+    guaranteed = [0]    # chunks below this index were promised by a reserve() that returned
+    violations = []
+    real = kv._table.unmap
+
+    def held_unmap(slot, index):
+        if threading.current_thread().name == "glake-kv-mapper" and not entered.is_set():
+            entered.set()
+            proceed.wait(10)
+        if slot == s and index < guaranteed[0]:
+            violations.append(index)
+        return real(slot, index)
+
+    monkeypatch.setattr(kv._table, "unmap", held_unmap)
+    kv.reserve(s, 1)    # the mapper trims past chunk 1 (1 + 1 tokens) ...
+    assert entered.wait(10)
+    timer = threading.Timer(0.3, proceed.set)
+    timer.start()
+    try:
+        kv.reserve(s, 100)  # ... while this reserve runs
+        guaranteed[0] = lay.chunks_for(100)
+        put(kv, s, 99, [1.0])
+    finally:
+        proceed.set()
+        timer.cancel()
+    kv.wait_mapper()
+    assert violations == [], f"chunks {violations} unmapped after reserve(100) returned"
+    assert kv.stats()["trimmed"] > 0
+    kv.check_invariants()
