@@ -9,11 +9,15 @@ tokens (gather of the backed rows + SDPA, sequences bucketed by length); admit t
 by the previous step (reserve the prompt, write its K/V: a prefill); release the sequences that
 ended and, for each, allocate a slot for the next request and prefetch its prompt (a scheduler
 knows its queue; the request is admitted next step and decodes from the one after); synchronize.
-Step times are wall-clock per step.
+Step times are wall-clock per step. The attention is a reference one (it copies the gathered rows
+before SDPA reads them), so a step moves about three times the KV bytes a fused kernel would: the
+ratio below is against that step, and the absolute wait and driver times are reported beside it.
 
 Modes, all in one run with the same requests and the same work:
-  premapped      anchor: every slot mapped up to the longest request before the run (no mapping at all)
-  sync           chunks mapped on demand inside reserve() (lookahead 0, no background thread)
+  premapped      anchor: every slot mapped up to the longest request before the run (no mapping at
+                 all; --seqs x longest request x 128 KiB of GPU memory, ~32 GiB at 128 sequences)
+  sync           chunks mapped on demand inside reserve() (lookahead 0: no background thread, so
+                 prefetch is a no-op and reused slots keep their chunks)
   lookahead=N    chunks mapped on demand by the background mapper N tokens ahead (sync fallback)
 
 Reported per mode: mean/p50/p99 step time and the ratio to premapped (target <= 1.02), steps in
@@ -25,7 +29,11 @@ Then a fork workload: --fork-seqs sequences that share a --system-prompt-token p
 own ShareGPT prompt and output: physical bytes with fork() vs. each sequence holding its own prefix.
 
     python3 benchmarks/kv_growth.py                                   # GPU, defaults below
-    python3 benchmarks/kv_growth.py --backend host --seqs 8 --steps 20 --layers 4   # an end-to-end check
+    python3 benchmarks/kv_growth.py --backend host --seqs 8 --steps 20 --layers 4 --dtype float32
+                                                                      # an end-to-end check on a host
+    python3 benchmarks/kv_growth.py --backend host --no-attention --emulate-step-ms 5
+                                      # the manager's logic (waits, utilisation) with the GIL free
+                                      # during a 5 ms sleep per step: no step-time claim
 """
 
 from __future__ import annotations

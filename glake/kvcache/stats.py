@@ -15,20 +15,20 @@ class CacheIntrospection:
 
         Gauges: ``chunks_physical`` (distinct chunks mapped), ``chunks_mapped`` (mappings; a shared
         chunk counts once per slot), ``chunks_shared``, ``chunks_active`` / ``chunks_released``
-        (mappings in live / released slots), ``chunks_reclaimable`` (kept by released slots), ``chunks_surplus`` (live sequences' chunks
-        past their reserved length), ``chunks_free``
-        (:meth:`num_free_chunks`), ``chunks_budget`` (None without a budget), ``pool_cached_chunks``,
-        ``slots_active|released|free``, ``tokens_reserved`` (sum over live sequences),
-        ``tokens_mapped`` (physical bytes held / row) and ``utilisation`` (their ratio; above 1 when
-        forks share chunks).
-        Counters: ``maps`` (chunks mapped, one driver map each) = ``maps_background`` + ``maps_sync``
-        + ``maps_shared`` (fork prefixes); ``unmaps``; ``reclaimed_released`` /
+        (mappings in live / released slots), ``chunks_reclaimable`` (kept by released slots),
+        ``chunks_surplus`` (live sequences' chunks past their reserved length), ``chunks_free``
+        (:meth:`num_free_chunks`), ``chunks_budget`` (None without a budget),
+        ``pool_cached_chunks``, ``slots_active|released|free``, ``tokens_reserved`` (sum over live
+        sequences), ``tokens_mapped`` (physical bytes mapped / row) and ``utilisation`` (their
+        ratio; above 1 when forks share chunks).
+
+        Counters: ``maps`` (chunks mapped, one driver map each) = ``maps_background`` +
+        ``maps_sync`` + ``maps_shared`` (fork prefixes); ``unmaps``; ``reclaimed_released`` /
         ``reclaimed_lookahead``; ``moved`` (a slot's own chunks remapped from past its need into a
-        hole below it); ``trimmed`` (surplus chunks the mapper unmapped from live sequences
-        into the pool); ``sync_waits`` (reserve calls that mapped synchronously) and
-        ``wait_ns`` (their time, lock waits included); ``mapper_passes``, ``mapper_busy_ns``,
-        ``mapper_errors``; ``forks``, ``fork_tail_bytes``, ``releases``, ``swaps_out|in``,
-        ``bytes_swapped_out|in``.
+        hole below it); ``trimmed`` (surplus chunks the mapper unmapped from live sequences into
+        the pool); ``sync_waits`` (reserve calls that mapped synchronously) and ``wait_ns`` (their
+        time, lock waits included); ``mapper_passes``, ``mapper_busy_ns``, ``mapper_errors``;
+        ``forks``, ``fork_tail_bytes``, ``releases``, ``swaps_out|in``, ``bytes_swapped_out|in``.
         """
         with self._lock:
             self._check_open()
@@ -83,9 +83,8 @@ class CacheIntrospection:
                     expect(st.capacity == lay.tokens_backed(tab.ready[i]), f"slot {i}: stale capacity {st.capacity}")
                     expect(st.target <= st.capacity, f"slot {i}: reserved {st.target} > capacity {st.capacity}")
                     shared = [j for j in tab.indices(i) if tab.is_shared(i, j)]
-                    expect(not shared or max(shared) < lay.full_chunks_of_prefix(st.target) or
-                           max(shared) < lay.chunks_for(st.target),
-                           f"slot {i}: shared chunk(s) {shared} beyond its reserved prefix")
+                    expect(not shared or max(shared) < lay.full_chunks_of_prefix(st.target),
+                           f"slot {i}: shared chunk(s) {shared} not wholly inside its reserved tokens")
             expect(len(self._free) == len(set(self._free)), "duplicate slot in the free stack")
             ps = self._pool.stats()
             expect(ps["in_use_chunks"] == tab.unique_chunks,
