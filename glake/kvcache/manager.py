@@ -56,7 +56,8 @@ def _as_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
         return dtype
     d = _DTYPES.get(str(dtype).replace("torch.", ""))
     if d is None:
-        raise InvalidArgumentError(f"dtype={dtype!r} is not a torch dtype or one of {sorted(k for k, v in _DTYPES.items() if v)}")
+        names = sorted(k for k, v in _DTYPES.items() if v)
+        raise InvalidArgumentError(f"dtype={dtype!r} is not a torch dtype or one of {names}")
     return d
 
 
@@ -175,7 +176,9 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
         capacity are backed: touching others is an illegal address (SIGSEGV on the host backend).
         """
         try:
-            return self._k[layer] if type(layer) is int and layer >= 0 else self._k[checked_index("layer", layer, 0, None)]
+            if type(layer) is int and layer >= 0:
+                return self._k[layer]
+            return self._k[checked_index("layer", layer, 0, None)]
         except IndexError:
             self._check_open()
             raise InvalidArgumentError(f"layer={layer} is out of range [0, {self.layout.num_layers - 1}]") from None
@@ -185,7 +188,9 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
     def v_cache(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s V cache (see :meth:`k_cache`)."""
         try:
-            return self._v[layer] if type(layer) is int and layer >= 0 else self._v[checked_index("layer", layer, 0, None)]
+            if type(layer) is int and layer >= 0:
+                return self._v[layer]
+            return self._v[checked_index("layer", layer, 0, None)]
         except IndexError:
             self._check_open()
             raise InvalidArgumentError(f"layer={layer} is out of range [0, {self.layout.num_layers - 1}]") from None

@@ -59,7 +59,8 @@ class SlotBook:
         i = checked_index("slot", slot, 0, self.layout.max_seqs - 1)
         st = self._slots[i]
         if st.state != ACTIVE:
-            raise InvalidArgumentError(f"slot {i} holds no live sequence (it is {STATE_NAMES[st.state]}): allocate() first")
+            raise InvalidArgumentError(f"slot {i} holds no live sequence (it is {STATE_NAMES[st.state]}): "
+                                       "allocate() first")
         return st
 
     def _take_slot(self, prefer_chunk0: Optional[int]) -> int:
@@ -76,7 +77,8 @@ class SlotBook:
             return next(reversed(self._idle))
         if self._free:
             return self._free[-1]
-        raise OutOfMemoryError(f"KVCache: all {self.layout.max_seqs} slots hold live sequences (max_seqs); release one first")
+        raise OutOfMemoryError(f"KVCache: all {self.layout.max_seqs} slots hold live sequences (max_seqs); "
+                               "release one first")
 
     def _activate(self, i: int, target: int, unmap_shared: bool = True) -> None:
         st = self._slots[i]

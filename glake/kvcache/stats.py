@@ -50,8 +50,9 @@ class CacheIntrospection:
                 "maps": n["maps_background"] + n["maps_sync"] + n["maps_shared"],
             }
             for key in ("maps_background", "maps_sync", "maps_shared", "unmaps", "reclaimed_released",
-                        "reclaimed_lookahead", "moved", "sync_waits", "wait_ns", "mapper_errors", "trimmed", "forks", "fork_tail_bytes",
-                        "releases", "swaps_out", "swaps_in", "bytes_swapped_out", "bytes_swapped_in"):
+                        "reclaimed_lookahead", "moved", "trimmed", "sync_waits", "wait_ns", "mapper_errors", "forks",
+                        "fork_tail_bytes", "releases", "swaps_out", "swaps_in", "bytes_swapped_out",
+                        "bytes_swapped_in"):
                 out[key] = n[key]
             out["mapper_passes"] = self._mapper.passes if self._mapper else 0
             out["mapper_busy_ns"] = self._mapper.busy_ns if self._mapper else 0

@@ -186,7 +186,9 @@ class ChunkTable:
         _expect(actual == expect, f"range mappings {actual[:8]}... differ from the tables {expect[:8]}...")
         _expect(counts == self.refs, f"refcounts {self.refs} differ from the tables {counts}")
         _expect(self.mapped_total == len(expect), f"mapped_total={self.mapped_total}, tables hold {len(expect)}")
-        _expect(self.range.mapped_bytes == len(expect) * self.layout.chunk_bytes, "range.mapped_bytes disagrees with the tables")
+        _expect(self.range.mapped_bytes == len(expect) * self.layout.chunk_bytes,
+                "range.mapped_bytes disagrees with the tables")
         for off, c in self.range.mappings():
-            _expect(c.mappings == self.refs[c.id], f"chunk #{c.id}: {c.mappings} mappings, tables say {self.refs[c.id]}")
+            _expect(c.mappings == self.refs[c.id],
+                    f"chunk #{c.id}: {c.mappings} mappings, tables say {self.refs[c.id]}")
         return expect

@@ -55,7 +55,8 @@ def sample_tokens(kv, n: int, extra: int = 16, seed: int = 0) -> np.ndarray:
     if n == 0:
         return np.zeros(0, np.int64)
     lay = kv.layout
-    bounds = [lay.first_token_after_chunks(c) - 1 for c in range(1, lay.chunks_for(n) + 1)]  # last token touching chunk c-1
+    # the last token touching chunk c - 1, and the one after it
+    bounds = [lay.first_token_after_chunks(c) - 1 for c in range(1, lay.chunks_for(n) + 1)]
     bounds += [b + 1 for b in bounds]
     rnd = np.random.default_rng(seed).integers(0, n, extra)
     toks = np.unique(np.clip(np.array([0, n - 1] + bounds + list(rnd)), 0, n - 1))
