@@ -1,0 +1,335 @@
+"""KV-cache growth: decode step time with chunks mapped on demand vs. everything pre-mapped.
+
+Simulates continuous-batching decode of --seqs sequences with ShareGPT-like (prompt, output) lengths
+(benchmarks/data/sharegpt_lengths.npz) on a Llama-3-8B-shaped glake.kvcache.KVCache (32 layers,
+8 KV heads, 32 query heads, head_dim 128, bf16: 128 KiB per token, 16 tokens per 2 MiB chunk).
+Every step does real work: reserve one more token per live sequence (the engine's hot path); per
+layer, write the new token's K/V into the cache and run attention over every sequence's cached
+tokens (gather of the backed rows + SDPA, sequences bucketed by length); admit the requests queued
+by the previous step (reserve the prompt, write its K/V: a prefill); release the sequences that
+ended and, for each, allocate a slot for the next request and prefetch its prompt (a scheduler
+knows its queue; the request is admitted next step and decodes from the one after); synchronize.
+Step times are wall-clock per step. The attention is a reference one (it copies the gathered rows
+before SDPA reads them), so a step moves about three times the KV bytes a fused kernel would: the
+ratio below is against that step, and the absolute wait and driver times are reported beside it.
+
+Modes, all in one run with the same requests and the same work:
+  premapped      anchor: every slot mapped up to the longest request before the run (no mapping at
+                 all; --seqs x longest request x 128 KiB of GPU memory, ~32 GiB at 128 sequences)
+  sync           chunks mapped on demand inside reserve() (lookahead 0: no background thread, so
+                 prefetch is a no-op and reused slots keep their chunks)
+  lookahead=N    chunks mapped on demand by the background mapper N tokens ahead (sync fallback)
+
+Reported per mode: mean/p50/p99 step time and the ratio to premapped (target <= 1.02), steps in
+which some reserve() had to map synchronously and the time it waited, chunks mapped in the
+background / synchronously, and KV utilisation = sum over steps of tokens in use / sum over steps
+of tokens the mapped chunks hold (released slots' kept chunks and lookahead included; target >= 0.96).
+
+Then a fork workload: --fork-seqs sequences that share a --system-prompt-token prefix, each with its
+own ShareGPT prompt and output: physical bytes with fork() vs. each sequence holding its own prefix.
+
+    python3 benchmarks/kv_growth.py                                   # GPU, defaults below
+    python3 benchmarks/kv_growth.py --backend host --seqs 8 --steps 20 --layers 4 --dtype float32
+                                                                      # an end-to-end check on a host
+    python3 benchmarks/kv_growth.py --backend host --no-attention --emulate-step-ms 5
+                                      # the manager's logic (waits, utilisation) with the GIL free
+                                      # during a 5 ms sleep per step: no step-time claim
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))  # the repository's glake when run from a checkout
+
+import torch  # noqa: E402
+
+from _common import print_table, write_json  # noqa: E402
+
+from glake import core  # noqa: E402
+from glake.kvcache import KVCache, attend, gather_index  # noqa: E402
+
+
+def load_requests(path: Path, max_total: int, n: int, seed: int) -> np.ndarray:
+    """``n`` (prompt, output) pairs resampled from the file with the usual serving filter."""
+    d = np.load(path)
+    p, o = d["prompt"], d["output"]
+    keep = (p >= 4) & (o >= 4) & (p <= 1024) & (p + o <= min(2048, max_total))
+    pairs = np.stack([p[keep], o[keep]], axis=1)
+    rng = np.random.default_rng(seed)
+    return pairs[rng.integers(0, len(pairs), n)]
+
+
+class DecodeSim:
+    """Continuous-batching decode over one KVCache; every mode replays the same request stream."""
+
+    def __init__(self, kv: KVCache, args, requests: np.ndarray, seed: int) -> None:
+        self.kv, self.args = kv, args
+        self.requests = requests
+        self.next_req = 0
+        self.rng = np.random.default_rng(seed + 1)
+        dev, dt = kv.device, kv.dtype
+        L, B, H, D, HQ = args.layers, args.seqs, args.kv_heads, args.head_dim, args.q_heads
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.q = torch.randn(L, B, HQ, D, generator=g).to(device=dev, dtype=dt)
+        self.k_new = torch.randn(L, B, H, D, generator=g).to(device=dev, dtype=dt)
+        self.v_new = torch.randn(L, B, H, D, generator=g).to(device=dev, dtype=dt)
+        self.slot: List[int] = []
+        self.length: List[int] = []   # tokens cached (the next token is written at this position)
+        self.left: List[int] = []     # tokens still to generate
+        self.pending: List[tuple] = []  # (batch position, slot, prompt, output) admitted next step
+        for _ in range(B):           # start in steady state: each slot part-way through a request
+            p, o = self.take_request()
+            done = int(self.rng.integers(0, o))
+            s = kv.allocate()
+            self.prefill(s, p + done)
+            self.slot.append(s)
+            self.length.append(p + done)
+            self.left.append(o - done)
+
+    def take_request(self):
+        p, o = self.requests[self.next_req % len(self.requests)]
+        self.next_req += 1
+        return int(p), int(o)
+
+    def prefill(self, slot: int, n: int) -> None:
+        self.kv.reserve(slot, n)
+        for layer in range(self.args.layers if self.args.attention else 0):
+            self.kv.k_cache(layer)[slot, :n].fill_(0.01)
+            self.kv.v_cache(layer)[slot, :n].fill_(0.02)
+
+    def step(self) -> None:
+        kv, args = self.kv, self.args
+        waiting = {i for i, *_ in self.pending}
+        live = [i for i in range(len(self.slot)) if i not in waiting]
+        for i in live:
+            kv.reserve(self.slot[i], self.length[i] + 1)  # the hot path
+        live.sort(key=lambda i: self.length[i])
+        slots = np.asarray([self.slot[i] for i in live])
+        pos = np.asarray([self.length[i] for i in live])
+        idx = torch.from_numpy(np.stack([slots, pos])).to(kv.device)
+        t_slots, t_pos = idx[0], idx[1]
+        t_len = t_pos + 1
+        bounds = np.linspace(0, len(live), args.buckets + 1).astype(int)
+        plans = [(a, b, gather_index(t_slots[a:b], t_len[a:b], int(pos[b - 1]) + 1))
+                 for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        if args.emulate_step_ms:
+            time.sleep(args.emulate_step_ms / 1e3)
+        n = len(live)
+        for layer in range(args.layers if args.attention else 0):
+            kc, vc = kv.k_cache(layer), kv.v_cache(layer)
+            kc[t_slots, t_pos] = self.k_new[layer, :n]
+            vc[t_slots, t_pos] = self.v_new[layer, :n]
+            for a, b, plan in plans:
+                attend(self.q[layer, a:b], kc, vc, plan)
+        for i in live:
+            self.length[i] += 1
+            self.left[i] -= 1
+        # admissions: the requests queued last step, whose prompts the mapper backed during this
+        # step's work; they decode from the next step on
+        for i, s, p, o in self.pending:
+            self.prefill(s, p)
+            self.slot[i], self.length[i], self.left[i] = s, p, o
+        self.pending = []
+        for i in live:
+            if self.left[i] == 0:
+                # the scheduler knows its queue: the next request gets a slot now and its prompt is
+                # prefetched (mapped in the background while the next step runs)
+                kv.release(self.slot[i])
+                p, o = self.take_request()
+                s = kv.allocate()
+                kv.prefetch(s, p)
+                self.pending.append((i, s, p, o))
+
+    def tokens_in_use(self) -> int:
+        """Tokens held by live sequences (those that just ended do not count; their successor's prompt
+        is not written yet)."""
+        return sum(self.length) - sum(self.length[i] for i, *_ in self.pending)
+
+
+def sync(kv: KVCache) -> None:
+    if kv.device.type == "cuda":
+        torch.cuda.synchronize(kv.device)
+
+
+def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, backend: str) -> Dict:
+    kv = KVCache(args.layers, args.kv_heads, args.head_dim, args.dtype, max_seqs=args.seqs,
+                 max_seq_len=args.max_seq_len, backend=backend, lookahead_tokens=lookahead or 0)
+    try:
+        if lookahead is None:  # premapped: every slot backed up to the longest request, then released
+            longest = int((requests[:, 0] + requests[:, 1]).max())
+            slots = [kv.allocate() for _ in range(args.seqs)]
+            for s in slots:
+                kv.reserve(s, longest)
+            for s in slots:
+                kv.release(s)
+        sim = DecodeSim(kv, args, requests, args.seed)
+        for _ in range(args.warmup):
+            sim.step()
+        sync(kv)
+        kv.wait_mapper()
+        s0, c0 = kv.stats(), core.stats(backend)
+        times, waiting_steps, used, mapped = [], 0, 0, 0
+        for _ in range(args.steps):
+            w0 = kv.sync_waits
+            t0 = time.perf_counter()
+            sim.step()
+            sync(kv)
+            times.append(time.perf_counter() - t0)
+            used += sim.tokens_in_use()
+            mapped += kv.physical_chunks
+            if kv.sync_waits > w0:
+                waiting_steps += 1
+        s1, c1 = kv.stats(), core.stats(backend)
+        row = kv.layout.row_bytes
+        chunk_tokens = kv.layout.chunk_bytes / row
+        ms = sorted(t * 1e3 for t in times)
+        return {
+            "mode": name, "lookahead_tokens": lookahead, "steps": args.steps,
+            "step_ms_mean": statistics.fmean(ms), "step_ms_p50": ms[len(ms) // 2],
+            "step_ms_p99": ms[min(len(ms) - 1, int(0.99 * len(ms)))],
+            "steps_waiting": waiting_steps,
+            "sync_waits": s1["sync_waits"] - s0["sync_waits"],
+            "wait_ms": (s1["wait_ns"] - s0["wait_ns"]) / 1e6,
+            "maps_background": s1["maps_background"] - s0["maps_background"],
+            "maps_sync": s1["maps_sync"] - s0["maps_sync"],
+            "reclaimed_released": s1["reclaimed_released"] - s0["reclaimed_released"],
+            "mapper_busy_ms": (s1["mapper_busy_ns"] - s0["mapper_busy_ns"]) / 1e6,
+            "driver_map_ms": (c1["time_ns.map"] - c0["time_ns.map"] + c1["time_ns.set_access"]
+                              - c0["time_ns.set_access"] + c1["time_ns.create"] - c0["time_ns.create"]) / 1e6,
+            "utilisation": used / (mapped * chunk_tokens) if mapped else 0.0,
+            "peak_chunks": s1["chunks_physical"],
+        }
+    finally:
+        kv.close()
+
+
+def fork_workload(args, requests: np.ndarray, backend: str) -> Dict:
+    """Physical bytes of N sequences sharing a system prompt: fork() vs. private copies."""
+    n, P = args.fork_seqs, args.system_prompt
+    reqs = requests[: n]
+    total = [P + int(p) + int(o) for p, o in reqs]
+    res: Dict = {"sequences": n, "system_prompt_tokens": P}
+    for use_fork in (False, True):
+        kv = KVCache(args.layers, args.kv_heads, args.head_dim, args.dtype, max_seqs=n + 1,
+                     max_seq_len=int(max(total)), backend=backend, lookahead_tokens=0)
+        try:
+            fork_s = []
+            if use_fork:
+                root = kv.allocate()
+                kv.reserve(root, P)
+                for layer in range(args.layers):
+                    kv.k_cache(layer)[root, :P].fill_(0.5)
+                for t in total:
+                    t0 = time.perf_counter()
+                    f = kv.fork(root, P)
+                    sync(kv)
+                    fork_s.append(time.perf_counter() - t0)
+                    kv.reserve(f, t)
+                    assert kv.k_cache(0)[f, P - 1, 0, 0].item() == 0.5  # the shared prefix reads through
+                kv.release(root)  # the forks keep the prefix chunks alive
+            else:
+                for t in total:
+                    s = kv.allocate()
+                    kv.reserve(s, t)
+            st = kv.stats()
+            key = "with_fork" if use_fork else "without_fork"
+            res[key] = {"physical_bytes": st["chunks_physical"] * kv.layout.chunk_bytes,
+                        "chunks_shared": st["chunks_shared"], "fork_tail_bytes": st["fork_tail_bytes"]}
+            if fork_s:
+                res[key]["fork_us_mean"] = statistics.fmean(fork_s) * 1e6
+        finally:
+            kv.close()
+    a, b = res["without_fork"]["physical_bytes"], res["with_fork"]["physical_bytes"]
+    res["bytes_saved"] = a - b
+    res["saved_fraction"] = (a - b) / a if a else 0.0
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default=None, help="cuda or host (default: auto)")
+    ap.add_argument("--seqs", type=int, default=128, help="sequences decoded at once (= slots)")
+    ap.add_argument("--steps", type=int, default=300, help="measured decode steps per mode")
+    ap.add_argument("--warmup", type=int, default=20, help="unmeasured steps first")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--q-heads", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--max-seq-len", type=int, default=2048)
+    ap.add_argument("--lookahead", default="2,8", help="comma-separated lookahead_tokens values to run")
+    ap.add_argument("--buckets", type=int, default=4, help="length buckets of the batch attention")
+    ap.add_argument("--repeats", type=int, default=1, help="run every mode this many times (pooled)")
+    ap.add_argument("--fork-seqs", type=int, default=64)
+    ap.add_argument("--system-prompt", type=int, default=1000, help="shared prefix tokens of the fork workload")
+    ap.add_argument("--no-attention", dest="attention", action="store_false",
+                    help="skip the K/V writes and attention: steps then time the manager alone (for quick "
+                         "utilisation studies; not the step-time comparison)")
+    ap.add_argument("--emulate-step-ms", type=float, default=0.0,
+                    help="with --no-attention: sleep this long per step in place of the GPU work, to check the "
+                         "mapper's logic on a host (a sleep frees the GIL, kernel launches do not: no step-time claim)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=str(HERE / "data" / "sharegpt_lengths.npz"))
+    args = ap.parse_args()
+
+    backend = core.backend_name(args.backend)
+    requests = load_requests(Path(args.data), args.max_seq_len, 100_000, args.seed)
+    modes = [("premapped", None), ("sync", 0)] + [(f"lookahead={n}", int(n)) for n in args.lookahead.split(",") if n]
+    results: Dict[str, List[Dict]] = {name: [] for name, _ in modes}
+    for r in range(args.repeats):
+        for name, la in (modes if r % 2 == 0 else modes[::-1]):
+            results[name].append(run_mode(name, la, args, requests, backend))
+            print(f"  {name}: {results[name][-1]['step_ms_mean']:.3f} ms/step", flush=True)
+
+    def pooled(rs: List[Dict], key: str) -> float:
+        return statistics.fmean(r[key] for r in rs)
+
+    anchor = pooled(results["premapped"], "step_ms_mean")
+    rows, summary = [], []
+    for name, la in modes:
+        rs = results[name]
+        mean = pooled(rs, "step_ms_mean")
+        steps = sum(r["steps"] for r in rs)
+        waiting = sum(r["steps_waiting"] for r in rs)
+        util = pooled(rs, "utilisation")
+        summary.append({"mode": name, "lookahead_tokens": la, "step_ms_mean": mean, "ratio_vs_premapped": mean / anchor,
+                        "step_ms_p99": pooled(rs, "step_ms_p99"), "steps_waiting": waiting,
+                        "wait_ms_per_step": sum(r["wait_ms"] for r in rs) / steps,
+                        "maps_background": sum(r["maps_background"] for r in rs),
+                        "maps_sync": sum(r["maps_sync"] for r in rs), "utilisation": util})
+        rows.append([name, round(mean, 3), round(pooled(rs, "step_ms_p99"), 3), round(mean / anchor, 4),
+                     f"{waiting}/{steps}", round(sum(r["wait_ms"] for r in rs) / steps, 4),
+                     sum(r["maps_background"] for r in rs), sum(r["maps_sync"] for r in rs), round(util, 4)])
+    shape = f"{args.layers}L x {args.kv_heads} KV heads x {args.head_dim} x {args.dtype}"
+    if not args.attention:
+        shape += ", NO attention (manager only" + (f", {args.emulate_step_ms} ms sleep per step)"
+                                                  if args.emulate_step_ms else ")")
+    print_table(f"KV growth, backend={backend}, {args.seqs} sequences, {shape}, {args.steps} steps x {args.repeats}",
+                ["mode", "step ms", "p99 ms", "vs premapped", "steps waiting", "wait ms/step", "maps bg",
+                 "maps sync", "KV util"], rows)
+
+    fork = fork_workload(args, requests, backend) if args.fork_seqs > 0 else None
+    if fork:
+        w, wo = fork["with_fork"], fork["without_fork"]
+        print_table(f"Fork: {fork['sequences']} sequences sharing a {fork['system_prompt_tokens']}-token system prompt",
+                    ["", "physical MiB", "shared chunks", "tail bytes copied", "fork() us"],
+                    [["without fork", wo["physical_bytes"] >> 20, 0, 0, "-"],
+                     ["with fork", w["physical_bytes"] >> 20, w["chunks_shared"], w["fork_tail_bytes"],
+                      round(w.get("fork_us_mean", 0.0), 1)],
+                     ["saved", fork["bytes_saved"] >> 20, "", "", f"{100 * fork['saved_fraction']:.1f}%"]])
+    write_json(f"kv_growth_{backend}", {"backend": backend, "args": vars(args), "summary": summary,
+                                        "runs": results, "fork": fork})
+
+
+if __name__ == "__main__":
+    main()
