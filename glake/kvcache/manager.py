@@ -43,6 +43,9 @@ from glake.kvcache.stats import CacheIntrospection
 from glake.kvcache.supply import ChunkSupply
 from glake.kvcache.table import ChunkTable
 
+LIVE_CACHES: "weakref.WeakSet[KVCache]" = weakref.WeakSet()
+"""Every KVCache not yet garbage-collected (closed ones included; glake.stats skips those)."""
+
 TRIM_BATCH = 16  # surplus chunks the mapper unmaps from one slot per pass (bounds its lock hold)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -131,6 +134,7 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
         self._free: List[int] = list(range(max_seqs - 1, -1, -1))  # a stack: slot 0 comes out first
         self._token = object()  # identifies this cache's swap handles
         self._closed = False
+        LIVE_CACHES.add(self)  # for glake.stats (read only when a client asks)
         self._mapper_error: Optional[BaseException] = None
         self._starved: set = set()  # slots whose lookahead the mapper could not back
         self._n = collections.Counter()  # event counters, see stats()

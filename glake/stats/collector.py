@@ -9,7 +9,9 @@ Sections (each a dict shaped like the ``Section`` message):
   :func:`glake.stats.register_allocator`: torch's key names plus glake's, and figures of the map
   (``largest_free_bytes``, ``free_bytes``, ``lent_bytes``, ``held_bytes``; values
   ``fragmentation``, ``utilization``).
-- one per source registered with :func:`glake.stats.register_source` (``kvcache``, ...).
+- ``kvcache``: one per live ``glake.kvcache.KVCache`` (its ``stats()``), when that module is in use;
+- ``multipath``: one per default ``glake.multipath`` engine made so far, when that module is in use;
+- one per source registered with :func:`glake.stats.register_source`.
 
 Nothing here runs unless a client asks: collecting is pull-only, the alloc path never sees it.
 """
@@ -22,7 +24,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from glake.stats import memmap, sources
 
-BUILTIN_SECTIONS = ("vmm", "allocator")
+BUILTIN_SECTIONS = ("vmm", "allocator", "kvcache", "multipath")
 _INT64_MAX = (1 << 63) - 1
 
 
@@ -111,6 +113,29 @@ def _vmm_sections() -> List[Dict[str, Any]]:
     return out
 
 
+def _kvcache_sections() -> List[Dict[str, Any]]:
+    """One section per live glake.kvcache.KVCache, if that module is in use (it is never imported here)."""
+    mod = sys.modules.get("glake.kvcache.manager")
+    if mod is None:
+        return []
+    out = []
+    for i, kv in enumerate(sorted(list(mod.LIVE_CACHES), key=id)):
+        if kv.closed:
+            continue
+        labels = {"cache": str(i), "backend": kv.backend, "layers": str(kv.layout.num_layers)}
+        out.append(_fill(_section("kvcache", kv.device_index, labels), kv.stats))
+    return out
+
+
+def _multipath_sections() -> List[Dict[str, Any]]:
+    """One section per default multipath engine made so far, if glake.multipath is in use."""
+    mod = sys.modules.get("glake.multipath")
+    if mod is None:
+        return []
+    return [_fill(_section("multipath", int(key.rsplit(":", 1)[1]), {"engine": key}), lambda st=st: st)
+            for key, st in mod.stats().items()]
+
+
 def global_allocators() -> List[Tuple[str, Any]]:
     """``(pool name, allocator)`` of the process-wide allocators that exist (none is created)."""
     C = _glake_C()
@@ -187,6 +212,10 @@ def collect_sections(names: Optional[Iterable[str]] = None) -> List[Dict[str, An
         out.extend(_vmm_sections())
     if "allocator" in want:
         out.extend(_allocator_section(n, a) for n, a in _allocators())
+    if "kvcache" in want:
+        out.extend(_kvcache_sections())
+    if "multipath" in want:
+        out.extend(_multipath_sections())
     for src in sources.registered():
         if src.kind == "stats" and src.name in want:
             out.append(_fill(_section(src.name, src.device, src.labels), src.fn))

@@ -145,3 +145,23 @@ def test_links_only_when_certain():
     assert [b["lent_to"] for b in lent] == [0x9000]
     two = snapshot(["held", "allocated"])
     assert [b["lent_to"] for s in two["segments"] for b in s["blocks"] if b["state"] == "lent"] == [0]
+
+
+def test_kvcache_and_multipath_sections_when_in_use():
+    torch = pytest.importorskip("torch")
+    import glake.multipath as mp
+    from glake.kvcache import KVCache
+
+    with KVCache(2, 2, 64, "float32", max_seqs=4, max_seq_len=256, backend="host") as kv:
+        s = kv.allocate()
+        kv.reserve(s, 40)
+        src = torch.randn(1 << 18)
+        mp.copy_(torch.empty_like(src), src)
+        secs = collector.collect_sections(["kvcache", "multipath"])
+        kv_secs = [x for x in secs if x["name"] == "kvcache"]
+        mp_secs = [x for x in secs if x["name"] == "multipath"]
+        assert len(kv_secs) >= 1 and kv_secs[-1]["labels"]["backend"] == "host"
+        assert any(x["counters"].get("chunks_mapped", 0) >= 1 for x in kv_secs)
+        assert any(x["labels"]["engine"] == "host:0" and x["counters"]["calls.plain"] + x["counters"]["calls.staged_h2d"] >= 1
+                   for x in mp_secs)
+    assert not [x for x in collector.collect_sections(["kvcache"]) if x["labels"].get("cache") and x.get("error")]
