@@ -302,3 +302,16 @@ def test_freed_stitch_is_held_and_serves_smaller_requests_without_mapping():
     a.free(again)
     for p in blocks[1::2]:
         a.free(p)
+
+
+def test_small_free_share_is_not_stitched():
+    # 4 MiB free is less than an eighth of a 64 MiB request: mapping 32 chunks twice to save two is
+    # not worth it, so a plain segment is created and the 4 MiB hole stays for smaller requests.
+    a = make()
+    keep = [a.malloc(4 * MiB) for _ in range(2)]
+    a.free(keep[0])
+    before = reserved(a)
+    big = a.malloc(64 * MiB)
+    assert reserved(a) == before + 64 * MiB and a.stats()["num_stitches"] == 0
+    assert a.malloc(4 * MiB) == keep[0]
+    a.free(big)
