@@ -266,7 +266,8 @@ def mem_pool():
 
 
 def auto_install() -> Optional[str]:
-    """Install if ``$GLAKE_AUTO_INSTALL`` is set (used by ``glake run``); returns why not, or None."""
+    """Install with the configuration from the environment (``glake run``'s import hook calls this
+    once torch is imported); returns why glake could not be installed, or None."""
     try:
         install()
     except GlakeError as e:

@@ -16,7 +16,7 @@ struct Registry {
   AllocatorConfig config;
   std::vector<std::atomic<StitchAllocator*>> allocators;  // never destroyed: memory outlives statics
 
-  Registry() : allocators(64) {}
+  Registry() : allocators(kMaxDevices) {}
 
   void load_env_locked() {
     if (configured) return;

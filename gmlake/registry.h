@@ -7,6 +7,9 @@
 
 namespace glake::gmlake {
 
+/// Device ordinals the registry has room for.
+constexpr int kMaxDevices = 64;
+
 /// The global configuration: defaults, then $GLAKE_ALLOC_CONF, then configure_global() overrides.
 GLAKE_API AllocatorConfig global_config();
 /// Applies "key:value,..." to the global configuration. Refused once a device allocator exists.

@@ -629,9 +629,8 @@ Block* StitchAllocator::stitch(std::size_t size, StreamHandle stream) {
   std::size_t got = 0;
   auto lo = large_free_.lower_bound(FreeKey{stream, 0, 0});
   auto hi = large_free_.lower_bound(FreeKey{stream + 1, 0, 0});
-  for (auto it = hi; it != lo && got < size;) {
+  for (auto it = hi; it != lo && got < size;) {  // [lo, hi): this stream's free blocks, by size
     --it;
-    if ((*it)->stream != stream) continue;
     pick.push_back(*it);
     got += (*it)->size;
   }

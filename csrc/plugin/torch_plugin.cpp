@@ -25,7 +25,7 @@ __attribute__((visibility("default"))) void glake_free(void* ptr, size_t, int de
 
 /// torch.cuda.empty_cache().
 __attribute__((visibility("default"))) void glake_empty_cache() {
-  for (int d = 0; d < 64; ++d) {
+  for (int d = 0; d < gm::kMaxDevices; ++d) {
     if (gm::StitchAllocator* a = gm::existing_device_allocator(d)) a->empty_cache();
   }
 }
@@ -37,7 +37,7 @@ __attribute__((visibility("default"))) void glake_set_memory_fraction(double fra
 
 /// Tensor.record_stream(stream): the allocation is found on whichever device holds it.
 __attribute__((visibility("default"))) void glake_record_stream(void* ptr, void* stream) {
-  for (int d = 0; d < 64; ++d) {
+  for (int d = 0; d < gm::kMaxDevices; ++d) {
     gm::StitchAllocator* a = gm::existing_device_allocator(d);
     if (a && a->allocation_of(reinterpret_cast<DevPtr>(ptr)).second) {
       a->record_stream(reinterpret_cast<DevPtr>(ptr), reinterpret_cast<StreamHandle>(stream));

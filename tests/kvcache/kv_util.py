@@ -34,12 +34,12 @@ def put(kv, slot: int, start: int, values: Sequence[float]) -> None:
         kv.v_cache(layer)[slot, start:start + n] = -(t + layer)
 
 
-def get(kv, slot: int, start: int, end: int) -> np.ndarray:
-    """Reads tokens [start, end) back through the views, checking every layer/head/dim agrees."""
+def _read_uniform(kv, slot: int, rows) -> np.ndarray:
+    """The values of the given rows (a slice or an index tensor), checking every layer/head/dim agrees."""
     out = None
     for layer in range(kv.layout.num_layers):
-        k = kv.k_cache(layer)[slot, start:end].float().cpu()
-        v = kv.v_cache(layer)[slot, start:end].float().cpu()
+        k = kv.k_cache(layer)[slot, rows].float().cpu()
+        v = kv.v_cache(layer)[slot, rows].float().cpu()
         vals = k[:, 0, 0] - layer
         assert torch.equal(k, (vals + layer)[:, None, None].expand_as(k)), f"layer {layer} K rows are not uniform"
         assert torch.equal(v, -(vals + layer)[:, None, None].expand_as(v)), f"layer {layer} V disagrees with K"
@@ -48,6 +48,11 @@ def get(kv, slot: int, start: int, end: int) -> np.ndarray:
         else:
             assert torch.equal(out, vals), f"layer {layer} holds other values than layer 0"
     return out.numpy() if out is not None else np.zeros(0, np.float32)
+
+
+def get(kv, slot: int, start: int, end: int) -> np.ndarray:
+    """Reads tokens [start, end) back through the views, checking every layer/head/dim agrees."""
+    return _read_uniform(kv, slot, slice(start, end))
 
 
 def sample_tokens(kv, n: int, extra: int = 16, seed: int = 0) -> np.ndarray:
@@ -65,19 +70,7 @@ def sample_tokens(kv, n: int, extra: int = 16, seed: int = 0) -> np.ndarray:
 
 def get_at(kv, slot: int, tokens: np.ndarray) -> np.ndarray:
     """Like get(), for the given tokens only."""
-    idx = torch.as_tensor(tokens, device=kv.device)
-    out = None
-    for layer in range(kv.layout.num_layers):
-        k = kv.k_cache(layer)[slot, idx].float().cpu()
-        v = kv.v_cache(layer)[slot, idx].float().cpu()
-        vals = k[:, 0, 0] - layer
-        assert torch.equal(k, (vals + layer)[:, None, None].expand_as(k)), f"layer {layer} K rows are not uniform"
-        assert torch.equal(v, -(vals + layer)[:, None, None].expand_as(v)), f"layer {layer} V disagrees with K"
-        if out is None:
-            out = vals
-        else:
-            assert torch.equal(out, vals), f"layer {layer} holds other values than layer 0"
-    return out.numpy()
+    return _read_uniform(kv, slot, torch.as_tensor(tokens, device=kv.device))
 
 
 def ramp(base: float, start: int, end: int) -> np.ndarray:
