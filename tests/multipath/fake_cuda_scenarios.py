@@ -34,6 +34,7 @@ fake.fake_stream_destroy.argtypes = [ctypes.c_void_p]
 fake.fake_stream_sleep.argtypes = [ctypes.c_void_p, ctypes.c_uint]
 fake.fake_stream_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 fake.fake_stream_sync.argtypes = [ctypes.c_void_p]
+fake.fake_legacy_sync.argtypes = [ctypes.c_int]
 CONF = dict(chunk_bytes=256 * KIB, buffers=3, threads=3, streams=2, small_copy_bytes=0, piece_bytes=64 * KIB)
 
 
@@ -258,8 +259,9 @@ def close_frees_everything():
     src, dev = Mem("pageable", n, fill="random", seed=8), Mem("device", n, fill=0)
     e.copy_raw(dev.ptr, src.ptr, n, "h2d", non_blocking=True)
     assert fake.fake_live_allocations() == base + 1 + CONF["buffers"]  # dev + staging buffers
-    e.close()
+    e.close()  # the caller's stream may still be due to wait on the engine's (now destroyed) events
     assert fake.fake_live_allocations() == base + 1
+    fake.fake_legacy_sync(0)  # ... and reaches those waits now
     assert np.array_equal(dev.view, src.view)
     dev.free()
 

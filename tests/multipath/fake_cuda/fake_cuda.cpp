@@ -6,9 +6,11 @@
 //     cuPointerGetAttributes answers from that table; anything else is "pageable";
 //   - every stream is a thread draining a FIFO, so copies really are asynchronous to the caller;
 //   - events count records and completions: cuEventSynchronize / cuStreamWaitEvent wait for the
-//     latest record at call time, as CUDA does;
+//     latest record at call time, as CUDA does; an event may be destroyed while queued work still
+//     records or waits on it (CUDA frees it once that work is done);
 //   - FAKE_CUDA_COPY_DELAY_US=n delays every copy on streams made by cuStreamCreate (glake's own
 //     streams) by n microseconds, so tests can make the engine's copies lag the caller's stream;
+//   - FAKE_CUDA_WAIT_LAG_US=n makes every stream reach its event waits n microseconds late;
 //   - calls check what CUDA checks and glake could get wrong: a current context, streams and events
 //     of the current context, copies that run past the end of a device allocation.
 // Test helpers (extern "C" fake_*) let tests make streams, delay them and count live allocations.
@@ -22,6 +24,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
@@ -122,8 +125,9 @@ struct Stream {
   std::thread thread;  // last: starts after the members above exist
 };
 
-struct Event {
-  int device;
+/// What streams touch of an event. Stream ops hold it by shared_ptr, so cuEventDestroy can free the
+/// handle while work that records or waits on it is still queued, as CUDA allows.
+struct EventState {
   std::mutex mu;
   std::condition_variable cv;
   std::uint64_t recorded = 0, completed = 0;
@@ -131,6 +135,15 @@ struct Event {
     std::unique_lock<std::mutex> lock(mu);
     cv.wait(lock, [&] { return completed >= target; });
   }
+  std::uint64_t latest_record() {
+    std::lock_guard<std::mutex> lock(mu);
+    return recorded;
+  }
+};
+
+struct Event {
+  int device;
+  std::shared_ptr<EventState> state = std::make_shared<EventState>();
 };
 
 Stream* g_legacy[16] = {};
@@ -317,7 +330,7 @@ CUresult f_cuEventCreate(CUevent* e, unsigned int) {
 }
 CUresult f_cuEventDestroy(CUevent e) {
   if (!e) return CUDA_ERROR_INVALID_HANDLE;
-  delete reinterpret_cast<Event*>(e);  // the tests synchronise before destroying
+  delete reinterpret_cast<Event*>(e);  // queued records and waits keep its state alive
   return CUDA_SUCCESS;
 }
 CUresult f_cuEventRecord(CUevent e, CUstream s) {
@@ -325,38 +338,48 @@ CUresult f_cuEventRecord(CUevent e, CUstream s) {
   if (CUresult r = stream_in_ctx(s, st)) return r;
   Event* ev = reinterpret_cast<Event*>(e);
   if (!ev || ev->device != st->device) return CUDA_ERROR_INVALID_HANDLE;  // event and stream of one context
+  std::shared_ptr<EventState> state = ev->state;
   std::uint64_t gen;
   {
-    std::lock_guard<std::mutex> lock(ev->mu);
-    gen = ++ev->recorded;
+    std::lock_guard<std::mutex> lock(state->mu);
+    gen = ++state->recorded;
   }
-  st->push([ev, gen] {
-    std::lock_guard<std::mutex> lock(ev->mu);
-    if (ev->completed < gen) ev->completed = gen;
-    ev->cv.notify_all();
+  st->push([state, gen] {
+    std::lock_guard<std::mutex> lock(state->mu);
+    if (state->completed < gen) state->completed = gen;
+    state->cv.notify_all();
   });
   return CUDA_SUCCESS;
 }
-std::uint64_t latest_record(Event* ev) {
-  std::lock_guard<std::mutex> lock(ev->mu);
-  return ev->recorded;
-}
 CUresult f_cuEventQuery(CUevent e) {
-  Event* ev = reinterpret_cast<Event*>(e);
-  std::lock_guard<std::mutex> lock(ev->mu);
-  return ev->completed >= ev->recorded ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
+  EventState& st = *reinterpret_cast<Event*>(e)->state;
+  std::lock_guard<std::mutex> lock(st.mu);
+  return st.completed >= st.recorded ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
 }
 CUresult f_cuEventSynchronize(CUevent e) {
-  Event* ev = reinterpret_cast<Event*>(e);
-  ev->wait_for(latest_record(ev));
+  EventState& st = *reinterpret_cast<Event*>(e)->state;
+  st.wait_for(st.latest_record());
   return CUDA_SUCCESS;
+}
+/// FAKE_CUDA_WAIT_LAG_US=n: a stream reaches each of its event waits n microseconds late, as a busy
+/// GPU stream would; lets tests check that nothing frees an event a stream is still to wait on.
+unsigned wait_lag_us() {
+  static const unsigned lag = [] {
+    const char* env = std::getenv("FAKE_CUDA_WAIT_LAG_US");
+    return env ? static_cast<unsigned>(std::atoi(env)) : 0u;
+  }();
+  return lag;
 }
 CUresult f_cuStreamWaitEvent(CUstream s, CUevent e, unsigned int) {
   Stream* st = nullptr;
   if (CUresult r = stream_in_ctx(s, st)) return r;
-  Event* ev = reinterpret_cast<Event*>(e);  // may be of another context
-  const std::uint64_t target = latest_record(ev);
-  st->push([ev, target] { ev->wait_for(target); });
+  std::shared_ptr<EventState> state = reinterpret_cast<Event*>(e)->state;  // may be of another context
+  const std::uint64_t target = state->latest_record();
+  const unsigned lag = wait_lag_us();
+  st->push([state, target, lag] {
+    if (lag) std::this_thread::sleep_for(std::chrono::microseconds(lag));
+    state->wait_for(target);
+  });
   return CUDA_SUCCESS;
 }
 
@@ -434,6 +457,7 @@ void fake_stream_memcpy(void* s, void* dst, const void* src, size_t n) {
   reinterpret_cast<Stream*>(s)->push([=] { std::memcpy(dst, src, n); });
 }
 void fake_stream_sync(void* s) { reinterpret_cast<Stream*>(s)->sync(); }
+void fake_legacy_sync(int device) { legacy(device)->sync(); }
 int fake_live_allocations() {
   std::lock_guard<std::mutex> lock(g_mem_mu);
   return static_cast<int>(g_allocs.size());
