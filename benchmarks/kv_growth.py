@@ -24,6 +24,10 @@ Reported per mode: mean/p50/p99 step time and the ratio to premapped (target <= 
 which some reserve() had to map synchronously and the time it waited, chunks mapped in the
 background / synchronously, and KV utilisation = sum over steps of tokens in use / sum over steps
 of tokens the mapped chunks hold (released slots' kept chunks and lookahead included; target >= 0.96).
+"util bound" is the utilisation of an ideal manager with the same lookahead on the same steps: each
+live sequence backed up to exactly its length + lookahead, each queued request up to its prompt,
+whole chunks only (DecodeSim.fewest_chunks). No chunk-granular manager can exceed it; with 16 tokens
+per chunk the partial last chunk of each sequence alone costs a few percent at ShareGPT lengths.
 
 Then a fork workload: --fork-seqs sequences that share a --system-prompt-token prefix, each with its
 own ShareGPT prompt and output: physical bytes with fork() vs. each sequence holding its own prefix.
@@ -150,6 +154,16 @@ class DecodeSim:
                 kv.prefetch(s, p)
                 self.pending.append((i, s, p, o))
 
+    def fewest_chunks(self, lookahead: int) -> int:
+        """Chunks an ideal manager with this lookahead would hold now: each live sequence backed up to
+        its length + lookahead and each queued request up to its prompt, nothing else (no chunk kept
+        for a later sequence, none left over from a shorter successor). The utilisation bound of
+        any manager mapping whole chunks per sequence on this request stream."""
+        queued = {i for i, *_ in self.pending}
+        chunks_for = self.kv.layout.chunks_for
+        return (sum(chunks_for(n + lookahead) for i, n in enumerate(self.length) if i not in queued)
+                + sum(chunks_for(p) for _, _, p, _ in self.pending))
+
     def tokens_in_use(self) -> int:
         """Tokens held by live sequences (those that just ended do not count; their successor's prompt
         is not written yet)."""
@@ -178,7 +192,7 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
         sync(kv)
         kv.wait_mapper()
         s0, c0 = kv.stats(), core.stats(backend)
-        times, waiting_steps, used, mapped = [], 0, 0, 0
+        times, waiting_steps, used, mapped, ideal = [], 0, 0, 0, 0
         for _ in range(args.steps):
             w0 = kv.sync_waits
             t0 = time.perf_counter()
@@ -187,6 +201,7 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             times.append(time.perf_counter() - t0)
             used += sim.tokens_in_use()
             mapped += kv.physical_chunks
+            ideal += sim.fewest_chunks(lookahead or 0)
             if kv.sync_waits > w0:
                 waiting_steps += 1
         s1, c1 = kv.stats(), core.stats(backend)
@@ -207,6 +222,7 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             "driver_map_ms": (c1["time_ns.map"] - c0["time_ns.map"] + c1["time_ns.set_access"]
                               - c0["time_ns.set_access"] + c1["time_ns.create"] - c0["time_ns.create"]) / 1e6,
             "utilisation": used / (mapped * chunk_tokens) if mapped else 0.0,
+            "utilisation_bound": used / (ideal * chunk_tokens) if ideal else 0.0,
             "peak_chunks": s1["chunks_physical"],
         }
     finally:
@@ -306,21 +322,24 @@ def main() -> None:
         steps = sum(r["steps"] for r in rs)
         waiting = sum(r["steps_waiting"] for r in rs)
         util = pooled(rs, "utilisation")
+        bound = pooled(rs, "utilisation_bound") if la is not None else None  # premapped: no such bound
         summary.append({"mode": name, "lookahead_tokens": la, "step_ms_mean": mean, "ratio_vs_premapped": mean / anchor,
                         "step_ms_p99": pooled(rs, "step_ms_p99"), "steps_waiting": waiting,
                         "wait_ms_per_step": sum(r["wait_ms"] for r in rs) / steps,
                         "maps_background": sum(r["maps_background"] for r in rs),
-                        "maps_sync": sum(r["maps_sync"] for r in rs), "utilisation": util})
+                        "maps_sync": sum(r["maps_sync"] for r in rs), "utilisation": util,
+                        "utilisation_bound": bound})
         rows.append([name, round(mean, 3), round(pooled(rs, "step_ms_p99"), 3), round(mean / anchor, 4),
                      f"{waiting}/{steps}", round(sum(r["wait_ms"] for r in rs) / steps, 4),
-                     sum(r["maps_background"] for r in rs), sum(r["maps_sync"] for r in rs), round(util, 4)])
+                     sum(r["maps_background"] for r in rs), sum(r["maps_sync"] for r in rs), round(util, 4),
+                     "-" if bound is None else round(bound, 4)])
     shape = f"{args.layers}L x {args.kv_heads} KV heads x {args.head_dim} x {args.dtype}"
     if not args.attention:
         shape += ", NO attention (manager only" + (f", {args.emulate_step_ms} ms sleep per step)"
                                                   if args.emulate_step_ms else ")")
     print_table(f"KV growth, backend={backend}, {args.seqs} sequences, {shape}, {args.steps} steps x {args.repeats}",
                 ["mode", "step ms", "p99 ms", "vs premapped", "steps waiting", "wait ms/step", "maps bg",
-                 "maps sync", "KV util"], rows)
+                 "maps sync", "KV util", "util bound"], rows)
 
     fork = fork_workload(args, requests, backend) if args.fork_seqs > 0 else None
     if fork:

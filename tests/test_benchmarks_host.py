@@ -1,0 +1,53 @@
+"""The benchmark scripts that can run without a GPU, run small on the host backend.
+
+These check that the scripts work end to end (arguments, tables, JSON) so they do not rot between
+GPU sessions; the numbers they print on a host are not GPU results and nothing here times anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(tmp_path: Path, script: str, *args: str) -> str:
+    env = dict(os.environ, GLAKE_BENCH_DIR=str(tmp_path), GLAKE_BACKEND="host",
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, f"{script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def test_vmm_latency(tmp_path):
+    out = run_benchmark(tmp_path, "vmm_latency.py", "--backend", "host", "--chunks", "16", "--repeats", "1")
+    assert "create" in out
+    assert json.loads((tmp_path / "vmm_latency_host.json").read_text())["backend"] == "host"
+
+
+def test_kv_growth_utilisation_never_above_its_bound(tmp_path):
+    """The bound is an ideal manager's utilisation on the same steps: glake's must not exceed it,
+    and the bound itself must be a fraction."""
+    pytest.importorskip("torch")
+    run_benchmark(tmp_path, "kv_growth.py", "--backend", "host", "--seqs", "8", "--steps", "30", "--warmup", "5",
+                  "--layers", "4", "--dtype", "float32", "--max-seq-len", "512", "--lookahead", "2",
+                  "--fork-seqs", "4", "--system-prompt", "100")
+    summary = {r["mode"]: r for r in json.loads((tmp_path / "kv_growth_host.json").read_text())["summary"]}
+    assert set(summary) == {"premapped", "sync", "lookahead=2"}
+    assert summary["premapped"]["utilisation_bound"] is None
+    for mode in ("sync", "lookahead=2"):
+        r = summary[mode]
+        assert 0 < r["utilisation"] <= r["utilisation_bound"] + 1e-9 <= 1 + 1e-9, r
+
+
+def test_multipath_host_dry_run(tmp_path):
+    pytest.importorskip("torch")
+    run_benchmark(tmp_path, "multipath.py", "--host-dry-run", "--sizes", "4M", "--repeats", "1")
+    assert (tmp_path / "multipath_host_dry_run.json").exists()
