@@ -535,9 +535,17 @@ std::size_t StitchAllocator::release_cached() {
     if (!s->active) idle.push_back(s.get());
   }
   for (Stitch* s : idle) drop_stitch(s);
+  // The stitches left are active. A shrunk or prefix-reused one lends only some of its spans, yet
+  // its range maps the chunks of all of them and a later reuse reads every span's segment: those
+  // segments stay, even when all their blocks are free.
+  std::set<const Segment*> spanned;
+  for (auto& s : stitches_) {
+    for (const Span& sp : s->spans) spanned.insert(sp.segment);
+  }
   std::size_t released = 0;
   std::vector<Segment*> empty;
   for (auto& seg : segments_) {
+    if (spanned.count(seg.get())) continue;
     bool all_free = true;  // free blocks of different streams do not coalesce, so look at each
     for (Block* b = seg->head; b && all_free; b = b->next) all_free = !b->allocated && free_set(seg->kind).count(b);
     if (all_free) empty.push_back(seg.get());

@@ -77,7 +77,7 @@ class GLAKE_API StitchAllocator {
   /// Marks an allocation as used on another stream too: its memory is reused only after that
   /// stream's work (recorded when the allocation is freed) completes.
   void record_stream(DevPtr ptr, StreamHandle stream);
-  /// Releases cached memory: idle stitched ranges and fully free segments.
+  /// Releases cached memory: idle stitched ranges and fully free segments no active stitch spans.
   void empty_cache();
   /// Sets the cap as a fraction of device memory (0 = none), like torch's.
   void set_memory_fraction(double fraction);

@@ -315,3 +315,32 @@ def test_small_free_share_is_not_stitched():
     assert reserved(a) == before + 64 * MiB and a.stats()["num_stitches"] == 0
     assert a.malloc(4 * MiB) == keep[0]
     a.free(big)
+
+
+def test_empty_cache_keeps_segments_a_shrunk_active_stitch_still_maps():
+    # A held stitch taken by a smaller request gives its tail members back to the pool, but its
+    # range still maps their chunks and its spans still name their segment. Emptying the cache
+    # while it is active must not release that segment: the chunks would stay mapped (physical
+    # memory outside reserved_bytes and the limit) and a later reuse of the range would read the
+    # freed segment.
+    a = make()
+    live_core = _C.stats("host")["physical_bytes.current"]
+    p, q = a.malloc(4 * MiB), a.malloc(4 * MiB)  # two segments
+    a.free(p)
+    a.free(q)
+    big = a.malloc(8 * MiB)  # stitched over both
+    a.free(big)  # held
+    half = a.malloc(4 * MiB)  # the held stitch, shrunk: one member goes back to the pool
+    assert half == big
+    fill(half, 4 * MiB, 5)
+    a.empty_cache()
+    assert _C.stats("host")["physical_bytes.current"] - live_core == reserved(a) == 8 * MiB
+    assert check(half, 4 * MiB, 5)
+    a.free(half)
+    again = a.malloc(8 * MiB)  # reuses the detached range: both of its segments are still there
+    fill(again, 8 * MiB, 6)
+    assert check(again, 8 * MiB, 6)
+    assert _C.stats("host")["physical_bytes.current"] - live_core == reserved(a) == 8 * MiB
+    a.free(again)
+    a.empty_cache()
+    assert reserved(a) == 0 and _C.stats("host")["physical_bytes.current"] == live_core
