@@ -30,7 +30,7 @@ LIMIT = 96 * MiB
 CANARY = 4096  # bytes checked at each end of an allocation
 
 
-def assert_invariants(a: glake.Allocator, live: dict) -> None:
+def assert_invariants(a: glake.Allocator, live: dict, phys_before: int) -> None:
     st_ = a.stats()
     snap = a.snapshot()
     # Stats match a recount of the live allocations.
@@ -39,6 +39,7 @@ def assert_invariants(a: glake.Allocator, live: dict) -> None:
     assert st_["requested_bytes.all.current"] == sum(s for s, _ in live.values())
     # Every chunk is accounted for: reserved = the segments' sizes = what the core holds for us.
     assert st_["reserved_bytes.all.current"] == sum(s["size"] for s in snap if not s["stitched"])
+    assert _C.stats("host")["physical_bytes.current"] - phys_before == st_["reserved_bytes.all.current"]
     assert st_["reserved_bytes.all.current"] <= LIMIT
     # Allocated blocks in the snapshot are exactly the live allocations.
     allocated = sorted(b["address"] for s in snap for b in s["blocks"] if b["state"] == "allocated")
@@ -80,7 +81,7 @@ def test_random_sequences_keep_invariants(ops):
             del live[p]
         elif op == "empty_cache":
             a.empty_cache()
-        assert_invariants(a, live)
+        assert_invariants(a, live, phys_before)
     for p in list(live):
         a.free(p)
     a.empty_cache()
