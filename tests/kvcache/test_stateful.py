@@ -9,6 +9,7 @@ out-of-memory error is raised only when the chunks really are not there, and cha
 from __future__ import annotations
 
 import collections
+import os
 
 import numpy as np
 import pytest
@@ -198,7 +199,14 @@ class KVMachine(RuleBasedStateMachine):
             self.kv.close()
 
 
-SETTINGS = settings(max_examples=80, stateful_step_count=40, deadline=None,
+FUZZ = os.environ.get("GLAKE_FUZZ_EXAMPLES")  # scripts/soak.sh raises the example counts below
+
+
+def examples(default: int) -> int:
+    return int(FUZZ) if FUZZ else default
+
+
+SETTINGS = settings(max_examples=examples(80), stateful_step_count=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -213,7 +221,7 @@ class MapperMachine(KVMachine):
 TestKVCacheSync = SyncMachine.TestCase
 TestKVCacheSync.settings = SETTINGS
 TestKVCacheWithMapper = MapperMachine.TestCase
-TestKVCacheWithMapper.settings = settings(SETTINGS, max_examples=50)
+TestKVCacheWithMapper.settings = settings(SETTINGS, max_examples=examples(50))
 
 
 class CudaMachine(KVMachine):
@@ -222,4 +230,4 @@ class CudaMachine(KVMachine):
 
 
 TestKVCacheCuda = pytest.mark.gpu(CudaMachine.TestCase)
-TestKVCacheCuda.settings = settings(SETTINGS, max_examples=15)
+TestKVCacheCuda.settings = settings(SETTINGS, max_examples=examples(15))
