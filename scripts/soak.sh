@@ -3,7 +3,7 @@
 # the allocator and the KV cache with many examples, then the sanitizer and fake-libcuda stress tests
 # several times over. Any failure stops the run (hypothesis prints the shortest failing sequence).
 #
-#   scripts/soak.sh [EXAMPLES] [ROUNDS]      # defaults 2000 examples, 3 rounds
+#   scripts/soak.sh [EXAMPLES] [ROUNDS]      # defaults 2000 examples, 3 rounds (~5 min on 2 cores)
 #
 # On a GPU machine the cuda-backend KV state machine runs too (it is skipped without a GPU).
 set -euo pipefail
