@@ -1,4 +1,5 @@
-"""Random malloc/free/empty_cache sequences keep every invariant of the stitched allocator."""
+"""Random malloc/free/record_stream/empty_cache sequences, under several configurations, keep every
+invariant of the stitched allocator."""
 
 from __future__ import annotations
 
@@ -22,11 +23,18 @@ OPS = st.lists(
         st.tuples(st.just("malloc"), SIZES, st.sampled_from([0, 0, 0, 1])),
         st.tuples(st.just("free"), st.integers(0, 1 << 30), st.just(0)),
         st.tuples(st.just("empty_cache"), st.just(0), st.just(0)),
+        st.tuples(st.just("record_stream"), st.integers(0, 1 << 30), st.sampled_from([0, 1, 2])),
     ),
     min_size=1,
     max_size=60,
 )
 LIMIT = 96 * MiB
+CONFS = st.sampled_from([  # the defaults, then the knobs that change which path a request takes
+    {},
+    {"stitch_min_bytes": 2 * MiB},
+    {"stitch_va_limit": 16 * MiB},   # detached stitches dropped least-recently-used all the time
+    {"stitch": False},
+])
 CANARY = 4096  # bytes checked at each end of an allocation
 
 
@@ -41,6 +49,8 @@ def assert_invariants(a: glake.Allocator, live: dict, phys_before: int) -> None:
     assert st_["reserved_bytes.all.current"] == sum(s["size"] for s in snap if not s["stitched"])
     assert _C.stats("host")["physical_bytes.current"] - phys_before == st_["reserved_bytes.all.current"]
     assert st_["reserved_bytes.all.current"] <= LIMIT
+    for p, (s, _) in live.items():
+        assert a.allocation_of(p + s - 1) == (p, s)
     # Allocated blocks in the snapshot are exactly the live allocations.
     allocated = sorted(b["address"] for s in snap for b in s["blocks"] if b["state"] == "allocated")
     assert allocated == sorted(live)
@@ -57,10 +67,10 @@ def assert_invariants(a: glake.Allocator, live: dict, phys_before: int) -> None:
 
 
 @settings(max_examples=int(os.environ.get("GLAKE_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=OPS)
-def test_random_sequences_keep_invariants(ops):
+@given(ops=OPS, conf=CONFS)
+def test_random_sequences_keep_invariants(ops, conf):
     phys_before = _C.stats("host")["physical_bytes.current"]
-    a = glake.Allocator(backend="host", limit_bytes=LIMIT)
+    a = glake.Allocator(backend="host", limit_bytes=LIMIT, **conf)
     live: dict = {}
     seed = 0
     for op, arg, stream in ops:
@@ -81,6 +91,8 @@ def test_random_sequences_keep_invariants(ops):
             del live[p]
         elif op == "empty_cache":
             a.empty_cache()
+        elif op == "record_stream" and live:  # used on another stream too: its free is deferred
+            a.record_stream(sorted(live)[arg % len(live)], stream)
         assert_invariants(a, live, phys_before)
     for p in list(live):
         a.free(p)
