@@ -714,6 +714,7 @@ Block* StitchAllocator::slow_path(PoolKind kind, std::size_t size, StreamHandle 
     }
     stats_.num_alloc_retries++;
     process_deferred(true);
+    dissolve_held(0, true);  // members lent to held stitches of other streams can migrate too
     migrate_free_blocks(stream, true);
     if (Block* b = take_fit(kind, size, stream)) return b;
     release_cached();

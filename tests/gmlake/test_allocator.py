@@ -344,3 +344,26 @@ def test_empty_cache_keeps_segments_a_shrunk_active_stitch_still_maps():
     a.free(again)
     a.empty_cache()
     assert reserved(a) == 0 and _C.stats("host")["physical_bytes.current"] == live_core
+
+
+def test_oom_retry_reuses_a_held_stitch_of_another_stream():
+    # A stitch freed on stream 1 is held: its members stay lent to it, out of the free pool. A
+    # request on stream 2 that only fits in the limit with those members must get them on the OOM
+    # retry (the held stitch dissolved, its members migrated to stream 2 after stream 1's event),
+    # not fail with 8 MiB free in the cache.
+    a = make(limit_bytes="16MB")
+    a.free(a.malloc(12 * MiB, stream=1))  # one 12 MiB segment
+    y1, y2, y3 = (a.malloc(4 * MiB, stream=1) for _ in range(3))
+    a.free(y1)
+    a.free(y3)
+    s = a.malloc(8 * MiB, stream=1)  # stitched over the two holes
+    assert a.stats()["num_stitches"] == 1
+    a.free(s)  # held on stream 1
+    fill(y2, 4 * MiB, 1)
+    p = a.malloc(8 * MiB, stream=2)
+    assert reserved(a) == 12 * MiB and a.stats()["num_alloc_retries"] == 1
+    fill(p, 8 * MiB, 2)
+    assert check(y2, 4 * MiB, 1) and check(p, 8 * MiB, 2)
+    a.free(p)
+    a.free(y2)
+
