@@ -690,7 +690,10 @@ Block* StitchAllocator::grow(PoolKind kind, std::size_t size, StreamHandle strea
   // Stitch when what is free covers a useful part of the request (an eighth or more); below that,
   // mapping every chunk a second time costs more than the few free bytes it saves.
   const std::size_t have = free_bytes(PoolKind::Large, stream);
-  if (config_.stitch && size >= config_.stitch_min_bytes && have > 0 && have >= size / 8) {
+  // Under a cap, a plain segment that would pass it is no alternative: stitch whatever is free.
+  const std::size_t cap = limit();
+  const bool plain_fits = !cap || static_cast<std::size_t>(stats_.reserved_bytes.current) + size <= cap;
+  if (config_.stitch && size >= config_.stitch_min_bytes && have > 0 && (have >= size / 8 || !plain_fits)) {
     if (have < size) create_segment(kind, size - have, stream);  // the rest, stitched with what is free
     if (Block* b = stitch(size, stream)) return b;
   }

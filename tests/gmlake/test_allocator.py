@@ -367,3 +367,18 @@ def test_oom_retry_reuses_a_held_stitch_of_another_stream():
     a.free(p)
     a.free(y2)
 
+
+def test_oom_retry_stitches_a_small_free_share_when_a_plain_segment_passes_the_limit():
+    # 2 MiB free is less than an eighth of a 32 MiB request, so a plain 32 MiB segment is preferred;
+    # but under the limit only the stitch (2 MiB free + 30 MiB new) fits: it must be made rather than
+    # failing a request that the limit allows.
+    a = make(limit_bytes="42MB")
+    a.free(a.malloc(12 * MiB))
+    keep = a.malloc(10 * MiB)  # 2 MiB free at the end of the 12 MiB segment
+    fill(keep, 10 * MiB, 1)
+    p = a.malloc(32 * MiB)
+    assert reserved(a) == 42 * MiB and a.stats()["num_stitches"] == 1
+    fill(p, 32 * MiB, 2)
+    assert check(keep, 10 * MiB, 1) and check(p, 32 * MiB, 2)
+    a.free(p)
+    a.free(keep)
