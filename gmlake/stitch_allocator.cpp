@@ -45,6 +45,10 @@ StitchAllocator::StitchAllocator(Driver& driver, int device, AllocatorConfig con
 
 StitchAllocator::~StitchAllocator() {
   std::lock_guard<std::mutex> lock(mutex_);
+  try {
+    if (!segments_.empty()) quiesce_for_unmap(0);  // no kernel may still use what is unmapped below
+  } catch (...) {  // a context already torn down at exit runs nothing any more
+  }
   for (auto& d : deferred_) {
     for (EventHandle e : d.events) driver_.event_destroy(device_, e);
     if (d.block->kind == PoolKind::Stitched) d.block->stitch->active = false;
@@ -289,7 +293,7 @@ void StitchAllocator::release_graph(std::uint64_t graph) {
 void StitchAllocator::empty_cache() {
   std::lock_guard<std::mutex> lock(mutex_);
   process_deferred(false);
-  release_cached();
+  release_cached(0);
 }
 
 void StitchAllocator::set_memory_fraction(double fraction) {
@@ -499,13 +503,15 @@ void StitchAllocator::drop_stitch(Stitch* s) {
   stitches_.erase(it);  // unmaps the range; the chunks stay with their segments
 }
 
-void StitchAllocator::gc_stitches() {
+void StitchAllocator::gc_stitches(StreamHandle stream) {
+  bool quiet = false;
   while (static_cast<std::size_t>(stats_.stitched_va_cached) > config_.stitch_va_limit) {
     Stitch* lru = nullptr;
     for (auto& s : stitches_) {
       if (!s->active && (!lru || s->last_used < lru->last_used)) lru = s.get();
     }
     if (!lru) return;
+    if (!quiet && !(quiet = quiesce_for_unmap(stream))) return;  // over the bound until later
     if (lru->held) dissolve(lru);
     drop_stitch(lru);
   }
@@ -528,21 +534,33 @@ void StitchAllocator::release_segment(Segment* seg) {
   segments_.erase(it);  // unmaps and releases the chunks (idle stitches were dropped first)
 }
 
-std::size_t StitchAllocator::release_cached() {
+bool StitchAllocator::quiesce_for_unmap(StreamHandle stream) {
+  // cuMemUnmap, unlike cudaFree, does not wait for kernels still using the memory (torch's
+  // expandable segments synchronise for the same reason), and freed blocks may still be in use by
+  // work enqueued before their free. Waiting is not allowed while a graph is captured: then
+  // nothing is unmapped. (A legacy-stream query reports a capture on any stream as capturing.)
+  if (capturing_graphs_.load(std::memory_order_relaxed) > 0 || driver_.stream_is_capturing(device_, stream)) {
+    return false;
+  }
+  driver_.device_synchronize(device_);
+  stats_.num_sync_all_streams++;
+  return true;
+}
+
+std::size_t StitchAllocator::release_cached(StreamHandle stream) {
   dissolve_held(0, true);
   std::vector<Stitch*> idle;
-  for (auto& s : stitches_) {
-    if (!s->active) idle.push_back(s.get());
-  }
-  for (Stitch* s : idle) drop_stitch(s);
-  // The stitches left are active. A shrunk or prefix-reused one lends only some of its spans, yet
-  // its range maps the chunks of all of them and a later reuse reads every span's segment: those
-  // segments stay, even when all their blocks are free.
+  // An active stitch that was shrunk or prefix-reused lends only some of its spans, yet its range
+  // maps the chunks of all of them and a later reuse reads every span's segment: those segments
+  // stay, even when all their blocks are free.
   std::set<const Segment*> spanned;
   for (auto& s : stitches_) {
-    for (const Span& sp : s->spans) spanned.insert(sp.segment);
+    if (!s->active) {
+      idle.push_back(s.get());
+    } else {
+      for (const Span& sp : s->spans) spanned.insert(sp.segment);
+    }
   }
-  std::size_t released = 0;
   std::vector<Segment*> empty;
   for (auto& seg : segments_) {
     if (spanned.count(seg.get())) continue;
@@ -550,6 +568,9 @@ std::size_t StitchAllocator::release_cached() {
     for (Block* b = seg->head; b && all_free; b = b->next) all_free = !b->allocated && free_set(seg->kind).count(b);
     if (all_free) empty.push_back(seg.get());
   }
+  if ((idle.empty() && empty.empty()) || !quiesce_for_unmap(stream)) return 0;
+  for (Stitch* s : idle) drop_stitch(s);
+  std::size_t released = 0;
   for (Segment* seg : empty) {
     released += seg->range->size();
     release_segment(seg);
@@ -675,7 +696,7 @@ Block* StitchAllocator::stitch(std::size_t size, StreamHandle stream) {
   stats_.mapped_va_bytes.add(size);
   stats_.stitched_va_cached += static_cast<std::int64_t>(size);
   stitches_.push_back(std::move(s));
-  gc_stitches();
+  gc_stitches(stream);
   return sb;
 }
 
@@ -720,7 +741,7 @@ Block* StitchAllocator::slow_path(PoolKind kind, std::size_t size, StreamHandle 
     dissolve_held(0, true);  // members lent to held stitches of other streams can migrate too
     migrate_free_blocks(stream, true);
     if (Block* b = take_fit(kind, size, stream)) return b;
-    release_cached();
+    release_cached(stream);
     try {
       return grow(kind, size, stream);
     } catch (const OutOfMemoryError& second) {

@@ -39,6 +39,7 @@ struct AllocatorStats {
   std::int64_t num_allocs = 0, num_frees = 0, num_alloc_retries = 0, num_ooms = 0;
   std::int64_t num_stitches = 0, num_stitch_reuses = 0, num_stitch_gc = 0;
   std::int64_t num_segments_created = 0, num_segments_released = 0, num_cross_stream_reuses = 0;
+  std::int64_t num_sync_all_streams = 0;  ///< device synchronisations before unmapping freed memory
   std::int64_t stitched_va_cached = 0;  ///< VA of stitched ranges (active and idle)
 };
 
@@ -132,9 +133,10 @@ class GLAKE_API StitchAllocator {
   Block* stitch(std::size_t size, StreamHandle stream);
   Segment* create_segment(PoolKind kind, std::size_t bytes, StreamHandle stream);
   void release_segment(Segment* seg);
-  std::size_t release_cached();
+  bool quiesce_for_unmap(StreamHandle stream);
+  std::size_t release_cached(StreamHandle stream);
   void drop_stitch(Stitch* s);
-  void gc_stitches();
+  void gc_stitches(StreamHandle stream);
   void process_deferred(bool wait);
   bool migrate_free_blocks(StreamHandle to, bool wait);
   std::size_t free_bytes(PoolKind kind, StreamHandle stream) const;

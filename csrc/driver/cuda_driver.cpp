@@ -318,6 +318,11 @@ void CudaDriver::stream_synchronize(int device, StreamHandle stream) {
   check(api_.p_cuStreamSynchronize(reinterpret_cast<CUstream>(stream)), "cuStreamSynchronize(" + hex(stream) + ")");
 }
 
+void CudaDriver::device_synchronize(int device) {
+  ContextGuard guard(*this, device);
+  check(api_.p_cuCtxSynchronize(), "cuCtxSynchronize(device " + std::to_string(device) + ")");
+}
+
 bool CudaDriver::stream_is_capturing(int device, StreamHandle stream) {
   ContextGuard guard(*this, device);
   CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;

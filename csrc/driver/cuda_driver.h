@@ -25,7 +25,7 @@ namespace glake {
   X(cuStreamWaitEvent) X(cuMemHostAlloc) X(cuMemFreeHost) X(cuMemAlloc) X(cuMemFree)                \
   X(cuPointerGetAttributes) X(cuDeviceCanAccessPeer) X(cuCtxEnablePeerAccess)                         \
   X(cuStreamSynchronize) X(cuStreamIsCapturing) X(cuEventCreate) X(cuEventRecord) X(cuEventQuery)  \
-  X(cuEventSynchronize) X(cuEventDestroy) X(cuThreadExchangeStreamCaptureMode)
+  X(cuEventSynchronize) X(cuEventDestroy) X(cuThreadExchangeStreamCaptureMode) X(cuCtxSynchronize)
 
 /// Function pointers into libcuda, resolved once.
 struct CudaApi {
@@ -61,6 +61,7 @@ class CudaDriver final : public Driver {
   StreamHandle stream_create(int device) override;
   void stream_destroy(int device, StreamHandle stream) override;
   void stream_synchronize(int device, StreamHandle stream) override;
+  void device_synchronize(int device) override;
   bool stream_is_capturing(int device, StreamHandle stream) override;
   EventHandle event_create(int device) override;
   void event_record(int device, EventHandle event, StreamHandle stream) override;

@@ -130,6 +130,8 @@ class GLAKE_API Driver {
   virtual void stream_destroy(int device, StreamHandle stream) = 0;
   /// Waits until all work on `stream` is done.
   virtual void stream_synchronize(int device, StreamHandle stream) = 0;
+  /// Waits until all work on the device is done (every stream of its primary context).
+  virtual void device_synchronize(int device) = 0;
   /// True while `stream` is capturing a CUDA graph (never on host).
   virtual bool stream_is_capturing(int device, StreamHandle stream) = 0;
   /// Creates an event without timing.

@@ -28,6 +28,7 @@ class HostDriver final : public Driver {
   StreamHandle stream_create(int device) override;
   void stream_destroy(int, StreamHandle) override {}
   void stream_synchronize(int, StreamHandle) override {}
+  void device_synchronize(int) override {}
   bool stream_is_capturing(int, StreamHandle) override { return false; }
   EventHandle event_create(int device) override;
   void event_record(int, EventHandle, StreamHandle) override {}

@@ -41,6 +41,7 @@ py::dict stats_dict(const gm::StitchAllocator& a) {
   d["num_segments_created"] = s.num_segments_created;
   d["num_segments_released"] = s.num_segments_released;
   d["num_cross_stream_reuses"] = s.num_cross_stream_reuses;
+  d["num_sync_all_streams"] = s.num_sync_all_streams;
   d["limit_bytes"] = a.limit();
   return d;
 }

@@ -382,3 +382,33 @@ def test_oom_retry_stitches_a_small_free_share_when_a_plain_segment_passes_the_l
     assert check(keep, 10 * MiB, 1) and check(p, 32 * MiB, 2)
     a.free(p)
     a.free(keep)
+
+
+def test_unmapping_freed_memory_waits_for_the_device_first():
+    # cuMemUnmap does not wait for kernels still using the range (cudaFree does): freed blocks may
+    # still be read by work enqueued before their free, so every path that unmaps them synchronises
+    # the device once first, and the fast paths never do.
+    a = make()
+    syncs = lambda: a.stats()["num_sync_all_streams"]  # noqa: E731
+    p = a.malloc(4 * MiB)
+    a.free(a.malloc(4 * MiB))
+    a.empty_cache()
+    assert syncs() == 1 and reserved(a) == 4 * MiB  # one sync, then the free segment was released
+    a.empty_cache()
+    assert syncs() == 1  # nothing to unmap: no sync
+    for _ in range(3):
+        a.free(a.malloc(3 * MiB))
+    assert syncs() == 1  # malloc/free from the cache never synchronise
+    a.free(p)
+
+    b = make(stitch_va_limit=8 * MiB)  # stitched VA beyond 8 MiB is dropped least recently used
+    x, y, z = (b.malloc(4 * MiB) for _ in range(3))
+    b.free(x)
+    b.free(z)
+    s1 = b.malloc(8 * MiB)  # stitched over x and z: 8 MiB of stitched VA, at the bound
+    b.free(s1)
+    assert b.stats()["num_sync_all_streams"] == 0
+    b.free(y)
+    big = b.malloc(12 * MiB)  # a new 12 MiB stitch passes the bound: the idle 8 MiB one is dropped
+    assert b.stats()["num_stitch_gc"] == 1 and b.stats()["num_sync_all_streams"] == 1
+    b.free(big)
