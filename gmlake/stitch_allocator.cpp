@@ -46,7 +46,7 @@ StitchAllocator::StitchAllocator(Driver& driver, int device, AllocatorConfig con
 StitchAllocator::~StitchAllocator() {
   std::lock_guard<std::mutex> lock(mutex_);
   try {
-    if (!segments_.empty()) quiesce_for_unmap(0);  // no kernel may still use what is unmapped below
+    if (!segments_.empty()) quiesce(0);  // no kernel may still use what is unmapped below
   } catch (...) {  // a context already torn down at exit runs nothing any more
   }
   for (auto& d : deferred_) {
@@ -267,6 +267,7 @@ void StitchAllocator::record_stream(DevPtr ptr, StreamHandle stream) {
 }
 
 void StitchAllocator::begin_graph(std::uint64_t graph) {
+  if (graph == kRetiredGraphs) throw InvalidArgumentError("begin_graph: graph id 0 is reserved");
   std::lock_guard<std::mutex> lock(mutex_);
   graph_blocks_.emplace(graph, std::vector<Block*>{});
   capture_graph_ = graph;
@@ -282,7 +283,18 @@ void StitchAllocator::end_graph(std::uint64_t graph) {
 void StitchAllocator::release_graph(std::uint64_t graph) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = graph_blocks_.find(graph);
-  if (it == graph_blocks_.end()) return;
+  if (graph == kRetiredGraphs || it == graph_blocks_.end()) return;
+  // A replay may still be running, on any stream: the graph's memory goes back to the cache only
+  // once the device is idle (torch frees its graph pools through synchronising paths too).
+  std::vector<Block*>& retired = graph_blocks_[kRetiredGraphs];
+  retired.insert(retired.end(), it->second.begin(), it->second.end());
+  graph_blocks_.erase(it);
+  release_retired_graph_blocks();
+}
+
+void StitchAllocator::release_retired_graph_blocks() {
+  auto it = graph_blocks_.find(kRetiredGraphs);
+  if (it == graph_blocks_.end() || (!it->second.empty() && !quiesce(0))) return;
   for (Block* b : it->second) {
     stats_.active_bytes.add(-static_cast<std::int64_t>(b->size));
     release_block(b);
@@ -293,6 +305,7 @@ void StitchAllocator::release_graph(std::uint64_t graph) {
 void StitchAllocator::empty_cache() {
   std::lock_guard<std::mutex> lock(mutex_);
   process_deferred(false);
+  release_retired_graph_blocks();
   release_cached(0);
 }
 
@@ -511,7 +524,7 @@ void StitchAllocator::gc_stitches(StreamHandle stream) {
       if (!s->active && (!lru || s->last_used < lru->last_used)) lru = s.get();
     }
     if (!lru) return;
-    if (!quiet && !(quiet = quiesce_for_unmap(stream))) return;  // over the bound until later
+    if (!quiet && !(quiet = quiesce(stream))) return;  // over the bound until later
     if (lru->held) dissolve(lru);
     drop_stitch(lru);
   }
@@ -534,11 +547,12 @@ void StitchAllocator::release_segment(Segment* seg) {
   segments_.erase(it);  // unmaps and releases the chunks (idle stitches were dropped first)
 }
 
-bool StitchAllocator::quiesce_for_unmap(StreamHandle stream) {
-  // cuMemUnmap, unlike cudaFree, does not wait for kernels still using the memory (torch's
-  // expandable segments synchronise for the same reason), and freed blocks may still be in use by
-  // work enqueued before their free. Waiting is not allowed while a graph is captured: then
-  // nothing is unmapped. (A legacy-stream query reports a capture on any stream as capturing.)
+bool StitchAllocator::quiesce(StreamHandle stream) {
+  // Waits for the device before memory that kernels may still use is unmapped or reused: cuMemUnmap,
+  // unlike cudaFree, does not wait for them (torch's expandable segments synchronise for the same
+  // reason), freed blocks may still be in use by work enqueued before their free, and a released
+  // graph may still be replaying. Waiting is not allowed while a graph is captured: then the
+  // caller leaves the memory alone (false). A legacy-stream query reports a capture on any stream.
   if (capturing_graphs_.load(std::memory_order_relaxed) > 0 || driver_.stream_is_capturing(device_, stream)) {
     return false;
   }
@@ -568,7 +582,7 @@ std::size_t StitchAllocator::release_cached(StreamHandle stream) {
     for (Block* b = seg->head; b && all_free; b = b->next) all_free = !b->allocated && free_set(seg->kind).count(b);
     if (all_free) empty.push_back(seg.get());
   }
-  if ((idle.empty() && empty.empty()) || !quiesce_for_unmap(stream)) return 0;
+  if ((idle.empty() && empty.empty()) || !quiesce(stream)) return 0;
   for (Stitch* s : idle) drop_stitch(s);
   std::size_t released = 0;
   for (Segment* seg : empty) {

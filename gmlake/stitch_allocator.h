@@ -133,7 +133,8 @@ class GLAKE_API StitchAllocator {
   Block* stitch(std::size_t size, StreamHandle stream);
   Segment* create_segment(PoolKind kind, std::size_t bytes, StreamHandle stream);
   void release_segment(Segment* seg);
-  bool quiesce_for_unmap(StreamHandle stream);
+  bool quiesce(StreamHandle stream);
+  void release_retired_graph_blocks();
   std::size_t release_cached(StreamHandle stream);
   void drop_stitch(Stitch* s);
   void gc_stitches(StreamHandle stream);
@@ -167,7 +168,10 @@ class GLAKE_API StitchAllocator {
   std::uint64_t free_seq_ = 0, tick_ = 0, next_id_ = 1;
   std::atomic<int> capturing_graphs_{0};  ///< read without the lock on every malloc
   std::uint64_t capture_graph_ = 0;
-  std::map<std::uint64_t, std::vector<Block*>> graph_blocks_;  ///< live graphs -> their freed blocks
+  /// Live graphs -> their freed blocks; key kRetiredGraphs: blocks of released graphs waiting for a
+  /// moment the device may be synchronised (none while another graph captures).
+  std::map<std::uint64_t, std::vector<Block*>> graph_blocks_;
+  static constexpr std::uint64_t kRetiredGraphs = 0;
   AllocatorStats stats_;
 };
 
