@@ -181,7 +181,9 @@ DevPtr StitchAllocator::malloc(std::size_t size, StreamHandle stream) {
     throw OutOfMemoryError(oom_message(size, rounded, "the request is larger than " +
                                                         std::string(limit() ? "the limit" : "the device")));
   }
-  if (!deferred_.empty()) process_deferred(false);
+  // Pending record_stream frees are looked at only when no graph captures: their event queries
+  // are forbidden during a global-mode capture (torch defers them the same way).
+  if (!deferred_.empty() && capturing_graphs_.load(std::memory_order_relaxed) == 0) process_deferred(false);
   Block* b = take_fit(kind, rounded, stream);
   if (!b && kind == PoolKind::Large) b = take_held_stitch(rounded, stream);
   if (!b) b = slow_path(kind, rounded, stream, size);
@@ -304,7 +306,7 @@ void StitchAllocator::release_retired_graph_blocks() {
 
 void StitchAllocator::empty_cache() {
   std::lock_guard<std::mutex> lock(mutex_);
-  process_deferred(false);
+  if (capturing_graphs_.load(std::memory_order_relaxed) == 0) process_deferred(false);  // see malloc
   release_retired_graph_blocks();
   release_cached(0);
 }
@@ -737,12 +739,15 @@ Block* StitchAllocator::grow(PoolKind kind, std::size_t size, StreamHandle strea
 }
 
 Block* StitchAllocator::slow_path(PoolKind kind, std::size_t size, StreamHandle stream, std::size_t requested) {
+  // During graph capture, driver calls must not invalidate the capture: like torch, switch this
+  // thread to relaxed capture mode while the slow path queries events, creates, maps or waits.
+  // A global-mode capture forbids them on every thread, so this holds for allocations on other
+  // streams while a graph captures too.
+  CaptureModeGuard relax(driver_, capturing_graphs_.load(std::memory_order_relaxed) > 0 ||
+                                      driver_.stream_is_capturing(device_, stream));
   if (migrate_free_blocks(stream, false)) {
     if (Block* b = take_fit(kind, size, stream)) return b;
   }
-  // During graph capture, driver calls must not invalidate the capture: like torch, switch this
-  // thread to relaxed capture mode while the slow path creates, maps or waits.
-  CaptureModeGuard relax(driver_, driver_.stream_is_capturing(device_, stream));
   try {
     return grow(kind, size, stream);
   } catch (const OutOfMemoryError& first) {

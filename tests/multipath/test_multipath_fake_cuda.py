@@ -9,54 +9,17 @@ It is not a GPU test: the GPU tests (test_multipath_gpu.py, marked gpu) check th
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-CUDA_H_DIRS = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+from tests.fake_cuda_util import fake_libcuda, run_scenario as _run  # noqa: F401  (fixture)
+
+SCENARIOS = Path(__file__).resolve().parent / "fake_cuda_scenarios.py"
 
 
-def build_fake(out: Path, *flags: str) -> Path:
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    include = next((Path(d) / "include" for d in CUDA_H_DIRS if d and (Path(d) / "include" / "cuda.h").exists()), None)
-    if not cxx or not include:
-        pytest.skip("needs a C++ compiler and cuda.h to build the fake libcuda")
-    subprocess.run([cxx, "-shared", "-fPIC", "-O1", "-std=c++17", *flags, f"-I{include}",
-                    str(HERE / "fake_cuda" / "fake_cuda.cpp"), "-o", str(out / "libcuda.so.1"), "-lpthread"], check=True)
-    return out
-
-
-@pytest.fixture(scope="module")
-def fake_libcuda(tmp_path_factory) -> tuple[Path, str]:
-    """The fake, and what to LD_PRELOAD into the scenario's Python. Built with AddressSanitizer where
-    the compiler has it, so a use of freed fake state (an event, a stream) fails the scenario at once
-    instead of crashing a later run by chance; the ASan and C++ runtimes are preloaded for that."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or "g++"
-    runtimes = [subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
-                for lib in ("libasan.so", "libstdc++.so")]
-    out = tmp_path_factory.mktemp("fake_cuda")
-    if all(os.path.isabs(r) for r in runtimes):
-        return build_fake(out, "-g", "-fsanitize=address"), os.pathsep.join(runtimes)
-    return build_fake(out), ""
-
-
-def run_scenario(fake: tuple[Path, str], name: str, devices: int = 2, delay_us: int = 0, wait_lag_us: int = 0) -> None:
-    lib, preload = fake
-    env = dict(os.environ, GLAKE_BACKEND="cuda", FAKE_CUDA_DEVICES=str(devices), FAKE_CUDA_COPY_DELAY_US=str(delay_us),
-               FAKE_CUDA_WAIT_LAG_US=str(wait_lag_us),
-               LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(lib), os.environ.get("LD_LIBRARY_PATH")])),
-               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    env.pop("GLAKE_MULTIPATH_CONF", None)
-    if preload:  # Python itself leaks by design at exit: report memory errors only
-        env.update(LD_PRELOAD=preload, ASAN_OPTIONS="detect_leaks=0")
-    r = subprocess.run([sys.executable, str(HERE / "fake_cuda_scenarios.py"), name], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0 and f"OK {name}" in r.stdout, f"{name} failed:\n{r.stdout}\n{r.stderr}"
+def run_scenario(fake, name: str, **kw) -> None:
+    _run(fake, SCENARIOS, name, **kw)
 
 
 @pytest.mark.parametrize("name", [

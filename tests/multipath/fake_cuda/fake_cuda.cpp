@@ -1,10 +1,22 @@
 // A fake libcuda.so.1 for testing glake's cuda backend code paths on machines without a GPU.
 //
 // NOT a GPU and not a measurement of one. It gives the CUDA driver API's *semantics* that the
-// multipath engine depends on, on host memory:
+// multipath engine and the stitched allocator depend on, on host memory:
 //   - device memory (cuMemAlloc) and pinned memory (cuMemHostAlloc) are tracked host allocations;
-//     cuPointerGetAttributes answers from that table; anything else is "pageable";
+//     cuPointerGetAttributes answers from that table and from the VMM mappings; anything else is
+//     "pageable";
+//   - the virtual memory API, as glake's host backend emulates it (csrc/driver/host_driver.cpp):
+//     granularity 2 MiB; cuMemCreate makes a memfd (POSIX-fd shareable when asked;
+//     FAKE_CUDA_NO_FD_EXPORT=1 refuses that with NOT_SUPPORTED, as some containers do);
+//     cuMemAddressReserve is an aligned PROT_NONE reservation; cuMemMap maps the memfd there with
+//     MAP_FIXED but PROT_NONE, as nothing is accessible before cuMemSetAccess; cuMemUnmap turns the
+//     range back into a reservation; export/import dup the fd. Arguments are checked as CUDA
+//     does (granularity alignment, no mapping over a mapping, unmapping only whole mappings,
+//     freeing only whole reservations) with CUDA's error codes. Mapped memory is device memory of
+//     the handle's device for pointer attributes and for the copy range checks. cuMemRelease of a
+//     mapped handle is legal: the memory lives until its last unmap (as in CUDA);
 //   - every stream is a thread draining a FIFO, so copies really are asynchronous to the caller;
+//     cuCtxSynchronize waits for every stream of the current context's device, legacy included;
 //   - events count records and completions: cuEventSynchronize / cuStreamWaitEvent wait for the
 //     latest record at call time, as CUDA does; an event may be destroyed while queued work still
 //     records or waits on it (CUDA frees it once that work is done);
@@ -12,13 +24,41 @@
 //     streams) by n microseconds, so tests can make the engine's copies lag the caller's stream;
 //   - FAKE_CUDA_WAIT_LAG_US=n makes every stream reach its event waits n microseconds late;
 //   - calls check what CUDA checks and glake could get wrong: a current context, streams and events
-//     of the current context, copies that run past the end of a device allocation.
-// Test helpers (extern "C" fake_*) let tests make streams, delay them and count live allocations.
+//     of the current context, copies that run past the end of a device allocation or mapping.
+//
+// Violations: what a real GPU would not report as an error but would get wrong, or what a capture
+// forbids, is counted (fake_violations()) and described on stderr ("fake_cuda: VIOLATION ..."):
+//   - the unmap hazard: cuMemUnmap of a range that queued-but-unfinished stream work (copies,
+//     memsets) will touch: on a GPU a running kernel would use unmapped memory. A stream op that
+//     finds its memory unmapped when it runs is counted too, and skipped instead of faulting;
+//   - stream capture, emulated by fake_set_capturing(stream, on) (a capture in global mode, owned
+//     by the calling thread): cuStreamIsCapturing answers ACTIVE for that stream, and for the
+//     legacy stream returns CUDA_ERROR_STREAM_CAPTURE_IMPLICIT while a blocking stream captures.
+//     Work pushed to a capturing stream is captured, i.e. not run. While a capture is under way,
+//     the "potentially unsafe" calls (cuCtxSynchronize, cuStreamSynchronize of the legacy or a
+//     capturing stream, cuEventQuery, cuEventSynchronize, cuMemAlloc/cuMemFree/cuMemHostAlloc/
+//     cuMemFreeHost, synchronous cuMemcpy/cuMemsetD8) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+//     and count a violation, unless the calling thread's mode (cuThreadExchangeStreamCaptureMode,
+//     per thread) allows them: RELAXED always does, THREAD_LOCAL does when the thread owns no
+//     capture. Querying or waiting on an event last recorded in a capture returns
+//     CUDA_ERROR_CAPTURED_EVENT in every mode. cuEventRecord / cuStreamWaitEvent on a stream that
+//     does not capture, cuEventCreate/Destroy and the VMM calls are allowed during a capture. A
+//     forbidden call does not invalidate the capture here (CUDA would): the counter is the signal.
+// Test helpers (extern "C" fake_*) let tests make streams, delay them, mark them capturing, and
+// count live allocations, VMM handles/reservations and violations.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cuda.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -27,11 +67,15 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <shared_mutex>
 #include <string>
 #include <thread>
 #include <utility>
+#include <vector>
 
 namespace {
+
+constexpr std::size_t kGranularity = 2u << 20;
 
 int device_count() {
   const char* env = std::getenv("FAKE_CUDA_DEVICES");
@@ -44,6 +88,19 @@ struct Ctx {
 Ctx g_ctx[16] = {{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}};
 thread_local Ctx* t_current = nullptr;
 
+std::atomic<int> g_violations{0};
+
+void violation(const std::string& what) {
+  g_violations.fetch_add(1);
+  std::fprintf(stderr, "fake_cuda: VIOLATION %s\n", what.c_str());
+}
+
+std::string hex(std::uintptr_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
 struct Alloc {
   std::size_t size;
   int device;  // -1 for pinned host memory
@@ -51,6 +108,58 @@ struct Alloc {
 std::mutex g_mem_mu;
 std::map<std::uintptr_t, Alloc> g_allocs;
 std::set<std::pair<int, int>> g_peer;  // (accessor, owner)
+
+// ---- VMM state: all of it under g_vmm_mu (exclusive to change, shared to read) ----------------
+
+struct Phys {
+  int fd;               // -1 once released (the mappings keep the memory)
+  std::size_t size;
+  int device;
+  bool shareable;       // created with CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+  int mappings = 0;
+};
+struct Mapping {
+  std::size_t size;
+  CUmemGenericAllocationHandle handle;
+  int device;
+  bool access = false;  // cuMemSetAccess done
+};
+std::shared_mutex g_vmm_mu;
+std::map<CUmemGenericAllocationHandle, Phys> g_handles;  // live (unreleased, or still mapped)
+CUmemGenericAllocationHandle g_next_handle = 1;
+std::map<std::uintptr_t, std::size_t> g_reserved;        // base -> size
+std::map<std::uintptr_t, Mapping> g_mapped;              // va -> mapping
+std::map<dev_t, std::map<ino_t, int>> g_memfd_device;    // memfd inode -> device, for imports
+
+/// The reservation containing [p, p + n), if any (g_vmm_mu held).
+bool in_reservation(std::uintptr_t p, std::size_t n) {
+  auto it = g_reserved.upper_bound(p);
+  if (it == g_reserved.begin()) return false;
+  --it;
+  return p >= it->first && p + n <= it->first + it->second;
+}
+bool touches_reservation(std::uintptr_t p, std::size_t n) {
+  auto it = g_reserved.upper_bound(p + n - 1);
+  if (it == g_reserved.begin()) return false;
+  --it;
+  return it->first + it->second > p;
+}
+
+/// Whether [p, p + n) is covered by back-to-back mappings (accessible ones if `access`), and the
+/// device of the first (g_vmm_mu held).
+bool mapped_span(std::uintptr_t p, std::size_t n, bool access, int* device = nullptr) {
+  auto it = g_mapped.upper_bound(p);
+  if (it == g_mapped.begin()) return false;
+  --it;
+  if (p >= it->first + it->second.size) return false;
+  if (device) *device = it->second.device;
+  std::uintptr_t at = it->first;
+  for (; it != g_mapped.end() && at < p + n; ++it) {
+    if (it->first != at || (access && !it->second.access)) return false;
+    at += it->second.size;
+  }
+  return at >= p + n;
+}
 
 /// The allocation containing p, if any.
 bool find_alloc(std::uintptr_t p, std::uintptr_t& base, Alloc& a) {
@@ -64,8 +173,13 @@ bool find_alloc(std::uintptr_t p, std::uintptr_t& base, Alloc& a) {
   return true;
 }
 
-/// A range [p, p + n) is fine if it is not tracked memory, or lies inside one allocation.
+/// A range [p, p + n) is fine if it is not tracked memory, lies inside one allocation, or (VMM
+/// memory) lies in accessible mappings.
 bool range_ok(std::uintptr_t p, std::size_t n) {
+  {
+    std::shared_lock<std::shared_mutex> lock(g_vmm_mu);
+    if (touches_reservation(p, n ? n : 1)) return n == 0 || mapped_span(p, n, true);
+  }
   std::uintptr_t base;
   Alloc a;
   if (!find_alloc(p, base, a)) return true;
@@ -73,13 +187,44 @@ bool range_ok(std::uintptr_t p, std::size_t n) {
 }
 
 bool tracked(std::uintptr_t p) {
+  {
+    std::shared_lock<std::shared_mutex> lock(g_vmm_mu);
+    if (mapped_span(p, 1, false)) return true;
+  }
   std::uintptr_t base;
   Alloc a;
   return find_alloc(p, base, a);
 }
 
+// ---- in-flight stream work, for the unmap hazard ----------------------------------------------
+
+struct Touch {
+  std::uintptr_t lo, hi;  // [lo, hi)
+};
+std::mutex g_flight_mu;
+std::multimap<std::uint64_t, Touch> g_in_flight;  // op id -> a range it will touch
+std::uint64_t g_next_op = 1;
+
+/// The queued op touching [lo, hi), if any (g_flight_mu held).
+bool in_flight(std::uintptr_t lo, std::uintptr_t hi, Touch& hit) {
+  for (const auto& [id, t] : g_in_flight) {
+    if (t.lo < hi && lo < t.hi) {
+      hit = t;
+      return true;
+    }
+  }
+  return false;
+}
+
+// ---- stream capture ---------------------------------------------------------------------------
+
+std::atomic<int> g_capturing{0};           // streams capturing now
+std::atomic<int> g_capturing_blocking{0};  // ... of them blocking (not CU_STREAM_NON_BLOCKING)
+thread_local CUstreamCaptureMode t_capture_mode = CU_STREAM_CAPTURE_MODE_GLOBAL;
+thread_local int t_owned_captures = 0;     // captures this thread started
+
 struct Stream {
-  explicit Stream(int dev) : device(dev), thread([this] { run(); }) {}
+  Stream(int dev, bool blocking_) : device(dev), blocking(blocking_), thread([this] { run(); }) {}
   ~Stream() {
     {
       std::lock_guard<std::mutex> lock(mu);
@@ -88,7 +233,9 @@ struct Stream {
     cv.notify_all();
     thread.join();
   }
+  /// Queues `op`. On a capturing stream work is captured, not run: dropped here.
   void push(std::function<void()> op) {
+    if (capturing) return;
     {
       std::lock_guard<std::mutex> lock(mu);
       ops.push_back(std::move(op));
@@ -116,6 +263,8 @@ struct Stream {
     }
   }
   int device;
+  bool blocking;
+  std::atomic<bool> capturing{false};
   unsigned delay_us = 0;  // added before every copy (FAKE_CUDA_COPY_DELAY_US, cuStreamCreate streams)
   std::mutex mu;
   std::condition_variable cv;
@@ -125,12 +274,60 @@ struct Stream {
   std::thread thread;  // last: starts after the members above exist
 };
 
+/// Every stream, legacy ones included, for cuCtxSynchronize.
+std::mutex g_streams_mu;
+std::set<Stream*> g_streams;
+
+Stream* new_stream(int device, bool blocking) {
+  Stream* s = new Stream(device, blocking);
+  std::lock_guard<std::mutex> lock(g_streams_mu);
+  g_streams.insert(s);
+  return s;
+}
+
+/// Whether a "potentially unsafe" call is forbidden now; if so it is counted and described.
+bool capture_forbids(const char* call) {
+  if (g_capturing.load() == 0) return false;
+  const CUstreamCaptureMode mode = t_capture_mode;
+  if (mode == CU_STREAM_CAPTURE_MODE_RELAXED) return false;
+  if (mode == CU_STREAM_CAPTURE_MODE_THREAD_LOCAL && t_owned_captures == 0) return false;
+  violation(std::string(call) + " during a stream capture (global mode): CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED");
+  return true;
+}
+
+/// Queues `op` on `st`, which will touch the ranges `touch`: they count as in flight until it has
+/// run, and it runs only if they are still accessible (else it is counted and skipped, where a
+/// GPU would fault).
+void push_touching(Stream* st, std::vector<Touch> touch, std::function<void()> op) {
+  if (st->capturing) return;  // captured, not run
+  std::uint64_t id;
+  {
+    std::lock_guard<std::mutex> lock(g_flight_mu);
+    id = g_next_op++;
+    for (const Touch& t : touch) g_in_flight.emplace(id, t);
+  }
+  st->push([id, touch = std::move(touch), op = std::move(op)] {
+    std::shared_lock<std::shared_mutex> vmm(g_vmm_mu);  // no unmap while the op checks and runs
+    bool ok = true;
+    for (const Touch& t : touch) {
+      if (t.hi > t.lo && touches_reservation(t.lo, t.hi - t.lo) && !mapped_span(t.lo, t.hi - t.lo, true)) {
+        violation("a stream op touches [" + hex(t.lo) + ", " + hex(t.hi) + ") which is no longer mapped: skipped");
+        ok = false;
+      }
+    }
+    if (ok) op();
+    std::lock_guard<std::mutex> lock(g_flight_mu);
+    g_in_flight.erase(id);
+  });
+}
+
 /// What streams touch of an event. Stream ops hold it by shared_ptr, so cuEventDestroy can free the
 /// handle while work that records or waits on it is still queued, as CUDA allows.
 struct EventState {
   std::mutex mu;
   std::condition_variable cv;
   std::uint64_t recorded = 0, completed = 0;
+  bool captured = false;  // last recorded in a capture
   void wait_for(std::uint64_t target) {
     std::unique_lock<std::mutex> lock(mu);
     cv.wait(lock, [&] { return completed >= target; });
@@ -151,7 +348,7 @@ std::mutex g_legacy_mu;
 
 Stream* legacy(int device) {
   std::lock_guard<std::mutex> lock(g_legacy_mu);
-  if (!g_legacy[device]) g_legacy[device] = new Stream(device);  // lives for the process
+  if (!g_legacy[device]) g_legacy[device] = new_stream(device, true);  // lives for the process
   return g_legacy[device];
 }
 
@@ -181,25 +378,209 @@ CUresult f_cuCtxGetCurrent(CUcontext* c) { *c = reinterpret_cast<CUcontext>(t_cu
 CUresult f_cuCtxSetCurrent(CUcontext c) { t_current = reinterpret_cast<Ctx*>(c); return CUDA_SUCCESS; }
 CUresult f_cuGetErrorName(CUresult r, const char** name) {
   switch (r) {
-    case CUDA_SUCCESS: *name = "CUDA_SUCCESS"; break;
-    case CUDA_ERROR_INVALID_VALUE: *name = "CUDA_ERROR_INVALID_VALUE"; break;
-    case CUDA_ERROR_INVALID_CONTEXT: *name = "CUDA_ERROR_INVALID_CONTEXT"; break;
-    case CUDA_ERROR_INVALID_HANDLE: *name = "CUDA_ERROR_INVALID_HANDLE"; break;
-    case CUDA_ERROR_NOT_SUPPORTED: *name = "CUDA_ERROR_NOT_SUPPORTED"; break;
-    case CUDA_ERROR_NOT_READY: *name = "CUDA_ERROR_NOT_READY"; break;
-    case CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED: *name = "CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED"; break;
+#define NAME(e) case e: *name = #e; break;
+    NAME(CUDA_SUCCESS) NAME(CUDA_ERROR_INVALID_VALUE) NAME(CUDA_ERROR_OUT_OF_MEMORY) NAME(CUDA_ERROR_INVALID_CONTEXT)
+    NAME(CUDA_ERROR_INVALID_DEVICE) NAME(CUDA_ERROR_INVALID_HANDLE) NAME(CUDA_ERROR_NOT_SUPPORTED)
+    NAME(CUDA_ERROR_NOT_READY) NAME(CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED)
+    NAME(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED) NAME(CUDA_ERROR_STREAM_CAPTURE_IMPLICIT)
+    NAME(CUDA_ERROR_CAPTURED_EVENT)
+#undef NAME
     default: *name = "CUDA_ERROR_UNKNOWN"; break;
   }
   return CUDA_SUCCESS;
 }
-CUresult f_cuMemGetAllocationGranularity(size_t* g, const CUmemAllocationProp*, CUmemAllocationGranularity_flags) {
-  *g = 2u << 20;
+CUresult f_cuMemGetInfo(size_t* free_b, size_t* total) { *free_b = 70ull << 30; *total = 80ull << 30; return CUDA_SUCCESS; }
+
+// ---- the virtual memory API -------------------------------------------------------------------
+
+bool granular(std::uintptr_t v) { return v % kGranularity == 0; }
+
+CUresult f_cuMemGetAllocationGranularity(size_t* g, const CUmemAllocationProp* prop, CUmemAllocationGranularity_flags) {
+  if (!g || !prop) return CUDA_ERROR_INVALID_VALUE;
+  *g = kGranularity;
   return CUDA_SUCCESS;
 }
-CUresult f_cuMemGetInfo(size_t* free_b, size_t* total) { *free_b = 70ull << 30; *total = 80ull << 30; return CUDA_SUCCESS; }
+
+CUresult f_cuMemCreate(CUmemGenericAllocationHandle* h, size_t size, const CUmemAllocationProp* prop,
+                       unsigned long long flags) {
+  NEED_CTX();
+  if (!h || !prop || flags || size == 0 || !granular(size) || prop->type != CU_MEM_ALLOCATION_TYPE_PINNED ||
+      prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE) {
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  if (prop->location.id < 0 || prop->location.id >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
+  const auto types = static_cast<unsigned>(prop->requestedHandleTypes);
+  if (types & ~static_cast<unsigned>(CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)) return CUDA_ERROR_NOT_SUPPORTED;
+  const bool shareable = types != 0;
+  if (shareable && std::getenv("FAKE_CUDA_NO_FD_EXPORT") && std::atoi(std::getenv("FAKE_CUDA_NO_FD_EXPORT"))) {
+    return CUDA_ERROR_NOT_SUPPORTED;
+  }
+  const int fd = memfd_create("fake-cuda-chunk", MFD_CLOEXEC);
+  if (fd < 0) return CUDA_ERROR_OUT_OF_MEMORY;
+  struct stat st {};
+  if (ftruncate(fd, static_cast<off_t>(size)) != 0 || fstat(fd, &st) != 0) {
+    close(fd);
+    return CUDA_ERROR_OUT_OF_MEMORY;
+  }
+  std::unique_lock<std::shared_mutex> lock(g_vmm_mu);
+  g_memfd_device[st.st_dev][st.st_ino] = prop->location.id;
+  *h = g_next_handle++;
+  g_handles[*h] = Phys{fd, size, prop->location.id, shareable};
+  return CUDA_SUCCESS;
+}
+
+CUresult f_cuMemRelease(CUmemGenericAllocationHandle h) {
+  std::unique_lock<std::shared_mutex> lock(g_vmm_mu);
+  auto it = g_handles.find(h);
+  if (it == g_handles.end() || it->second.fd < 0) return CUDA_ERROR_INVALID_VALUE;
+  close(it->second.fd);  // a mapping keeps the memfd's memory, as CUDA keeps a mapped allocation
+  it->second.fd = -1;
+  if (it->second.mappings == 0) g_handles.erase(it);
+  return CUDA_SUCCESS;
+}
+
+CUresult f_cuMemAddressReserve(CUdeviceptr* ptr, size_t size, size_t alignment, CUdeviceptr, unsigned long long flags) {
+  NEED_CTX();
+  if (!ptr || flags || size == 0 || !granular(size) || (alignment & (alignment - 1))) return CUDA_ERROR_INVALID_VALUE;
+  alignment = std::max(alignment, kGranularity);
+  const std::size_t span = size + alignment;
+  void* p = mmap(nullptr, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+  const auto base = reinterpret_cast<std::uintptr_t>(p);
+  const std::uintptr_t aligned = (base + alignment - 1) & ~(alignment - 1);
+  if (aligned > base) munmap(p, aligned - base);
+  const std::uintptr_t end = aligned + size;
+  if (base + span > end) munmap(reinterpret_cast<void*>(end), base + span - end);
+  std::unique_lock<std::shared_mutex> lock(g_vmm_mu);
+  g_reserved[aligned] = size;
+  *ptr = aligned;
+  return CUDA_SUCCESS;
+}
+
+CUresult f_cuMemAddressFree(CUdeviceptr ptr, size_t size) {
+  std::unique_lock<std::shared_mutex> lock(g_vmm_mu);
+  auto it = g_reserved.find(ptr);
+  if (it == g_reserved.end() || it->second != size) return CUDA_ERROR_INVALID_VALUE;  // whole reservations only
+  auto m = g_mapped.lower_bound(ptr);
+  if (m != g_mapped.end() && m->first < ptr + size) {
+    // CUDA leaves this undefined; the fake refuses it, so that glake's order (unmap first) is checked.
+    std::fprintf(stderr, "fake_cuda: cuMemAddressFree(%s) with mappings left in it\n", hex(ptr).c_str());
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  munmap(reinterpret_cast<void*>(ptr), size);
+  g_reserved.erase(it);
+  return CUDA_SUCCESS;
+}
+
+CUresult f_cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAllocationHandle h, unsigned long long flags) {
+  NEED_CTX();
+  std::unique_lock<std::shared_mutex> lock(g_vmm_mu);
+  auto it = g_handles.find(h);
+  if (it == g_handles.end() || it->second.fd < 0) return CUDA_ERROR_INVALID_VALUE;
+  Phys& ph = it->second;
+  if (flags || offset || size == 0 || !granular(ptr) || !granular(size) || size > ph.size ||
+      !in_reservation(ptr, size)) {
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  auto next = g_mapped.lower_bound(ptr);
+  if (next != g_mapped.end() && next->first < ptr + size) return CUDA_ERROR_INVALID_VALUE;  // over a mapping
+  if (next != g_mapped.begin()) {
+    auto prev = std::prev(next);
+    if (prev->first + prev->second.size > ptr) return CUDA_ERROR_INVALID_VALUE;
+  }
+  void* p = mmap(reinterpret_cast<void*>(ptr), size, PROT_NONE, MAP_SHARED | MAP_FIXED, ph.fd, 0);
+  if (p == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+  g_mapped[ptr] = Mapping{size, h, ph.device};
+  ph.mappings++;
+  return CUDA_SUCCESS;
+}
+
+CUresult f_cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc* desc, size_t count) {
+  NEED_CTX();
+  if (!desc || count == 0 || size == 0 || !granular(ptr) || !granular(size)) return CUDA_ERROR_INVALID_VALUE;
+  int prot = PROT_NONE;
+  for (size_t i = 0; i < count; ++i) {
+    if (desc[i].location.type != CU_MEM_LOCATION_TYPE_DEVICE) return CUDA_ERROR_INVALID_VALUE;
+    if (desc[i].location.id < 0 || desc[i].location.id >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
+    if (desc[i].flags == CU_MEM_ACCESS_FLAGS_PROT_READWRITE) prot = PROT_READ | PROT_WRITE;
+    else if (desc[i].flags == CU_MEM_ACCESS_FLAGS_PROT_READ && prot == PROT_NONE) prot = PROT_READ;
+    else if (desc[i].flags != CU_MEM_ACCESS_FLAGS_PROT_READ) return CUDA_ERROR_INVALID_VALUE;
+  }
+  std::unique_lock<std::shared_mutex> lock(g_vmm_mu);
+  if (!mapped_span(ptr, size, false)) return CUDA_ERROR_INVALID_VALUE;  // a contiguous mapped range only
+  if (mprotect(reinterpret_cast<void*>(ptr), size, prot) != 0) return CUDA_ERROR_INVALID_VALUE;
+  for (auto it = g_mapped.lower_bound(ptr); it != g_mapped.end() && it->first < ptr + size; ++it) {
+    if (it->first + it->second.size <= ptr + size) it->second.access = true;  // whole mappings
+  }
+  return CUDA_SUCCESS;
+}
+
+CUresult f_cuMemUnmap(CUdeviceptr ptr, size_t size) {
+  std::unique_lock<std::shared_mutex> lock(g_vmm_mu);
+  // The range must be whole mappings, back to back.
+  auto first = g_mapped.find(ptr);
+  if (size == 0 || first == g_mapped.end()) return CUDA_ERROR_INVALID_VALUE;
+  std::uintptr_t at = ptr;
+  auto it = first;
+  for (; it != g_mapped.end() && at < ptr + size; ++it) {
+    if (it->first != at) return CUDA_ERROR_INVALID_VALUE;
+    at += it->second.size;
+  }
+  if (at != ptr + size) return CUDA_ERROR_INVALID_VALUE;
+  {
+    std::lock_guard<std::mutex> flight(g_flight_mu);
+    Touch hit{};
+    if (in_flight(ptr, ptr + size, hit)) {
+      violation("cuMemUnmap(" + hex(ptr) + ", " + std::to_string(size) + ") while queued stream work will touch [" +
+                hex(hit.lo) + ", " + hex(hit.hi) + "): a running kernel would use unmapped memory");
+    }
+  }
+  void* p = mmap(reinterpret_cast<void*>(ptr), size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
+                 -1, 0);
+  if (p == MAP_FAILED) return CUDA_ERROR_INVALID_VALUE;
+  for (auto m = first; m != it;) {
+    auto h = g_handles.find(m->second.handle);
+    if (--h->second.mappings == 0 && h->second.fd < 0) g_handles.erase(h);
+    m = g_mapped.erase(m);
+  }
+  return CUDA_SUCCESS;
+}
+
+CUresult f_cuMemExportToShareableHandle(void* out, CUmemGenericAllocationHandle h, CUmemAllocationHandleType type,
+                                        unsigned long long flags) {
+  std::shared_lock<std::shared_mutex> lock(g_vmm_mu);
+  auto it = g_handles.find(h);
+  if (!out || flags || it == g_handles.end() || it->second.fd < 0) return CUDA_ERROR_INVALID_VALUE;
+  if (type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR || !it->second.shareable) return CUDA_ERROR_INVALID_VALUE;
+  const int fd = fcntl(it->second.fd, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) return CUDA_ERROR_OUT_OF_MEMORY;
+  *static_cast<int*>(out) = fd;
+  return CUDA_SUCCESS;
+}
+
+CUresult f_cuMemImportFromShareableHandle(CUmemGenericAllocationHandle* h, void* os_handle, CUmemAllocationHandleType type) {
+  NEED_CTX();
+  if (!h || type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) return CUDA_ERROR_INVALID_VALUE;
+  const int fd = static_cast<int>(reinterpret_cast<std::uintptr_t>(os_handle));
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || st.st_size <= 0 || !granular(static_cast<std::size_t>(st.st_size))) {
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  std::unique_lock<std::shared_mutex> lock(g_vmm_mu);
+  auto dev = g_memfd_device[st.st_dev].find(st.st_ino);
+  if (dev == g_memfd_device[st.st_dev].end()) return CUDA_ERROR_INVALID_VALUE;  // not a chunk of this fake
+  const int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own < 0) return CUDA_ERROR_OUT_OF_MEMORY;
+  *h = g_next_handle++;
+  g_handles[*h] = Phys{own, static_cast<std::size_t>(st.st_size), dev->second, true};
+  return CUDA_SUCCESS;
+}
+
+// ---- plain allocations ------------------------------------------------------------------------
 
 CUresult f_cuMemAlloc(CUdeviceptr* p, size_t n) {
   NEED_CTX();
+  if (capture_forbids("cuMemAlloc")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
   void* m = std::malloc(n ? n : 1);
   if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
   std::lock_guard<std::mutex> lock(g_mem_mu);
@@ -215,9 +596,14 @@ CUresult free_tracked(std::uintptr_t p, bool device) {
   std::free(reinterpret_cast<void*>(p));
   return CUDA_SUCCESS;
 }
-CUresult f_cuMemFree(CUdeviceptr p) { NEED_CTX(); return free_tracked(p, true); }
+CUresult f_cuMemFree(CUdeviceptr p) {
+  NEED_CTX();
+  if (capture_forbids("cuMemFree")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+  return free_tracked(p, true);
+}
 CUresult f_cuMemHostAlloc(void** pp, size_t n, unsigned int) {
   NEED_CTX();
+  if (capture_forbids("cuMemHostAlloc")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
   void* m = std::malloc(n ? n : 1);
   if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
   std::lock_guard<std::mutex> lock(g_mem_mu);
@@ -225,13 +611,21 @@ CUresult f_cuMemHostAlloc(void** pp, size_t n, unsigned int) {
   *pp = m;
   return CUDA_SUCCESS;
 }
-CUresult f_cuMemFreeHost(void* p) { NEED_CTX(); return free_tracked(reinterpret_cast<std::uintptr_t>(p), false); }
+CUresult f_cuMemFreeHost(void* p) {
+  NEED_CTX();
+  if (capture_forbids("cuMemFreeHost")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+  return free_tracked(reinterpret_cast<std::uintptr_t>(p), false);
+}
 
 CUresult f_cuPointerGetAttributes(unsigned int n, CUpointer_attribute* attrs, void** data, CUdeviceptr ptr) {
   NEED_CTX();
   std::uintptr_t base;
   Alloc a{};
-  const bool known = find_alloc(ptr, base, a);
+  bool known = find_alloc(ptr, base, a);
+  if (!known) {
+    std::shared_lock<std::shared_mutex> lock(g_vmm_mu);
+    known = mapped_span(ptr, 1, false, &a.device);
+  }
   for (unsigned i = 0; i < n; ++i) {
     switch (attrs[i]) {
       case CU_POINTER_ATTRIBUTE_MEMORY_TYPE:
@@ -265,9 +659,11 @@ CUresult f_cuCtxEnablePeerAccess(CUcontext peer, unsigned int) {
   return CUDA_SUCCESS;
 }
 
-CUresult f_cuStreamCreate(CUstream* s, unsigned int) {
+// ---- streams ----------------------------------------------------------------------------------
+
+CUresult f_cuStreamCreate(CUstream* s, unsigned int flags) {
   NEED_CTX();
-  Stream* st = new Stream(t_current->device);
+  Stream* st = new_stream(t_current->device, !(flags & CU_STREAM_NON_BLOCKING));
   if (const char* env = std::getenv("FAKE_CUDA_COPY_DELAY_US")) st->delay_us = static_cast<unsigned>(std::atoi(env));
   *s = reinterpret_cast<CUstream>(st);
   return CUDA_SUCCESS;
@@ -276,17 +672,44 @@ CUresult f_cuStreamDestroy(CUstream s) {
   if (!s) return CUDA_ERROR_INVALID_HANDLE;
   Stream* st = reinterpret_cast<Stream*>(s);
   st->sync();
+  {
+    std::lock_guard<std::mutex> lock(g_streams_mu);
+    g_streams.erase(st);
+  }
   delete st;
   return CUDA_SUCCESS;
 }
 CUresult f_cuStreamSynchronize(CUstream s) {
   Stream* st = stream_of(s);
   if (!st) return CUDA_ERROR_INVALID_CONTEXT;
+  if ((!s || st->capturing) && capture_forbids(s ? "cuStreamSynchronize(capturing stream)" : "cuStreamSynchronize(legacy stream)")) {
+    return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+  }
   st->sync();
   return CUDA_SUCCESS;
 }
-CUresult f_cuStreamIsCapturing(CUstream, CUstreamCaptureStatus* status) {
-  *status = CU_STREAM_CAPTURE_STATUS_NONE;
+CUresult f_cuCtxSynchronize() {
+  NEED_CTX();
+  if (capture_forbids("cuCtxSynchronize")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+  legacy(t_current->device);
+  std::lock_guard<std::mutex> lock(g_streams_mu);  // a stream destroyed meanwhile waits for this
+  for (Stream* st : g_streams) {
+    if (st->device == t_current->device) st->sync();
+  }
+  return CUDA_SUCCESS;
+}
+CUresult f_cuStreamIsCapturing(CUstream s, CUstreamCaptureStatus* status) {
+  Stream* st = stream_of(s);
+  if (!st || !status) return CUDA_ERROR_INVALID_VALUE;
+  if (!s && g_capturing_blocking.load() > 0) return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
+  *status = st->capturing ? CU_STREAM_CAPTURE_STATUS_ACTIVE : CU_STREAM_CAPTURE_STATUS_NONE;
+  return CUDA_SUCCESS;
+}
+CUresult f_cuThreadExchangeStreamCaptureMode(CUstreamCaptureMode* mode) {
+  if (!mode || *mode < CU_STREAM_CAPTURE_MODE_GLOBAL || *mode > CU_STREAM_CAPTURE_MODE_RELAXED) {
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  std::swap(t_capture_mode, *mode);
   return CUDA_SUCCESS;
 }
 
@@ -303,7 +726,7 @@ CUresult f_cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s)
   if (CUresult r = stream_in_ctx(s, st)) return r;
   if (!range_ok(dst, n) || !range_ok(src, n)) return CUDA_ERROR_INVALID_VALUE;
   const unsigned delay = st->delay_us;
-  st->push([=] {
+  push_touching(st, {{dst, dst + n}, {src, src + n}}, [=] {
     if (delay) std::this_thread::sleep_for(std::chrono::microseconds(delay));
     std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
   });
@@ -311,15 +734,21 @@ CUresult f_cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s)
   if (!tracked(dst) || !tracked(src)) st->sync();
   return CUDA_SUCCESS;
 }
-CUresult f_cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t n) { return f_cuMemcpyAsync(dst, src, n, nullptr) ?: f_cuStreamSynchronize(nullptr); }
+CUresult f_cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+  if (capture_forbids("cuMemcpy")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+  return f_cuMemcpyAsync(dst, src, n, nullptr) ?: f_cuStreamSynchronize(nullptr);
+}
 CUresult f_cuMemsetD8(CUdeviceptr dst, unsigned char v, size_t n) {
   Stream* st = nullptr;
   if (CUresult r = stream_in_ctx(nullptr, st)) return r;
+  if (capture_forbids("cuMemsetD8")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
   if (!range_ok(dst, n)) return CUDA_ERROR_INVALID_VALUE;
-  st->push([=] { std::memset(reinterpret_cast<void*>(dst), v, n); });
+  push_touching(st, {{dst, dst + n}}, [=] { std::memset(reinterpret_cast<void*>(dst), v, n); });
   st->sync();
   return CUDA_SUCCESS;
 }
+
+// ---- events -----------------------------------------------------------------------------------
 
 CUresult f_cuEventCreate(CUevent* e, unsigned int) {
   NEED_CTX();
@@ -342,6 +771,8 @@ CUresult f_cuEventRecord(CUevent e, CUstream s) {
   std::uint64_t gen;
   {
     std::lock_guard<std::mutex> lock(state->mu);
+    state->captured = st->capturing;  // a record in a capture becomes a graph node, not a record
+    if (state->captured) return CUDA_SUCCESS;
     gen = ++state->recorded;
   }
   st->push([state, gen] {
@@ -351,13 +782,30 @@ CUresult f_cuEventRecord(CUevent e, CUstream s) {
   });
   return CUDA_SUCCESS;
 }
+/// CUDA_ERROR_CAPTURED_EVENT for an event last recorded in a capture; UNSUPPORTED when the
+/// capture mode forbids the call; else 0.
+CUresult event_check(EventState& st, const char* call) {
+  bool captured;
+  {
+    std::lock_guard<std::mutex> lock(st.mu);
+    captured = st.captured;
+  }
+  if (captured) {
+    violation(std::string(call) + " on an event last recorded in a capture: CUDA_ERROR_CAPTURED_EVENT");
+    return CUDA_ERROR_CAPTURED_EVENT;
+  }
+  if (capture_forbids(call)) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+  return CUDA_SUCCESS;
+}
 CUresult f_cuEventQuery(CUevent e) {
   EventState& st = *reinterpret_cast<Event*>(e)->state;
+  if (CUresult r = event_check(st, "cuEventQuery")) return r;
   std::lock_guard<std::mutex> lock(st.mu);
   return st.completed >= st.recorded ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
 }
 CUresult f_cuEventSynchronize(CUevent e) {
   EventState& st = *reinterpret_cast<Event*>(e)->state;
+  if (CUresult r = event_check(st, "cuEventSynchronize")) return r;
   st.wait_for(st.latest_record());
   return CUDA_SUCCESS;
 }
@@ -393,9 +841,12 @@ struct Entry {
 const Entry kEntries[] = {
     E(cuInit), E(cuDeviceGetCount), E(cuDeviceGet), E(cuDeviceGetAttribute), E(cuDevicePrimaryCtxRetain),
     E(cuCtxGetCurrent), E(cuCtxSetCurrent), E(cuGetErrorName), E(cuMemGetAllocationGranularity), E(cuMemGetInfo),
+    E(cuMemCreate), E(cuMemRelease), E(cuMemAddressReserve), E(cuMemAddressFree), E(cuMemMap), E(cuMemSetAccess),
+    E(cuMemUnmap), E(cuMemExportToShareableHandle), E(cuMemImportFromShareableHandle),
     E(cuMemAlloc), E(cuMemFree), E(cuMemHostAlloc), E(cuMemFreeHost), E(cuPointerGetAttributes),
     E(cuDeviceCanAccessPeer), E(cuCtxEnablePeerAccess), E(cuStreamCreate), E(cuStreamDestroy),
-    E(cuStreamSynchronize), E(cuStreamIsCapturing), E(cuMemcpyAsync), E(cuMemcpy), E(cuMemsetD8), E(cuEventCreate),
+    E(cuStreamSynchronize), E(cuCtxSynchronize), E(cuStreamIsCapturing), E(cuThreadExchangeStreamCaptureMode),
+    E(cuMemcpyAsync), E(cuMemcpy), E(cuMemsetD8), E(cuEventCreate),
     E(cuEventDestroy), E(cuEventRecord), E(cuEventQuery), E(cuEventSynchronize), E(cuStreamWaitEvent),
 };
 #undef E
@@ -418,7 +869,7 @@ CUresult CUDAAPI cuGetProcAddress(const char* symbol, void** pfn, int, cuuint64_
       return CUDA_SUCCESS;
     }
   }
-  // Everything else (VMM calls, ...) exists but answers CUDA_ERROR_NOT_SUPPORTED.
+  // Everything else exists but answers CUDA_ERROR_NOT_SUPPORTED.
   *pfn = reinterpret_cast<void*>(&f_unsupported);
   if (status) *status = CU_GET_PROC_ADDRESS_SUCCESS;
   return CUDA_SUCCESS;
@@ -448,13 +899,16 @@ int fake_free(void* p) {
   if (!find_alloc(reinterpret_cast<std::uintptr_t>(p), base, a)) return -1;
   return free_tracked(base, a.device >= 0);
 }
-void* fake_stream_create(int device) { return new Stream(device); }
+/// A blocking stream (as cuStreamCreate(0)) of `device`, like a framework's compute stream.
+void* fake_stream_create(int device) { return new_stream(device, true); }
 void fake_stream_destroy(void* s) { f_cuStreamDestroy(reinterpret_cast<CUstream>(s)); }
 void fake_stream_sleep(void* s, unsigned us) {
   reinterpret_cast<Stream*>(s)->push([us] { std::this_thread::sleep_for(std::chrono::microseconds(us)); });
 }
+/// A copy queued on `s` (a "kernel" writing dst); its ranges count as in flight until it has run.
 void fake_stream_memcpy(void* s, void* dst, const void* src, size_t n) {
-  reinterpret_cast<Stream*>(s)->push([=] { std::memcpy(dst, src, n); });
+  const auto d = reinterpret_cast<std::uintptr_t>(dst), r = reinterpret_cast<std::uintptr_t>(src);
+  push_touching(reinterpret_cast<Stream*>(s), {{d, d + n}, {r, r + n}}, [=] { std::memcpy(dst, src, n); });
 }
 void fake_stream_sync(void* s) { reinterpret_cast<Stream*>(s)->sync(); }
 void fake_legacy_sync(int device) { legacy(device)->sync(); }
@@ -466,5 +920,34 @@ int fake_peer_enabled(int accessor, int owner) {
   std::lock_guard<std::mutex> lock(g_mem_mu);
   return g_peer.count({accessor, owner}) ? 1 : 0;
 }
+/// Physical VMM allocations still alive (unreleased, or released but still mapped).
+int fake_live_vmm_handles() {
+  std::shared_lock<std::shared_mutex> lock(g_vmm_mu);
+  return static_cast<int>(g_handles.size());
+}
+/// VA reservations not freed, and mappings not unmapped.
+int fake_live_reservations() {
+  std::shared_lock<std::shared_mutex> lock(g_vmm_mu);
+  return static_cast<int>(g_reserved.size());
+}
+int fake_live_mappings() {
+  std::shared_lock<std::shared_mutex> lock(g_vmm_mu);
+  return static_cast<int>(g_mapped.size());
+}
+/// Hazards and forbidden calls seen so far (see the top of this file).
+int fake_violations() { return g_violations.load(); }
+/// Starts (on != 0) or ends a global-mode capture on stream `s`, owned by the calling thread.
+int fake_set_capturing(void* s, int on) {
+  Stream* st = reinterpret_cast<Stream*>(s);
+  if (!st || st->capturing == (on != 0)) return -1;
+  st->capturing = on != 0;
+  const int d = on ? 1 : -1;
+  g_capturing.fetch_add(d);
+  if (st->blocking) g_capturing_blocking.fetch_add(d);
+  t_owned_captures += d;
+  return 0;
+}
+/// The calling thread's capture mode (a CUstreamCaptureMode).
+int fake_thread_capture_mode() { return static_cast<int>(t_capture_mode); }
 
 }  // extern "C"

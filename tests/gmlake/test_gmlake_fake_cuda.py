@@ -1,0 +1,26 @@
+"""The stitched allocator on the cuda backend against the fake libcuda (no GPU needed).
+
+Each scenario of fake_cuda_gmlake.py runs in a subprocess with the fake (tests/fake_cuda_util.py):
+the allocator's VMM calls, its synchronisation before unmapping freed memory, and its behaviour
+during (emulated) CUDA graph captures, with the fake counting unmap hazards and calls a capture
+forbids. It is not a GPU test: test_torch_gpu.py (marked gpu) checks the real thing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.fake_cuda_util import fake_libcuda, run_scenario  # noqa: F401  (fixture)
+
+SCENARIOS = Path(__file__).resolve().parent / "fake_cuda_gmlake.py"
+
+
+@pytest.mark.parametrize("name", [
+    "vmm_core", "allocator_life", "unmap_hazard_empty_cache", "unmap_hazard_stitch_gc", "unmap_hazard_detected",
+    "capture_rules_detected", "capture_lifecycle", "capture_pending_record_stream",
+    "capture_slow_path_other_streams",
+])
+def test_scenario(fake_libcuda, name):
+    run_scenario(fake_libcuda, SCENARIOS, name, devices=1)
