@@ -306,7 +306,9 @@ void StitchAllocator::release_retired_graph_blocks() {
 
 void StitchAllocator::empty_cache() {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (capturing_graphs_.load(std::memory_order_relaxed) == 0) process_deferred(false);  // see malloc
+  // Like torch's empty_cache, wait for the events of pending record_stream frees, so that their
+  // memory is released too (not during a capture: see malloc).
+  if (capturing_graphs_.load(std::memory_order_relaxed) == 0) process_deferred(true);
   release_retired_graph_blocks();
   release_cached(0);
 }

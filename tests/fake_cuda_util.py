@@ -46,9 +46,9 @@ def fake_libcuda(tmp_path_factory) -> Fake:
     return build_fake(out), ""
 
 
-def run_scenario(fake: Fake, script: Path, name: str, devices: int = 2, delay_us: int = 0, wait_lag_us: int = 0,
-                 extra_env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Runs `script NAME` against the fake; it must print "OK NAME" and exit 0."""
+def fake_env(fake: Fake, devices: int = 2, delay_us: int = 0, wait_lag_us: int = 0,
+             extra_env: dict | None = None) -> dict:
+    """The environment of a subprocess that loads the fake as its libcuda (GLAKE_BACKEND=cuda)."""
     lib, preload = fake
     env = dict(os.environ, GLAKE_BACKEND="cuda", FAKE_CUDA_DEVICES=str(devices), FAKE_CUDA_COPY_DELAY_US=str(delay_us),
                FAKE_CUDA_WAIT_LAG_US=str(wait_lag_us),
@@ -59,6 +59,13 @@ def run_scenario(fake: Fake, script: Path, name: str, devices: int = 2, delay_us
     env.update(extra_env or {})
     if preload:  # Python itself leaks by design at exit: report memory errors only
         env.update(LD_PRELOAD=preload, ASAN_OPTIONS="detect_leaks=0")
+    return env
+
+
+def run_scenario(fake: Fake, script: Path, name: str, devices: int = 2, delay_us: int = 0, wait_lag_us: int = 0,
+                 extra_env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs `script NAME` against the fake; it must print "OK NAME" and exit 0."""
+    env = fake_env(fake, devices, delay_us, wait_lag_us, extra_env)
     r = subprocess.run([sys.executable, str(script), name], env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0 and f"OK {name}" in r.stdout, f"{name} failed:\n{r.stdout}\n{r.stderr}"
     return r

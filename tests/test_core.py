@@ -269,6 +269,8 @@ def test_chunk_shared_with_child_process(backend, g):
         core.write(r.ptr, b"parent", backend=backend)
         proc = subprocess.Popen([sys.executable, "-c", CHILD, str(child_sock.fileno()), backend],
                                 pass_fds=[child_sock.fileno()], stderr=subprocess.PIPE, text=True)
+        child_sock.close()  # the child holds its end: if it dies, recv() sees EOF instead of waiting
+        parent_sock.settimeout(120)
         core.send_chunks(parent_sock, [c])
         seen = parent_sock.recv(6)
         _, err = proc.communicate(timeout=120)

@@ -1,4 +1,5 @@
-"""The stitched allocator on the host backend: pools, best fit, stitching, streams, limits, errors."""
+"""The stitched allocator (host backend; also the fake libcuda, see helpers.py): pools, best fit, stitching,
+streams, limits, errors."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import pytest
 
 import glake
 from glake import _C
-from tests.gmlake.helpers import MiB, check, fill, rounded
+from tests.gmlake.helpers import BACKEND, ON_FAKE_CUDA, MiB, check, fill, rounded, stream
 
 
 def make(**conf) -> glake.Allocator:
-    return glake.Allocator(backend="host", **conf)
+    return glake.Allocator(backend=BACKEND, **conf)
 
 
 def reserved(a) -> int:
@@ -104,7 +105,7 @@ def test_stitching_off_grows_by_the_full_size():
 
 def test_empty_cache_releases_free_segments_and_idle_stitches():
     a = make()
-    live_core = _C.stats("host")["physical_bytes.current"]
+    live_core = _C.stats(BACKEND)["physical_bytes.current"]
     ps = [a.malloc(4 * MiB) for _ in range(4)]
     a.free(ps[0])
     a.free(ps[2])
@@ -113,11 +114,11 @@ def test_empty_cache_releases_free_segments_and_idle_stitches():
     a.empty_cache()
     assert reserved(a) == 8 * MiB  # the two live blocks
     assert a.stats()["stitched_va_bytes.current"] == 0
-    assert _C.stats("host")["physical_bytes.current"] == live_core + 8 * MiB
+    assert _C.stats(BACKEND)["physical_bytes.current"] == live_core + 8 * MiB
     a.free(ps[1])
     a.free(ps[3])
     a.empty_cache()
-    assert reserved(a) == 0 and _C.stats("host")["physical_bytes.current"] == live_core
+    assert reserved(a) == 0 and _C.stats(BACKEND)["physical_bytes.current"] == live_core
 
 
 def test_limit_is_honoured_and_state_survives_oom():
@@ -184,30 +185,36 @@ def test_bad_frees_and_sizes_leave_state_intact():
     a.free(p)
 
 
+HOST_EVENTS = pytest.mark.skipif(ON_FAKE_CUDA, reason="host events complete at once; on cuda (the fake) the first "
+                                 "cross-stream attempt only records the event")
+
+
+@HOST_EVENTS
 def test_same_stream_reuse_and_cross_stream_after_events():
     a = make(stitch=False)
-    p = a.malloc(4 * MiB, stream=1)
+    p = a.malloc(4 * MiB, stream=stream(1))
     a.free(p)
-    assert a.malloc(4 * MiB, stream=1) == p  # same stream: at once
+    assert a.malloc(4 * MiB, stream=stream(1)) == p  # same stream: at once
     a.free(p)
     before = reserved(a)
-    q = a.malloc(4 * MiB, stream=2)  # other stream: after its event (always complete on host)
+    q = a.malloc(4 * MiB, stream=stream(2))  # other stream: after its event (always complete on host)
     assert q == p and reserved(a) == before
     assert a.stats()["num_cross_stream_reuses"] >= 1
     a.free(q)
 
 
+@HOST_EVENTS
 def test_record_stream_defers_reuse_until_events():
     a = make(stitch=False)
-    p = a.malloc(4 * MiB, stream=1)
-    a.record_stream(p, 7)
+    p = a.malloc(4 * MiB, stream=stream(1))
+    a.record_stream(p, stream(7))
     a.free(p)
     st = a.stats()
     assert st["active_bytes.all.current"] == 4 * MiB and st["allocated_bytes.all.current"] == 0
     assert [b["state"] for s in a.snapshot() for b in s["blocks"]] == ["pending"]
-    assert a.malloc(4 * MiB, stream=1) == p  # the next malloc sees the (host) event complete
+    assert a.malloc(4 * MiB, stream=stream(1)) == p  # the next malloc sees the (host) event complete
     with pytest.raises(glake.InvalidArgumentError, match="not a live allocation"):
-        a.record_stream(p + 512, 3)
+        a.record_stream(p + 512, stream(3))
     a.free(p)
 
 
@@ -271,7 +278,7 @@ def test_global_allocator_is_shared_and_configurable_once():
         "try:\n    _C.gmlake_configure('stitch:true')\nexcept glake.InvalidArgumentError as e:\n    print('refused')\n"
         "print(g.config['stitch'])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, GLAKE_BACKEND="host"),
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, GLAKE_BACKEND=BACKEND),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["refused", "false"]
@@ -285,12 +292,12 @@ def test_freed_stitch_is_held_and_serves_smaller_requests_without_mapping():
     big = a.malloc(32 * MiB)
     a.free(big)  # held: still one stitched block on the fast path
     assert [b["state"] for s in a.snapshot() if s["stitched"] for b in s["blocks"]] == ["held"]
-    before, maps = reserved(a), _C.stats("host")["calls.map"]
+    before, maps = reserved(a), _C.stats(BACKEND)["calls.map"]
     half = a.malloc(16 * MiB)  # the held stitch, shrunk: the other 16 MiB go back to the pool
-    assert half == big and _C.stats("host")["calls.map"] == maps
+    assert half == big and _C.stats(BACKEND)["calls.map"] == maps
     fill(half, 16 * MiB, 3)
     rest = [a.malloc(4 * MiB) for _ in range(4)]  # served by the returned members
-    assert reserved(a) == before and _C.stats("host")["calls.map"] == maps
+    assert reserved(a) == before and _C.stats(BACKEND)["calls.map"] == maps
     for p in rest:
         fill(p, 4 * MiB, 4)
     assert check(half, 16 * MiB, 3)
@@ -298,7 +305,7 @@ def test_freed_stitch_is_held_and_serves_smaller_requests_without_mapping():
         a.free(p)
     again = a.malloc(32 * MiB)  # the detached range's spans are free again: prefix reuse, no mapping
     st = a.stats()
-    assert again == big and st["num_stitches"] == 1 and _C.stats("host")["calls.map"] == maps
+    assert again == big and st["num_stitches"] == 1 and _C.stats(BACKEND)["calls.map"] == maps
     a.free(again)
     for p in blocks[1::2]:
         a.free(p)
@@ -324,7 +331,7 @@ def test_empty_cache_keeps_segments_a_shrunk_active_stitch_still_maps():
     # memory outside reserved_bytes and the limit) and a later reuse of the range would read the
     # freed segment.
     a = make()
-    live_core = _C.stats("host")["physical_bytes.current"]
+    live_core = _C.stats(BACKEND)["physical_bytes.current"]
     p, q = a.malloc(4 * MiB), a.malloc(4 * MiB)  # two segments
     a.free(p)
     a.free(q)
@@ -334,16 +341,16 @@ def test_empty_cache_keeps_segments_a_shrunk_active_stitch_still_maps():
     assert half == big
     fill(half, 4 * MiB, 5)
     a.empty_cache()
-    assert _C.stats("host")["physical_bytes.current"] - live_core == reserved(a) == 8 * MiB
+    assert _C.stats(BACKEND)["physical_bytes.current"] - live_core == reserved(a) == 8 * MiB
     assert check(half, 4 * MiB, 5)
     a.free(half)
     again = a.malloc(8 * MiB)  # reuses the detached range: both of its segments are still there
     fill(again, 8 * MiB, 6)
     assert check(again, 8 * MiB, 6)
-    assert _C.stats("host")["physical_bytes.current"] - live_core == reserved(a) == 8 * MiB
+    assert _C.stats(BACKEND)["physical_bytes.current"] - live_core == reserved(a) == 8 * MiB
     a.free(again)
     a.empty_cache()
-    assert reserved(a) == 0 and _C.stats("host")["physical_bytes.current"] == live_core
+    assert reserved(a) == 0 and _C.stats(BACKEND)["physical_bytes.current"] == live_core
 
 
 def test_oom_retry_reuses_a_held_stitch_of_another_stream():
@@ -352,15 +359,15 @@ def test_oom_retry_reuses_a_held_stitch_of_another_stream():
     # retry (the held stitch dissolved, its members migrated to stream 2 after stream 1's event),
     # not fail with 8 MiB free in the cache.
     a = make(limit_bytes="16MB")
-    a.free(a.malloc(12 * MiB, stream=1))  # one 12 MiB segment
-    y1, y2, y3 = (a.malloc(4 * MiB, stream=1) for _ in range(3))
+    a.free(a.malloc(12 * MiB, stream=stream(1)))  # one 12 MiB segment
+    y1, y2, y3 = (a.malloc(4 * MiB, stream=stream(1)) for _ in range(3))
     a.free(y1)
     a.free(y3)
-    s = a.malloc(8 * MiB, stream=1)  # stitched over the two holes
+    s = a.malloc(8 * MiB, stream=stream(1))  # stitched over the two holes
     assert a.stats()["num_stitches"] == 1
     a.free(s)  # held on stream 1
     fill(y2, 4 * MiB, 1)
-    p = a.malloc(8 * MiB, stream=2)
+    p = a.malloc(8 * MiB, stream=stream(2))
     assert reserved(a) == 12 * MiB and a.stats()["num_alloc_retries"] == 1
     fill(p, 8 * MiB, 2)
     assert check(y2, 4 * MiB, 1) and check(p, 8 * MiB, 2)
@@ -412,3 +419,15 @@ def test_unmapping_freed_memory_waits_for_the_device_first():
     big = b.malloc(12 * MiB)  # a new 12 MiB stitch passes the bound: the idle 8 MiB one is dropped
     assert b.stats()["num_stitch_gc"] == 1 and b.stats()["num_sync_all_streams"] == 1
     b.free(big)
+
+
+def test_empty_cache_waits_for_record_stream_frees():
+    # A block recorded on another stream and freed stays pending until that stream's work is done;
+    # empty_cache (like torch's) waits for it and then releases its memory too.
+    a = make()
+    p = a.malloc(4 * MiB, stream=stream(1))
+    a.record_stream(p, stream(2))
+    a.free(p)
+    assert a.stats()["active_bytes.all.current"] == 4 * MiB
+    a.empty_cache()
+    assert a.stats()["active_bytes.all.current"] == 0 and reserved(a) == 0

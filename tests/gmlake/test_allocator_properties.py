@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 import glake
 from glake import _C
-from tests.gmlake.helpers import MiB, check, fill, rounded
+from tests.gmlake.helpers import BACKEND, MiB, check, fill, rounded
+from tests.gmlake.helpers import stream as stream_of
 
 SIZES = st.one_of(
     st.integers(1, 4096),                 # small pool
@@ -47,7 +48,7 @@ def assert_invariants(a: glake.Allocator, live: dict, phys_before: int) -> None:
     assert st_["requested_bytes.all.current"] == sum(s for s, _ in live.values())
     # Every chunk is accounted for: reserved = the segments' sizes = what the core holds for us.
     assert st_["reserved_bytes.all.current"] == sum(s["size"] for s in snap if not s["stitched"])
-    assert _C.stats("host")["physical_bytes.current"] - phys_before == st_["reserved_bytes.all.current"]
+    assert _C.stats(BACKEND)["physical_bytes.current"] - phys_before == st_["reserved_bytes.all.current"]
     assert st_["reserved_bytes.all.current"] <= LIMIT
     for p, (s, _) in live.items():
         assert a.allocation_of(p + s - 1) == (p, s)
@@ -69,14 +70,14 @@ def assert_invariants(a: glake.Allocator, live: dict, phys_before: int) -> None:
 @settings(max_examples=int(os.environ.get("GLAKE_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS, conf=CONFS)
 def test_random_sequences_keep_invariants(ops, conf):
-    phys_before = _C.stats("host")["physical_bytes.current"]
-    a = glake.Allocator(backend="host", limit_bytes=LIMIT, **conf)
+    phys_before = _C.stats(BACKEND)["physical_bytes.current"]
+    a = glake.Allocator(backend=BACKEND, limit_bytes=LIMIT, **conf)
     live: dict = {}
     seed = 0
     for op, arg, stream in ops:
         if op == "malloc":
             try:
-                p = a.malloc(arg, stream=stream)
+                p = a.malloc(arg, stream=stream_of(stream))
             except glake.OutOfMemoryError:
                 assert sum(rounded(s) for s, _ in live.values()) + rounded(arg) > LIMIT - 4 * MiB
                 continue
@@ -92,11 +93,11 @@ def test_random_sequences_keep_invariants(ops, conf):
         elif op == "empty_cache":
             a.empty_cache()
         elif op == "record_stream" and live:  # used on another stream too: its free is deferred
-            a.record_stream(sorted(live)[arg % len(live)], stream)
+            a.record_stream(sorted(live)[arg % len(live)], stream_of(stream))
         assert_invariants(a, live, phys_before)
     for p in list(live):
         a.free(p)
     a.empty_cache()
     assert a.stats()["reserved_bytes.all.current"] == 0
     del a
-    assert _C.stats("host")["physical_bytes.current"] == phys_before
+    assert _C.stats(BACKEND)["physical_bytes.current"] == phys_before

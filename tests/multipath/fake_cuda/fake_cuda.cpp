@@ -111,6 +111,8 @@ std::set<std::pair<int, int>> g_peer;  // (accessor, owner)
 
 // ---- VMM state: all of it under g_vmm_mu (exclusive to change, shared to read) ----------------
 
+constexpr const char* kChunkName = "fake-cuda-chunk-dev";
+
 struct Phys {
   int fd;               // -1 once released (the mappings keep the memory)
   std::size_t size;
@@ -129,7 +131,6 @@ std::map<CUmemGenericAllocationHandle, Phys> g_handles;  // live (unreleased, or
 CUmemGenericAllocationHandle g_next_handle = 1;
 std::map<std::uintptr_t, std::size_t> g_reserved;        // base -> size
 std::map<std::uintptr_t, Mapping> g_mapped;              // va -> mapping
-std::map<dev_t, std::map<ino_t, int>> g_memfd_device;    // memfd inode -> device, for imports
 
 /// The reservation containing [p, p + n), if any (g_vmm_mu held).
 bool in_reservation(std::uintptr_t p, std::size_t n) {
@@ -415,15 +416,15 @@ CUresult f_cuMemCreate(CUmemGenericAllocationHandle* h, size_t size, const CUmem
   if (shareable && std::getenv("FAKE_CUDA_NO_FD_EXPORT") && std::atoi(std::getenv("FAKE_CUDA_NO_FD_EXPORT"))) {
     return CUDA_ERROR_NOT_SUPPORTED;
   }
-  const int fd = memfd_create("fake-cuda-chunk", MFD_CLOEXEC);
+  // The name carries the device, so an importer in any process can tell a chunk of this fake.
+  const std::string name = kChunkName + std::to_string(prop->location.id);
+  const int fd = memfd_create(name.c_str(), MFD_CLOEXEC);
   if (fd < 0) return CUDA_ERROR_OUT_OF_MEMORY;
-  struct stat st {};
-  if (ftruncate(fd, static_cast<off_t>(size)) != 0 || fstat(fd, &st) != 0) {
+  if (ftruncate(fd, static_cast<off_t>(size)) != 0) {
     close(fd);
     return CUDA_ERROR_OUT_OF_MEMORY;
   }
   std::unique_lock<std::shared_mutex> lock(g_vmm_mu);
-  g_memfd_device[st.st_dev][st.st_ino] = prop->location.id;
   *h = g_next_handle++;
   g_handles[*h] = Phys{fd, size, prop->location.id, shareable};
   return CUDA_SUCCESS;
@@ -558,6 +559,17 @@ CUresult f_cuMemExportToShareableHandle(void* out, CUmemGenericAllocationHandle 
   return CUDA_SUCCESS;
 }
 
+/// The device of a chunk made by this fake (in this or another process), from its memfd's name
+/// ("/memfd:fake-cuda-chunk-dev<N> (deleted)"); -1 for any other file.
+int chunk_device(int fd) {
+  char target[256] = {};
+  const std::string link = "/proc/self/fd/" + std::to_string(fd);
+  const ssize_t n = readlink(link.c_str(), target, sizeof(target) - 1);
+  const std::string prefix = std::string("/memfd:") + kChunkName;
+  if (n <= 0 || std::strncmp(target, prefix.c_str(), prefix.size()) != 0) return -1;
+  return std::atoi(target + prefix.size());
+}
+
 CUresult f_cuMemImportFromShareableHandle(CUmemGenericAllocationHandle* h, void* os_handle, CUmemAllocationHandleType type) {
   NEED_CTX();
   if (!h || type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) return CUDA_ERROR_INVALID_VALUE;
@@ -566,13 +578,13 @@ CUresult f_cuMemImportFromShareableHandle(CUmemGenericAllocationHandle* h, void*
   if (fstat(fd, &st) != 0 || st.st_size <= 0 || !granular(static_cast<std::size_t>(st.st_size))) {
     return CUDA_ERROR_INVALID_VALUE;
   }
+  const int device = chunk_device(fd);
+  if (device < 0) return CUDA_ERROR_INVALID_VALUE;  // not a chunk of this fake
   std::unique_lock<std::shared_mutex> lock(g_vmm_mu);
-  auto dev = g_memfd_device[st.st_dev].find(st.st_ino);
-  if (dev == g_memfd_device[st.st_dev].end()) return CUDA_ERROR_INVALID_VALUE;  // not a chunk of this fake
   const int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (own < 0) return CUDA_ERROR_OUT_OF_MEMORY;
   *h = g_next_handle++;
-  g_handles[*h] = Phys{own, static_cast<std::size_t>(st.st_size), dev->second, true};
+  g_handles[*h] = Phys{own, static_cast<std::size_t>(st.st_size), device, true};
   return CUDA_SUCCESS;
 }
 
