@@ -21,6 +21,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor  # imported now: see the exit hooks at the end
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 from glake.stats import paths
@@ -94,10 +95,7 @@ class StatsServer:
         if os.getpid() == self.pid:  # a forked child must not take its parent's socket down
             self._server.stop(grace).wait(5)
             if self.socket_path:
-                try:
-                    os.unlink(self.socket_path)
-                except FileNotFoundError:
-                    pass
+                Path(self.socket_path).unlink(missing_ok=True)
 
 
 _lock = threading.Lock()
@@ -189,10 +187,7 @@ def _start(address: Optional[str], unix: bool, unix_path: Optional[str], max_wor
             unix_path = os.path.abspath(unix_path)
             if len(unix_path.encode()) > paths.UNIX_PATH_MAX:
                 raise RuntimeError(f"glake stats: socket path too long for a unix socket ({unix_path})")
-            try:
-                os.unlink(unix_path)  # a stale socket of an earlier process that had this pid
-            except FileNotFoundError:
-                pass
+            Path(unix_path).unlink(missing_ok=True)  # a stale socket of an earlier process that had this pid
             _bind(server, "unix:" + unix_path)
             sock = unix_path
             addresses.append("unix:" + unix_path)
@@ -206,10 +201,7 @@ def _start(address: Optional[str], unix: bool, unix_path: Optional[str], max_wor
     except BaseException:
         server.stop(None)
         if sock:
-            try:
-                os.unlink(sock)
-            except FileNotFoundError:
-                pass
+            Path(sock).unlink(missing_ok=True)
         raise
     return StatsServer(server, addresses, sock, stopping, start_ns)
 
