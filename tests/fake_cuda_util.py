@@ -1,4 +1,4 @@
-"""Builds the fake libcuda (tests/multipath/fake_cuda/fake_cuda.cpp) and runs scenarios against it.
+"""Builds the fake libcuda (tests/fake_cuda/fake_cuda.cpp) and runs scenarios against it.
 
 The fake gives the CUDA driver API's semantics on host memory (see the comment at its top), so
 glake's cuda backend runs on a machine without a GPU. Each scenario runs in a subprocess that
@@ -17,7 +17,7 @@ from typing import Tuple
 
 import pytest
 
-FAKE_SRC = Path(__file__).resolve().parent / "multipath" / "fake_cuda" / "fake_cuda.cpp"
+FAKE_SRC = Path(__file__).resolve().parent / "fake_cuda" / "fake_cuda.cpp"
 CUDA_H_DIRS = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
 Fake = Tuple[Path, str]
 

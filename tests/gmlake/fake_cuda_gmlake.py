@@ -1,6 +1,6 @@
 """Scenarios of the stitched allocator on the cuda backend, run against the fake libcuda (no GPU).
 
-The fake (tests/multipath/fake_cuda/fake_cuda.cpp) emulates the VMM API on host memory, runs every
+The fake (tests/fake_cuda/fake_cuda.cpp) emulates the VMM API on host memory, runs every
 stream as a thread, flags unmapping memory that queued stream work will still touch, and emulates
 a global-mode stream capture (fake_set_capturing): the calls a capture forbids are refused and
 counted. Its counters (fake_violations, fake_live_vmm_handles, ...) are read through ctypes. Usage:

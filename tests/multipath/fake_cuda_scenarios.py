@@ -1,4 +1,4 @@
-"""Scenarios run in a subprocess against the fake libcuda (fake_cuda/fake_cuda.cpp), not a GPU.
+"""Scenarios run in a subprocess against the fake libcuda (tests/fake_cuda/fake_cuda.cpp), not a GPU.
 
 The fake gives CUDA's semantics on host memory with asynchronous streams (a thread each), so the
 cuda-backend code of the multipath engine (streams, events, cross-stream ordering, pointer

@@ -1,6 +1,6 @@
 """The cuda-backend code of the multipath engine against a fake libcuda (no GPU needed).
 
-tests/multipath/fake_cuda/fake_cuda.cpp is built into a libcuda.so.1 that gives the CUDA driver
+tests/fake_cuda/fake_cuda.cpp is built into a libcuda.so.1 that gives the CUDA driver
 API's semantics on host memory, with asynchronous streams; each scenario of fake_cuda_scenarios.py
 runs in a subprocess that loads it (GLAKE_BACKEND=cuda). This checks the engine's use of streams,
 events, contexts, pointer attributes and peer access, and its ordering against the caller's stream.
