@@ -8,9 +8,6 @@ namespace glake {
 
 namespace {
 
-using GetProcAddress = CUresult (*)(const char*, void**, int, cuuint64_t, CUdriverProcAddressQueryResult*);
-using DriverGetVersion = CUresult (*)(int*);
-
 std::string size_arg(std::size_t size) { return "size=" + std::to_string(size); }
 
 }  // namespace
@@ -22,26 +19,36 @@ CudaDriver::CudaDriver() {
     throw BackendUnavailableError(std::string("dlopen(libcuda.so.1) failed: ") + (err ? err : "unknown error") +
                                   " (no NVIDIA driver on this machine?)");
   }
-  auto get_proc = reinterpret_cast<GetProcAddress>(dlsym(lib, "cuGetProcAddress_v2"));
-  auto get_version = reinterpret_cast<DriverGetVersion>(dlsym(lib, "cuDriverGetVersion"));
+  auto get_proc = reinterpret_cast<PFN_cuGetProcAddress_v12000>(dlsym(lib, "cuGetProcAddress_v2"));
+  auto get_version = reinterpret_cast<PFN_cuDriverGetVersion_v2020>(dlsym(lib, "cuDriverGetVersion"));
   if (!get_proc || !get_version) {
     throw BackendUnavailableError("libcuda.so.1 has no cuGetProcAddress_v2: the driver is older than CUDA 12");
   }
-  int driver_version = 0;
-  get_version(&driver_version);
-  const int version = std::min(driver_version, CUDA_VERSION);
-#define GLAKE_CUDA_LOAD(name)                                                                     \
-  {                                                                                               \
-    void* fn = nullptr;                                                                           \
-    CUdriverProcAddressQueryResult status{};                                                      \
-    if (get_proc(#name, &fn, version, CU_GET_PROC_ADDRESS_DEFAULT, &status) != CUDA_SUCCESS || !fn) { \
-      throw BackendUnavailableError("cuGetProcAddress(" #name ", version=" + std::to_string(version) + \
-                                    ") failed: driver version " + std::to_string(driver_version)); \
-    }                                                                                             \
-    api_.p_##name = reinterpret_cast<decltype(api_.p_##name)>(fn);                                \
-  }
+  get_version(&driver_version_);
+  // Resolves `name` as the variant of CUDA `version`; null when `optional` and the driver lacks it.
+  auto resolve = [&](const char* name, int version, bool optional) -> void* {
+    void* fn = nullptr;
+    CUdriverProcAddressQueryResult status{};
+    const CUresult res = get_proc(name, &fn, version, CU_GET_PROC_ADDRESS_DEFAULT, &status);
+    if (res == CUDA_SUCCESS && fn && status == CU_GET_PROC_ADDRESS_SUCCESS) return fn;
+    if (optional) return nullptr;
+    throw BackendUnavailableError(std::string("cuGetProcAddress(") + name + ", version=" + std::to_string(version) +
+                                  ") failed (result " + std::to_string(res) + ", status " +
+                                  std::to_string(static_cast<int>(status)) + "): driver version " +
+                                  std::to_string(driver_version_));
+  };
+#define GLAKE_CUDA_LOAD(name, version) \
+  api_.p_##name = reinterpret_cast<PFN_##name##_v##version>(resolve(#name, version, false));
   GLAKE_CUDA_FUNCS(GLAKE_CUDA_LOAD)
 #undef GLAKE_CUDA_LOAD
+#define GLAKE_CUDA_LOAD_VERSIONED(name, version, old)                                            \
+  if (driver_version_ >= version) {                                                              \
+    api_.p_##name = reinterpret_cast<PFN_##name##_v##version>(resolve(#name, version, false));   \
+  } else {                                                                                       \
+    api_.p_##name##_v##old = reinterpret_cast<PFN_##name##_v##old>(resolve(#name, old, false));  \
+  }
+  GLAKE_CUDA_VERSIONED_FUNCS(GLAKE_CUDA_LOAD_VERSIONED)
+#undef GLAKE_CUDA_LOAD_VERSIONED
 
   CUresult res = api_.p_cuInit(0);
   if (res != CUDA_SUCCESS) {
@@ -57,7 +64,7 @@ CudaDriver::CudaDriver() {
   api_.p_cuDeviceGetAttribute(&vmm, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev0);
   if (!vmm) throw BackendUnavailableError("device 0 does not support virtual memory management");
   contexts_.assign(device_count_, nullptr);
-  granularity_.assign(device_count_, 0);
+  granularity_ = std::make_unique<std::atomic<std::size_t>[]>(device_count_);
 }
 
 void CudaDriver::check(CUresult res, const std::string& call) const {
@@ -71,6 +78,7 @@ void CudaDriver::check(CUresult res, const std::string& call) const {
 }
 
 CUcontext CudaDriver::primary_context(int device) {
+  check_device(device);
   std::lock_guard<std::mutex> lock(mutex_);
   if (!contexts_[device]) {
     CUdevice dev = 0;
@@ -106,12 +114,12 @@ CUmemAllocationProp CudaDriver::chunk_prop(int device) const {
 
 std::size_t CudaDriver::granularity(int device) {
   check_device(device);
-  std::size_t g = granularity_[device];
+  std::size_t g = granularity_[device].load(std::memory_order_acquire);
   if (g) return g;
   CUmemAllocationProp prop = chunk_prop(device);
   check(api_.p_cuMemGetAllocationGranularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED),
         "cuMemGetAllocationGranularity(device=" + std::to_string(device) + ")");
-  granularity_[device] = g;
+  granularity_[device].store(g, std::memory_order_release);  // every thread computes the same value
   return g;
 }
 
@@ -319,8 +327,10 @@ void CudaDriver::stream_synchronize(int device, StreamHandle stream) {
 }
 
 void CudaDriver::device_synchronize(int device) {
+  CUcontext ctx = primary_context(device);
   ContextGuard guard(*this, device);
-  check(api_.p_cuCtxSynchronize(), "cuCtxSynchronize(device " + std::to_string(device) + ")");
+  const CUresult res = api_.p_cuCtxSynchronize ? api_.p_cuCtxSynchronize(ctx) : api_.p_cuCtxSynchronize_v2000();
+  check(res, "cuCtxSynchronize(device " + std::to_string(device) + ", driver " + std::to_string(driver_version_) + ")");
 }
 
 bool CudaDriver::stream_is_capturing(int device, StreamHandle stream) {

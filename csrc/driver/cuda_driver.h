@@ -6,8 +6,10 @@
 #pragma once
 
 #include <cuda.h>
+#include <cudaTypedefs.h>
 
 #include <atomic>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -15,23 +17,38 @@
 
 namespace glake {
 
-// The driver entry points glake uses; each becomes a member p_<name> of CudaApi.
+// The driver entry points glake uses, each with the CUDA version whose variant it calls. Each
+// becomes a member p_<name> of type PFN_<name>_v<version> (cudaTypedefs.h) and is resolved with
+// cuGetProcAddress at exactly that version, so a signature change between versions (cuCtxSynchronize
+// takes a CUcontext from 13000 on) cannot be called with the wrong arguments: it does not compile.
 #define GLAKE_CUDA_FUNCS(X)                                                                          \
-  X(cuInit) X(cuDeviceGetCount) X(cuDeviceGet) X(cuDeviceGetAttribute) X(cuDevicePrimaryCtxRetain)   \
-  X(cuCtxGetCurrent) X(cuCtxSetCurrent) X(cuGetErrorName) X(cuMemGetAllocationGranularity)          \
-  X(cuMemCreate) X(cuMemRelease) X(cuMemAddressReserve) X(cuMemAddressFree) X(cuMemMap)             \
-  X(cuMemUnmap) X(cuMemSetAccess) X(cuMemExportToShareableHandle) X(cuMemImportFromShareableHandle) \
-  X(cuMemGetInfo) X(cuMemcpy) X(cuMemcpyAsync) X(cuMemsetD8) X(cuStreamCreate) X(cuStreamDestroy)  \
-  X(cuStreamWaitEvent) X(cuMemHostAlloc) X(cuMemFreeHost) X(cuMemAlloc) X(cuMemFree)                \
-  X(cuPointerGetAttributes) X(cuDeviceCanAccessPeer) X(cuCtxEnablePeerAccess)                         \
-  X(cuStreamSynchronize) X(cuStreamIsCapturing) X(cuEventCreate) X(cuEventRecord) X(cuEventQuery)  \
-  X(cuEventSynchronize) X(cuEventDestroy) X(cuThreadExchangeStreamCaptureMode) X(cuCtxSynchronize)
+  X(cuInit, 2000) X(cuDeviceGetCount, 2000) X(cuDeviceGet, 2000) X(cuDeviceGetAttribute, 2000)       \
+  X(cuDevicePrimaryCtxRetain, 7000) X(cuCtxGetCurrent, 4000) X(cuCtxSetCurrent, 4000)                \
+  X(cuGetErrorName, 6000) X(cuMemGetAllocationGranularity, 10020) X(cuMemCreate, 10020)              \
+  X(cuMemRelease, 10020) X(cuMemAddressReserve, 10020) X(cuMemAddressFree, 10020) X(cuMemMap, 10020) \
+  X(cuMemUnmap, 10020) X(cuMemSetAccess, 10020) X(cuMemExportToShareableHandle, 10020)               \
+  X(cuMemImportFromShareableHandle, 10020) X(cuMemGetInfo, 3020) X(cuMemcpy, 4000)                   \
+  X(cuMemcpyAsync, 4000) X(cuMemsetD8, 3020) X(cuStreamCreate, 2000) X(cuStreamDestroy, 4000)         \
+  X(cuStreamWaitEvent, 3020) X(cuMemHostAlloc, 2020) X(cuMemFreeHost, 2000) X(cuMemAlloc, 3020)      \
+  X(cuMemFree, 3020) X(cuPointerGetAttributes, 7000) X(cuDeviceCanAccessPeer, 4000)                  \
+  X(cuCtxEnablePeerAccess, 4000) X(cuStreamSynchronize, 2000) X(cuStreamIsCapturing, 10000)          \
+  X(cuEventCreate, 2000) X(cuEventRecord, 2000) X(cuEventQuery, 2000) X(cuEventSynchronize, 2000)    \
+  X(cuEventDestroy, 4000) X(cuThreadExchangeStreamCaptureMode, 10010)
 
-/// Function pointers into libcuda, resolved once.
+// Entry points whose variant depends on the driver: the newest for drivers at or above its version,
+// the older one below (the member p_<name>_v<old> is then set instead of p_<name>).
+#define GLAKE_CUDA_VERSIONED_FUNCS(X) X(cuCtxSynchronize, 13000, 2000)
+
+/// Function pointers into libcuda, resolved once, each typed by the variant it was resolved as.
 struct CudaApi {
-#define GLAKE_CUDA_MEMBER(name) decltype(&::name) p_##name = nullptr;
+#define GLAKE_CUDA_MEMBER(name, version) PFN_##name##_v##version p_##name = nullptr;
   GLAKE_CUDA_FUNCS(GLAKE_CUDA_MEMBER)
 #undef GLAKE_CUDA_MEMBER
+#define GLAKE_CUDA_VERSIONED_MEMBER(name, version, old)      \
+  PFN_##name##_v##version p_##name = nullptr;               \
+  PFN_##name##_v##old p_##name##_v##old = nullptr;
+  GLAKE_CUDA_VERSIONED_FUNCS(GLAKE_CUDA_VERSIONED_MEMBER)
+#undef GLAKE_CUDA_VERSIONED_MEMBER
 };
 
 /// VMM primitives over the CUDA driver API.
@@ -39,6 +56,9 @@ class CudaDriver final : public Driver {
  public:
   /// Loads libcuda and initialises it; throws BackendUnavailableError with the reason on failure.
   CudaDriver();
+
+  /// The version cuDriverGetVersion reported (e.g. 13000).
+  int driver_version() const { return driver_version_; }
 
   const char* name() const override { return "cuda"; }
   int device_count() override { return device_count_; }
@@ -97,17 +117,19 @@ class CudaDriver final : public Driver {
  private:
   /// Throws the glake error for `res` naming `call`; no-op on CUDA_SUCCESS.
   void check(CUresult res, const std::string& call) const;
-  /// The device's primary context, retained on first use.
+  /// The device's primary context, retained on first use; throws InvalidArgumentError for a device
+  /// that does not exist (every call that makes a context current goes through here).
   CUcontext primary_context(int device);
   /// Allocation properties for chunks on `device`.
   CUmemAllocationProp chunk_prop(int device) const;
 
   CudaApi api_;
   int device_count_ = 0;
+  int driver_version_ = 0;
   std::atomic<bool> posix_fd_handles_{true};  // cleared if the driver refuses shareable chunks
-  std::mutex mutex_;
+  std::mutex mutex_;                      // guards contexts_
   std::vector<CUcontext> contexts_;
-  std::vector<std::size_t> granularity_;
+  std::unique_ptr<std::atomic<std::size_t>[]> granularity_;  // 0 until first asked; written once per device
 };
 
 }  // namespace glake

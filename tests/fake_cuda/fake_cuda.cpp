@@ -52,6 +52,7 @@
 #include <unistd.h>
 
 #include <cuda.h>
+#include <cudaTypedefs.h>
 
 #include <algorithm>
 #include <atomic>
@@ -700,15 +701,32 @@ CUresult f_cuStreamSynchronize(CUstream s) {
   st->sync();
   return CUDA_SUCCESS;
 }
-CUresult f_cuCtxSynchronize() {
-  NEED_CTX();
+/// Waits for every stream of `ctx`'s device, legacy included.
+CUresult sync_context(Ctx* ctx) {
   if (capture_forbids("cuCtxSynchronize")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
-  legacy(t_current->device);
+  legacy(ctx->device);
   std::lock_guard<std::mutex> lock(g_streams_mu);  // a stream destroyed meanwhile waits for this
   for (Stream* st : g_streams) {
-    if (st->device == t_current->device) st->sync();
+    if (st->device == ctx->device) st->sync();
   }
   return CUDA_SUCCESS;
+}
+/// cuCtxSynchronize as drivers before 13.0 hand it out: the current context.
+CUresult f_cuCtxSynchronize() {
+  NEED_CTX();
+  return sync_context(t_current);
+}
+/// cuCtxSynchronize as 13.0 hands it out (PFN_cuCtxSynchronize_v13000): the context is an argument,
+/// NULL meaning the current one. Anything that is not a context is refused as a real driver does,
+/// so a caller using the old signature (no argument: a garbage register) fails here as on a GPU.
+CUresult f_cuCtxSynchronize_v2(CUcontext ctx) {
+  if (!ctx) {
+    NEED_CTX();
+    return sync_context(t_current);
+  }
+  auto* c = reinterpret_cast<Ctx*>(ctx);
+  if (c < &g_ctx[0] || c >= &g_ctx[16]) return CUDA_ERROR_CONTEXT_IS_DESTROYED;
+  return sync_context(c);
 }
 CUresult f_cuStreamIsCapturing(CUstream s, CUstreamCaptureStatus* status) {
   Stream* st = stream_of(s);
@@ -845,21 +863,29 @@ CUresult f_cuStreamWaitEvent(CUstream s, CUevent e, unsigned int) {
 
 CUresult f_unsupported() { return CUDA_ERROR_NOT_SUPPORTED; }
 
+/// One variant of an entry point: what cuGetProcAddress hands back for versions >= `since`.
 struct Entry {
   const char* name;
+  int since;
   void* fn;
 };
-#define E(name) Entry{#name, reinterpret_cast<void*>(static_cast<decltype(&::name)>(&f_##name))}
+// The variant cuda.h declares (the _v2 ones since 3020 for sizes, etc.), from its PFN version on.
+#define E(name, since) Entry{#name, since, reinterpret_cast<void*>(static_cast<PFN_##name##_v##since>(&f_##name))}
 const Entry kEntries[] = {
-    E(cuInit), E(cuDeviceGetCount), E(cuDeviceGet), E(cuDeviceGetAttribute), E(cuDevicePrimaryCtxRetain),
-    E(cuCtxGetCurrent), E(cuCtxSetCurrent), E(cuGetErrorName), E(cuMemGetAllocationGranularity), E(cuMemGetInfo),
-    E(cuMemCreate), E(cuMemRelease), E(cuMemAddressReserve), E(cuMemAddressFree), E(cuMemMap), E(cuMemSetAccess),
-    E(cuMemUnmap), E(cuMemExportToShareableHandle), E(cuMemImportFromShareableHandle),
-    E(cuMemAlloc), E(cuMemFree), E(cuMemHostAlloc), E(cuMemFreeHost), E(cuPointerGetAttributes),
-    E(cuDeviceCanAccessPeer), E(cuCtxEnablePeerAccess), E(cuStreamCreate), E(cuStreamDestroy),
-    E(cuStreamSynchronize), E(cuCtxSynchronize), E(cuStreamIsCapturing), E(cuThreadExchangeStreamCaptureMode),
-    E(cuMemcpyAsync), E(cuMemcpy), E(cuMemsetD8), E(cuEventCreate),
-    E(cuEventDestroy), E(cuEventRecord), E(cuEventQuery), E(cuEventSynchronize), E(cuStreamWaitEvent),
+    E(cuInit, 2000), E(cuDeviceGetCount, 2000), E(cuDeviceGet, 2000), E(cuDeviceGetAttribute, 2000),
+    E(cuDevicePrimaryCtxRetain, 7000), E(cuCtxGetCurrent, 4000), E(cuCtxSetCurrent, 4000), E(cuGetErrorName, 6000),
+    E(cuMemGetAllocationGranularity, 10020), E(cuMemGetInfo, 3020), E(cuMemCreate, 10020), E(cuMemRelease, 10020),
+    E(cuMemAddressReserve, 10020), E(cuMemAddressFree, 10020), E(cuMemMap, 10020), E(cuMemSetAccess, 10020),
+    E(cuMemUnmap, 10020), E(cuMemExportToShareableHandle, 10020), E(cuMemImportFromShareableHandle, 10020),
+    E(cuMemAlloc, 3020), E(cuMemFree, 3020), E(cuMemHostAlloc, 2020), E(cuMemFreeHost, 2000),
+    E(cuPointerGetAttributes, 7000), E(cuDeviceCanAccessPeer, 4000), E(cuCtxEnablePeerAccess, 4000),
+    E(cuStreamCreate, 2000), E(cuStreamDestroy, 4000), E(cuStreamSynchronize, 2000),
+    E(cuCtxSynchronize, 2000),
+    Entry{"cuCtxSynchronize", 13000,
+          reinterpret_cast<void*>(static_cast<PFN_cuCtxSynchronize_v13000>(&f_cuCtxSynchronize_v2))},
+    E(cuStreamIsCapturing, 10000), E(cuThreadExchangeStreamCaptureMode, 10010), E(cuMemcpyAsync, 4000),
+    E(cuMemcpy, 4000), E(cuMemsetD8, 3020), E(cuEventCreate, 2000), E(cuEventDestroy, 4000),
+    E(cuEventRecord, 2000), E(cuEventQuery, 2000), E(cuEventSynchronize, 2000), E(cuStreamWaitEvent, 3020),
 };
 #undef E
 
@@ -867,19 +893,39 @@ const Entry kEntries[] = {
 
 extern "C" {
 
+/// CUDA_VERSION, or FAKE_CUDA_DRIVER_VERSION=n to play an older (or newer) driver.
+int driver_version() {
+  const char* env = std::getenv("FAKE_CUDA_DRIVER_VERSION");
+  return env && *env ? std::atoi(env) : CUDA_VERSION;
+}
+
 CUresult CUDAAPI cuDriverGetVersion(int* v) {
-  *v = CUDA_VERSION;
+  *v = driver_version();
   return CUDA_SUCCESS;
 }
 
-// cuda.h maps cuGetProcAddress to cuGetProcAddress_v2.
-CUresult CUDAAPI cuGetProcAddress(const char* symbol, void** pfn, int, cuuint64_t, CUdriverProcAddressQueryResult* status) {
+// cuda.h maps cuGetProcAddress to cuGetProcAddress_v2. As the driver does, it hands back the newest
+// variant of `symbol` whose version is <= the requested one (and <= the driver's), and reports
+// VERSION_NOT_SUFFICIENT when every variant is newer than that.
+CUresult CUDAAPI cuGetProcAddress(const char* symbol, void** pfn, int version, cuuint64_t,
+                                  CUdriverProcAddressQueryResult* status) {
+  const int effective = std::min(version, driver_version());
+  const Entry* best = nullptr;
+  bool known = false;
   for (const Entry& e : kEntries) {
-    if (std::strcmp(e.name, symbol) == 0) {
-      *pfn = e.fn;
-      if (status) *status = CU_GET_PROC_ADDRESS_SUCCESS;
-      return CUDA_SUCCESS;
-    }
+    if (std::strcmp(e.name, symbol) != 0) continue;
+    known = true;
+    if (e.since <= effective && (!best || e.since > best->since)) best = &e;
+  }
+  if (best) {
+    *pfn = best->fn;
+    if (status) *status = CU_GET_PROC_ADDRESS_SUCCESS;
+    return CUDA_SUCCESS;
+  }
+  if (known) {
+    *pfn = nullptr;
+    if (status) *status = CU_GET_PROC_ADDRESS_VERSION_NOT_SUFFICIENT;
+    return CUDA_ERROR_NOT_FOUND;
   }
   // Everything else exists but answers CUDA_ERROR_NOT_SUPPORTED.
   *pfn = reinterpret_cast<void*>(&f_unsupported);
