@@ -3,11 +3,15 @@
 >>> import glake.torch
 >>> glake.torch.install()            # before the first CUDA allocation
 >>> x = torch.empty(1 << 30, device="cuda")
->>> print(glake.torch.memory_summary())
+>>> torch.cuda.memory_allocated()    # torch's own memory API works as with torch's allocator
+>>> glake.torch.memory_stats()["num_stitches"]   # glake's own figures
 
-Under a pluggable allocator torch's own ``torch.cuda.memory_stats``, ``memory_allocated``,
-``memory_snapshot`` and friends raise; use the functions of this module instead (same names, same
-key names, plus glake's: ``num_stitches``, ``stitched_bytes.current``, ``mapped_va_bytes.current``...).
+With the default ``"cpp"`` frontend (:mod:`glake.torch_frontend`, built against the installed torch
+on first use) torch's ``memory_stats``, ``memory_summary``, ``memory_snapshot``,
+``_record_memory_history``/``_dump_snapshot``, ``get/set_per_process_memory_fraction``,
+``torch.cuda.OutOfMemoryError``, CUDA graph pools and ``MemPool`` behave as with torch's allocator.
+This module's functions of the same names give glake's view (torch's key names plus
+``num_stitches``, ``stitched_bytes.current``, ``mapped_va_bytes.current``...), under either frontend.
 
 Notes
 -----
@@ -15,21 +19,24 @@ Notes
   afterwards). ``glake run -- python train.py`` does it for you.
 - A stitched block spans several physical allocations: nvidia_peermem (GPUDirect RDMA) cannot pin
   it. Disable stitching (``stitch=False``) for buffers registered with RDMA NICs.
-- CUDA graphs: memory allocated while a ``torch.cuda.CUDAGraph`` captures is kept for that graph
-  until it is reset or destroyed (glake wraps capture_begin/capture_end/reset for this); it is not
-  reused within the same capture. If the slow path must map during capture, glake switches the
-  thread to relaxed capture mode, as torch does around cudaMalloc.
+- CUDA graphs: allocations of a capture go to the graph's private pool, as with torch's allocator:
+  memory freed during the capture is reused later in it, and graphs captured into one pool
+  (``torch.cuda.graph(g, pool=...)``, ``make_graphed_callables``) share it. If the slow path must map
+  during a capture, glake switches the thread to relaxed capture mode, as torch does around cudaMalloc.
+- CUDA IPC of glake memory (``torch.multiprocessing`` sharing CUDA tensors) raises a clear error:
+  VMM memory cannot be exported through cudaIpcGetMemHandle.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 from typing import Any, Dict, List, Optional
 
 from glake import _C
 from glake.allocator import Allocator, conf_string
-from glake.errors import BackendUnavailableError, GlakeError
+from glake.errors import BackendUnavailableError, GlakeError, GlakeWarning, InvalidArgumentError
 
 _PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libglake_torch.so")
 _state: Dict[str, Any] = {"installed": False, "allocator": None}
@@ -61,11 +68,32 @@ def _wire_hooks(pluggable) -> List[str]:
     return wired
 
 
-def install(**conf: Any) -> None:
+FRONTENDS = ("auto", "cpp", "pluggable")
+
+
+def _cpp_allocator():
+    """torch's CUDAAllocator interface over glake, built against this torch on first use."""
+    import torch
+
+    from glake import torch_frontend
+
+    return torch.cuda.memory._CUDAAllocator(torch_frontend.load().make_allocator())
+
+
+def install(frontend: Optional[str] = None, **conf: Any) -> None:
     """Make glake torch's CUDA allocator for this process.
 
     Parameters
     ----------
+    frontend : {"auto", "cpp", "pluggable"}, optional
+        How glake plugs into torch; default ``$GLAKE_TORCH_FRONTEND``, else ``"auto"``.
+        ``"cpp"``: torch's own C++ allocator interface, so ``torch.cuda.memory_stats``,
+        ``memory_summary``, ``memory_snapshot``, ``_record_memory_history``,
+        ``torch.cuda.OutOfMemoryError``, CUDA graph pools and ``MemPool`` behave as with torch's
+        allocator; compiled against the installed torch on first use (20-60 s, then cached: see
+        :mod:`glake.torch_frontend`). ``"pluggable"``: torch's ``CUDAPluggableAllocator`` over
+        glake's C ABI, no build, but torch's memory functions raise (use this module's).
+        ``"auto"``: ``"cpp"``, falling back to ``"pluggable"`` with a warning saying why.
     **conf
         Allocator configuration (see :mod:`glake.allocator`), applied over ``$GLAKE_ALLOC_CONF``.
 
@@ -73,8 +101,11 @@ def install(**conf: Any) -> None:
     ------
     BackendUnavailableError
         No usable CUDA GPU (glake's backend is not ``cuda``).
+    InvalidArgumentError
+        An unknown ``frontend``.
     GlakeError
-        CUDA memory was already allocated through torch's own allocator.
+        CUDA memory was already allocated through torch's own allocator, or the ``"cpp"`` frontend
+        could not be built.
     """
     import torch
 
@@ -82,22 +113,42 @@ def install(**conf: Any) -> None:
         if conf:
             raise GlakeError("glake.torch is already installed; its configuration can no longer change")
         return
+    choice = frontend or os.environ.get("GLAKE_TORCH_FRONTEND") or "auto"
+    if choice not in FRONTENDS:
+        raise InvalidArgumentError(f"glake.torch.install: frontend {choice!r} is not one of {', '.join(FRONTENDS)}")
     if not torch.cuda.is_available() or _C.backend_name(None) != "cuda":
         raise BackendUnavailableError("glake.torch.install() needs a CUDA GPU and glake's cuda backend "
                                       f"(backend is {_C.backend_name(None)!r}; {_C.cuda_unavailable_reason()})")
     if conf:
         _C.gmlake_configure(conf_string(conf))
-    pluggable = _pluggable()
+    allocator_obj, used = None, choice
+    if choice in ("auto", "cpp"):
+        try:
+            allocator_obj, used = _cpp_allocator(), "cpp"
+        except Exception as e:  # noqa: BLE001  (a compiler, header or link failure: say which)
+            if choice == "cpp":
+                raise GlakeError(f"glake.torch: the C++ torch frontend could not be built or loaded: {e}") from e
+            warnings.warn(f"glake.torch: the C++ torch frontend could not be built or loaded ({e}); using torch's "
+                          "pluggable allocator interface instead, under which torch.cuda.memory_stats and friends "
+                          "raise: use glake.torch.memory_stats(). Set GLAKE_TORCH_FRONTEND=pluggable to skip "
+                          "the build.", GlakeWarning, stacklevel=2)
+    if allocator_obj is None:
+        allocator_obj, used = _pluggable(), "pluggable"
     try:
-        torch.cuda.memory.change_current_allocator(pluggable)
+        torch.cuda.memory.change_current_allocator(allocator_obj)
     except RuntimeError as e:
         raise GlakeError("glake.torch.install() must run before the first CUDA allocation of this process "
                          f"(torch says: {e}). Call it at the top of your script, or use `glake run -- python ...`."
                          ) from e
-    _state["hooks"] = _wire_hooks(pluggable)
-    _patch_graphs(torch)
-    _state["installed"] = True
-    _state["allocator"] = pluggable
+    if used == "pluggable":
+        _state["hooks"] = _wire_hooks(allocator_obj)
+        _patch_graphs(torch)  # torch's C++ interface tells the cpp frontend about graphs itself
+    _state.update(installed=True, allocator=allocator_obj, frontend=used)
+
+
+def frontend() -> Optional[str]:
+    """Which frontend :func:`install` used (``"cpp"`` or ``"pluggable"``), or None before it."""
+    return _state.get("frontend")
 
 
 _graph_devices: Dict[int, int] = {}
@@ -276,7 +327,7 @@ def auto_install() -> Optional[str]:
 
 
 __all__ = [
-    "install", "is_installed", "allocator", "memory_stats", "memory_allocated", "max_memory_allocated",
+    "install", "frontend", "FRONTENDS", "is_installed", "allocator", "memory_stats", "memory_allocated", "max_memory_allocated",
     "memory_reserved", "max_memory_reserved", "reset_peak_memory_stats", "empty_cache", "memory_snapshot",
     "memory_summary", "format_summary", "mem_pool", "plugin_path",
 ]

@@ -5,6 +5,12 @@
 #   scripts/gpu-test.sh                                   # build + pytest -m gpu
 #   scripts/gpu-test.sh "vmm_latency --chunks 512"        # ... + benchmarks/vmm_latency.py --chunks 512
 #   GLAKE_TEST_ALL=1 scripts/gpu-test.sh                  # the whole suite, not only -m gpu
+#   scripts/gpu-test.sh --sanitize                        # the allocator's and kvcache's GPU tests under
+#                                                         # compute-sanitizer memcheck (after a planted error)
+#
+# A passing run appends one line to docs/gpu-verified.txt (date, GPU, torch, "N passed, M failed", the
+# commit: $GLAKE_COMMIT where the tree travels without .git, else git's HEAD with "+dirty" when the
+# tree has uncommitted changes); the file is copied to $OUT too.
 #
 # Wheels missing on the GPU machine can travel in .whl/ (see the device README); they are
 # installed into /tmp/site first.
@@ -15,6 +21,11 @@ LOGS=$(mktemp -d)/gpu-logs
 mkdir -p "$LOGS"
 export GLAKE_BENCH_DIR="$LOGS"
 status=0
+sanitize=0
+if [ "${1:-}" = "--sanitize" ]; then
+  sanitize=1
+  shift
+fi
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -33,7 +44,20 @@ else
   echo "== tests"
   marker=(-m gpu)
   [ "${GLAKE_TEST_ALL:-0}" = 1 ] && marker=()
-  python3 -m pytest -q -rs "${marker[@]}" tests 2>&1 | tee "$LOGS/pytest.log"
+  if [ "$sanitize" = 1 ]; then
+    # The planted error must be found, or a clean run proves nothing.
+    if compute-sanitizer --tool memcheck --error-exitcode 3 python3 scripts/sanitizer_planted.py \
+        >"$LOGS/sanitizer-planted.log" 2>&1; then
+      echo "compute-sanitizer did NOT report the planted out-of-bounds write"; status=1
+    else
+      grep -m1 -E "Invalid __global__ (write|read)" "$LOGS/sanitizer-planted.log" || { echo "planted run failed otherwise"; status=1; }
+    fi
+    export GLAKE_UNDER_SANITIZER=1
+    compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+      python3 -m pytest -q -rs "${marker[@]}" tests/gmlake tests/kvcache 2>&1 | tee "$LOGS/pytest.log"
+  else
+    python3 -m pytest -q -rs "${marker[@]}" tests 2>&1 | tee "$LOGS/pytest.log"
+  fi
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   for bench in "$@"; do
     name=${bench%% *}
@@ -43,6 +67,24 @@ else
     python3 "benchmarks/$name.py" $args 2>&1 | tee "$LOGS/bench-$name.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   done
+fi
+
+summary=$(grep -E "^[0-9]+ (passed|failed)|[0-9]+ passed" "$LOGS/pytest.log" 2>/dev/null | tail -n 1)
+passed=$(grep -oE "[0-9]+ passed" <<<"$summary" | grep -oE "[0-9]+")
+failed=$(grep -oE "[0-9]+ failed" <<<"$summary" | grep -oE "[0-9]+")
+if [ "$status" = 0 ] && [ -n "$passed" ]; then
+  commit=${GLAKE_COMMIT:-}
+  if [ -z "$commit" ] && git rev-parse HEAD >/dev/null 2>&1; then
+    commit=$(git rev-parse --short=12 HEAD)
+    [ -n "$(git status --porcelain --untracked-files=no)" ] && commit="$commit+dirty"
+  fi
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+  torch_version=$(python3 -c "import torch; print(torch.__version__)" 2>/dev/null)
+  mode=$([ "$sanitize" = 1 ] && echo " (compute-sanitizer memcheck)")
+  echo "$(date -u +%Y-%m-%dT%H:%MZ)  ${gpu}  torch ${torch_version}  ${passed} passed, ${failed:-0} failed${mode}  ${commit:-unknown}" \
+    >>docs/gpu-verified.txt
+  tail -n 1 docs/gpu-verified.txt
+  [ -n "${OUT:-}" ] && cp docs/gpu-verified.txt "$OUT/gpu-verified.txt"
 fi
 
 if [ -n "${OUT:-}" ]; then
