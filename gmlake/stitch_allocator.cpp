@@ -37,7 +37,7 @@ std::string gib(std::size_t bytes) {
 }  // namespace
 
 StitchAllocator::StitchAllocator(Driver& driver, int device, AllocatorConfig config)
-    : driver_(driver), device_(device), config_(config) {
+    : driver_(driver), device_(device), config_(config), events_(driver, device) {
   granularity_ = driver_.granularity(device);
   device_total_ = driver_.mem_info(device).total;
   if (config_.stitch_va_limit == 0) config_.stitch_va_limit = device_total_;
@@ -50,7 +50,7 @@ StitchAllocator::~StitchAllocator() {
   } catch (...) {  // a context already torn down at exit runs nothing any more
   }
   for (auto& d : deferred_) {
-    for (EventHandle e : d.events) driver_.event_destroy(device_, e);
+    for (EventHandle e : d.events) events_.release(e);  // destroyed with the pool
     if (d.block->kind == PoolKind::Stitched) d.block->stitch->active = false;
   }
   for (auto& [stream, se] : stream_events_) {
@@ -58,11 +58,6 @@ StitchAllocator::~StitchAllocator() {
   }
   for (auto& [ptr, b] : allocated_) {
     if (b->kind == PoolKind::Stitched) b->stitch->active = false;  // deleted with the stitches below
-  }
-  for (auto& [graph, blocks] : graph_blocks_) {
-    for (Block* b : blocks) {
-      if (b->kind == PoolKind::Stitched) b->stitch->active = false;
-    }
   }
   for (auto& s : stitches_) {
     if (!s->active) delete s->block;
@@ -98,10 +93,12 @@ void StitchAllocator::insert_free(Block* b) {
   b->allocated = false;
   b->stitch = nullptr;
   b->requested = 0;
-  // Coalesce with free neighbours of the same stream (they are in the same segment by construction).
+  // Coalesce with free neighbours of the same stream and owner (global cache or the same private
+  // pool); they are in the same segment by construction.
+  FreeSet& set = lists_of(b).of(b->kind);
   for (Block* n : {b->prev, b->next}) {
-    if (!n || n->allocated || n->stream != b->stream) continue;
-    if (free_set(b->kind).erase(n) == 0) continue;  // pending (deferred) blocks are not in the set
+    if (!n || n->allocated || n->stream != b->stream || n->pool != b->pool) continue;
+    if (set.erase(n) == 0) continue;  // pending (deferred) blocks are not in the set
     if (n == b->prev) {
       b->ptr = n->ptr;
       b->prev = n->prev;
@@ -114,11 +111,12 @@ void StitchAllocator::insert_free(Block* b) {
     b->free_seq = std::max(b->free_seq, n->free_seq);
     delete n;
   }
-  free_set(b->kind).insert(b);
+  set.insert(b);
 }
 
 Block* StitchAllocator::carve(Block* b, DevPtr start, std::size_t size) {
-  free_set(b->kind).erase(b);
+  FreeSet& set = lists_of(b).of(b->kind);  // the pieces stay with b's owner
+  set.erase(b);
   if (start > b->ptr) {  // split off the front as its own free block
     Block* front = new Block(*b);
     front->size = start - b->ptr;
@@ -128,7 +126,7 @@ Block* StitchAllocator::carve(Block* b, DevPtr start, std::size_t size) {
     b->prev = front;
     b->size -= front->size;
     b->ptr = start;
-    free_set(b->kind).insert(front);
+    set.insert(front);
   }
   if (b->size > size) {  // split off the tail
     Block* tail = new Block(*b);
@@ -139,13 +137,13 @@ Block* StitchAllocator::carve(Block* b, DevPtr start, std::size_t size) {
     if (b->next) b->next->prev = tail;
     b->next = tail;
     b->size = size;
-    free_set(b->kind).insert(tail);
+    set.insert(tail);
   }
   return b;
 }
 
-Block* StitchAllocator::take_fit(PoolKind kind, std::size_t size, StreamHandle stream) {
-  FreeSet& set = free_set(kind);
+Block* StitchAllocator::take_fit(FreeLists& lists, PoolKind kind, std::size_t size, StreamHandle stream) {
+  FreeSet& set = lists.of(kind);
   auto it = set.lower_bound(FreeKey{stream, size, 0});
   if (it == set.end() || (*it)->stream != stream) return nullptr;
   Block* b = *it;
@@ -153,7 +151,7 @@ Block* StitchAllocator::take_fit(PoolKind kind, std::size_t size, StreamHandle s
 }
 
 std::size_t StitchAllocator::free_bytes(PoolKind kind, StreamHandle stream) const {
-  const FreeSet& set = kind == PoolKind::Small ? small_free_ : large_free_;
+  const FreeSet& set = free_.of(kind);
   std::size_t total = 0;
   for (auto it = set.lower_bound(FreeKey{stream, 0, 0}); it != set.end() && (*it)->stream == stream; ++it) {
     total += (*it)->size;
@@ -163,9 +161,22 @@ std::size_t StitchAllocator::free_bytes(PoolKind kind, StreamHandle stream) cons
 
 std::size_t StitchAllocator::largest_free() const {
   std::size_t best = 0;
-  for (const Block* b : large_free_) best = std::max(best, b->size);
-  for (const Block* b : small_free_) best = std::max(best, b->size);
+  for (const Block* b : free_.large) best = std::max(best, b->size);
+  for (const Block* b : free_.small) best = std::max(best, b->size);
   return best;
+}
+
+const Block* StitchAllocator::free_block_containing(DevPtr ptr) const {
+  std::vector<const FreeLists*> all{&free_};
+  for (const auto& [id, pool] : pools_) all.push_back(&pool->free);
+  for (const FreeLists* lists : all) {
+    for (const FreeSet* set : {&lists->small, &lists->large, &lists->stitched}) {
+      for (const Block* f : *set) {
+        if (ptr >= f->ptr && ptr < f->ptr + f->size) return f;
+      }
+    }
+  }
+  return nullptr;
 }
 
 // ---- public API ------------------------------------------------------------------------------
@@ -181,20 +192,19 @@ DevPtr StitchAllocator::malloc(std::size_t size, StreamHandle stream) {
     throw OutOfMemoryError(oom_message(size, rounded, "the request is larger than " +
                                                         std::string(limit() ? "the limit" : "the device")));
   }
-  // Pending record_stream frees are looked at only when no graph captures: their event queries
-  // are forbidden during a global-mode capture (torch defers them the same way).
-  if (!deferred_.empty() && capturing_graphs_.load(std::memory_order_relaxed) == 0) process_deferred(false);
-  Block* b = take_fit(kind, rounded, stream);
-  if (!b && kind == PoolKind::Large) b = take_held_stitch(rounded, stream);
+  // Pending record_stream frees are looked at only when no pool is being allocated to (a capture
+  // may be under way): their event queries are forbidden during a global-mode capture (torch
+  // defers them the same way).
+  if (!deferred_.empty() && !any_routing()) process_deferred(false);
+  PrivatePool* pool = any_routing() ? route(stream) : nullptr;
+  Block* b = pool ? take_from_pool(*pool, kind, rounded, stream) : nullptr;
+  if (!b) b = take_fit(free_, kind, rounded, stream);
+  if (!b && kind == PoolKind::Large) b = take_held_stitch(free_, rounded, stream);
   if (!b) b = slow_path(kind, rounded, stream, size);
+  if (pool && b->pool != pool) assign_pool(b, pool);  // taken from the global cache: the pool's for life
   b->allocated = true;
   b->requested = size;
   b->stream = stream;
-  b->graph = 0;
-  if (capturing_graphs_.load(std::memory_order_relaxed) && capture_graph_ &&
-      driver_.stream_is_capturing(device_, stream)) {
-    b->graph = capture_graph_;  // a driver query only while some graph is being captured
-  }
   allocated_.emplace(b->ptr, b);
   stats_.num_allocs++;
   stats_.allocations.add(1);
@@ -219,12 +229,8 @@ void StitchAllocator::free(DevPtr ptr) {
                                    std::to_string(owner->requested) + " bytes");
       }
     }
-    for (const FreeSet* set : {&small_free_, &large_free_, &stitch_free_}) {
-      for (const Block* f : *set) {
-        if (ptr >= f->ptr && ptr < f->ptr + f->size) {
-          throw InvalidArgumentError("free(" + hex(ptr) + "): double free (that memory is already free)");
-        }
-      }
+    if (free_block_containing(ptr)) {
+      throw InvalidArgumentError("free(" + hex(ptr) + "): double free (that memory is already free)");
     }
     throw InvalidArgumentError("free(" + hex(ptr) + "): not allocated by this allocator");
   }
@@ -237,24 +243,12 @@ void StitchAllocator::free(DevPtr ptr) {
   (b->kind == PoolKind::Small ? stats_.allocated_small : stats_.allocated_large).add(-rounded);
   stats_.requested_bytes.add(-static_cast<std::int64_t>(b->requested));
   if (b->kind == PoolKind::Stitched) stats_.stitched_bytes.add(-rounded);
-  if (b->graph && graph_blocks_.count(b->graph)) {
-    graph_blocks_[b->graph].push_back(b);  // replays may still use it: kept until the graph goes
-    b->extra_streams.clear();
-    return;
-  }
   if (!b->extra_streams.empty()) {
-    Deferred d{b, {}};
-    for (StreamHandle s : b->extra_streams) {
-      EventHandle e = driver_.event_create(device_);
-      driver_.event_record(device_, e, s);
-      d.events.push_back(e);
-    }
-    b->extra_streams.clear();
-    deferred_.push_back(std::move(d));
+    defer_free(b);
     return;  // still active until those streams are done with it
   }
   stats_.active_bytes.add(-rounded);
-  release_block(b);
+  release_block(b);  // a private pool's block goes to the pool's free lists, even during a capture
 }
 
 void StitchAllocator::record_stream(DevPtr ptr, StreamHandle stream) {
@@ -268,48 +262,12 @@ void StitchAllocator::record_stream(DevPtr ptr, StreamHandle stream) {
   }
 }
 
-void StitchAllocator::begin_graph(std::uint64_t graph) {
-  if (graph == kRetiredGraphs) throw InvalidArgumentError("begin_graph: graph id 0 is reserved");
-  std::lock_guard<std::mutex> lock(mutex_);
-  graph_blocks_.emplace(graph, std::vector<Block*>{});
-  capture_graph_ = graph;
-  capturing_graphs_.fetch_add(1);
-}
-
-void StitchAllocator::end_graph(std::uint64_t graph) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (capture_graph_ == graph) capture_graph_ = 0;
-  capturing_graphs_.fetch_sub(1);
-}
-
-void StitchAllocator::release_graph(std::uint64_t graph) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  auto it = graph_blocks_.find(graph);
-  if (graph == kRetiredGraphs || it == graph_blocks_.end()) return;
-  // A replay may still be running, on any stream: the graph's memory goes back to the cache only
-  // once the device is idle (torch frees its graph pools through synchronising paths too).
-  std::vector<Block*>& retired = graph_blocks_[kRetiredGraphs];
-  retired.insert(retired.end(), it->second.begin(), it->second.end());
-  graph_blocks_.erase(it);
-  release_retired_graph_blocks();
-}
-
-void StitchAllocator::release_retired_graph_blocks() {
-  auto it = graph_blocks_.find(kRetiredGraphs);
-  if (it == graph_blocks_.end() || (!it->second.empty() && !quiesce(0))) return;
-  for (Block* b : it->second) {
-    stats_.active_bytes.add(-static_cast<std::int64_t>(b->size));
-    release_block(b);
-  }
-  graph_blocks_.erase(it);
-}
-
 void StitchAllocator::empty_cache() {
   std::lock_guard<std::mutex> lock(mutex_);
   // Like torch's empty_cache, wait for the events of pending record_stream frees, so that their
-  // memory is released too (not during a capture: see malloc).
-  if (capturing_graphs_.load(std::memory_order_relaxed) == 0) process_deferred(true);
-  release_retired_graph_blocks();
+  // memory is released too (not while a pool is allocated to: see malloc).
+  if (!any_routing()) process_deferred(true);
+  retire_freeable_pools();
   release_cached(0);
 }
 
@@ -323,7 +281,15 @@ void StitchAllocator::set_memory_fraction(double fraction) {
 
 AllocatorStats StitchAllocator::stats() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return stats_;
+  AllocatorStats s = stats_;
+  s.num_events_created = static_cast<std::int64_t>(events_.created());
+  s.private_pools = static_cast<std::int64_t>(pools_.size());
+  for (const auto& [id, pool] : pools_) {
+    for (const FreeSet* set : {&pool->free.small, &pool->free.large, &pool->free.stitched}) {
+      for (const Block* b : *set) s.private_pool_free_bytes += static_cast<std::int64_t>(b->size);
+    }
+  }
+  return s;
 }
 
 void StitchAllocator::reset_peak_stats() {
@@ -335,13 +301,24 @@ void StitchAllocator::reset_peak_stats() {
   }
 }
 
+const Block* StitchAllocator::live_block_containing(DevPtr ptr) const {
+  auto after = allocated_.upper_bound(ptr);
+  if (after == allocated_.begin()) return nullptr;
+  const Block* b = std::prev(after)->second;
+  return ptr < b->ptr + b->size ? b : nullptr;
+}
+
 std::pair<DevPtr, std::size_t> StitchAllocator::allocation_of(DevPtr ptr) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  auto after = allocated_.upper_bound(ptr);
-  if (after == allocated_.begin()) return {0, 0};
-  const Block* b = std::prev(after)->second;
-  if (ptr >= b->ptr + b->size) return {0, 0};
+  const Block* b = live_block_containing(ptr);
+  if (!b) return {0, 0};
   return {b->ptr, b->requested};
+}
+
+PoolId StitchAllocator::pool_of(DevPtr ptr) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const Block* b = live_block_containing(ptr);
+  return b && b->pool ? b->pool->id : PoolId{};
 }
 
 std::vector<SegmentInfo> StitchAllocator::snapshot() const {
@@ -352,11 +329,12 @@ std::vector<SegmentInfo> StitchAllocator::snapshot() const {
     if (b->stitch) return "stitched";
     return allocated_.count(b->ptr) && allocated_.at(b->ptr) == b ? "allocated" : "pending";
   };
+  auto pool_id = [](const Block* b) { return b->pool ? b->pool->id : PoolId{}; };
   for (const auto& seg : segments_) {
     SegmentInfo info{seg->kind == PoolKind::Small ? "small" : "large", seg->range->ptr(), seg->range->size(), true, {}};
     for (const Block* b = seg->head; b; b = b->next) {
       info.blocks.push_back({b->ptr, b->size, b->requested, state_of(b), b->stream,
-                             b->allocated && b->stitch ? b->stitch->range->ptr() : 0});
+                             b->allocated && b->stitch ? b->stitch->range->ptr() : 0, pool_id(b)});
     }
     out.push_back(std::move(info));
   }
@@ -364,7 +342,7 @@ std::vector<SegmentInfo> StitchAllocator::snapshot() const {
     SegmentInfo info{"stitched", s->range->ptr(), s->range->size(), s->active, {}};
     const Block* b = s->block;
     const char* state = s->active ? (allocated_.count(b->ptr) ? "allocated" : "pending") : s->held ? "held" : "free";
-    info.blocks.push_back({b->ptr, b->size, s->active ? b->requested : 0, state, b->stream, 0});
+    info.blocks.push_back({b->ptr, b->size, s->active ? b->requested : 0, state, b->stream, 0, pool_id(b)});
     out.push_back(std::move(info));
   }
   return out;
@@ -385,11 +363,11 @@ void StitchAllocator::hold_stitch(Stitch* s) {
   s->active = false;
   s->held = true;
   s->last_used = ++tick_;
-  stitch_free_.insert(s->block);
+  lists_of(s->block).stitched.insert(s->block);  // a private pool's stitch stays with the pool
 }
 
 void StitchAllocator::dissolve(Stitch* s) {
-  stitch_free_.erase(s->block);
+  lists_of(s->block).stitched.erase(s->block);
   for (Block* m : s->members) {
     m->free_seq = s->block->free_seq;
     m->stream = s->block->stream;
@@ -400,8 +378,8 @@ void StitchAllocator::dissolve(Stitch* s) {
 }
 
 void StitchAllocator::dissolve_held(StreamHandle stream, bool all_streams) {
-  std::vector<Stitch*> held;
-  for (Block* b : stitch_free_) {
+  std::vector<Stitch*> held;  // the global cache's only: a private pool's held stitches are its free blocks
+  for (Block* b : free_.stitched) {
     if (all_streams || b->stream == stream) held.push_back(b->stitch);
   }
   for (Stitch* s : held) dissolve(s);
@@ -437,11 +415,11 @@ void StitchAllocator::shrink_stitch(Stitch* s, std::size_t size) {
   s->block->size = size;
 }
 
-Block* StitchAllocator::take_held_stitch(std::size_t size, StreamHandle stream) {
-  auto it = stitch_free_.lower_bound(FreeKey{stream, size, 0});
-  if (it == stitch_free_.end() || (*it)->stream != stream) return nullptr;
+Block* StitchAllocator::take_held_stitch(FreeLists& lists, std::size_t size, StreamHandle stream) {
+  auto it = lists.stitched.lower_bound(FreeKey{stream, size, 0});
+  if (it == lists.stitched.end() || (*it)->stream != stream) return nullptr;
   Stitch* s = (*it)->stitch;
-  stitch_free_.erase(it);
+  lists.stitched.erase(it);
   if (s->block->size > size) shrink_stitch(s, size);
   s->held = false;
   s->active = true;
@@ -449,7 +427,32 @@ Block* StitchAllocator::take_held_stitch(std::size_t size, StreamHandle stream) 
   return s->block;
 }
 
+void StitchAllocator::defer_free(Block* b) {
+  Deferred d{b, std::move(b->extra_streams), {}};
+  b->extra_streams.clear();
+  // While a pool is allocated to, a capture may be under way: an event recorded on a capturing
+  // stream would become a graph node, never to complete. Its events are recorded afterwards.
+  if (!any_routing()) {
+    for (StreamHandle s : d.streams) {
+      const EventHandle e = events_.acquire();
+      driver_.event_record(device_, e, s);
+      d.events.push_back(e);
+    }
+    d.streams.clear();
+  }
+  deferred_.push_back(std::move(d));
+}
+
 void StitchAllocator::process_deferred(bool wait) {
+  // Called only when no pool is allocated to (no capture can be under way).
+  for (Deferred& d : deferred_) {
+    for (StreamHandle s : d.streams) {
+      const EventHandle e = events_.acquire();
+      driver_.event_record(device_, e, s);
+      d.events.push_back(e);
+    }
+    d.streams.clear();
+  }
   auto done = [&](Deferred& d) {
     for (EventHandle e : d.events) {
       if (wait) driver_.event_synchronize(device_, e);
@@ -462,7 +465,7 @@ void StitchAllocator::process_deferred(bool wait) {
       ++it;
       continue;
     }
-    for (EventHandle e : it->events) driver_.event_destroy(device_, e);
+    for (EventHandle e : it->events) events_.release(e);
     stats_.active_bytes.add(-static_cast<std::int64_t>(it->block->size));
     release_block(it->block);
     it = deferred_.erase(it);
@@ -472,8 +475,9 @@ void StitchAllocator::process_deferred(bool wait) {
 bool StitchAllocator::migrate_free_blocks(StreamHandle to, bool wait) {
   // Free blocks of other streams become usable on `to` once an event recorded on their stream
   // after they were freed has completed. Events are recorded lazily, here, on the slow path.
+  // The global cache's blocks only: a private pool's blocks stay with their stream.
   std::vector<StreamHandle> others;
-  for (const FreeSet* set : {&small_free_, &large_free_}) {
+  for (const FreeSet* set : {&free_.small, &free_.large}) {
     for (const Block* b : *set) {
       if (b->stream != to && (others.empty() || others.back() != b->stream)) others.push_back(b->stream);
     }
@@ -494,7 +498,7 @@ bool StitchAllocator::migrate_free_blocks(StreamHandle to, bool wait) {
     }
     if (wait) driver_.event_synchronize(device_, se.event);
     else if (!driver_.event_query(device_, se.event)) continue;
-    for (FreeSet* set : {&small_free_, &large_free_}) {
+    for (FreeSet* set : {&free_.small, &free_.large}) {
       std::vector<Block*> take;
       for (auto it = set->lower_bound(FreeKey{s, 0, 0}); it != set->end() && (*it)->stream == s; ++it) {
         if ((*it)->free_seq <= se.covers) take.push_back(*it);
@@ -524,8 +528,8 @@ void StitchAllocator::gc_stitches(StreamHandle stream) {
   bool quiet = false;
   while (static_cast<std::size_t>(stats_.stitched_va_cached) > config_.stitch_va_limit) {
     Stitch* lru = nullptr;
-    for (auto& s : stitches_) {
-      if (!s->active && (!lru || s->last_used < lru->last_used)) lru = s.get();
+    for (auto& s : stitches_) {  // a private pool's held stitches are its free blocks: kept
+      if (!s->active && !s->block->pool && (!lru || s->last_used < lru->last_used)) lru = s.get();
     }
     if (!lru) return;
     if (!quiet && !(quiet = quiesce(stream))) return;  // over the bound until later
@@ -538,7 +542,7 @@ void StitchAllocator::release_segment(Segment* seg) {
   const auto bytes = static_cast<std::int64_t>(seg->range->size());
   for (Block* b = seg->head; b;) {
     Block* next = b->next;
-    free_set(seg->kind).erase(b);
+    free_.of(seg->kind).erase(b);
     delete b;
     b = next;
   }
@@ -555,9 +559,10 @@ bool StitchAllocator::quiesce(StreamHandle stream) {
   // Waits for the device before memory that kernels may still use is unmapped or reused: cuMemUnmap,
   // unlike cudaFree, does not wait for them (torch's expandable segments synchronise for the same
   // reason), freed blocks may still be in use by work enqueued before their free, and a released
-  // graph may still be replaying. Waiting is not allowed while a graph is captured: then the
-  // caller leaves the memory alone (false). A legacy-stream query reports a capture on any stream.
-  if (capturing_graphs_.load(std::memory_order_relaxed) > 0 || driver_.stream_is_capturing(device_, stream)) {
+  // private pool's graph may still be replaying. Waiting is not allowed while a graph is captured,
+  // which may be the case while any pool is allocated to: then the caller leaves the memory alone
+  // (false). A legacy-stream query reports a capture on any blocking stream.
+  if (any_routing() || driver_.stream_is_capturing(device_, stream)) {
     return false;
   }
   driver_.device_synchronize(device_);
@@ -571,9 +576,11 @@ std::size_t StitchAllocator::release_cached(StreamHandle stream) {
   // An active stitch that was shrunk or prefix-reused lends only some of its spans, yet its range
   // maps the chunks of all of them and a later reuse reads every span's segment: those segments
   // stay, even when all their blocks are free.
+  // A private pool's held stitch (a free block of the pool, maybe shrunk) is kept, and so are the
+  // segments it spans.
   std::set<const Segment*> spanned;
   for (auto& s : stitches_) {
-    if (!s->active) {
+    if (!s->active && !s->block->pool) {
       idle.push_back(s.get());
     } else {
       for (const Span& sp : s->spans) spanned.insert(sp.segment);
@@ -582,8 +589,10 @@ std::size_t StitchAllocator::release_cached(StreamHandle stream) {
   std::vector<Segment*> empty;
   for (auto& seg : segments_) {
     if (spanned.count(seg.get())) continue;
-    bool all_free = true;  // free blocks of different streams do not coalesce, so look at each
-    for (Block* b = seg->head; b && all_free; b = b->next) all_free = !b->allocated && free_set(seg->kind).count(b);
+    // Free blocks of different streams do not coalesce, so look at each; a private pool's free
+    // block is not in the global cache, so its segment stays.
+    bool all_free = true;
+    for (Block* b = seg->head; b && all_free; b = b->next) all_free = !b->allocated && free_.of(seg->kind).count(b);
     if (all_free) empty.push_back(seg.get());
   }
   if ((idle.empty() && empty.empty()) || !quiesce(stream)) return 0;
@@ -625,7 +634,7 @@ Segment* StitchAllocator::create_segment(PoolKind kind, std::size_t bytes, Strea
   stats_.segments.add(1);
   stats_.num_segments_created++;
   segments_.push_back(std::move(seg));
-  free_set(kind).insert(b);
+  free_.of(kind).insert(b);
   return segments_.back().get();
 }
 
@@ -648,7 +657,7 @@ Block* StitchAllocator::reuse_stitch(std::size_t size, StreamHandle stream) {
       const DevPtr start = sp.segment->range->ptr() + sp.offset;
       Block* h = host_of(sp, start);
       ok = h && !h->allocated && h->stream == stream && h->ptr + h->size >= start + piece(sp, acc) &&
-           large_free_.count(h);
+           free_.large.count(h);
     }
     if (ok) best = s.get();
   }
@@ -674,8 +683,8 @@ Block* StitchAllocator::stitch(std::size_t size, StreamHandle stream) {
   // Largest free blocks of this stream first, until they cover the request.
   std::vector<Block*> pick;
   std::size_t got = 0;
-  auto lo = large_free_.lower_bound(FreeKey{stream, 0, 0});
-  auto hi = large_free_.lower_bound(FreeKey{stream + 1, 0, 0});
+  auto lo = free_.large.lower_bound(FreeKey{stream, 0, 0});
+  auto hi = free_.large.lower_bound(FreeKey{stream + 1, 0, 0});
   for (auto it = hi; it != lo && got < size;) {  // [lo, hi): this stream's free blocks, by size
     --it;
     pick.push_back(*it);
@@ -721,10 +730,10 @@ Block* StitchAllocator::stitch(std::size_t size, StreamHandle stream) {
 Block* StitchAllocator::grow(PoolKind kind, std::size_t size, StreamHandle stream) {
   if (kind == PoolKind::Small) {
     create_segment(kind, granularity_, stream);
-    return take_fit(kind, size, stream);
+    return take_fit(free_, kind, size, stream);
   }
   dissolve_held(stream, false);  // their members may form (or join) what this request needs
-  if (Block* b = take_fit(kind, size, stream)) return b;
+  if (Block* b = take_fit(free_, kind, size, stream)) return b;
   if (Block* b = reuse_stitch(size, stream)) return b;
   // Stitch when what is free covers a useful part of the request (an eighth or more); below that,
   // mapping every chunk a second time costs more than the few free bytes it saves.
@@ -737,18 +746,17 @@ Block* StitchAllocator::grow(PoolKind kind, std::size_t size, StreamHandle strea
     if (Block* b = stitch(size, stream)) return b;
   }
   create_segment(kind, size, stream);
-  return take_fit(kind, size, stream);
+  return take_fit(free_, kind, size, stream);
 }
 
 Block* StitchAllocator::slow_path(PoolKind kind, std::size_t size, StreamHandle stream, std::size_t requested) {
   // During graph capture, driver calls must not invalidate the capture: like torch, switch this
   // thread to relaxed capture mode while the slow path queries events, creates, maps or waits.
   // A global-mode capture forbids them on every thread, so this holds for allocations on other
-  // streams while a graph captures too.
-  CaptureModeGuard relax(driver_, capturing_graphs_.load(std::memory_order_relaxed) > 0 ||
-                                      driver_.stream_is_capturing(device_, stream));
+  // streams while a pool is allocated to (a capture may be under way) too.
+  CaptureModeGuard relax(driver_, any_routing() || driver_.stream_is_capturing(device_, stream));
   if (migrate_free_blocks(stream, false)) {
-    if (Block* b = take_fit(kind, size, stream)) return b;
+    if (Block* b = take_fit(free_, kind, size, stream)) return b;
   }
   try {
     return grow(kind, size, stream);
@@ -758,10 +766,12 @@ Block* StitchAllocator::slow_path(PoolKind kind, std::size_t size, StreamHandle 
       throw OutOfMemoryError(oom_message(requested, size, first.what()));
     }
     stats_.num_alloc_retries++;
-    process_deferred(true);
+    if (!any_routing()) process_deferred(true);  // no event work while a capture may be under way
     dissolve_held(0, true);  // members lent to held stitches of other streams can migrate too
     migrate_free_blocks(stream, true);
-    if (Block* b = take_fit(kind, size, stream)) return b;
+    if (Block* b = take_fit(free_, kind, size, stream)) return b;
+    retire_freeable_pools();  // released private pools' free memory joins the cache
+    if (Block* b = take_fit(free_, kind, size, stream)) return b;
     release_cached(stream);
     try {
       return grow(kind, size, stream);
@@ -772,6 +782,137 @@ Block* StitchAllocator::slow_path(PoolKind kind, std::size_t size, StreamHandle 
   }
 }
 
+// ---- private pools ---------------------------------------------------------------------------
+
+void StitchAllocator::create_or_incref_pool(PoolId id) {
+  if (!id) throw InvalidArgumentError("create_or_incref_pool: pool id {0,0} means no pool");
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto& pool = pools_[id];
+  if (!pool) {
+    pool = std::make_unique<PrivatePool>();
+    pool->id = id;
+  }
+  // A released pool whose memory could not be returned yet (a capture was under way) is taken
+  // up again as it is: its memory was private to it all along.
+  pool->use_count++;
+}
+
+int StitchAllocator::pool_use_count(PoolId id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = pools_.find(id);
+  return it == pools_.end() ? 0 : it->second->use_count;
+}
+
+void StitchAllocator::begin_allocate_to_pool(PoolId id, StreamFilter filter) {
+  if (!id) throw InvalidArgumentError("begin_allocate_to_pool: pool id {0,0} means no pool");
+  if (!filter) throw InvalidArgumentError("begin_allocate_to_pool: the stream filter is empty");
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& [pool, f] : routing_) {
+      if (pool->id == id) {
+        throw InvalidArgumentError("begin_allocate_to_pool: already allocating to pool (" + std::to_string(id.first) +
+                                   ", " + std::to_string(id.second) + ")");
+      }
+    }
+  }
+  create_or_incref_pool(id);
+  std::lock_guard<std::mutex> lock(mutex_);
+  routing_.emplace_back(pools_.at(id).get(), std::move(filter));
+}
+
+void StitchAllocator::end_allocate_to_pool(PoolId id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto it = routing_.begin(); it != routing_.end(); ++it) {
+    if (it->first->id == id) {
+      routing_.erase(it);
+      return;
+    }
+  }
+  throw InvalidArgumentError("end_allocate_to_pool: not allocating to pool (" + std::to_string(id.first) + ", " +
+                             std::to_string(id.second) + ")");
+}
+
+void StitchAllocator::release_pool(PoolId id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = pools_.find(id);
+  if (it == pools_.end() || it->second->use_count == 0) {
+    throw InvalidArgumentError("release_pool: pool (" + std::to_string(id.first) + ", " + std::to_string(id.second) +
+                               ") is " + (it == pools_.end() ? "unknown" : "already released"));
+  }
+  if (--it->second->use_count == 0) retire_freeable_pools();
+}
+
+void StitchAllocator::begin_graph(std::uint64_t graph) {
+  if (graph == 0) throw InvalidArgumentError("begin_graph: graph id 0 is reserved");
+  begin_allocate_to_pool({graph, 0}, [this](StreamHandle s) { return driver_.stream_is_capturing(device_, s); });
+}
+
+void StitchAllocator::end_graph(std::uint64_t graph) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const bool routing = std::any_of(routing_.begin(), routing_.end(),
+                                     [&](const auto& r) { return r.first->id == PoolId{graph, 0}; });
+    if (!routing) return;
+  }
+  end_allocate_to_pool({graph, 0});
+}
+
+void StitchAllocator::release_graph(std::uint64_t graph) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = pools_.find(PoolId{graph, 0});
+  if (graph == 0 || it == pools_.end() || it->second->use_count == 0) return;
+  if (--it->second->use_count == 0) retire_freeable_pools();
+}
+
+PrivatePool* StitchAllocator::route(StreamHandle stream) {
+  for (auto& [pool, filter] : routing_) {
+    if (filter(stream)) return pool;  // the first to begin that accepts the stream, as torch's
+  }
+  return nullptr;
+}
+
+Block* StitchAllocator::take_from_pool(PrivatePool& pool, PoolKind kind, std::size_t size, StreamHandle stream) {
+  if (Block* b = take_fit(pool.free, kind, size, stream)) return b;
+  return kind == PoolKind::Large ? take_held_stitch(pool.free, size, stream) : nullptr;
+}
+
+void StitchAllocator::assign_pool(Block* b, PrivatePool* pool) {
+  b->pool = pool;
+  if (b->kind == PoolKind::Stitched) {
+    for (Block* m : b->stitch->members) m->pool = pool;  // its chunks are the pool's while it lives
+  }
+}
+
+void StitchAllocator::retire_freeable_pools() {
+  std::vector<PrivatePool*> freeable;
+  for (auto& [id, pool] : pools_) {
+    if (pool->use_count == 0) freeable.push_back(pool.get());
+  }
+  // A replay of a released graph may still be running, on any stream: its memory returns to the
+  // cache only once the device is idle, which cannot be waited for during a capture.
+  if (freeable.empty() || !quiesce(0)) return;
+  for (PrivatePool* pool : freeable) retire_pool(pool);
+}
+
+void StitchAllocator::retire_pool(PrivatePool* pool) {
+  std::vector<Block*> free_blocks(pool->free.small.begin(), pool->free.small.end());
+  free_blocks.insert(free_blocks.end(), pool->free.large.begin(), pool->free.large.end());
+  std::vector<Block*> held(pool->free.stitched.begin(), pool->free.stitched.end());
+  // Untag everything of the pool first: free, live, pending and lent blocks. Live ones then go to
+  // the global cache when freed.
+  for (auto& seg : segments_) {
+    for (Block* b = seg->head; b; b = b->next) {
+      if (b->pool == pool) b->pool = nullptr;
+    }
+  }
+  for (auto& s : stitches_) {
+    if (s->block->pool == pool) s->block->pool = nullptr;
+  }
+  for (Block* b : free_blocks) insert_free(b);  // coalesces with the global cache's free neighbours
+  for (Block* b : held) free_.stitched.insert(b);
+  pools_.erase(pool->id);
+}
+
 std::string StitchAllocator::oom_message(std::size_t size, std::size_t rounded, const std::string& cause) const {
   std::size_t free_dev = 0;
   try {
@@ -779,13 +920,20 @@ std::string StitchAllocator::oom_message(std::size_t size, std::size_t rounded, 
   } catch (...) {
   }
   std::size_t cached_free = 0;
-  for (const Block* b : large_free_) cached_free += b->size;
-  for (const Block* b : small_free_) cached_free += b->size;
+  for (const Block* b : free_.large) cached_free += b->size;
+  for (const Block* b : free_.small) cached_free += b->size;
+  std::size_t pool_free = 0;
+  for (const auto& [id, pool] : pools_) {
+    for (const FreeSet* set : {&pool->free.small, &pool->free.large, &pool->free.stitched}) {
+      for (const Block* b : *set) pool_free += b->size;
+    }
+  }
   const std::size_t cap = limit();
   std::string msg = "glake: out of memory on " + std::string(driver_.name()) + ":" + std::to_string(device_) +
                     " allocating " + std::to_string(size) + " bytes (" + gib(rounded) + " rounded). Allocated " +
                     gib(stats_.allocated_bytes.current) + ", reserved " + gib(stats_.reserved_bytes.current) +
                     " (free in cache " + gib(cached_free) + ", largest free block " + gib(largest_free()) +
+                    (pool_free ? ", free in private pools " + gib(pool_free) : std::string()) +
                     "), device free " + gib(free_dev) + " of " + gib(device_total_) + ", limit " +
                     (cap ? gib(cap) : std::string("none")) + ". Cause: " + cause + ".";
   if (!config_.stitch && cached_free >= rounded) {
@@ -796,26 +944,6 @@ std::string StitchAllocator::oom_message(std::size_t size, std::size_t rounded, 
     msg += " Hint: reduce the batch size or sequence length, or free tensors you no longer need.";
   }
   return msg;
-}
-
-}  // namespace glake::gmlake
-
-#include <chrono>
-
-namespace glake::gmlake {
-
-double measure_alloc_free_ns(StitchAllocator& a, std::size_t size, int iters) {
-  if (iters <= 0) throw InvalidArgumentError("measure_alloc_free_ns: iters must be positive");
-  a.free(a.malloc(size));  // warm: the block is cached from here on
-  std::vector<double> ns;
-  ns.reserve(iters);
-  for (int i = 0; i < iters; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    a.free(a.malloc(size));
-    ns.push_back(std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::nth_element(ns.begin(), ns.begin() + ns.size() / 2, ns.end());
-  return ns[ns.size() / 2];
 }
 
 }  // namespace glake::gmlake

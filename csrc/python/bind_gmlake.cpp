@@ -1,6 +1,9 @@
 // glake._C bindings of the stitched allocator (gmlake/), and the C functions CuPy calls.
 #include <Python.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "gmlake/registry.h"
 #include "python/common.h"
 
@@ -9,6 +12,12 @@ namespace {
 
 namespace gm = glake::gmlake;
 using AllocatorPtr = std::shared_ptr<gm::StitchAllocator>;
+
+/// A pool id as Python sees it: None for "no pool" ({0,0}), else (first, second) as torch's MempoolId.
+py::object pool_tuple(gm::PoolId id) {
+  if (!id) return py::none();
+  return py::make_tuple(id.first, id.second);
+}
 
 void put(py::dict& d, const std::string& key, const gm::Stat& s) {
   d[py::str(key + ".current")] = s.current;
@@ -42,6 +51,9 @@ py::dict stats_dict(const gm::StitchAllocator& a) {
   d["num_segments_released"] = s.num_segments_released;
   d["num_cross_stream_reuses"] = s.num_cross_stream_reuses;
   d["num_sync_all_streams"] = s.num_sync_all_streams;
+  d["num_events_created"] = s.num_events_created;
+  d["private_pools"] = s.private_pools;
+  d["private_pool_free_bytes"] = s.private_pool_free_bytes;
   d["limit_bytes"] = a.limit();
   return d;
 }
@@ -58,6 +70,7 @@ py::list snapshot_list(const gm::StitchAllocator& a) {
       bd["state"] = b.state;
       bd["stream"] = b.stream;
       bd["lent_to"] = b.lent_to;
+      bd["pool"] = pool_tuple(b.pool);
       blocks.append(bd);
     }
     py::dict sd;
@@ -123,8 +136,37 @@ void bind_gmlake(py::module_& m) {
       .def("stats", &stats_dict, "Counters with torch's key names plus glake's.")
       .def("reset_peak_stats", &gm::StitchAllocator::reset_peak_stats, "Sets every peak to its current value.")
       .def("snapshot", &snapshot_list, "Segments and stitched ranges with their blocks.")
-      .def("allocation_of", &gm::StitchAllocator::allocation_of, py::arg("ptr"),
+      .def("allocation_of", &gm::StitchAllocator::allocation_of, py::arg("ptr"), NoGil(),
            "(base, requested bytes) of the allocation containing ptr, or (0, 0).")
+      .def("create_or_incref_pool", [](gm::StitchAllocator& a, std::uint64_t first, std::uint64_t second) {
+             a.create_or_incref_pool({first, second});
+           }, py::arg("first"), py::arg("second"), NoGil(),
+           "Creates private pool (first, second) with use count 1, or adds 1 to its use count.")
+      .def("pool_use_count", [](const gm::StitchAllocator& a, std::uint64_t first, std::uint64_t second) {
+             return a.pool_use_count({first, second});
+           }, py::arg("first"), py::arg("second"), NoGil(), "The use count of a private pool (0 when unknown).")
+      .def("begin_allocate_to_pool", [](gm::StitchAllocator& a, std::uint64_t first, std::uint64_t second,
+                                        std::vector<std::uintptr_t> streams) {
+             a.begin_allocate_to_pool({first, second}, [streams = std::move(streams)](StreamHandle s) {
+               return std::find(streams.begin(), streams.end(), s) != streams.end();
+             });
+           }, py::arg("first"), py::arg("second"), py::arg("streams"), NoGil(),
+           "Routes allocations on the given streams to private pool (first, second) until end_allocate_to_pool.")
+      .def("end_allocate_to_pool", [](gm::StitchAllocator& a, std::uint64_t first, std::uint64_t second) {
+             a.end_allocate_to_pool({first, second});
+           }, py::arg("first"), py::arg("second"), NoGil(), "Stops routing allocations to a private pool.")
+      .def("release_pool", [](gm::StitchAllocator& a, std::uint64_t first, std::uint64_t second) {
+             a.release_pool({first, second});
+           }, py::arg("first"), py::arg("second"), NoGil(),
+           "Subtracts 1 from a pool's use count; at 0 its memory returns to the cache.")
+      .def("pool_of", [](const gm::StitchAllocator& a, std::uintptr_t ptr) {
+             gm::PoolId id;
+             {
+               py::gil_scoped_release nogil;
+               id = a.pool_of(ptr);
+             }
+             return pool_tuple(id);
+           }, py::arg("ptr"), "(first, second) of the private pool of the live allocation containing ptr, or None.")
       .def_property_readonly("limit", &gm::StitchAllocator::limit)
       .def_property_readonly("device", &gm::StitchAllocator::device)
       .def_property_readonly("backend", [](const gm::StitchAllocator& a) { return std::string(a.driver().name()); })
@@ -148,12 +190,6 @@ void bind_gmlake(py::module_& m) {
         return std::make_pair(reinterpret_cast<std::uintptr_t>(&glake_cupy_malloc),
                               reinterpret_cast<std::uintptr_t>(&glake_cupy_free));
       }, "Addresses of the C malloc/free functions for cupy.cuda.memory.CFunctionAllocator.");
-  m.def("gmlake_measure_alloc_free_ns", [](AllocatorPtr a, long long size, int iters) {
-        const std::size_t bytes = to_size(size, "size");
-        py::gil_scoped_release nogil;
-        return gm::measure_alloc_free_ns(*a, bytes, iters);
-      }, py::arg("allocator"), py::arg("size"), py::arg("iters"),
-      "Median ns of one cached malloc+free pair, timed in C++.");
   m.def("parse_bytes", &gm::parse_bytes, py::arg("text"), "'512MB' -> 536870912.");
 }
 

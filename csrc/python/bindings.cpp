@@ -8,7 +8,6 @@
 
 #include "core/chunk_pool.h"
 #include "core/virtual_range.h"
-#include "core/vmm_bench.h"
 #include "driver/driver.h"
 
 using namespace glake;
@@ -158,13 +157,6 @@ PYBIND11_MODULE(_C, m) {
         if (!buf.empty()) get_driver(b).memcpy(device, dst, reinterpret_cast<std::uintptr_t>(buf.data()), buf.size());
       }, py::arg("dst"), py::arg("data"), py::arg("device") = 0, py::arg("backend") = py::none(),
       "Copies the bytes of `data` to dst.");
-
-  m.def("measure_vmm_latency", [](int n, int device, Backend b) {
-        Driver& d = get_driver(b);
-        py::gil_scoped_release nogil;
-        return measure_vmm_latency(d, device, n);
-      }, py::arg("n"), py::arg("device") = 0, py::arg("backend") = py::none(),
-      "Microseconds per call of create/map/set_access/set_access_again/unmap/release over n chunks.");
 
   py::class_<PyChunk>(m, "PhysChunk", "One physical allocation, refcounted; freed when no owner and no mapping holds it.")
       .def(py::init([](std::optional<long long> size, int device, Backend b) {
