@@ -19,6 +19,7 @@ namespace glake::gmlake {
 struct Stat {
   std::int64_t current = 0;
   std::int64_t peak = 0;
+  /// Adds `delta` to the current value, raising the peak with it.
   void add(std::int64_t delta) {
     current += delta;
     if (current > peak) peak = current;
@@ -67,10 +68,15 @@ struct SegmentInfo {
 
 /// A per-device caching allocator: small pool, best-fit large pool, stitching, streams, limits,
 /// private pools (torch's graph pools / MemPool). Thread-safe. The cached path (a free block fits)
-/// takes no driver call.
+/// takes no driver call. Defined one concept per file: stitch_allocator.cpp (construction,
+/// malloc/free), free_lists.cpp, stitch_policy.cpp, growth.cpp (slow path, segments, release),
+/// stream_order.cpp (deferred frees, cross-stream reuse, quiesce), private_pools.cpp,
+/// introspection.cpp (stats, snapshot), oom_report.cpp.
 class GLAKE_API StitchAllocator {
  public:
+  /// An empty allocator of `device` on `driver` (a stitch_va_limit of 0 becomes the device's size).
   StitchAllocator(Driver& driver, int device, AllocatorConfig config);
+  /// Synchronises the device once and returns every chunk and range, live allocations included.
   ~StitchAllocator();
   StitchAllocator(const StitchAllocator&) = delete;
   StitchAllocator& operator=(const StitchAllocator&) = delete;
@@ -124,13 +130,15 @@ class GLAKE_API StitchAllocator {
   std::size_t limit() const;
   /// The configuration.
   const AllocatorConfig& config() const { return config_; }
-  /// Device and backend.
+  /// The device ordinal.
   int device() const { return device_; }
+  /// The backend.
   Driver& driver() const { return driver_; }
 
  private:
   // ---- core (stitch_allocator.cpp)
   std::size_t round_size(std::size_t size) const;
+  std::size_t cap_bytes() const;  ///< limit() without the lock
   const Block* live_block_containing(DevPtr ptr) const;
   // ---- free-block bookkeeping (free_lists.cpp)
   FreeLists& lists_of(const Block* b) { return b->pool ? b->pool->free : free_; }
@@ -164,6 +172,7 @@ class GLAKE_API StitchAllocator {
   void process_deferred(bool wait);
   bool migrate_free_blocks(StreamHandle to, bool wait);
   // ---- private pools (private_pools.cpp)
+  PrivatePool* incref_pool(PoolId id);
   PrivatePool* route(StreamHandle stream);
   Block* take_from_pool(PrivatePool& pool, PoolKind kind, std::size_t size, StreamHandle stream);
   void assign_pool(Block* b, PrivatePool* pool);
