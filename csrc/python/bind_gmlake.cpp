@@ -25,7 +25,13 @@ void put(py::dict& d, const std::string& key, const gm::Stat& s) {
 }
 
 py::dict stats_dict(const gm::StitchAllocator& a) {
-  const gm::AllocatorStats s = a.stats();
+  gm::AllocatorStats s;
+  std::size_t limit = 0;
+  {
+    py::gil_scoped_release nogil;  // the lock may be held by a thread in the slow path: copy without the GIL
+    s = a.stats();
+    limit = a.limit();
+  }
   py::dict d;
   put(d, "allocated_bytes.all", s.allocated_bytes);
   put(d, "allocated_bytes.small_pool", s.allocated_small);
@@ -54,13 +60,18 @@ py::dict stats_dict(const gm::StitchAllocator& a) {
   d["num_events_created"] = s.num_events_created;
   d["private_pools"] = s.private_pools;
   d["private_pool_free_bytes"] = s.private_pool_free_bytes;
-  d["limit_bytes"] = a.limit();
+  d["limit_bytes"] = limit;
   return d;
 }
 
 py::list snapshot_list(const gm::StitchAllocator& a) {
+  std::vector<gm::SegmentInfo> snap;
+  {
+    py::gil_scoped_release nogil;  // copied under the allocator's lock, converted with the GIL
+    snap = a.snapshot();
+  }
   py::list out;
-  for (const gm::SegmentInfo& seg : a.snapshot()) {
+  for (const gm::SegmentInfo& seg : snap) {
     py::list blocks;
     for (const gm::BlockInfo& b : seg.blocks) {
       py::dict bd;
@@ -91,25 +102,42 @@ AllocatorPtr global_allocator(int device) {
 
 }  // namespace
 
-// CuPy's CFunctionAllocator calls these with the GIL held. On failure the Python error is set and
-// -1 returned: CuPy's Cython wrapper (declared `except? -1`) then raises it.
+// CuPy's CFunctionAllocator calls these with the GIL held; they release it around the allocator
+// call (which may wait for the allocator's lock or the driver). On failure the Python error is set
+// and -1 returned: CuPy's Cython wrapper (declared `except? -1`) then raises it.
 extern "C" __attribute__((visibility("default"))) void* glake_cupy_malloc(void*, size_t size, int device) {
   if (size == 0) return nullptr;
-  try {
-    return reinterpret_cast<void*>(gm::device_allocator(device).malloc(size, 0));
-  } catch (const std::exception& e) {
-    PyErr_SetString(dynamic_cast<const OutOfMemoryError*>(&e) ? PyExc_MemoryError : PyExc_RuntimeError, e.what());
+  DevPtr p = 0;
+  std::string error;
+  bool oom = false;
+  {
+    py::gil_scoped_release nogil;
+    try {
+      p = gm::device_allocator(device).malloc(size, 0);
+    } catch (const std::exception& e) {
+      error = e.what();
+      oom = dynamic_cast<const OutOfMemoryError*>(&e) != nullptr;
+    }
+  }
+  if (!error.empty() || !p) {
+    PyErr_SetString(oom ? PyExc_MemoryError : PyExc_RuntimeError, error.empty() ? "glake: malloc failed" : error.c_str());
     return reinterpret_cast<void*>(static_cast<std::intptr_t>(-1));
   }
+  return reinterpret_cast<void*>(p);
 }
 
 extern "C" __attribute__((visibility("default"))) void glake_cupy_free(void*, void* ptr, int device) {
   if (!ptr) return;
-  try {
-    gm::device_allocator(device).free(reinterpret_cast<DevPtr>(ptr));
-  } catch (const std::exception& e) {
-    PyErr_WarnEx(PyExc_RuntimeWarning, e.what(), 1);
+  std::string error;
+  {
+    py::gil_scoped_release nogil;
+    try {
+      gm::device_allocator(device).free(reinterpret_cast<DevPtr>(ptr));
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
   }
+  if (!error.empty()) PyErr_WarnEx(PyExc_RuntimeWarning, error.c_str(), 1);
 }
 
 void bind_gmlake(py::module_& m) {
@@ -117,9 +145,8 @@ void bind_gmlake(py::module_& m) {
       .def(py::init([](int device, Backend b, const std::string& conf) {
              gm::AllocatorConfig c;
              c.apply(conf);
-             Driver& d = get_driver(b);
-             py::gil_scoped_release nogil;
-             return std::make_shared<gm::StitchAllocator>(d, device, c);
+             py::gil_scoped_release nogil;  // the backend's first use initialises it
+             return std::make_shared<gm::StitchAllocator>(get_driver(b), device, c);
            }), py::arg("device") = 0, py::arg("backend") = py::none(), py::arg("conf") = "",
            "A private allocator configured by a 'key:value,...' string (defaults otherwise).")
       .def("malloc", [](gm::StitchAllocator& a, long long size, std::uintptr_t stream) {
@@ -128,13 +155,13 @@ void bind_gmlake(py::module_& m) {
              return a.malloc(bytes, stream);
            }, py::arg("size"), py::arg("stream") = 0, "Allocates size bytes for use on stream; returns the address.")
       .def("free", &gm::StitchAllocator::free, py::arg("ptr"), NoGil(), "Frees an allocation by its base address.")
-      .def("record_stream", &gm::StitchAllocator::record_stream, py::arg("ptr"), py::arg("stream"),
+      .def("record_stream", &gm::StitchAllocator::record_stream, py::arg("ptr"), py::arg("stream"), NoGil(),
            "Marks an allocation as used on another stream too.")
       .def("empty_cache", &gm::StitchAllocator::empty_cache, NoGil(), "Releases idle stitched ranges and free segments.")
-      .def("set_memory_fraction", &gm::StitchAllocator::set_memory_fraction, py::arg("fraction"),
+      .def("set_memory_fraction", &gm::StitchAllocator::set_memory_fraction, py::arg("fraction"), NoGil(),
            "Caps reserved memory at a fraction of the device (0 = no cap).")
       .def("stats", &stats_dict, "Counters with torch's key names plus glake's.")
-      .def("reset_peak_stats", &gm::StitchAllocator::reset_peak_stats, "Sets every peak to its current value.")
+      .def("reset_peak_stats", &gm::StitchAllocator::reset_peak_stats, NoGil(), "Sets every peak to its current value.")
       .def("snapshot", &snapshot_list, "Segments and stitched ranges with their blocks.")
       .def("allocation_of", &gm::StitchAllocator::allocation_of, py::arg("ptr"), NoGil(),
            "(base, requested bytes) of the allocation containing ptr, or (0, 0).")
@@ -167,7 +194,10 @@ void bind_gmlake(py::module_& m) {
              }
              return pool_tuple(id);
            }, py::arg("ptr"), "(first, second) of the private pool of the live allocation containing ptr, or None.")
-      .def_property_readonly("limit", &gm::StitchAllocator::limit)
+      .def_property_readonly("limit", [](const gm::StitchAllocator& a) {
+             py::gil_scoped_release nogil;  // takes the allocator's lock
+             return a.limit();
+           })
       .def_property_readonly("device", &gm::StitchAllocator::device)
       .def_property_readonly("backend", [](const gm::StitchAllocator& a) { return std::string(a.driver().name()); })
       .def_property_readonly("config", [](const gm::StitchAllocator& a) { return a.config().to_map(); });
@@ -177,15 +207,15 @@ void bind_gmlake(py::module_& m) {
   m.def("gmlake_global_exists", [](int device) { return gm::existing_device_allocator(device) != nullptr; },
         py::arg("device"), "Whether the process-wide allocator of device exists yet.");
   m.def("gmlake_begin_graph", [](int device, std::uint64_t graph) { gm::device_allocator(device).begin_graph(graph); },
-        py::arg("device"), py::arg("graph"), "A CUDA graph starts capturing on device (called by glake.torch).");
+        py::arg("device"), py::arg("graph"), NoGil(), "A CUDA graph starts capturing on device (called by glake.torch).");
   m.def("gmlake_end_graph", [](int device, std::uint64_t graph) { gm::device_allocator(device).end_graph(graph); },
-        py::arg("device"), py::arg("graph"), "The capture of a graph ended.");
+        py::arg("device"), py::arg("graph"), NoGil(), "The capture of a graph ended.");
   m.def("gmlake_release_graph", [](int device, std::uint64_t graph) {
         gm::device_allocator(device).release_graph(graph);
       }, py::arg("device"), py::arg("graph"), NoGil(), "A graph was reset or destroyed: its memory returns to the cache.");
-  m.def("gmlake_configure", &gm::configure_global, py::arg("conf"),
+  m.def("gmlake_configure", &gm::configure_global, py::arg("conf"), NoGil(),
         "Applies 'key:value,...' to the process-wide configuration (before the first allocation).");
-  m.def("gmlake_global_config", [] { return gm::global_config().to_map(); }, "The process-wide configuration.");
+  m.def("gmlake_global_config", [] { return gm::global_config().to_map(); }, NoGil(), "The process-wide configuration.");
   m.def("gmlake_cupy_functions", [] {
         return std::make_pair(reinterpret_cast<std::uintptr_t>(&glake_cupy_malloc),
                               reinterpret_cast<std::uintptr_t>(&glake_cupy_free));

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import sys
+import threading
 import time
 
 import numpy as np
@@ -404,6 +405,57 @@ def capture_record_stream_free():
     assert a.stats()["reserved_bytes.all.current"] == 0
     for s in (cap, side):
         fake.fake_stream_destroy(s)
+
+
+def gil_released_in_slow_path():
+    """A thread inside a slow allocator call (a stitch past the stitched-VA bound waits for the device
+    while the stream runs a slow "kernel") does not hold the GIL: this thread runs Python meanwhile.
+
+    Proof without timing: the call has made its stitched range (one reservation more than before)
+    and cannot have returned before the stream wrote `marker` (the device synchronisation waits for
+    it); so reading the reservation count, then `marker` still 0 while holding the GIL, means Python
+    ran while the other thread was inside the call. If the binding kept the GIL, this thread could
+    only run before the call or after it returned (when the range is dropped again, or marker is 1):
+    the state is never seen and the scenario fails. Retried if this thread was starved throughout.
+    """
+    slow_us = 500_000
+    for attempt in range(3):
+        a = glake.Allocator(0, backend="cuda", stitch_va_limit=4 * MiB)
+        s = fake.fake_stream_create(0)
+        blocks = [a.malloc(4 * MiB, s) for _ in range(6)]
+        a.free(blocks[0])
+        a.free(blocks[2])
+        s1 = a.malloc(8 * MiB, s)  # stitched from blocks 0 and 2
+        a.free(s1)
+        a.free(blocks[4])
+        marker, one = np.zeros(8, np.uint8), np.ones(8, np.uint8)
+        fake.fake_stream_sleep(s, slow_us)
+        fake.fake_stream_memcpy(s, marker.ctypes.data, one.ctypes.data, 8)
+        before = fake.fake_live_reservations()
+        out: dict = {}
+        # A second stitch (blocks 0, 2, 4): over the bound, the idle first one is dropped after a
+        # device synchronisation, which waits for the slow stream.
+        t = threading.Thread(target=lambda: out.setdefault("p", a.malloc(12 * MiB, s)))
+        t.start()
+        seen = False
+        while t.is_alive() and not seen:
+            inside = fake.fake_live_reservations() > before  # the call has reserved its range...
+            seen = inside and marker[0] == 0                 # ...and cannot have returned yet
+            time.sleep(0.001)
+        t.join()
+        assert "p" in out and marker[0] == 1
+        st = a.stats()
+        assert st["num_stitches"] == 2 and st["num_stitch_gc"] == 1, st
+        assert violations() == 0
+        a.free(out["p"])
+        for i in (1, 3, 5):
+            a.free(blocks[i])
+        del a
+        gc.collect()
+        fake.fake_stream_destroy(s)
+        if seen:
+            return
+    raise AssertionError("no Python ran while another thread was inside malloc: the binding holds the GIL")
 
 
 if __name__ == "__main__":
