@@ -46,13 +46,13 @@ def worker(kind: str, iters: int, repeats: int) -> dict:
             batches.append((time.perf_counter() - t0) / iters * 1e6)
         out[size] = statistics.median(batches)
     if kind == "glake":
-        from glake import _C
+        from glake import _C, _bench
 
         # The same C++ malloc+free without torch: on a fresh private allocator, and on the global
         # allocator torch used above (same cache state), to tell glake's cost from torch's plugin path.
         raw = _C.Allocator(0, "cuda", "")
-        out["raw_ns"] = {s: _C.gmlake_measure_alloc_free_ns(raw, s, 20000) for s in SIZES}
-        out["raw_global_ns"] = {s: _C.gmlake_measure_alloc_free_ns(_C.gmlake_global(0), s, 20000) for s in SIZES}
+        out["raw_ns"] = {s: _bench.measure_alloc_free_ns(raw, s, 20000) for s in SIZES}
+        out["raw_global_ns"] = {s: _bench.measure_alloc_free_ns(_C.gmlake_global(0), s, 20000) for s in SIZES}
     return out
 
 

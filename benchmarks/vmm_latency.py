@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import print_table, write_json  # noqa: E402
 
-from glake import _C, core  # noqa: E402
+from glake import _bench, core  # noqa: E402
 
 OPS = ["create", "map", "set_access", "set_access_again", "unmap", "release"]
 # Reference ranges from ../shared/ARCHITECTURE.md (H100, driver 580): not measured by this run.
@@ -40,10 +40,10 @@ def main() -> None:
     args = ap.parse_args()
 
     backend = core.backend_name(args.backend)
-    _C.measure_vmm_latency(8, args.device, backend)  # warm-up: context, first-call costs
+    _bench.measure_vmm_latency(8, args.device, backend)  # warm-up: context, first-call costs
     samples = {op: [] for op in OPS}
     for _ in range(args.repeats):
-        for op, us in _C.measure_vmm_latency(args.chunks, args.device, backend).items():
+        for op, us in _bench.measure_vmm_latency(args.chunks, args.device, backend).items():
             samples[op].extend(us)
 
     rows, result = [], {}

@@ -99,12 +99,50 @@ class Allocator:
         self._impl.reset_peak_stats()
 
     def snapshot(self) -> List[Dict[str, Any]]:
-        """Segments and stitched ranges: ``{kind, address, size, stitched, active, blocks: [...]}``."""
+        """Segments and stitched ranges: ``{kind, address, size, stitched, active, blocks: [...]}``; each
+        block has ``address, size, requested, state, stream, lent_to`` and ``pool`` (``(first, second)``
+        of its private pool, or None)."""
         return self._impl.snapshot()
 
     def allocation_of(self, ptr: int) -> Tuple[int, int]:
         """``(base, requested_bytes)`` of the live allocation containing ``ptr``, or ``(0, 0)``."""
         return self._impl.allocation_of(ptr)
+
+    # ---- private pools (torch's MempoolId_t semantics; CUDA graph pools are pools (graph, 0)) ----
+
+    def create_or_incref_pool(self, pool: Tuple[int, int]) -> None:
+        """Create private pool ``pool`` (a nonzero ``(first, second)`` id) with use count 1, or add 1."""
+        self._impl.create_or_incref_pool(*pool)
+
+    def pool_use_count(self, pool: Tuple[int, int]) -> int:
+        """The use count of ``pool`` (0 when unknown)."""
+        return self._impl.pool_use_count(*pool)
+
+    def begin_allocate_to_pool(self, pool: Tuple[int, int], streams: List[int]) -> None:
+        """Route allocations on ``streams`` to ``pool`` (and add 1 to its use count) until
+        :meth:`end_allocate_to_pool`. Memory the pool's allocations free stays with the pool and is
+        reused only by its later allocations, until :meth:`release_pool` brings the count to 0.
+
+        Raises
+        ------
+        InvalidArgumentError
+            Already allocating to ``pool``.
+        """
+        self._impl.begin_allocate_to_pool(pool[0], pool[1], list(streams))
+
+    def end_allocate_to_pool(self, pool: Tuple[int, int]) -> None:
+        """Stop routing allocations to ``pool``; its memory stays with it."""
+        self._impl.end_allocate_to_pool(*pool)
+
+    def release_pool(self, pool: Tuple[int, int]) -> None:
+        """Subtract 1 from the use count of ``pool``; at 0 its free memory returns to the cache
+        (after a device synchronisation; while any pool is allocated to, at the next
+        release or :meth:`empty_cache`) and its live blocks return when freed."""
+        self._impl.release_pool(*pool)
+
+    def pool_of(self, ptr: int) -> Optional[Tuple[int, int]]:
+        """The private pool of the live allocation containing ``ptr``, or None."""
+        return self._impl.pool_of(ptr)
 
     @property
     def limit(self) -> int:

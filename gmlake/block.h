@@ -3,6 +3,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <set>
+#include <tuple>
 #include <vector>
 
 #include "core/virtual_range.h"
@@ -14,6 +16,7 @@ enum class PoolKind : std::uint8_t { Small, Large, Stitched };
 
 struct Segment;
 struct Stitch;
+struct PrivatePool;
 
 /// A contiguous piece of a segment (or the whole of a stitched range), free or allocated.
 struct Block {
@@ -26,10 +29,36 @@ struct Block {
   StreamHandle stream = 0;       ///< the stream it was allocated on (free blocks: last used on)
   bool allocated = false;        ///< handed out (to a caller, or to a stitch as a member)
   std::uint64_t free_seq = 0;    ///< when it was last freed (orders cross-stream reuse)
-  std::uint64_t graph = 0;       ///< the CUDA graph whose capture allocated it (0 = none)
+  PrivatePool* pool = nullptr;   ///< the private pool it belongs to, for life (null = the global cache)
   Block* prev = nullptr;         ///< neighbours inside the segment
   Block* next = nullptr;
   std::vector<StreamHandle> extra_streams;  ///< streams added by record_stream
+};
+
+/// Free blocks ordered by (stream, size, address): best fit on a stream is one lower_bound.
+using FreeKey = std::tuple<StreamHandle, std::size_t, DevPtr>;
+/// The order of a FreeSet (transparent: looks up by FreeKey too).
+struct FreeLess {
+  using is_transparent = void;
+  bool operator()(const Block* a, const Block* b) const { return key(a) < key(b); }
+  bool operator()(const Block* a, const FreeKey& b) const { return key(a) < b; }
+  bool operator()(const FreeKey& a, const Block* b) const { return a < key(b); }
+  /// A block's key.
+  static FreeKey key(const Block* b) { return {b->stream, b->size, b->ptr}; }
+};
+/// A set of free blocks of one kind.
+using FreeSet = std::set<Block*, FreeLess>;
+
+/// The free blocks of one owner: the global cache, or one private pool.
+struct FreeLists {
+  FreeSet small, large;
+  FreeSet stitched;  ///< held stitched blocks (see Stitch)
+  /// The set for blocks of `kind`.
+  FreeSet& of(PoolKind kind) { return kind == PoolKind::Small ? small : kind == PoolKind::Large ? large : stitched; }
+  /// The set for blocks of `kind` (read only).
+  const FreeSet& of(PoolKind kind) const {
+    return kind == PoolKind::Small ? small : kind == PoolKind::Large ? large : stitched;
+  }
 };
 
 /// A reserved range whose chunks are mapped back to back: the home of every physical chunk.

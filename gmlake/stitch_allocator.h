@@ -2,17 +2,16 @@
 #pragma once
 
 #include <cstdint>
-#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "gmlake/block.h"
 #include "gmlake/config.h"
+#include "gmlake/event_pool.h"
+#include "gmlake/pool.h"
 
 namespace glake::gmlake {
 
@@ -20,6 +19,7 @@ namespace glake::gmlake {
 struct Stat {
   std::int64_t current = 0;
   std::int64_t peak = 0;
+  /// Adds `delta` to the current value, raising the peak with it.
   void add(std::int64_t delta) {
     current += delta;
     if (current > peak) peak = current;
@@ -41,6 +41,9 @@ struct AllocatorStats {
   std::int64_t num_segments_created = 0, num_segments_released = 0, num_cross_stream_reuses = 0;
   std::int64_t num_sync_all_streams = 0;  ///< device synchronisations before unmapping freed memory
   std::int64_t stitched_va_cached = 0;  ///< VA of stitched ranges (active and idle)
+  std::int64_t num_events_created = 0;  ///< driver events made for record_stream frees (reused after)
+  std::int64_t private_pools = 0;       ///< private pools alive (in use, or freeable and not yet returned)
+  std::int64_t private_pool_free_bytes = 0;  ///< free bytes held by private pools (reserved, not reusable outside them)
 };
 
 /// One block as seen by snapshot().
@@ -51,6 +54,7 @@ struct BlockInfo {
   const char* state;  ///< "allocated", "free", "stitched" (lent to a stitch), "pending" (awaiting events)
   StreamHandle stream;
   DevPtr lent_to = 0;  ///< "stitched" blocks: the address of the stitched range using them
+  PoolId pool;         ///< the private pool it belongs to ({0,0}: the global cache)
 };
 
 /// One segment or stitched range as seen by snapshot().
@@ -62,11 +66,17 @@ struct SegmentInfo {
   std::vector<BlockInfo> blocks;
 };
 
-/// A per-device caching allocator: small pool, best-fit large pool, stitching, streams, limits.
-/// Thread-safe. The cached path (a free block fits) takes no driver call.
+/// A per-device caching allocator: small pool, best-fit large pool, stitching, streams, limits,
+/// private pools (torch's graph pools / MemPool). Thread-safe. The cached path (a free block fits)
+/// takes no driver call. Defined one concept per file: stitch_allocator.cpp (construction,
+/// malloc/free), free_lists.cpp, stitch_policy.cpp, growth.cpp (slow path, segments, release),
+/// stream_order.cpp (deferred frees, cross-stream reuse, quiesce), private_pools.cpp,
+/// introspection.cpp (stats, snapshot), oom_report.cpp.
 class GLAKE_API StitchAllocator {
  public:
+  /// An empty allocator of `device` on `driver` (a stitch_va_limit of 0 becomes the device's size).
   StitchAllocator(Driver& driver, int device, AllocatorConfig config);
+  /// Synchronises the device once and returns every chunk and range, live allocations included.
   ~StitchAllocator();
   StitchAllocator(const StitchAllocator&) = delete;
   StitchAllocator& operator=(const StitchAllocator&) = delete;
@@ -78,17 +88,36 @@ class GLAKE_API StitchAllocator {
   /// Marks an allocation as used on another stream too: its memory is reused only after that
   /// stream's work (recorded when the allocation is freed) completes.
   void record_stream(DevPtr ptr, StreamHandle stream);
-  /// Releases cached memory: idle stitched ranges and fully free segments no active stitch spans.
+  /// Releases cached memory: idle stitched ranges and fully free segments no active stitch spans,
+  /// and the free memory of released private pools.
   void empty_cache();
   /// Sets the cap as a fraction of device memory (0 = none), like torch's.
   void set_memory_fraction(double fraction);
-  /// A CUDA graph `graph` starts capturing: allocations made on capturing streams until
-  /// end_graph belong to it, and their memory is not reused outside it until release_graph.
+
+  /// Creates private pool `id` with use count 1, or adds 1 to its use count.
+  void create_or_incref_pool(PoolId id);
+  /// The use count of pool `id` (0 when unknown).
+  int pool_use_count(PoolId id) const;
+  /// Routes allocations whose stream `filter` accepts to pool `id` until end_allocate_to_pool
+  /// (create_or_incref_pool included, as torch's). Throws InvalidArgumentError if already routing to `id`.
+  void begin_allocate_to_pool(PoolId id, StreamFilter filter);
+  /// Stops routing allocations to pool `id` (its memory stays with it). Throws if not routing to `id`.
+  void end_allocate_to_pool(PoolId id);
+  /// Subtracts 1 from the use count of pool `id`; at 0 its free memory returns to the cache (after a
+  /// device synchronisation, so not while any pool is being allocated to: then at the next
+  /// release or empty_cache), and its live blocks return when freed. Throws for unknown ids.
+  void release_pool(PoolId id);
+  /// The pool of the live allocation containing `ptr` ({0,0}: none, or the global cache).
+  PoolId pool_of(DevPtr ptr) const;
+
+  /// A CUDA graph `graph` (nonzero) starts capturing: pool {graph, 0} is allocated to by every
+  /// stream that is capturing (begin_allocate_to_pool with a cuStreamIsCapturing filter).
   void begin_graph(std::uint64_t graph);
-  /// The capture of `graph` ended (its memory stays reserved for replays).
+  /// The capture of `graph` ended (its memory stays with its pool for replays). No-op if not begun.
   void end_graph(std::uint64_t graph);
-  /// `graph` was reset or destroyed: its memory, once freed, returns to the cache.
+  /// `graph` was reset or destroyed: release_pool({graph, 0}). No-op for unknown graphs.
   void release_graph(std::uint64_t graph);
+
   /// Counters.
   AllocatorStats stats() const;
   /// Resets peaks to current values.
@@ -101,47 +130,55 @@ class GLAKE_API StitchAllocator {
   std::size_t limit() const;
   /// The configuration.
   const AllocatorConfig& config() const { return config_; }
-  /// Device and backend.
+  /// The device ordinal.
   int device() const { return device_; }
+  /// The backend.
   Driver& driver() const { return driver_; }
 
  private:
-  using FreeKey = std::tuple<StreamHandle, std::size_t, DevPtr>;
-  struct FreeLess {
-    using is_transparent = void;
-    bool operator()(const Block* a, const Block* b) const { return key(a) < key(b); }
-    bool operator()(const Block* a, const FreeKey& b) const { return key(a) < b; }
-    bool operator()(const FreeKey& a, const Block* b) const { return a < key(b); }
-    static FreeKey key(const Block* b) { return {b->stream, b->size, b->ptr}; }
-  };
-  using FreeSet = std::set<Block*, FreeLess>;
-
-  FreeSet& free_set(PoolKind kind) { return kind == PoolKind::Small ? small_free_ : large_free_; }
+  // ---- core (stitch_allocator.cpp)
   std::size_t round_size(std::size_t size) const;
-  Block* take_fit(PoolKind kind, std::size_t size, StreamHandle stream);
+  std::size_t cap_bytes() const;  ///< limit() without the lock
+  const Block* live_block_containing(DevPtr ptr) const;
+  // ---- free-block bookkeeping (free_lists.cpp)
+  FreeLists& lists_of(const Block* b) { return b->pool ? b->pool->free : free_; }
+  Block* take_fit(FreeLists& lists, PoolKind kind, std::size_t size, StreamHandle stream);
   Block* carve(Block* b, DevPtr start, std::size_t size);
   void insert_free(Block* b);
   void release_block(Block* b);
+  std::size_t free_bytes(PoolKind kind, StreamHandle stream) const;
+  std::size_t largest_free() const;
+  const Block* free_block_containing(DevPtr ptr) const;
+  // ---- stitch policy (stitch_policy.cpp)
   void hold_stitch(Stitch* s);
   void dissolve(Stitch* s);
   void dissolve_held(StreamHandle stream, bool all_streams);
-  Block* take_held_stitch(std::size_t size, StreamHandle stream);
+  Block* take_held_stitch(FreeLists& lists, std::size_t size, StreamHandle stream);
   void shrink_stitch(Stitch* s, std::size_t size);
-  Block* slow_path(PoolKind kind, std::size_t size, StreamHandle stream, std::size_t requested);
-  Block* grow(PoolKind kind, std::size_t size, StreamHandle stream);
   Block* reuse_stitch(std::size_t size, StreamHandle stream);
   Block* stitch(std::size_t size, StreamHandle stream);
-  Segment* create_segment(PoolKind kind, std::size_t bytes, StreamHandle stream);
-  void release_segment(Segment* seg);
-  bool quiesce(StreamHandle stream);
-  void release_retired_graph_blocks();
-  std::size_t release_cached(StreamHandle stream);
   void drop_stitch(Stitch* s);
   void gc_stitches(StreamHandle stream);
+  // ---- growing and releasing (growth.cpp)
+  Block* slow_path(PoolKind kind, std::size_t size, StreamHandle stream, std::size_t requested);
+  Block* grow(PoolKind kind, std::size_t size, StreamHandle stream);
+  Segment* create_segment(PoolKind kind, std::size_t bytes, StreamHandle stream);
+  void release_segment(Segment* seg);
+  std::size_t release_cached(StreamHandle stream);
+  // ---- stream ordering (stream_order.cpp)
+  bool any_routing() const { return !routing_.empty(); }
+  bool quiesce(StreamHandle stream);
+  void defer_free(Block* b);
   void process_deferred(bool wait);
   bool migrate_free_blocks(StreamHandle to, bool wait);
-  std::size_t free_bytes(PoolKind kind, StreamHandle stream) const;
-  std::size_t largest_free() const;
+  // ---- private pools (private_pools.cpp)
+  PrivatePool* incref_pool(PoolId id);
+  PrivatePool* route(StreamHandle stream);
+  Block* take_from_pool(PrivatePool& pool, PoolKind kind, std::size_t size, StreamHandle stream);
+  void assign_pool(Block* b, PrivatePool* pool);
+  void retire_freeable_pools();
+  void retire_pool(PrivatePool* pool);
+  // ---- OOM report (oom_report.cpp)
   std::string oom_message(std::size_t size, std::size_t rounded, const std::string& cause) const;
 
   Driver& driver_;
@@ -150,13 +187,16 @@ class GLAKE_API StitchAllocator {
   std::size_t granularity_;
   std::size_t device_total_;
   mutable std::mutex mutex_;
-  FreeSet small_free_, large_free_;
-  FreeSet stitch_free_;  ///< held stitched blocks (see Stitch)
+  FreeLists free_;  ///< the global cache's free blocks
   std::map<DevPtr, Block*> allocated_;
   std::vector<std::unique_ptr<Segment>> segments_;
   std::vector<std::unique_ptr<Stitch>> stitches_;
+  EventPool events_;
+  /// A freed block waiting for the streams record_stream added: `streams` until its events are
+  /// recorded (deferred while any pool is allocated to, as torch does), then `events`.
   struct Deferred {
     Block* block;
+    std::vector<StreamHandle> streams;
     std::vector<EventHandle> events;
   };
   std::vector<Deferred> deferred_;
@@ -166,20 +206,9 @@ class GLAKE_API StitchAllocator {
   };
   std::map<StreamHandle, StreamEvent> stream_events_;
   std::uint64_t free_seq_ = 0, tick_ = 0, next_id_ = 1;
-  std::atomic<int> capturing_graphs_{0};  ///< read without the lock on every malloc
-  std::uint64_t capture_graph_ = 0;
-  /// Live graphs -> their freed blocks; key kRetiredGraphs: blocks of released graphs waiting for a
-  /// moment the device may be synchronised (none while another graph captures).
-  std::map<std::uint64_t, std::vector<Block*>> graph_blocks_;
-  static constexpr std::uint64_t kRetiredGraphs = 0;
+  std::map<PoolId, std::unique_ptr<PrivatePool>> pools_;        ///< live and freeable private pools
+  std::vector<std::pair<PrivatePool*, StreamFilter>> routing_;  ///< pools being allocated to, in order of begin
   AllocatorStats stats_;
 };
-
-}  // namespace glake::gmlake
-
-namespace glake::gmlake {
-
-/// Median nanoseconds of one malloc+free pair of `size` bytes on `a` (cached path), over `iters`.
-GLAKE_API double measure_alloc_free_ns(StitchAllocator& a, std::size_t size, int iters);
 
 }  // namespace glake::gmlake

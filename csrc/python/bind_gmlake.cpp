@@ -1,6 +1,9 @@
 // glake._C bindings of the stitched allocator (gmlake/), and the C functions CuPy calls.
 #include <Python.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "gmlake/registry.h"
 #include "python/common.h"
 
@@ -10,13 +13,25 @@ namespace {
 namespace gm = glake::gmlake;
 using AllocatorPtr = std::shared_ptr<gm::StitchAllocator>;
 
+/// A pool id as Python sees it: None for "no pool" ({0,0}), else (first, second) as torch's MempoolId.
+py::object pool_tuple(gm::PoolId id) {
+  if (!id) return py::none();
+  return py::make_tuple(id.first, id.second);
+}
+
 void put(py::dict& d, const std::string& key, const gm::Stat& s) {
   d[py::str(key + ".current")] = s.current;
   d[py::str(key + ".peak")] = s.peak;
 }
 
 py::dict stats_dict(const gm::StitchAllocator& a) {
-  const gm::AllocatorStats s = a.stats();
+  gm::AllocatorStats s;
+  std::size_t limit = 0;
+  {
+    py::gil_scoped_release nogil;  // the lock may be held by a thread in the slow path: copy without the GIL
+    s = a.stats();
+    limit = a.limit();
+  }
   py::dict d;
   put(d, "allocated_bytes.all", s.allocated_bytes);
   put(d, "allocated_bytes.small_pool", s.allocated_small);
@@ -42,13 +57,21 @@ py::dict stats_dict(const gm::StitchAllocator& a) {
   d["num_segments_released"] = s.num_segments_released;
   d["num_cross_stream_reuses"] = s.num_cross_stream_reuses;
   d["num_sync_all_streams"] = s.num_sync_all_streams;
-  d["limit_bytes"] = a.limit();
+  d["num_events_created"] = s.num_events_created;
+  d["private_pools"] = s.private_pools;
+  d["private_pool_free_bytes"] = s.private_pool_free_bytes;
+  d["limit_bytes"] = limit;
   return d;
 }
 
 py::list snapshot_list(const gm::StitchAllocator& a) {
+  std::vector<gm::SegmentInfo> snap;
+  {
+    py::gil_scoped_release nogil;  // copied under the allocator's lock, converted with the GIL
+    snap = a.snapshot();
+  }
   py::list out;
-  for (const gm::SegmentInfo& seg : a.snapshot()) {
+  for (const gm::SegmentInfo& seg : snap) {
     py::list blocks;
     for (const gm::BlockInfo& b : seg.blocks) {
       py::dict bd;
@@ -58,6 +81,7 @@ py::list snapshot_list(const gm::StitchAllocator& a) {
       bd["state"] = b.state;
       bd["stream"] = b.stream;
       bd["lent_to"] = b.lent_to;
+      bd["pool"] = pool_tuple(b.pool);
       blocks.append(bd);
     }
     py::dict sd;
@@ -78,25 +102,42 @@ AllocatorPtr global_allocator(int device) {
 
 }  // namespace
 
-// CuPy's CFunctionAllocator calls these with the GIL held. On failure the Python error is set and
-// -1 returned: CuPy's Cython wrapper (declared `except? -1`) then raises it.
+// CuPy's CFunctionAllocator calls these with the GIL held; they release it around the allocator
+// call (which may wait for the allocator's lock or the driver). On failure the Python error is set
+// and -1 returned: CuPy's Cython wrapper (declared `except? -1`) then raises it.
 extern "C" __attribute__((visibility("default"))) void* glake_cupy_malloc(void*, size_t size, int device) {
   if (size == 0) return nullptr;
-  try {
-    return reinterpret_cast<void*>(gm::device_allocator(device).malloc(size, 0));
-  } catch (const std::exception& e) {
-    PyErr_SetString(dynamic_cast<const OutOfMemoryError*>(&e) ? PyExc_MemoryError : PyExc_RuntimeError, e.what());
+  DevPtr p = 0;
+  std::string error;
+  bool oom = false;
+  {
+    py::gil_scoped_release nogil;
+    try {
+      p = gm::device_allocator(device).malloc(size, 0);
+    } catch (const std::exception& e) {
+      error = e.what();
+      oom = dynamic_cast<const OutOfMemoryError*>(&e) != nullptr;
+    }
+  }
+  if (!error.empty() || !p) {
+    PyErr_SetString(oom ? PyExc_MemoryError : PyExc_RuntimeError, error.empty() ? "glake: malloc failed" : error.c_str());
     return reinterpret_cast<void*>(static_cast<std::intptr_t>(-1));
   }
+  return reinterpret_cast<void*>(p);
 }
 
 extern "C" __attribute__((visibility("default"))) void glake_cupy_free(void*, void* ptr, int device) {
   if (!ptr) return;
-  try {
-    gm::device_allocator(device).free(reinterpret_cast<DevPtr>(ptr));
-  } catch (const std::exception& e) {
-    PyErr_WarnEx(PyExc_RuntimeWarning, e.what(), 1);
+  std::string error;
+  {
+    py::gil_scoped_release nogil;
+    try {
+      gm::device_allocator(device).free(reinterpret_cast<DevPtr>(ptr));
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
   }
+  if (!error.empty()) PyErr_WarnEx(PyExc_RuntimeWarning, error.c_str(), 1);
 }
 
 void bind_gmlake(py::module_& m) {
@@ -104,9 +145,8 @@ void bind_gmlake(py::module_& m) {
       .def(py::init([](int device, Backend b, const std::string& conf) {
              gm::AllocatorConfig c;
              c.apply(conf);
-             Driver& d = get_driver(b);
-             py::gil_scoped_release nogil;
-             return std::make_shared<gm::StitchAllocator>(d, device, c);
+             py::gil_scoped_release nogil;  // the backend's first use initialises it
+             return std::make_shared<gm::StitchAllocator>(get_driver(b), device, c);
            }), py::arg("device") = 0, py::arg("backend") = py::none(), py::arg("conf") = "",
            "A private allocator configured by a 'key:value,...' string (defaults otherwise).")
       .def("malloc", [](gm::StitchAllocator& a, long long size, std::uintptr_t stream) {
@@ -115,17 +155,49 @@ void bind_gmlake(py::module_& m) {
              return a.malloc(bytes, stream);
            }, py::arg("size"), py::arg("stream") = 0, "Allocates size bytes for use on stream; returns the address.")
       .def("free", &gm::StitchAllocator::free, py::arg("ptr"), NoGil(), "Frees an allocation by its base address.")
-      .def("record_stream", &gm::StitchAllocator::record_stream, py::arg("ptr"), py::arg("stream"),
+      .def("record_stream", &gm::StitchAllocator::record_stream, py::arg("ptr"), py::arg("stream"), NoGil(),
            "Marks an allocation as used on another stream too.")
       .def("empty_cache", &gm::StitchAllocator::empty_cache, NoGil(), "Releases idle stitched ranges and free segments.")
-      .def("set_memory_fraction", &gm::StitchAllocator::set_memory_fraction, py::arg("fraction"),
+      .def("set_memory_fraction", &gm::StitchAllocator::set_memory_fraction, py::arg("fraction"), NoGil(),
            "Caps reserved memory at a fraction of the device (0 = no cap).")
       .def("stats", &stats_dict, "Counters with torch's key names plus glake's.")
-      .def("reset_peak_stats", &gm::StitchAllocator::reset_peak_stats, "Sets every peak to its current value.")
+      .def("reset_peak_stats", &gm::StitchAllocator::reset_peak_stats, NoGil(), "Sets every peak to its current value.")
       .def("snapshot", &snapshot_list, "Segments and stitched ranges with their blocks.")
-      .def("allocation_of", &gm::StitchAllocator::allocation_of, py::arg("ptr"),
+      .def("allocation_of", &gm::StitchAllocator::allocation_of, py::arg("ptr"), NoGil(),
            "(base, requested bytes) of the allocation containing ptr, or (0, 0).")
-      .def_property_readonly("limit", &gm::StitchAllocator::limit)
+      .def("create_or_incref_pool", [](gm::StitchAllocator& a, std::uint64_t first, std::uint64_t second) {
+             a.create_or_incref_pool({first, second});
+           }, py::arg("first"), py::arg("second"), NoGil(),
+           "Creates private pool (first, second) with use count 1, or adds 1 to its use count.")
+      .def("pool_use_count", [](const gm::StitchAllocator& a, std::uint64_t first, std::uint64_t second) {
+             return a.pool_use_count({first, second});
+           }, py::arg("first"), py::arg("second"), NoGil(), "The use count of a private pool (0 when unknown).")
+      .def("begin_allocate_to_pool", [](gm::StitchAllocator& a, std::uint64_t first, std::uint64_t second,
+                                        std::vector<std::uintptr_t> streams) {
+             a.begin_allocate_to_pool({first, second}, [streams = std::move(streams)](StreamHandle s) {
+               return std::find(streams.begin(), streams.end(), s) != streams.end();
+             });
+           }, py::arg("first"), py::arg("second"), py::arg("streams"), NoGil(),
+           "Routes allocations on the given streams to private pool (first, second) until end_allocate_to_pool.")
+      .def("end_allocate_to_pool", [](gm::StitchAllocator& a, std::uint64_t first, std::uint64_t second) {
+             a.end_allocate_to_pool({first, second});
+           }, py::arg("first"), py::arg("second"), NoGil(), "Stops routing allocations to a private pool.")
+      .def("release_pool", [](gm::StitchAllocator& a, std::uint64_t first, std::uint64_t second) {
+             a.release_pool({first, second});
+           }, py::arg("first"), py::arg("second"), NoGil(),
+           "Subtracts 1 from a pool's use count; at 0 its memory returns to the cache.")
+      .def("pool_of", [](const gm::StitchAllocator& a, std::uintptr_t ptr) {
+             gm::PoolId id;
+             {
+               py::gil_scoped_release nogil;
+               id = a.pool_of(ptr);
+             }
+             return pool_tuple(id);
+           }, py::arg("ptr"), "(first, second) of the private pool of the live allocation containing ptr, or None.")
+      .def_property_readonly("limit", [](const gm::StitchAllocator& a) {
+             py::gil_scoped_release nogil;  // takes the allocator's lock
+             return a.limit();
+           })
       .def_property_readonly("device", &gm::StitchAllocator::device)
       .def_property_readonly("backend", [](const gm::StitchAllocator& a) { return std::string(a.driver().name()); })
       .def_property_readonly("config", [](const gm::StitchAllocator& a) { return a.config().to_map(); });
@@ -135,25 +207,19 @@ void bind_gmlake(py::module_& m) {
   m.def("gmlake_global_exists", [](int device) { return gm::existing_device_allocator(device) != nullptr; },
         py::arg("device"), "Whether the process-wide allocator of device exists yet.");
   m.def("gmlake_begin_graph", [](int device, std::uint64_t graph) { gm::device_allocator(device).begin_graph(graph); },
-        py::arg("device"), py::arg("graph"), "A CUDA graph starts capturing on device (called by glake.torch).");
+        py::arg("device"), py::arg("graph"), NoGil(), "A CUDA graph starts capturing on device (called by glake.torch).");
   m.def("gmlake_end_graph", [](int device, std::uint64_t graph) { gm::device_allocator(device).end_graph(graph); },
-        py::arg("device"), py::arg("graph"), "The capture of a graph ended.");
+        py::arg("device"), py::arg("graph"), NoGil(), "The capture of a graph ended.");
   m.def("gmlake_release_graph", [](int device, std::uint64_t graph) {
         gm::device_allocator(device).release_graph(graph);
       }, py::arg("device"), py::arg("graph"), NoGil(), "A graph was reset or destroyed: its memory returns to the cache.");
-  m.def("gmlake_configure", &gm::configure_global, py::arg("conf"),
+  m.def("gmlake_configure", &gm::configure_global, py::arg("conf"), NoGil(),
         "Applies 'key:value,...' to the process-wide configuration (before the first allocation).");
-  m.def("gmlake_global_config", [] { return gm::global_config().to_map(); }, "The process-wide configuration.");
+  m.def("gmlake_global_config", [] { return gm::global_config().to_map(); }, NoGil(), "The process-wide configuration.");
   m.def("gmlake_cupy_functions", [] {
         return std::make_pair(reinterpret_cast<std::uintptr_t>(&glake_cupy_malloc),
                               reinterpret_cast<std::uintptr_t>(&glake_cupy_free));
       }, "Addresses of the C malloc/free functions for cupy.cuda.memory.CFunctionAllocator.");
-  m.def("gmlake_measure_alloc_free_ns", [](AllocatorPtr a, long long size, int iters) {
-        const std::size_t bytes = to_size(size, "size");
-        py::gil_scoped_release nogil;
-        return gm::measure_alloc_free_ns(*a, bytes, iters);
-      }, py::arg("allocator"), py::arg("size"), py::arg("iters"),
-      "Median ns of one cached malloc+free pair, timed in C++.");
   m.def("parse_bytes", &gm::parse_bytes, py::arg("text"), "'512MB' -> 536870912.");
 }
 

@@ -8,7 +8,6 @@
 
 #include "core/chunk_pool.h"
 #include "core/virtual_range.h"
-#include "core/vmm_bench.h"
 #include "driver/driver.h"
 
 using namespace glake;
@@ -129,7 +128,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("stats", [](Backend b) { return driver_stats_dict(get_driver(b)); }, py::arg("backend") = py::none(),
         "The backend's counters: chunks, bytes, calls and time per driver operation.");
   m.def("reset_peak_stats", [](Backend b) { get_driver(b).stats().reset_peaks_and_times(); },
-        py::arg("backend") = py::none(), "Resets peaks to current values and zeroes call counts and times.");
+        py::arg("backend") = py::none(), NoGil(), "Resets peaks to current values and zeroes call counts and times.");
   m.def("memcpy", [](std::uintptr_t dst, std::uintptr_t src, long long n, int device, Backend b) {
         const std::size_t bytes = to_size(n, "n", true);
         py::gil_scoped_release nogil;
@@ -158,13 +157,6 @@ PYBIND11_MODULE(_C, m) {
         if (!buf.empty()) get_driver(b).memcpy(device, dst, reinterpret_cast<std::uintptr_t>(buf.data()), buf.size());
       }, py::arg("dst"), py::arg("data"), py::arg("device") = 0, py::arg("backend") = py::none(),
       "Copies the bytes of `data` to dst.");
-
-  m.def("measure_vmm_latency", [](int n, int device, Backend b) {
-        Driver& d = get_driver(b);
-        py::gil_scoped_release nogil;
-        return measure_vmm_latency(d, device, n);
-      }, py::arg("n"), py::arg("device") = 0, py::arg("backend") = py::none(),
-      "Microseconds per call of create/map/set_access/set_access_again/unmap/release over n chunks.");
 
   py::class_<PyChunk>(m, "PhysChunk", "One physical allocation, refcounted; freed when no owner and no mapping holds it.")
       .def(py::init([](std::optional<long long> size, int device, Backend b) {
@@ -252,7 +244,10 @@ PYBIND11_MODULE(_C, m) {
            }, "[(offset, chunk)] of every mapping, by offset.")
       .def("free", &VirtualRange::free, NoGil(), "Unmaps everything and frees the addresses.")
       .def("__enter__", [](std::shared_ptr<VirtualRange> r) { return r; })
-      .def("__exit__", [](VirtualRange& r, py::args) { r.free(); })
+      .def("__exit__", [](VirtualRange& r, py::args) {
+        py::gil_scoped_release nogil;  // unmaps and frees through the driver
+        r.free();
+      })
       .def_property_readonly("ptr", &VirtualRange::ptr)
       .def_property_readonly("size", &VirtualRange::size)
       .def_property_readonly("device", &VirtualRange::device)
@@ -276,9 +271,10 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<ChunkPool, std::shared_ptr<ChunkPool>>(m, "ChunkPool", "A cache of free physical chunks under a byte limit.")
       .def(py::init([](long long limit_bytes, long long chunk_size, int device, Backend b) {
-             Driver& d = get_driver(b);
-             return ChunkPool::create(d, device, to_size(limit_bytes, "limit_bytes", true),
-                                      to_size(chunk_size, "chunk_size", true));
+             const std::size_t limit = to_size(limit_bytes, "limit_bytes", true);
+             const std::size_t size = to_size(chunk_size, "chunk_size", true);
+             py::gil_scoped_release nogil;  // the backend's first use initialises it; the pool asks the driver
+             return ChunkPool::create(get_driver(b), device, limit, size);
            }), py::arg("limit_bytes") = 0, py::arg("chunk_size") = 0, py::arg("device") = 0, py::arg("backend") = py::none(),
            "A pool of chunk_size chunks (0 = granularity) holding at most limit_bytes (0 = no limit).")
       .def("acquire", [](ChunkPool& p) { return PyChunk{p.acquire()}; }, NoGil(),
@@ -313,7 +309,11 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("device", &ChunkPool::device)
       .def_property_readonly("backend", [](const ChunkPool& p) { return std::string(p.driver().name()); })
       .def("stats", [](const ChunkPool& p) {
-        const ChunkPoolStats s = p.stats();
+        ChunkPoolStats s;
+        {
+          py::gil_scoped_release nogil;  // the pool's lock may be held by a thread creating chunks
+          s = p.stats();
+        }
         py::dict d;
         d["chunk_size"] = s.chunk_size;
         d["limit_bytes"] = s.limit_bytes;

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import sys
+import threading
 import time
 
 import numpy as np
@@ -220,8 +221,10 @@ def graph_setup():
 
 
 def capture_lifecycle():
-    """Graph memory during and after captures: tagged, kept, never unmapped or synchronised during
-    a capture, retired (not reusable) when released during another capture, returned afterwards."""
+    """Graph memory during and after captures: a graph is pool (graph, 0); what its capture frees is
+    reused later in the same capture, kept for its replays, never unmapped or synchronised during a
+    capture; released during another capture it stays the pool's (not reusable by others) and
+    returns to the cache afterwards."""
     a = graph_setup()
     base = live()
     cap1, cap2 = fake.fake_stream_create(0), fake.fake_stream_create(0)
@@ -231,7 +234,14 @@ def capture_lifecycle():
     fake.fake_set_capturing(cap1, 1)
     _C.gmlake_begin_graph(0, 1)
     g1 = a.malloc(4 * MiB, cap1)  # slow path on a capturing stream
+    assert a.pool_of(g1) == (1, 0)
     a.free(g1)  # kept for graph 1's replays
+    eager = a.malloc(4 * MiB, other)
+    assert eager != g1, "a graph's free memory went to a stream that does not capture"
+    a.free(eager)
+    again1 = a.malloc(4 * MiB, cap1)  # later in the same capture: reused
+    assert again1 == g1, "memory a capture freed was not reused later in the same capture"
+    a.free(again1)
     st = a.stats()
     reserved, syncs = st["reserved_bytes.all.current"], st["num_sync_all_streams"]
     a.empty_cache()  # during the capture: no synchronisation, nothing unmapped
@@ -249,6 +259,8 @@ def capture_lifecycle():
     assert not (g1 <= again < g1 + 4 * MiB), "a released graph's block was reused during another capture"
     g2 = a.malloc(2 * MiB, cap2)
     a.free(g2)
+    assert a.malloc(2 * MiB, cap2) == g2  # reused within graph 2's capture
+    a.free(g2)
     assert violations() == 0
     fake.fake_set_capturing(cap2, 0)
     _C.gmlake_end_graph(0, 2)
@@ -257,7 +269,9 @@ def capture_lifecycle():
     a.empty_cache()  # no capture now: graph 1's memory returns (after one synchronisation)
     st = a.stats()
     assert st["num_sync_all_streams"] > syncs, st
+    assert a.pool_use_count(1, 0) == 0 and st["private_pools"] == 1, st  # graph 2's pool only
     reuse = a.malloc(4 * MiB, cap1)
+    assert reuse == g1, "a released graph's memory did not return to the cache"
     a.free(reuse)
     _C.gmlake_release_graph(0, 2)
     a.empty_cache()
@@ -319,6 +333,129 @@ def capture_slow_path_other_streams():
     assert violations() == 0
     for s in (s1, s2, cap):
         fake.fake_stream_destroy(s)
+
+
+def capture_shared_pool():
+    """Two graphs captured into one shared pool (torch.cuda.graph(pool=...)) through the pool API:
+    the second capture reuses what the first freed; a stream outside the pool's filter never gets
+    it; nothing a capture forbids is called; release returns everything."""
+    a = glake.Allocator(0, backend="cuda")
+    base = live()
+    cap, eager = fake.fake_stream_create(0), fake.fake_stream_create(0)
+    pool = (42, 7)
+    a.create_or_incref_pool(pool)  # the handle, as torch.cuda.graph_pool_handle()
+    outputs = []
+    for graph in range(2):
+        fake.fake_set_capturing(cap, 1)
+        a.begin_allocate_to_pool(pool, [cap])
+        tmp = a.malloc(6 * MiB, cap)
+        if graph == 0:
+            first_tmp = tmp
+        else:
+            assert tmp == first_tmp, "the second graph did not reuse what the first freed"
+        outputs.append(a.malloc(2 * MiB, cap))
+        a.free(tmp)
+        assert a.malloc(6 * MiB, eager) != tmp  # eager work on another stream: the cache, not the pool
+        a.end_allocate_to_pool(pool)
+        fake.fake_set_capturing(cap, 0)
+    assert violations() == 0
+    assert a.pool_use_count(pool) == 3
+    for _ in range(3):
+        a.release_pool(pool)
+    for p in outputs:
+        assert a.pool_of(p) is None  # the pool was returned: live blocks go to the cache when freed
+        a.free(p)
+    a.empty_cache()
+    st = a.stats()
+    assert st["private_pools"] == 0 and st["active_bytes.all.current"] == 12 * MiB, st  # the two eager blocks
+    del a
+    gc.collect()
+    assert live() == base and violations() == 0
+    for s in (cap, eager):
+        fake.fake_stream_destroy(s)
+
+
+def capture_record_stream_free():
+    """A graph's block used on a second capturing stream (record_stream) and freed during the
+    capture: its event is recorded only after the capture (one recorded inside would be a graph
+    node, never completing, and querying it is CUDA_ERROR_CAPTURED_EVENT); then it returns to the pool."""
+    a = glake.Allocator(0, backend="cuda")
+    cap, side = fake.fake_stream_create(0), fake.fake_stream_create(0)
+    fake.fake_set_capturing(cap, 1)
+    fake.fake_set_capturing(side, 1)  # forked into the capture, as torch's side streams are
+    a.begin_allocate_to_pool((5, 0), [cap, side])
+    p = a.malloc(4 * MiB, cap)
+    a.record_stream(p, side)
+    a.free(p)
+    assert a.stats()["active_bytes.all.current"] == 4 * MiB  # pending
+    q = a.malloc(4 * MiB, cap)
+    assert q != p, "a pending record_stream block was reused before its streams were done"
+    a.free(q)
+    a.empty_cache()
+    a.end_allocate_to_pool((5, 0))
+    fake.fake_set_capturing(side, 0)
+    fake.fake_set_capturing(cap, 0)
+    assert violations() == 0
+    a.empty_cache()  # no capture: the event is recorded and waited for; the block goes to the pool
+    st = a.stats()
+    assert st["active_bytes.all.current"] == 0 and st["private_pool_free_bytes"] == 8 * MiB, st
+    assert violations() == 0
+    a.release_pool((5, 0))
+    a.empty_cache()
+    assert a.stats()["reserved_bytes.all.current"] == 0
+    for s in (cap, side):
+        fake.fake_stream_destroy(s)
+
+
+def gil_released_in_slow_path():
+    """A thread inside a slow allocator call (a stitch past the stitched-VA bound waits for the device
+    while the stream runs a slow "kernel") does not hold the GIL: this thread runs Python meanwhile.
+
+    Proof without timing: the call has made its stitched range (one reservation more than before)
+    and cannot have returned before the stream wrote `marker` (the device synchronisation waits for
+    it); so reading the reservation count, then `marker` still 0 while holding the GIL, means Python
+    ran while the other thread was inside the call. If the binding kept the GIL, this thread could
+    only run before the call or after it returned (when the range is dropped again, or marker is 1):
+    the state is never seen and the scenario fails. Retried if this thread was starved throughout.
+    """
+    slow_us = 500_000
+    for attempt in range(3):
+        a = glake.Allocator(0, backend="cuda", stitch_va_limit=4 * MiB)
+        s = fake.fake_stream_create(0)
+        blocks = [a.malloc(4 * MiB, s) for _ in range(6)]
+        a.free(blocks[0])
+        a.free(blocks[2])
+        s1 = a.malloc(8 * MiB, s)  # stitched from blocks 0 and 2
+        a.free(s1)
+        a.free(blocks[4])
+        marker, one = np.zeros(8, np.uint8), np.ones(8, np.uint8)
+        fake.fake_stream_sleep(s, slow_us)
+        fake.fake_stream_memcpy(s, marker.ctypes.data, one.ctypes.data, 8)
+        before = fake.fake_live_reservations()
+        out: dict = {}
+        # A second stitch (blocks 0, 2, 4): over the bound, the idle first one is dropped after a
+        # device synchronisation, which waits for the slow stream.
+        t = threading.Thread(target=lambda: out.setdefault("p", a.malloc(12 * MiB, s)))
+        t.start()
+        seen = False
+        while t.is_alive() and not seen:
+            inside = fake.fake_live_reservations() > before  # the call has reserved its range...
+            seen = inside and marker[0] == 0                 # ...and cannot have returned yet
+            time.sleep(0.001)
+        t.join()
+        assert "p" in out and marker[0] == 1
+        st = a.stats()
+        assert st["num_stitches"] == 2 and st["num_stitch_gc"] == 1, st
+        assert violations() == 0
+        a.free(out["p"])
+        for i in (1, 3, 5):
+            a.free(blocks[i])
+        del a
+        gc.collect()
+        fake.fake_stream_destroy(s)
+        if seen:
+            return
+    raise AssertionError("no Python ran while another thread was inside malloc: the binding holds the GIL")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 //    canary (a word per stride, from a per-allocation seed) checked before it is freed; some blocks
 //    are recorded on the other stream (deferred frees), some are freed by another worker;
 //  - a reader empties the cache and checks stats() and snapshot() invariants meanwhile;
+//  - a "capturer" routes one stream's allocations to private pools (begin/end/release in a loop),
+//    so blocks move between pools and the cache while the workers free them;
 //  - at the end everything is freed and the cache emptied: no allocator or driver state may remain;
 //  - a second allocator is destroyed with live, stitched and pending blocks (its destructor frees all);
 //  - a ChunkPool is shared by threads while another lowers and raises its limit.
@@ -211,6 +213,24 @@ void reader(Driver& d, std::atomic<bool>& done, int& rounds) {
   }
 }
 
+void capturer(StreamHandle stream, std::atomic<bool>& done, int& cycles) {
+  try {
+    StitchAllocator* a = nullptr;
+    while (!(a = existing_device_allocator(0)) && !done.load()) std::this_thread::yield();
+    while (a && !done.load()) {
+      const PoolId id{7, static_cast<std::uint64_t>(cycles % 3) + 1};
+      a->begin_allocate_to_pool(id, [stream](StreamHandle s) { return s == stream; });
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+      if (a->pool_use_count(id) < 1) fail("a pool being allocated to has no use count");
+      a->end_allocate_to_pool(id);
+      a->release_pool(id);
+      ++cycles;
+    }
+  } catch (const std::exception& e) {
+    fail(std::string("capturer: ") + e.what());
+  }
+}
+
 bool same_driver_state(const DriverStatsSnapshot& x, const DriverStatsSnapshot& y, const char* when) {
   const bool ok = x.chunks_live == y.chunks_live && x.physical_bytes == y.physical_bytes &&
                   x.ranges_live == y.ranges_live && x.reserved_va_bytes == y.reserved_va_bytes &&
@@ -234,13 +254,15 @@ AllocatorStats shared_allocator_phase(Driver& d) {
   Mailbox box;
   std::vector<std::vector<Live>> left(kWorkers);
   std::atomic<bool> done{false};
-  int rounds = 0;
+  int rounds = 0, cycles = 0;
   std::thread r(reader, std::ref(d), std::ref(done), std::ref(rounds));
+  std::thread c(capturer, streams[0], std::ref(done), std::ref(cycles));
   std::vector<std::thread> ts;
   for (int i = 0; i < kWorkers; ++i) ts.emplace_back(worker, i, streams, std::ref(box), std::ref(left[i]));
   for (auto& t : ts) t.join();
   done = true;
   r.join();
+  c.join();
 
   StitchAllocator& a = device_allocator(0);
   try {
@@ -248,7 +270,8 @@ AllocatorStats shared_allocator_phase(Driver& d) {
       for (const Live& l : mine) release(a, l);
     }
     for (const Live& l : box.items) release(a, l);
-    a.empty_cache();
+    a.empty_cache();  // also returns the released pools' memory
+    if (a.stats().private_pools != 0) fail("private pools remain after their release");
   } catch (const std::exception& e) {
     fail(std::string("final frees: ") + e.what());
   }
@@ -264,7 +287,7 @@ AllocatorStats shared_allocator_phase(Driver& d) {
   }
   if (s.num_allocs != allocs.load() || s.num_frees != allocs.load()) fail("num_allocs/num_frees disagree with the workers");
   if (s.num_ooms != ooms.load()) fail("num_ooms disagrees with the OOMs the workers caught");
-  std::printf("reader_rounds=%d ", rounds);
+  std::printf("reader_rounds=%d pool_cycles=%d ", rounds, cycles);
   return s;
 }
 

@@ -1,5 +1,6 @@
-"""Random malloc/free/record_stream/empty_cache sequences, under several configurations, keep every
-invariant of the stitched allocator."""
+"""Random malloc/free/record_stream/empty_cache sequences, with private pools begun, ended, shared
+and released in between, under several configurations, keep every invariant of the stitched
+allocator."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ OPS = st.lists(
         st.tuples(st.just("free"), st.integers(0, 1 << 30), st.just(0)),
         st.tuples(st.just("empty_cache"), st.just(0), st.just(0)),
         st.tuples(st.just("record_stream"), st.integers(0, 1 << 30), st.sampled_from([0, 1, 2])),
+        st.tuples(st.just("malloc"), SIZES, st.sampled_from([0, 1])),
+        # private pools (1, 0) and (2, 0): begin routing the streams of a bit mask, end, incref, release
+        st.tuples(st.sampled_from(["begin_pool", "begin_pool", "end_pool", "incref_pool", "release_pool"]),
+                  st.sampled_from([1, 2]), st.integers(1, 7)),
     ),
     min_size=1,
     max_size=60,
@@ -37,6 +42,41 @@ CONFS = st.sampled_from([  # the defaults, then the knobs that change which path
     {"stitch": False},
 ])
 CANARY = 4096  # bytes checked at each end of an allocation
+
+
+class PoolModel:
+    """What the test expects of private pools: use counts, routing (in order of begin), and the pool
+    each live allocation was routed to."""
+
+    def __init__(self) -> None:
+        self.counts: dict = {}
+        self.routing: list = []  # [(pool, streams)]
+        self.owner: dict = {}    # live ptr -> pool (None: global)
+
+    def route(self, stream: int):
+        return next((pool for pool, streams in self.routing if stream in streams), None)
+
+
+def assert_pools(a: glake.Allocator, live: dict, model: PoolModel) -> None:
+    for (pool, _), n in model.counts.items():
+        assert a.pool_use_count((pool, 0)) == n
+    for p in live:
+        want = model.owner[p]
+        got = a.pool_of(p)
+        # A pool in use never loses its blocks; a released one gives them to the cache once it is
+        # returned (at a release, empty_cache or OOM retry with no pool routing).
+        if want is not None and model.counts.get((want, 0), 0) > 0:
+            assert got == (want, 0), (hex(p), got, want)
+        else:
+            assert got in (None, (want, 0) if want else None), (hex(p), got, want)
+    snap = a.snapshot()
+    stitch_pool = {s["address"]: s["blocks"][0]["pool"] for s in snap if s["stitched"]}
+    for seg in snap:
+        for b in seg["blocks"]:
+            if b["pool"] is not None:  # only pools still alive (used, or released and not yet returned)
+                assert b["pool"][0] in (1, 2) and b["pool"] in {(q, 0) for q, _ in model.counts}
+            if b["state"] == "stitched":  # a stitch and its members belong to the same owner
+                assert b["pool"] == stitch_pool[b["lent_to"]], (b, stitch_pool)
 
 
 def assert_invariants(a: glake.Allocator, live: dict, phys_before: int) -> None:
@@ -68,19 +108,25 @@ def assert_invariants(a: glake.Allocator, live: dict, phys_before: int) -> None:
 
 
 @settings(max_examples=int(os.environ.get("GLAKE_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=OPS, conf=CONFS)
-def test_random_sequences_keep_invariants(ops, conf):
+@given(ops=OPS, conf=CONFS, start=st.sampled_from([None, (1, 3), (1, 1), (2, 7)]))
+def test_random_sequences_keep_invariants(ops, conf, start):
     phys_before = _C.stats(BACKEND)["physical_bytes.current"]
     a = glake.Allocator(backend=BACKEND, limit_bytes=LIMIT, **conf)
     live: dict = {}
+    model = PoolModel()
     seed = 0
+    if start:  # often a pool is being allocated to from the start (short sequences then still use it)
+        ops = [("begin_pool", *start)] + ops
     for op, arg, stream in ops:
         if op == "malloc":
             try:
                 p = a.malloc(arg, stream=stream_of(stream))
             except glake.OutOfMemoryError:
-                assert sum(rounded(s) for s, _ in live.values()) + rounded(arg) > LIMIT - 4 * MiB
+                # Private pools keep their free memory from everyone else: count it as used.
+                held = a.stats()["private_pool_free_bytes"]
+                assert sum(rounded(s) for s, _ in live.values()) + held + rounded(arg) > LIMIT - 4 * MiB
                 continue
+            model.owner[p] = model.route(stream)
             seed += 2
             fill(p, min(arg, CANARY), seed)
             if arg >= 2 * CANARY:
@@ -90,14 +136,36 @@ def test_random_sequences_keep_invariants(ops, conf):
             p = sorted(live)[arg % len(live)]
             a.free(p)
             del live[p]
+            del model.owner[p]
         elif op == "empty_cache":
             a.empty_cache()
         elif op == "record_stream" and live:  # used on another stream too: its free is deferred
             a.record_stream(sorted(live)[arg % len(live)], stream_of(stream))
+        elif op == "begin_pool" and all(pool != arg for pool, _ in model.routing):
+            streams = {i for i in range(3) if stream & (1 << i)}
+            a.begin_allocate_to_pool((arg, 0), [stream_of(i) for i in sorted(streams)])
+            model.routing.append((arg, streams))
+            model.counts[(arg, 0)] = model.counts.get((arg, 0), 0) + 1
+        elif op == "end_pool" and any(pool == arg for pool, _ in model.routing):
+            a.end_allocate_to_pool((arg, 0))
+            model.routing = [(pool, s) for pool, s in model.routing if pool != arg]
+        elif op == "incref_pool":
+            a.create_or_incref_pool((arg, 0))
+            model.counts[(arg, 0)] = model.counts.get((arg, 0), 0) + 1
+        elif op == "release_pool" and model.counts.get((arg, 0), 0) > 0:
+            a.release_pool((arg, 0))
+            model.counts[(arg, 0)] -= 1
         assert_invariants(a, live, phys_before)
+        assert_pools(a, live, model)
     for p in list(live):
         a.free(p)
+    for pool, _ in model.routing:
+        a.end_allocate_to_pool((pool, 0))
+    for (pool, _), n in model.counts.items():
+        for _ in range(n):
+            a.release_pool((pool, 0))
     a.empty_cache()
+    assert a.stats()["private_pools"] == 0
     assert a.stats()["reserved_bytes.all.current"] == 0
     del a
     assert _C.stats(BACKEND)["physical_bytes.current"] == phys_before

@@ -20,7 +20,8 @@ SCENARIOS = Path(__file__).resolve().parent / "fake_cuda_gmlake.py"
 @pytest.mark.parametrize("name", [
     "vmm_core", "allocator_life", "unmap_hazard_empty_cache", "unmap_hazard_stitch_gc", "unmap_hazard_detected",
     "capture_rules_detected", "capture_lifecycle", "capture_pending_record_stream",
-    "capture_slow_path_other_streams",
+    "capture_slow_path_other_streams", "capture_shared_pool", "capture_record_stream_free",
+    "gil_released_in_slow_path",
 ])
 def test_scenario(fake_libcuda, name):
     run_scenario(fake_libcuda, SCENARIOS, name, devices=1)

@@ -1,8 +1,8 @@
-#include "core/vmm_bench.h"
+#include "bench/vmm_bench.h"
 
 #include <chrono>
 
-namespace glake {
+namespace glake::bench {
 
 namespace {
 
@@ -36,4 +36,4 @@ std::map<std::string, std::vector<double>> measure_vmm_latency(Driver& driver, i
   return us;
 }
 
-}  // namespace glake
+}  // namespace glake::bench

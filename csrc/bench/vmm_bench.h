@@ -7,11 +7,11 @@
 
 #include "driver/driver.h"
 
-namespace glake {
+namespace glake::bench {
 
 /// Times create, map, first set_access, repeated set_access, unmap and release for `n` chunks of
 /// one granularity each, mapped side by side into one reservation. Returns microseconds per call,
 /// by operation name.
-GLAKE_API std::map<std::string, std::vector<double>> measure_vmm_latency(Driver& driver, int device, int n);
+std::map<std::string, std::vector<double>> measure_vmm_latency(Driver& driver, int device, int n);
 
-}  // namespace glake
+}  // namespace glake::bench
