@@ -121,6 +121,30 @@ def peaks(torch, kind: str) -> dict:
         "num_alloc_retries": s.get("num_alloc_retries", 0), "num_stitches": s.get("num_stitches", 0)}
 
 
+class GlakeProfile:
+    """Where glake's time goes: its slow-path events and driver time per step over a window."""
+
+    KEYS = ("num_stitches", "num_stitch_reuses", "num_segments_created", "num_segments_released",
+            "num_sync_all_streams", "num_alloc_retries", "num_cross_stream_reuses")
+
+    def _read(self) -> dict:
+        import glake.core
+        import glake.torch as gt
+
+        s, d = gt.memory_stats(), glake.core.stats("cuda")
+        out = {k: s[k] for k in self.KEYS}
+        out["driver_ms"] = d["time_ns.total"] / 1e6
+        out["driver_calls"] = sum(v for k, v in d.items() if k.startswith("calls."))
+        return out
+
+    def start(self) -> None:
+        self.first = self._read()
+
+    def per_step(self, steps: int) -> dict:
+        last = self._read()
+        return {k: round((last[k] - self.first[k]) / max(steps, 1), 3) for k in last}
+
+
 def seq_lengths(steps: int, lo: int, hi: int, seed: int = 0):
     import random
 
@@ -142,7 +166,10 @@ def train_worker(kind: str, args) -> dict:
     if args.record_trace:
         torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     times, losses = [], []
+    profile = GlakeProfile() if kind == "glake" else None
     for step, t in enumerate(lens):
+        if profile and step == 3:  # steady state: the first steps build the cache
+            profile.start()
         tokens = torch.randint(0, args.vocab, (args.batch, t + 1), device="cuda")
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -157,6 +184,8 @@ def train_worker(kind: str, args) -> dict:
         losses.append(loss.item())
     out = {"median_step_s": statistics.median(times[3:]), "losses": losses[:3], **peaks(torch, kind),
            "params": sum(p.numel() for p in model.parameters())}
+    if profile:
+        out["per_step"] = profile.per_step(len(lens) - 3)
     if args.record_trace:
         snap = torch.cuda.memory._snapshot()
         events = [(e["action"], e["addr"], e["size"]) for e in snap["device_traces"][0]
@@ -277,6 +306,11 @@ def main() -> None:
         print_table(f"Fragmentation: batch {args.batch}, seq {args.seq_min}-{args.seq_max}, {args.steps} steps",
                     ["workload", "allocator", "peak alloc GiB", "peak requested GiB", "peak reserved GiB",
                      "requested/reserved", "alloc/reserved", "median step ms (trace: total)", "time / native"], rows)
+    profiled = [(w, results[w]["glake"]["per_step"]) for w in workloads if "per_step" in results[w].get("glake", {})]
+    if profiled:
+        keys = list(profiled[0][1])
+        print_table("glake per measured step: slow-path events and time in driver calls",
+                    ["workload", *keys], [[w, *[p[k] for k in keys]] for w, p in profiled])
     if args.max_batch:
         mb = {kind: max_batch(kind, args) for kind in ALLOCATORS}
         results["max_batch"] = {"cap_gb": args.cap_gb, "seq": args.seq_max, **mb}

@@ -109,6 +109,7 @@ Segment* StitchAllocator::create_segment(PoolKind kind, std::size_t bytes, Strea
   (kind == PoolKind::Small ? stats_.reserved_small : stats_.reserved_large).add(bytes);
   stats_.mapped_va_bytes.add(bytes);
   stats_.segments.add(1);
+  (kind == PoolKind::Small ? stats_.segments_small : stats_.segments_large).add(1);
   stats_.num_segments_created++;
   segments_.push_back(std::move(seg));
   free_.of(kind).insert(b);
@@ -127,6 +128,7 @@ void StitchAllocator::release_segment(Segment* seg) {
   (seg->kind == PoolKind::Small ? stats_.reserved_small : stats_.reserved_large).add(-bytes);
   stats_.mapped_va_bytes.add(-bytes);
   stats_.segments.add(-1);
+  (seg->kind == PoolKind::Small ? stats_.segments_small : stats_.segments_large).add(-1);
   stats_.num_segments_released++;
   auto it = std::find_if(segments_.begin(), segments_.end(), [&](auto& p) { return p.get() == seg; });
   segments_.erase(it);  // unmaps and releases the chunks (idle stitches were dropped first)

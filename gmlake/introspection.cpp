@@ -20,9 +20,17 @@ void StitchAllocator::reset_peak_stats() {
   std::lock_guard<std::mutex> lock(mutex_);
   for (Stat* s : {&stats_.allocated_bytes, &stats_.allocated_small, &stats_.allocated_large, &stats_.reserved_bytes,
                   &stats_.reserved_small, &stats_.reserved_large, &stats_.active_bytes, &stats_.requested_bytes,
-                  &stats_.mapped_va_bytes, &stats_.stitched_bytes, &stats_.segments, &stats_.allocations}) {
+                  &stats_.mapped_va_bytes, &stats_.stitched_bytes, &stats_.segments, &stats_.allocations,
+                  &stats_.active_small, &stats_.active_large, &stats_.requested_small, &stats_.requested_large,
+                  &stats_.allocations_small, &stats_.allocations_large, &stats_.segments_small,
+                  &stats_.segments_large}) {
     s->peak = s->current;
   }
+}
+
+std::size_t StitchAllocator::largest_free_block() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return largest_free();
 }
 
 std::pair<DevPtr, std::size_t> StitchAllocator::allocation_of(DevPtr ptr) const {

@@ -107,6 +107,10 @@ DevPtr StitchAllocator::malloc(std::size_t size, StreamHandle stream) {
   (kind == PoolKind::Small ? stats_.allocated_small : stats_.allocated_large).add(rounded);
   stats_.active_bytes.add(rounded);
   stats_.requested_bytes.add(size);
+  const bool small = kind == PoolKind::Small;
+  (small ? stats_.active_small : stats_.active_large).add(rounded);
+  (small ? stats_.requested_small : stats_.requested_large).add(static_cast<std::int64_t>(size));
+  (small ? stats_.allocations_small : stats_.allocations_large).add(1);
   if (b->kind == PoolKind::Stitched) stats_.stitched_bytes.add(rounded);
   return b->ptr;
 }
@@ -137,12 +141,16 @@ void StitchAllocator::free(DevPtr ptr) {
   stats_.allocated_bytes.add(-rounded);
   (b->kind == PoolKind::Small ? stats_.allocated_small : stats_.allocated_large).add(-rounded);
   stats_.requested_bytes.add(-static_cast<std::int64_t>(b->requested));
+  const bool small = b->kind == PoolKind::Small;
+  (small ? stats_.requested_small : stats_.requested_large).add(-static_cast<std::int64_t>(b->requested));
+  (small ? stats_.allocations_small : stats_.allocations_large).add(-1);
   if (b->kind == PoolKind::Stitched) stats_.stitched_bytes.add(-rounded);
   if (!b->extra_streams.empty()) {
     defer_free(b);
     return;  // still active until those streams are done with it
   }
   stats_.active_bytes.add(-rounded);
+  (small ? stats_.active_small : stats_.active_large).add(-rounded);
   release_block(b);  // a private pool's block goes to the pool's free lists, even during a capture
 }
 

@@ -36,6 +36,9 @@ struct AllocatorStats {
   Stat stitched_bytes;   ///< bytes of live stitched allocations
   Stat segments;         ///< segments held
   Stat allocations;      ///< live allocations
+  /// The same figures split by pool (small: requests up to small_size; large: the rest, stitched included).
+  Stat active_small, active_large, requested_small, requested_large;
+  Stat allocations_small, allocations_large, segments_small, segments_large;
   std::int64_t num_allocs = 0, num_frees = 0, num_alloc_retries = 0, num_ooms = 0;
   std::int64_t num_stitches = 0, num_stitch_reuses = 0, num_stitch_gc = 0;
   std::int64_t num_segments_created = 0, num_segments_released = 0, num_cross_stream_reuses = 0;
@@ -126,6 +129,10 @@ class GLAKE_API StitchAllocator {
   std::vector<SegmentInfo> snapshot() const;
   /// The bytes and base pointer of the allocation containing `ptr` (0 size if none).
   std::pair<DevPtr, std::size_t> allocation_of(DevPtr ptr) const;
+  /// Bytes of device memory.
+  std::size_t device_total() const { return device_total_; }
+  /// The largest free block in the global cache (torch's cacheInfo).
+  std::size_t largest_free_block() const;
   /// The cap on reserved bytes now in force (0 = none).
   std::size_t limit() const;
   /// The configuration.

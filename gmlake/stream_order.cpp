@@ -62,6 +62,8 @@ void StitchAllocator::process_deferred(bool wait) {
     }
     for (EventHandle e : it->events) events_.release(e);
     stats_.active_bytes.add(-static_cast<std::int64_t>(it->block->size));
+    (it->block->kind == PoolKind::Small ? stats_.active_small : stats_.active_large)
+        .add(-static_cast<std::int64_t>(it->block->size));
     release_block(it->block);
     it = deferred_.erase(it);
   }

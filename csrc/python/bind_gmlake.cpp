@@ -40,9 +40,17 @@ py::dict stats_dict(const gm::StitchAllocator& a) {
   put(d, "reserved_bytes.small_pool", s.reserved_small);
   put(d, "reserved_bytes.large_pool", s.reserved_large);
   put(d, "active_bytes.all", s.active_bytes);
+  put(d, "active_bytes.small_pool", s.active_small);
+  put(d, "active_bytes.large_pool", s.active_large);
   put(d, "requested_bytes.all", s.requested_bytes);
+  put(d, "requested_bytes.small_pool", s.requested_small);
+  put(d, "requested_bytes.large_pool", s.requested_large);
   put(d, "segment.all", s.segments);
+  put(d, "segment.small_pool", s.segments_small);
+  put(d, "segment.large_pool", s.segments_large);
   put(d, "allocation.all", s.allocations);
+  put(d, "allocation.small_pool", s.allocations_small);
+  put(d, "allocation.large_pool", s.allocations_large);
   d["allocation.all.allocated"] = s.num_allocs;
   d["allocation.all.freed"] = s.num_frees;
   d["num_alloc_retries"] = s.num_alloc_retries;
@@ -101,44 +109,6 @@ AllocatorPtr global_allocator(int device) {
 }
 
 }  // namespace
-
-// CuPy's CFunctionAllocator calls these with the GIL held; they release it around the allocator
-// call (which may wait for the allocator's lock or the driver). On failure the Python error is set
-// and -1 returned: CuPy's Cython wrapper (declared `except? -1`) then raises it.
-extern "C" __attribute__((visibility("default"))) void* glake_cupy_malloc(void*, size_t size, int device) {
-  if (size == 0) return nullptr;
-  DevPtr p = 0;
-  std::string error;
-  bool oom = false;
-  {
-    py::gil_scoped_release nogil;
-    try {
-      p = gm::device_allocator(device).malloc(size, 0);
-    } catch (const std::exception& e) {
-      error = e.what();
-      oom = dynamic_cast<const OutOfMemoryError*>(&e) != nullptr;
-    }
-  }
-  if (!error.empty() || !p) {
-    PyErr_SetString(oom ? PyExc_MemoryError : PyExc_RuntimeError, error.empty() ? "glake: malloc failed" : error.c_str());
-    return reinterpret_cast<void*>(static_cast<std::intptr_t>(-1));
-  }
-  return reinterpret_cast<void*>(p);
-}
-
-extern "C" __attribute__((visibility("default"))) void glake_cupy_free(void*, void* ptr, int device) {
-  if (!ptr) return;
-  std::string error;
-  {
-    py::gil_scoped_release nogil;
-    try {
-      gm::device_allocator(device).free(reinterpret_cast<DevPtr>(ptr));
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-  }
-  if (!error.empty()) PyErr_WarnEx(PyExc_RuntimeWarning, error.c_str(), 1);
-}
 
 void bind_gmlake(py::module_& m) {
   py::class_<gm::StitchAllocator, AllocatorPtr>(m, "Allocator", "The stitched caching allocator of one device.")
@@ -216,10 +186,6 @@ void bind_gmlake(py::module_& m) {
   m.def("gmlake_configure", &gm::configure_global, py::arg("conf"), NoGil(),
         "Applies 'key:value,...' to the process-wide configuration (before the first allocation).");
   m.def("gmlake_global_config", [] { return gm::global_config().to_map(); }, NoGil(), "The process-wide configuration.");
-  m.def("gmlake_cupy_functions", [] {
-        return std::make_pair(reinterpret_cast<std::uintptr_t>(&glake_cupy_malloc),
-                              reinterpret_cast<std::uintptr_t>(&glake_cupy_free));
-      }, "Addresses of the C malloc/free functions for cupy.cuda.memory.CFunctionAllocator.");
   m.def("parse_bytes", &gm::parse_bytes, py::arg("text"), "'512MB' -> 536870912.");
 }
 
