@@ -14,7 +14,7 @@ IMPORT_NAME = {"grpcio": "grpc", "grpcio-tools": "grpc_tools", "protobuf": "goog
                "prometheus-client": "prometheus_client"}
 
 
-def test_extra_names() -> list:
+def extra_names() -> list:
     out = []
     for req in requires("glake") or []:
         if re.search(r"""extra\s*==\s*["']test["']""", req):
@@ -23,7 +23,7 @@ def test_extra_names() -> list:
 
 
 def test_every_test_extra_is_installed_and_imports():
-    names = test_extra_names()
+    names = extra_names()
     assert {"pytest", "torch", "ninja", "grpcio-tools", "matplotlib"} <= set(names), names
     missing = []
     for name in names:
