@@ -48,7 +48,7 @@ class Allocator:
     backend : str, optional
         ``"cuda"`` or ``"host"``; default ``$GLAKE_BACKEND`` or auto-detection.
     name : str, optional
-        Pool name in the stats (default ``"<backend>:<device>/<id>"``).
+        Pool name in the stats (default ``"<backend>:<device>/<n>"``, n a serial number).
     **conf
         Configuration keys (see the module docstring), applied over ``$GLAKE_ALLOC_CONF``. Sizes
         may be ints or strings (``limit_bytes="8GB"``).

@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from glake import _C
 from glake.errors import GlakeWarning, InvalidArgumentError
-from glake.stats.sources import register_section, unregister
+from glake.stats.sources import next_serial, register_section, unregister
 from glake.units import conf_texts
 
 ENV_VAR = "GLAKE_MULTIPATH_CONF"
@@ -147,7 +147,7 @@ class Engine:
     device : int
         The device whose copies this engine makes.
     name : str, optional
-        Its name in ``glake.stats`` (label ``engine``; default ``"<backend>:<device>/<id>"``).
+        Its name in ``glake.stats`` (label ``engine``; default ``"<backend>:<device>/<n>"``).
     **conf
         Configuration keys (:data:`CONFIG_KEYS`); they override ``GLAKE_MULTIPATH_CONF``.
         Buffers, threads and streams are made on the first copy that needs them.
@@ -163,7 +163,7 @@ class Engine:
         self._e = _C.MultipathEngine(conf_texts(conf), device, backend)  # $GLAKE_MULTIPATH_CONF is read in C++
         self._pending: List[Tuple[Any, Tuple[Any, ...]]] = []  # (cuda event, tensors kept alive)
         self._pending_lock = threading.Lock()
-        self.stats_name = name or f"{self._e.backend}:{self._e.device}/{id(self):x}"
+        self.stats_name = name or f"{self._e.backend}:{self._e.device}/{next_serial()}"
         self._stats_key = register_section("multipath", self, device=self._e.device,
                                            labels={"engine": self.stats_name, "backend": self._e.backend})
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from glake import core
-from glake.stats.sources import register_section, unregister
+from glake.stats.sources import next_serial, register_section, unregister
 from glake.units import parse_bytes
 from glake.errors import GlakeError, InvalidArgumentError
 from glake.kvcache.layout import KVLayout
@@ -147,7 +147,7 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
             self._finalizer = weakref.finalize(self, self._mapper.stop)
         self._stats_key = register_section(  # glake stats / top show it while it is open
             "kvcache", self, device=self.device_index,
-            labels={"cache": f"{id(self):x}", "backend": self.backend, "layers": str(self.layout.num_layers)})
+            labels={"cache": str(next_serial()), "backend": self.backend, "layers": str(self.layout.num_layers)})
 
     # ---- views -----------------------------------------------------------------------------------
 

@@ -94,12 +94,12 @@ def register_allocator(allocator: Any, name: Optional[str] = None, *, replace: b
     """Publish a private :class:`glake.Allocator`: its stats (section ``allocator``) and its memory map.
 
     The registry holds the allocator weakly: when the program drops it, it leaves the stats.
-    Returns the pool name it is published under (default ``"<backend>:<device>/<id>"``).
+    Returns the pool name it is published under (default ``"<backend>:<device>/<n>"``, n a serial number).
     """
     if not (hasattr(allocator, "stats") and hasattr(allocator, "snapshot")):
         raise TypeError(f"register_allocator: {type(allocator).__name__} has no stats()/snapshot()")
     if name is None:
-        name = f"{allocator.backend}:{allocator.device}/{id(allocator):x}"
+        name = f"{allocator.backend}:{allocator.device}/{next_serial()}"
     _check_name(name)
     try:
         ref: Callable[[], Any] = weakref.ref(allocator)
@@ -107,6 +107,7 @@ def register_allocator(allocator: Any, name: Optional[str] = None, *, replace: b
         ref = lambda a=allocator: a  # noqa: E731
     labels = {"pool": name, "backend": str(allocator.backend)}
     with _lock:
+        _drop_dead_locked()
         if name in _sources and not replace:
             raise ValueError(f"a stats source named {name!r} is already registered (pass replace=True)")
         for key, src in list(_sources.items()):  # published before under another name: it moves
@@ -146,8 +147,19 @@ def register_section(section: str, owner: Any, *, method: str = "stats", device:
     return key
 
 
+def next_serial() -> int:
+    """A process-unique number, for default names (ids of dead objects are reused; these are not)."""
+    return next(_serial)
+
+
+def _drop_dead_locked() -> None:
+    for n in [n for n, s in _sources.items() if not s.alive()]:
+        del _sources[n]
+
+
 def _add(source: Source, replace: bool) -> None:
     with _lock:
+        _drop_dead_locked()
         if source.name in _sources and not replace:
             raise ValueError(f"a stats source named {source.name!r} is already registered (pass replace=True)")
         _sources[source.name] = source
@@ -162,9 +174,7 @@ def unregister(name: str) -> bool:
 def registered() -> List[Source]:
     """The registered sources, in registration order (allocators whose object is gone are dropped)."""
     with _lock:
-        dead = [n for n, s in _sources.items() if not s.alive()]
-        for n in dead:
-            del _sources[n]
+        _drop_dead_locked()
         return list(_sources.values())
 
 
