@@ -203,4 +203,4 @@ def test_top_on_an_80_column_terminal_keeps_figures_whole_and_quits_on_q(program
     for col in ("RESERVED / PEAK", "FRAG"):
         assert col in header
     words = " ".join(ANSI.sub("", screen).split())
-    assert "q quits" in words and "not shown at this width: POOL" in words
+    assert "q quits" in words and "not shown at this width: DEV," in words
