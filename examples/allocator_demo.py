@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 import glake
+from glake.cli import version_text
 from glake.torch import format_summary
 
 MiB = 1 << 20
@@ -41,6 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     backend = glake.backend_name(args.backend)
     block = args.block_mib * MiB
+    print(version_text() + "\n")
     print(f"glake {glake.__version__} on the {backend} backend: 16 x {args.block_mib} MiB allocated, every other one "
           f"freed, then one {8 * args.block_mib} MiB request")
     scenario(backend, stitch=False, block=block)

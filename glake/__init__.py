@@ -9,10 +9,39 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional
 
-from glake import _C
-from glake.errors import BackendUnavailableError, GlakeError, GlakeWarning, InvalidArgumentError, OutOfMemoryError
+
+def _explain_missing_core(error: ImportError) -> ImportError:
+    """Why ``glake._C`` cannot be imported, for people: usually a source tree shadowing the installed glake."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if any(n.startswith("_C.") and n.endswith(".so") for n in os.listdir(here)):
+        return error  # the module is there but does not load (a broken build): its own error says why
+    root = os.path.dirname(here)
+    installed = ""
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        try:
+            path = os.path.abspath(str(distribution("glake").locate_file("glake")))
+            if path != here:
+                installed = f" The installed glake is {path}."
+        except PackageNotFoundError:
+            installed = " No glake is installed in this Python."
+    except ImportError:  # pragma: no cover - Python without importlib.metadata
+        pass
+    tree = "a glake source tree" if os.path.exists(os.path.join(root, "setup.py")) else "a directory"
+    return ImportError(
+        f"glake is being imported from {here}, {tree} that has no built glake._C; it shadows the glake you "
+        f"installed (Python looks in the current directory first).{installed} Run Python from another directory, "
+        f"or build this tree in place: pip install -e {root}")
+
+
+try:
+    from glake import _C
+except ImportError as _e:
+    raise _explain_missing_core(_e) from None
+
+from glake.errors import BackendUnavailableError, GlakeError, GlakeWarning, InvalidArgumentError, OutOfMemoryError  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -20,18 +49,9 @@ if not _C.cuda_backend_built():
     warnings.warn("glake was built without cuda.h: only the host backend is available in this build",
                   GlakeWarning, stacklevel=2)
 
-
-def backend_name(backend: Optional[str] = None) -> str:
-    """The active backend: ``"cuda"`` when a GPU and driver are usable, else ``"host"``.
-
-    ``GLAKE_BACKEND=host|cuda`` (or the ``backend`` argument) forces one; forcing ``cuda`` where it
-    cannot be used raises :class:`BackendUnavailableError` with the reason.
-    """
-    return _C.backend_name(backend)
-
-
 from glake import core  # noqa: E402  (after the warning, so it is issued once, here)
 from glake.allocator import Allocator  # noqa: E402
+from glake.core import backend_name  # noqa: E402  (the one definition)
 
 __all__ = [
     "backend_name", "core", "Allocator", "GlakeError", "OutOfMemoryError", "InvalidArgumentError",

@@ -23,24 +23,23 @@ release_on_oom      true      on failure, free cached memory and retry before ra
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from glake import _C
+from glake.stats.sources import register_allocator
+from glake.units import conf_text, conf_texts
 
 
 def conf_string(conf: Dict[str, Any]) -> str:
     """``{"stitch": False, "limit_bytes": "8GB"}`` -> ``"stitch:false,limit_bytes:8GB"``."""
-    parts = []
-    for key, value in conf.items():
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        parts.append(f"{key}:{value}")
-    return ",".join(parts)
+    return ",".join(f"{key}:{conf_text(value)}" for key, value in conf.items())
 
 
 class Allocator:
     """A private stitched caching allocator for one device.
+
+    It publishes itself to ``glake.stats`` (``glake ps``, ``glake stats``, ``glake map``) while it
+    lives, under the pool name :attr:`stats_name`.
 
     Parameters
     ----------
@@ -48,18 +47,29 @@ class Allocator:
         Device ordinal.
     backend : str, optional
         ``"cuda"`` or ``"host"``; default ``$GLAKE_BACKEND`` or auto-detection.
+    name : str, optional
+        Pool name in the stats (default ``"<backend>:<device>/<n>"``, n a serial number).
     **conf
-        Configuration keys (see the module docstring), applied over ``$GLAKE_ALLOC_CONF``.
+        Configuration keys (see the module docstring), applied over ``$GLAKE_ALLOC_CONF``. Sizes
+        may be ints or strings (``limit_bytes="8GB"``).
+
+    Raises
+    ------
+    InvalidArgumentError
+        An unknown key or a bad value; the message names the key and whether it came from a
+        keyword argument or ``GLAKE_ALLOC_CONF``.
     """
 
-    def __init__(self, device: int = 0, backend: Optional[str] = None, **conf: Any) -> None:
-        full = ",".join(s for s in (os.environ.get("GLAKE_ALLOC_CONF", ""), conf_string(conf)) if s)
-        self._impl = _C.Allocator(device, backend, full)
+    def __init__(self, device: int = 0, backend: Optional[str] = None, name: Optional[str] = None,
+                 **conf: Any) -> None:
+        self._impl = _C.Allocator(device, backend, _C.alloc_config(conf_texts(conf)))
+        self.stats_name = register_allocator(self, name)
 
     @classmethod
     def _wrap(cls, impl: "_C.Allocator") -> "Allocator":
         obj = cls.__new__(cls)
         obj._impl = impl
+        obj.stats_name = ""  # a process-wide allocator: glake.stats finds those itself
         return obj
 
     def malloc(self, size: int, stream: int = 0) -> int:

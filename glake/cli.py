@@ -5,6 +5,7 @@
     glake stats PID|ADDR [--json] [--prometheus]                 the stats of one process
     glake top [PID|ADDR ...] [--interval S] [--iterations N]     a live view of glake processes
     glake map PID|ADDR [--png FILE] [--json]                     the memory map of one process (a picture)
+    glake --version                                              version, backends built, backend in use
 """
 
 from __future__ import annotations
@@ -15,6 +16,35 @@ import sys
 from typing import List, Optional
 
 HOOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_autoinstall")
+CONF_ENV = "GLAKE_ALLOC_CONF"
+
+
+def version_text() -> str:
+    """``glake 0.1.0 (...)``: where it is, which backends this build has and which one is in use here."""
+    import glake
+    from glake import _C
+
+    built = "host, cuda" if _C.cuda_backend_built() else "host (built without cuda.h)"
+    reason = _C.cuda_unavailable_reason() if _C.cuda_backend_built() else ""
+    try:
+        active = glake.backend_name()
+    except glake.GlakeError as e:  # GLAKE_BACKEND=cuda where it cannot work
+        active = f"none ({e})"
+    if active == "host" and reason:
+        active += f" (cuda unusable here: {reason})"
+    return (f"glake {glake.__version__} from {os.path.dirname(glake.__file__)} (Python "
+            f"{sys.version.split()[0]})\nbackends built: {built}\nbackend in use: {active}")
+
+
+def check_conf(text: str, source: str) -> Optional[str]:
+    """The error in an allocator configuration text, or None when it is valid."""
+    from glake import InvalidArgumentError, _C
+
+    try:
+        _C.alloc_conf_check(text, source)
+    except InvalidArgumentError as e:
+        return str(e)
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -25,23 +55,38 @@ def _run(args: argparse.Namespace) -> int:
         print("glake run: nothing to run (usage: glake run -- python train.py [args])", file=sys.stderr)
         return 2
     env = dict(os.environ)
+    conf, source = (args.conf, "glake run --conf") if args.conf is not None else (env.get(CONF_ENV, ""), CONF_ENV)
+    problem = check_conf(conf, source)
+    if problem:
+        print(f"glake run: {problem}; the program was not started", file=sys.stderr)
+        return 2
     env["GLAKE_AUTO_INSTALL"] = "1"
+    env["GLAKE_RUN_PYTHON"] = sys.executable  # sitecustomize names it if the program's Python lacks glake
     env["PYTHONPATH"] = os.pathsep.join(p for p in (HOOK_DIR, env.get("PYTHONPATH", "")) if p)
-    if args.conf:
-        env["GLAKE_ALLOC_CONF"] = args.conf
+    if args.conf is not None:
+        env[CONF_ENV] = args.conf
     try:
         os.execvpe(command[0], command, env)  # the program's exit code and signals are its own
     except FileNotFoundError:
         print(f"glake run: command not found: {command[0]}", file=sys.stderr)
         return 127
+    except PermissionError as e:
+        print(f"glake run: cannot run {command[0]}: {e.strerror}", file=sys.stderr)
+        return 126
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="glake", description="GPU memory management for PyTorch and LLM serving")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``glake`` and its subcommands."""
+    parser = argparse.ArgumentParser(prog="glake", description="GPU memory management for PyTorch and LLM serving: "
+                                     "run a program under glake's allocator, and watch glake processes.")
+    parser.add_argument("--version", action="store_true", help="print the version, the backends built and the "
+                        "backend in use, and exit")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     run = sub.add_parser("run", help="run a program with glake installed as torch's and CuPy's allocator",
                          description="Runs COMMAND with glake installed into torch (and CuPy) as soon as they are "
-                                     "imported, before any CUDA allocation. No code changes needed.")
+                                     "imported, before any CUDA allocation. No code changes needed. The "
+                                     "configuration is checked first, and a Python that cannot import glake stops "
+                                     "before the program starts.")
     run.add_argument("--conf", help="allocator configuration, e.g. 'stitch:true,limit_bytes:70GB' "
                                     "(sets GLAKE_ALLOC_CONF for the program)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- then the program and its arguments")
@@ -49,7 +94,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     from glake.stats.cli import add_parsers  # imports nothing heavy: grpc, rich etc. load when a command runs
 
     add_parsers(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.version:
+        print(version_text())
+        return 0
+    if args.cmd is None:
+        parser.print_help()
+        return 0
     return args.func(args)
 
 

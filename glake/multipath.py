@@ -24,9 +24,12 @@ Paths (``Engine.plan`` tells which one a copy takes):
 ``pinned_split``  a large pinned copy split over ``pinned_streams`` copy streams
 ``peer``          a large pinned copy partly routed through peer GPUs (``peers=True``)
 
-Configuration: keyword arguments of :class:`Engine`, or for the default engines the environment
-variable ``GLAKE_MULTIPATH_CONF="chunk_bytes:16M,buffers:4,threads:16"`` (keyword arguments win).
-Keys: see :data:`CONFIG_KEYS`. Sizes take K/M/G suffixes (powers of 1024).
+Configuration: keyword arguments of :class:`Engine`, or the environment variable
+``GLAKE_MULTIPATH_CONF="chunk_bytes:16M,buffers:4,threads:16"`` (keyword arguments win). Keys: see
+:data:`CONFIG_KEYS`. Sizes are ints or strings with units (``"16M"``, ``"16MiB"``; powers of 1024),
+parsed by the same parser as ``GLAKE_ALLOC_CONF``.
+
+Every engine publishes its counters to ``glake.stats`` (section ``multipath``) until it is closed.
 
 The host backend runs the same pipeline host-to-host with real threads and real staging buffers:
 ``copy_(dst, src)`` on two CPU tensors goes through it (there "device" memory is host memory and
@@ -37,17 +40,18 @@ after :func:`synchronize` (the host has no streams to order on).
 from __future__ import annotations
 
 import atexit
-import os
 import threading
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 from glake import _C
 from glake.errors import GlakeWarning, InvalidArgumentError
+from glake.stats.sources import next_serial, register_section, unregister
+from glake.units import conf_texts
 
 ENV_VAR = "GLAKE_MULTIPATH_CONF"
 
-#: Every configuration key and its type ("bytes" takes K/M/G suffixes in GLAKE_MULTIPATH_CONF).
+#: Every configuration key and its type ("bytes": an int or a size string such as "16MiB").
 CONFIG_KEYS: Dict[str, str] = {
     "chunk_bytes": "bytes",            # size of one pinned staging buffer (one pipeline step)
     "buffers": "int",                  # staging buffers in flight
@@ -73,8 +77,6 @@ _KINDS: Dict[str, Tuple[str, str]] = {  # copy_raw kind -> (dst kind, src kind)
     "device_to_pageable": ("pageable", "device"),
     "device_to_pinned": ("pinned", "device"),
 }
-_UNITS = {"": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
-          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
 
 
 def default_config() -> Dict[str, Any]:
@@ -82,52 +84,19 @@ def default_config() -> Dict[str, Any]:
     return dict(_C.multipath_default_config())
 
 
-def _parse_bytes(key: str, text: str) -> int:
-    t = text.strip().upper()
-    num = t.rstrip("KMGIB")
-    unit = t[len(num):]
-    if not num.isdigit() or unit not in _UNITS:
-        raise InvalidArgumentError(f"{ENV_VAR}: {key}:{text!r} is not a byte count (e.g. 8388608, 8M, 8MiB)")
-    return int(num) * _UNITS[unit]
-
-
-def parse_conf(text: str) -> Dict[str, Any]:
+def parse_conf(text: str, source: str = ENV_VAR) -> Dict[str, Any]:
     """Parse ``"key:value,key:value"`` (the ``GLAKE_MULTIPATH_CONF`` syntax) into Engine keywords.
 
-    Sizes take K/M/G suffixes, ``peers`` is true/false (or 1/0, on/off), ``peer_devices`` is a
-    ``+``-separated list (``peer_devices:1+2``).
+    The parser is glake's one configuration parser (the allocator's too): sizes take units
+    (``16M``, ``16MiB``, ``1.5G``; powers of 1024), ``peers`` is true/false (or 1/0, on/off),
+    ``peer_devices`` is a ``+``-separated list (``peer_devices:1+2``).
 
     Raises
     ------
     InvalidArgumentError
-        An unknown key or a malformed value.
+        An unknown key or a malformed value; the message names the key, the value and ``source``.
     """
-    out: Dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        key, sep, value = item.partition(":")
-        key, value = key.strip(), value.strip()
-        if not sep or key not in CONFIG_KEYS:
-            raise InvalidArgumentError(f"{ENV_VAR}: bad entry {item!r} (expected key:value with key in "
-                                       f"{', '.join(CONFIG_KEYS)})")
-        kind = CONFIG_KEYS[key]
-        if kind == "bytes":
-            out[key] = _parse_bytes(key, value)
-        elif kind == "int":
-            try:
-                out[key] = int(value)
-            except ValueError:
-                raise InvalidArgumentError(f"{ENV_VAR}: {key}:{value!r} is not an integer") from None
-        elif kind == "bool":
-            low = value.lower()
-            if low not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
-                raise InvalidArgumentError(f"{ENV_VAR}: {key}:{value!r} is not a boolean")
-            out[key] = low in ("1", "true", "on", "yes")
-        else:
-            try:
-                out[key] = [int(v) for v in value.split("+") if v.strip()]
-            except ValueError:
-                raise InvalidArgumentError(f"{ENV_VAR}: {key}:{value!r} is not a +-separated list of ints") from None
-    return out
+    return dict(_C.multipath_parse_conf(text, source))
 
 
 def _torch():
@@ -158,10 +127,11 @@ def _check_pair(torch, dst, src) -> Tuple[str, str, int]:
     if dst.dtype != src.dtype:
         raise InvalidArgumentError(f"dtype mismatch: dst is {dst.dtype}, src is {src.dtype}; multipath copies bytes "
                                    "and does not convert (view both as one dtype, e.g. .view(torch.uint8))")
+    if tuple(dst.shape) != tuple(src.shape):
+        raise InvalidArgumentError(f"shape mismatch: dst is {tuple(dst.shape)}, src is {tuple(src.shape)}; multipath "
+                                   "copies whole tensors of one shape and does not broadcast (reshape src first, "
+                                   "e.g. src.view(dst.shape))")
     nbytes = dst.numel() * dst.element_size()
-    if nbytes != src.numel() * src.element_size():
-        raise InvalidArgumentError(f"size mismatch: dst has {nbytes} bytes {tuple(dst.shape)}, src has "
-                                   f"{src.numel() * src.element_size()} bytes {tuple(src.shape)}")
     if dst.requires_grad:
         raise InvalidArgumentError("dst requires grad: multipath writes bytes outside autograd; pass dst.detach()")
     return dk, sk, nbytes
@@ -176,6 +146,8 @@ class Engine:
         ``"cuda"`` or ``"host"`` (default: ``$GLAKE_BACKEND``, else auto-detect).
     device : int
         The device whose copies this engine makes.
+    name : str, optional
+        Its name in ``glake.stats`` (label ``engine``; default ``"<backend>:<device>/<n>"``).
     **conf
         Configuration keys (:data:`CONFIG_KEYS`); they override ``GLAKE_MULTIPATH_CONF``.
         Buffers, threads and streams are made on the first copy that needs them.
@@ -186,11 +158,14 @@ class Engine:
         An unknown key or an out-of-range value.
     """
 
-    def __init__(self, backend: Optional[str] = None, device: int = 0, **conf: Any) -> None:
-        merged = {**parse_conf(os.environ.get(ENV_VAR, "")), **conf}
-        self._e = _C.MultipathEngine(merged, device, backend)
+    def __init__(self, backend: Optional[str] = None, device: int = 0, *, name: Optional[str] = None,
+                 **conf: Any) -> None:
+        self._e = _C.MultipathEngine(conf_texts(conf), device, backend)  # $GLAKE_MULTIPATH_CONF is read in C++
         self._pending: List[Tuple[Any, Tuple[Any, ...]]] = []  # (cuda event, tensors kept alive)
         self._pending_lock = threading.Lock()
+        self.stats_name = name or f"{self._e.backend}:{self._e.device}/{next_serial()}"
+        self._stats_key = register_section("multipath", self, device=self._e.device,
+                                           labels={"engine": self.stats_name, "backend": self._e.backend})
 
     @property
     def backend(self) -> str:
@@ -311,6 +286,7 @@ class Engine:
         """Wait for outstanding copies, then free buffers, threads and streams. Idempotent."""
         if not self._e.closed:
             self.synchronize()
+            unregister(self._stats_key)
         self._e.close()
 
     @property
@@ -344,12 +320,13 @@ _engines_lock = threading.Lock()
 
 
 def engine(backend: Optional[str] = None, device: int = 0) -> Engine:
-    """The default engine of ``(backend, device)``, made on first use from ``GLAKE_MULTIPATH_CONF``."""
+    """The default engine of ``(backend, device)``, made on first use from ``GLAKE_MULTIPATH_CONF``
+    (its stats name is ``"<backend>:<device>"``)."""
     name = _C.backend_name(backend)
     with _engines_lock:
         e = _engines.get((name, device))
         if e is None or e.closed:
-            e = _engines[(name, device)] = Engine(name, device)
+            e = _engines[(name, device)] = Engine(name, device, name=f"{name}:{device}")
         return e
 
 

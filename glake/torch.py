@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional
 
 from glake import _C
 from glake.allocator import Allocator, conf_string
+from glake.units import fmt_bytes
 from glake.errors import BackendUnavailableError, GlakeError, GlakeWarning, InvalidArgumentError
 
 _PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libglake_torch.so")
@@ -263,22 +264,15 @@ def memory_snapshot(device=None) -> List[Dict[str, Any]]:
 def format_summary(stats: Dict[str, int], title: str = "glake memory summary") -> str:
     """A text table of allocator stats, laid out like torch.cuda.memory_summary()."""
 
-    def size(n: int) -> str:
-        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-            if abs(n) < 1024 or unit == "TiB":
-                return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-            n /= 1024
-        return str(n)
-
     rows = [
-        ("Allocated memory", "allocated_bytes.all", size),
-        ("  from small pool", "allocated_bytes.small_pool", size),
-        ("  from large pool", "allocated_bytes.large_pool", size),
-        ("Active memory", "active_bytes.all", size),
-        ("Requested memory", "requested_bytes.all", size),
-        ("Reserved memory", "reserved_bytes.all", size),
-        ("Stitched memory", "stitched_bytes", size),
-        ("Mapped VA", "mapped_va_bytes", size),
+        ("Allocated memory", "allocated_bytes.all", fmt_bytes),
+        ("  from small pool", "allocated_bytes.small_pool", fmt_bytes),
+        ("  from large pool", "allocated_bytes.large_pool", fmt_bytes),
+        ("Active memory", "active_bytes.all", fmt_bytes),
+        ("Requested memory", "requested_bytes.all", fmt_bytes),
+        ("Reserved memory", "reserved_bytes.all", fmt_bytes),
+        ("Stitched memory", "stitched_bytes", fmt_bytes),
+        ("Mapped VA", "mapped_va_bytes", fmt_bytes),
         ("Allocations", "allocation.all", str),
         ("Segments", "segment.all", str),
     ]
@@ -292,7 +286,7 @@ def format_summary(stats: Dict[str, int], title: str = "glake memory summary") -
     for label, value in (("Stitches (new / reused)", f"{stats['num_stitches']} / {stats['num_stitch_reuses']}"),
                          ("Alloc retries / OOMs", f"{stats['num_alloc_retries']} / {stats['num_ooms']}"),
                          ("Peak allocated / peak reserved", f"{eff:.3f}"),
-                         ("Limit", size(stats["limit_bytes"]) if stats["limit_bytes"] else "none")):
+                         ("Limit", fmt_bytes(stats["limit_bytes"]) if stats["limit_bytes"] else "none")):
         lines.append(f"| {label:<30}| {value:>41} |")
     lines.append("=" * width)
     return "\n".join(lines)

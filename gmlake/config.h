@@ -9,8 +9,11 @@
 
 namespace glake::gmlake {
 
+/// The environment variable holding the allocator's configuration (read only by AllocatorConfig::from_env).
+inline constexpr const char* kConfEnv = "GLAKE_ALLOC_CONF";
+
 /// Every knob of the allocator. Keys (GLAKE_ALLOC_CONF and keyword arguments) are the field names.
-struct AllocatorConfig {
+struct GLAKE_API AllocatorConfig {
   bool stitch = true;                     ///< stitch free chunks when no single free block fits
   std::size_t stitch_min_bytes = 4u << 20;  ///< requests below this are never stitched
   std::size_t stitch_va_limit = 0;        ///< bound on cached stitched VA (0 = device memory size)
@@ -19,12 +22,17 @@ struct AllocatorConfig {
   std::size_t small_size = 1u << 20;      ///< requests <= this go to the small pool
   bool release_on_oom = true;             ///< free cached memory and retry before failing
 
-  /// Applies "key:value,key:value" on top of this config; unknown keys or bad values throw.
-  void apply(const std::string& conf);
-  /// Applies one key (values as strings: "true", "512MB", "0.8", ...).
-  void set(const std::string& key, const std::string& value);
+  /// The defaults with $GLAKE_ALLOC_CONF applied: the one place that variable is read.
+  static AllocatorConfig from_env();
+  /// Applies "key:value,key:value" on top of this config, all or nothing; errors name the key, the value
+  /// and `source` (where the text came from: "GLAKE_ALLOC_CONF", "glake run --conf", ...).
+  void apply(const std::string& conf, const std::string& source = "allocator configuration");
+  /// Applies one key (values as strings: "true", "512MB", "0.8", ...); errors name `source`.
+  void set(const std::string& key, const std::string& value, const std::string& source = "allocator configuration");
   /// The config as key -> value strings (for stats, docs and round trips).
   std::map<std::string, std::string> to_map() const;
+  /// The config as "key:value,..." text that apply() reads back to the same config.
+  std::string to_string() const;
 };
 
 /// Parses a byte count: "1048576", "512KB", "4MiB", "2GB", "1.5GiB" (K/M/G/T are powers of 1024).

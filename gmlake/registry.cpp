@@ -1,5 +1,7 @@
 #include "gmlake/registry.h"
 
+#include "common/conf.h"
+
 #include <atomic>
 #include <cstdlib>
 #include <memory>
@@ -20,8 +22,8 @@ struct Registry {
 
   void load_env_locked() {
     if (configured) return;
+    config = AllocatorConfig::from_env();  // throws on a bad $GLAKE_ALLOC_CONF, every time it is tried
     configured = true;
-    if (const char* env = std::getenv("GLAKE_ALLOC_CONF")) config.apply(env);
   }
 };
 
@@ -48,9 +50,7 @@ void configure_global(const std::string& conf) {
       throw InvalidArgumentError("the global glake allocator is already in use; configure it before the first allocation");
     }
   }
-  AllocatorConfig next = r.config;
-  next.apply(conf);  // all or nothing
-  r.config = next;
+  r.config.apply(conf, conf::kKeyword);  // all or nothing; glake.torch.install(**conf) calls this
 }
 
 int device_slots() { return get_driver().device_count(); }

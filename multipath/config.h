@@ -9,6 +9,9 @@
 
 namespace glake::multipath {
 
+/// The environment variable configuring every engine (keyword arguments override it).
+inline constexpr const char* kConfEnv = "GLAKE_MULTIPATH_CONF";
+
 /// Every knob of a CopyEngine. Defaults come from measurements on an H100 (see docs/multipath.md).
 struct GLAKE_API EngineConfig {
   /// Bytes per pinned staging buffer: one pipeline step of a pageable copy.
@@ -35,6 +38,14 @@ struct GLAKE_API EngineConfig {
   std::size_t peer_min_bytes = 64u << 20;
   /// Bytes per step through a peer's two device buffers.
   std::size_t peer_chunk_bytes = 16u << 20;
+
+  /// The defaults with $GLAKE_MULTIPATH_CONF applied (not validated: keyword arguments may follow).
+  static EngineConfig from_env();
+  /// Applies "key:value,key:value" (sizes with units, peers true/false, peer_devices as "1+2");
+  /// errors name the key, the value and `source`. Returns the keys set, in order.
+  std::vector<std::string> apply(const std::string& text, const std::string& source);
+  /// Applies one key given as text; errors name the key, the value and `source`.
+  void set(const std::string& key, const std::string& value, const std::string& source);
 
   /// The threads value in use: `threads`, or min(16, hardware threads) when 0.
   int effective_threads() const;

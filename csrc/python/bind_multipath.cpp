@@ -1,8 +1,10 @@
 // glake._C bindings of the multipath copy engine (glake.multipath is the public front).
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "common/conf.h"
 #include "multipath/engine.h"
 #include "python/common.h"
 
@@ -23,49 +25,11 @@ struct PyEngine {
   }
 };
 
-const char* const kConfigKeys =
-    "chunk_bytes, buffers, threads, piece_bytes, streams, pinned_streams, pinned_split_min_bytes, "
-    "small_copy_bytes, peers, peer_devices, peer_min_bytes, peer_chunk_bytes";
-
-int to_int(const py::handle& v, const std::string& key) {
-  if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v)) {
-    throw InvalidArgumentError("multipath config: " + key + " must be an int, got " + std::string(py::str(py::type::of(v))));
-  }
-  const long long x = v.cast<long long>();
-  if (x < -(1LL << 30) || x > (1LL << 30)) throw InvalidArgumentError("multipath config: " + key + "=" + std::to_string(x) + " is out of range");
-  return static_cast<int>(x);
-}
-
-std::size_t to_bytes(const py::handle& v, const std::string& key) {
-  if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v)) {
-    throw InvalidArgumentError("multipath config: " + key + " must be an int (bytes), got " + std::string(py::str(py::type::of(v))));
-  }
-  return to_size(v.cast<long long>(), key.c_str(), true);
-}
-
-EngineConfig config_from(const py::dict& d) {
-  EngineConfig c;
-  for (auto item : d) {
-    const std::string key = py::str(item.first);
-    const py::handle v = item.second;
-    if (key == "chunk_bytes") c.chunk_bytes = to_bytes(v, key);
-    else if (key == "buffers") c.buffers = to_int(v, key);
-    else if (key == "threads") c.threads = to_int(v, key);
-    else if (key == "piece_bytes") c.piece_bytes = to_bytes(v, key);
-    else if (key == "streams") c.streams = to_int(v, key);
-    else if (key == "pinned_streams") c.pinned_streams = to_int(v, key);
-    else if (key == "pinned_split_min_bytes") c.pinned_split_min_bytes = to_bytes(v, key);
-    else if (key == "small_copy_bytes") c.small_copy_bytes = to_bytes(v, key);
-    else if (key == "peers") {
-      if (!py::isinstance<py::bool_>(v)) throw InvalidArgumentError("multipath config: peers must be a bool");
-      c.peers = v.cast<bool>();
-    } else if (key == "peer_devices") {
-      c.peer_devices.clear();
-      for (auto x : py::iterable(py::reinterpret_borrow<py::object>(v))) c.peer_devices.push_back(to_int(x, key));
-    } else if (key == "peer_min_bytes") c.peer_min_bytes = to_bytes(v, key);
-    else if (key == "peer_chunk_bytes") c.peer_chunk_bytes = to_bytes(v, key);
-    else throw InvalidArgumentError("multipath config: unknown key '" + key + "' (known: " + kConfigKeys + ")");
-  }
+/// The engine configuration: defaults, then $GLAKE_MULTIPATH_CONF, then keyword arguments (as text, the
+/// same syntax the variable takes: glake.units.conf_text converts Python values).
+EngineConfig config_from(const std::map<std::string, std::string>& kwargs) {
+  EngineConfig c = EngineConfig::from_env();
+  for (const auto& [key, value] : kwargs) c.set(key, value, conf::kKeyword);
   c.validate();
   return c;
 }
@@ -116,6 +80,15 @@ py::dict stats_dict(const CopyEngine& e) {
 void bind_multipath(py::module_& m) {
   m.def("multipath_default_config", [] { return config_dict(EngineConfig{}, false); },
         "The built-in multipath engine configuration (threads=0 and piece_bytes=0 mean automatic).");
+  m.def("multipath_parse_conf", [](const std::string& text, const std::string& source) {
+        EngineConfig c;
+        const std::vector<std::string> keys = c.apply(text, source);
+        const py::dict all = config_dict(c, false);
+        py::dict out;
+        for (const auto& k : keys) out[py::str(k)] = all[py::str(k)];
+        return out;
+      }, py::arg("text"), py::arg("source") = multipath::kConfEnv,
+      "The keys a 'key:value,...' text sets, with their parsed values (not validated as a whole).");
   m.def("multipath_pointer_kind", [](std::uintptr_t ptr, int device, Backend b) {
         Driver& d = get_driver(b);
         py::gil_scoped_release nogil;
@@ -125,7 +98,7 @@ void bind_multipath(py::module_& m) {
       "(kind, device) of an address: kind is device, pinned, pageable, managed or unknown (host backend).");
 
   py::class_<PyEngine>(m, "MultipathEngine", "One device's multipath copy engine (see glake.multipath.Engine).")
-      .def(py::init([](const py::dict& config, int device, Backend b) {
+      .def(py::init([](const std::map<std::string, std::string>& config, int device, Backend b) {
              Driver& d = get_driver(b);
              EngineConfig c = config_from(config);
              py::gil_scoped_release nogil;

@@ -1,6 +1,7 @@
 // glake._C: the one pybind11 module. Thin: argument checks, GIL release, error translation.
 // This file binds the core; each layer above binds itself in its own bind_*.cpp (RegisterBinder).
 #include <cstring>
+#include <map>
 #include <utility>
 #include <vector>
 
@@ -8,7 +9,9 @@
 
 #include "core/chunk_pool.h"
 #include "core/virtual_range.h"
+#include "common/conf.h"
 #include "driver/driver.h"
+#include "gmlake/config.h"
 
 using namespace glake;
 using namespace glake::py_bind;
@@ -117,6 +120,23 @@ PYBIND11_MODULE(_C, m) {
         "Why the cuda backend cannot be used here, or '' when it can.");
   m.def("backend_name", [](Backend b) { return std::string(get_driver(b).name()); }, py::arg("backend") = py::none(),
         NoGil(), "The backend that `backend` (None = $GLAKE_BACKEND, else auto-detect) resolves to.");
+  m.def("conf_bytes", [](const std::string& text, const std::string& key, const std::string& source) {
+        return conf::parse_bytes(text, key, source);
+      }, py::arg("text"), py::arg("key") = "", py::arg("source") = conf::kKeyword,
+      "'512MB' -> 536870912: the byte-count syntax of every glake setting; errors name key and source.");
+  m.def("alloc_config", [](const std::map<std::string, std::string>& kwargs) {
+        gmlake::AllocatorConfig c = gmlake::AllocatorConfig::from_env();
+        for (const auto& [key, value] : kwargs) c.set(key, value, conf::kKeyword);
+        return c.to_string();
+      }, py::arg("kwargs"),
+      "The allocator configuration: defaults, then $GLAKE_ALLOC_CONF, then keyword arguments (as text), "
+      "as 'key:value,...'.");
+  m.def("alloc_conf_check", [](const std::string& text, const std::string& source) {
+        gmlake::AllocatorConfig c;
+        c.apply(text, source);
+        return c.to_map();
+      }, py::arg("text"), py::arg("source"),
+      "Parses 'key:value,...' over the defaults; raises InvalidArgumentError naming key, value and source.");
   m.def("device_count", [](Backend b) { return get_driver(b).device_count(); }, py::arg("backend") = py::none(), NoGil(),
         "Number of devices of the backend.");
   m.def("granularity", [](Backend b, int device) { return get_driver(b).granularity(device); },

@@ -253,6 +253,12 @@ class GlakeAllocator final : public torch::cuda::CUDAPluggableAllocator::CUDAPlu
     check(glake_c_create_or_incref_pool(device, id.first, id.second, err, sizeof(err)), err, "createOrIncrefPool");
   }
 
+  void setUseOnOOM(c10::DeviceIndex, MempoolId_t, bool use_on_oom) override {
+    // torch's MemPool destructor turns it off again: only turning it on is refused.
+    TORCH_CHECK(!use_on_oom, "glake: MemPool(use_on_oom=True) is not supported: on OOM glake retries by stitching "
+                "and releasing its whole cache instead of falling back to one pool's memory");
+  }
+
   int getPoolUseCount(c10::DeviceIndex device, MempoolId_t id) override {
     return glake_c_pool_use_count(device, id.first, id.second);
   }

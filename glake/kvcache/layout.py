@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Tuple, Union
 
 from glake.errors import InvalidArgumentError
+from glake.units import fmt_bytes
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -169,5 +170,5 @@ class KVLayout:
         tpc = self.tokens_per_chunk
         tpc_s = str(tpc) if isinstance(tpc, int) else f"{tpc:.2f} (rows straddle chunks)"
         return (f"row {self.row_bytes} B ({self.num_layers} layers x 2 x {self.num_kv_heads} heads x {self.head_dim} x "
-                f"{self.itemsize} B), {tpc_s} tokens per {self.chunk_bytes >> 20} MiB chunk, slot stride "
-                f"{self.slot_bytes} B, {self.max_seqs} slots = {self.total_bytes / 2**30:.2f} GiB of addresses")
+                f"{self.itemsize} B), {tpc_s} tokens per {fmt_bytes(self.chunk_bytes)} chunk, slot stride "
+                f"{self.slot_bytes} B, {self.max_seqs} slots = {fmt_bytes(self.total_bytes)} of addresses")

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from glake import core
+from glake.stats.sources import next_serial, register_section, unregister
+from glake.units import parse_bytes
 from glake.errors import GlakeError, InvalidArgumentError
 from glake.kvcache.layout import KVLayout
 from glake.kvcache.mapper import Mapper
@@ -42,9 +44,6 @@ from glake.kvcache.slots import ACTIVE, NEVER, Slot, SlotBook, checked_index
 from glake.kvcache.stats import CacheIntrospection
 from glake.kvcache.supply import ChunkSupply
 from glake.kvcache.table import ChunkTable
-
-LIVE_CACHES: "weakref.WeakSet[KVCache]" = weakref.WeakSet()
-"""Every KVCache not yet garbage-collected (closed ones included; glake.stats skips those)."""
 
 TRIM_BATCH = 16  # surplus chunks the mapper unmaps from one slot per pass (bounds its lock hold)
 
@@ -88,8 +87,9 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
     max_seqs, max_seq_len
         Slots, and tokens per slot.
     memory_budget
-        Bytes of physical memory the cache may hold (rounded down to whole chunks); None = no cap
-        but the device's (chunks of released slots are then reclaimed when the device is full).
+        Bytes of physical memory the cache may hold (rounded down to whole chunks), an int or a
+        string such as ``"8GB"`` (the syntax of every glake size); None = no cap but the device's
+        (chunks of released slots are then reclaimed when the device is full).
     device
         Device ordinal (or ``"cuda:N"``); None = 0.
     backend
@@ -105,7 +105,7 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: Union[str, torch.dtype],
-                 max_seqs: int, max_seq_len: int, memory_budget: Optional[int] = None,
+                 max_seqs: int, max_seq_len: int, memory_budget: Union[None, int, str] = None,
                  device: Union[None, int, str, torch.device] = None, backend: Optional[str] = None,
                  lookahead_tokens: int = 2) -> None:
         self.backend = core.backend_name(backend)
@@ -119,7 +119,7 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
         if memory_budget is None:
             self._budget_chunks: Optional[int] = None
         else:
-            b = checked_index("memory_budget", memory_budget, 0, None)
+            b = parse_bytes(memory_budget, "memory_budget")
             if b < g:
                 raise InvalidArgumentError(f"memory_budget={b} is below one chunk ({g} bytes)")
             self._budget_chunks = b // g
@@ -134,7 +134,6 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
         self._free: List[int] = list(range(max_seqs - 1, -1, -1))  # a stack: slot 0 comes out first
         self._token = object()  # identifies this cache's swap handles
         self._closed = False
-        LIVE_CACHES.add(self)  # for glake.stats (read only when a client asks)
         self._mapper_error: Optional[BaseException] = None
         self._starved: set = set()  # slots whose lookahead the mapper could not back
         self._n = collections.Counter()  # event counters, see stats()
@@ -146,6 +145,9 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
         self._mapper = Mapper(self) if self.lookahead_tokens > 0 else None
         if self._mapper is not None:
             self._finalizer = weakref.finalize(self, self._mapper.stop)
+        self._stats_key = register_section(  # glake stats / top show it while it is open
+            "kvcache", self, device=self.device_index,
+            labels={"cache": str(next_serial()), "backend": self.backend, "layers": str(self.layout.num_layers)})
 
     # ---- views -----------------------------------------------------------------------------------
 
@@ -593,6 +595,7 @@ class KVCache(SlotBook, ChunkSupply, CacheIntrospection):
         """
         if self._closed:
             return
+        unregister(self._stats_key)
         if self._mapper is not None:
             self._mapper.stop()
             self._finalizer.detach()

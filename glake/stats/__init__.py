@@ -2,8 +2,10 @@
 
 >>> import glake.stats
 >>> glake.stats.serve()                                  # or GLAKE_STATS=1 before `import glake`
->>> glake.stats.register_source("kvcache", cache.stats)  # publish more figures
->>> glake.stats.register_allocator(my_allocator, "weights")
+>>> glake.stats.register_source("requests", server.figures)  # publish your own figures
+
+Every ``glake.Allocator``, ``KVCache`` and multipath engine publishes itself while it lives;
+``register_allocator(a, "weights")`` only renames one.
 
 Then, from any shell of the same user: ``glake ps``, ``glake stats PID``, ``glake top``,
 ``glake map PID --png map.png``. The service is defined in ``proto/glake_stats.proto``.
@@ -17,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from glake.stats.paths import runtime_dir, socket_path
-from glake.stats.sources import register_allocator, register_source, unregister
+from glake.stats.sources import register_allocator, register_section, register_source, unregister
 
 
 def serve(address: Optional[str] = None, *, unix: bool = True, allow_remote: Optional[bool] = None) -> Any:
@@ -63,5 +65,5 @@ def memory_map(pool: str = "") -> List[Dict[str, Any]]:
     return collector.collect_pools(pool)
 
 
-__all__ = ["serve", "stop", "serve_from_env", "register_source", "register_allocator", "unregister", "collect",
+__all__ = ["serve", "stop", "serve_from_env", "register_source", "register_allocator", "register_section", "unregister", "collect",
            "memory_map", "runtime_dir", "socket_path"]

@@ -80,9 +80,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_top(args: argparse.Namespace) -> int:
     from glake.stats.top import run_top
 
-    if args.interval <= 0:
-        print("glake top: --interval must be positive", file=sys.stderr)
-        return 2
     return run_top(args.targets, interval=args.interval, iterations=args.iterations, timeout=args.timeout,
                    console=_console())
 
@@ -93,6 +90,8 @@ def cmd_map(args: argparse.Namespace) -> int:
 
     if not (16 <= args.width <= 20000) or (args.height is not None and not 16 <= args.height <= 20000):
         raise ValueError("--width and --height must be within 16..20000 pixels")
+    if args.png and not args.png.lower().endswith(".png"):
+        raise ValueError(f"--png writes a PNG picture: name the file *.png, not {args.png!r}")
     with StatsClient(args.target, timeout=args.timeout) as c:
         mm = c.memory_map(args.pool or "")
     if args.json:
@@ -109,7 +108,8 @@ def cmd_map(args: argparse.Namespace) -> int:
     if not args.json and not args.png:
         console = _console()
         if not mm["pools"]:
-            console.print(f"pid {mm['process']['pid']} has no glake allocator yet")
+            console.print(f"pid {mm['process']['pid']} publishes no allocator: it has no live glake.Allocator, and "
+                          "glake.torch / glake.cupy have not allocated in it (its other figures: glake stats PID)")
         for pool in mm["pools"]:
             console.print(tables.map_table(pool))
     return 0
@@ -164,7 +164,8 @@ def add_parsers(sub: Any) -> None:
                          "fragmentation, allocations per second, time in driver calls.")
     top.add_argument("targets", nargs="*", help=f"processes to watch ({target_help}); default: all")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
-    top.add_argument("--iterations", "-n", type=int, default=0, help="stop after N refreshes (default: Ctrl-C)")
+    top.add_argument("--iterations", "-n", type=int, default=None, metavar="N",
+                     help="stop after N refreshes, N >= 1 (default: run until q or Ctrl-C)")
     top.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each process (default 2)")
     top.set_defaults(func=_guarded(cmd_top))
 

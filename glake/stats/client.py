@@ -38,19 +38,28 @@ def resolve_target(target: Target) -> str:
     Raises
     ------
     StatsError
-        A pid with no stats socket.
+        A pid with no stats socket, the socket of a process that is gone, or text that is none of these.
     """
     if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
-        path = paths.socket_path(int(target))
+        pid = int(target)
+        path = paths.socket_path(pid)
         if not os.path.exists(path):
-            raise StatsError(f"process {int(target)} publishes no glake stats (no {path}); start it with "
+            raise StatsError(f"process {pid} publishes no glake stats (no {path}); start it with "
                              "GLAKE_STATS=1 or call glake.stats.serve() in it")
+        from glake.stats.discovery import stale_reason
+
+        gone = stale_reason(pid, path)
+        if gone:
+            raise StatsError(f"{gone}: its stats socket {path} was left behind (glake ps removes it)")
         return "unix:" + path
     target = str(target)
     if target.startswith("unix:"):
         return target
     if "/" in target:
         return "unix:" + os.path.abspath(target)
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise StatsError(f"{target!r} is not a pid, a socket path, unix:PATH or host:port")
     return target
 
 
@@ -84,6 +93,11 @@ class StatsClient:
     def _fail(self, e: grpc.RpcError, what: str) -> StatsError:
         code = e.code() if hasattr(e, "code") else None
         detail = e.details() if hasattr(e, "details") else str(e)
+        if code == grpc.StatusCode.UNAVAILABLE:  # nothing listens: the usual reason is a process that exited
+            return StatsError(f"nothing answers at {self.target}: the process has exited or does not serve stats "
+                              "(glake ps lists the live ones)", code)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return StatsError(f"{self.target} did not answer {what} within {self.timeout:g} s (--timeout)", code)
         return StatsError(f"{what} on {self.target}: {code.name if code else 'error'}: {detail}", code)
 
     def get_stats_pb(self, sections: Sequence[str] = ()) -> "pb.StatsReply":

@@ -4,14 +4,17 @@ Sections (each a dict shaped like the ``Section`` message):
 
 - ``vmm``: the VMM core's counters of the default backend (and of ``host`` when it was used too):
   chunks, physical / reserved-VA / mapped bytes, calls and nanoseconds per driver operation.
-- ``allocator``: one per process-wide allocator that exists (``glake.torch``, ``glake.cupy``; an
-  allocator is never created just to be looked at) and one per allocator registered with
-  :func:`glake.stats.register_allocator`: torch's key names plus glake's, and figures of the map
-  (``largest_free_bytes``, ``free_bytes``, ``lent_bytes``, ``held_bytes``; values
+- ``allocator``: one per process-wide allocator that exists (``glake.torch``, ``glake.cupy``: asked
+  of the C++ registry below; an allocator is never created just to be looked at) and one per live
+  ``glake.Allocator`` (each registers itself): torch's key names plus glake's, and figures of the
+  map (``largest_free_bytes``, ``free_bytes``, ``lent_bytes``, ``held_bytes``; values
   ``fragmentation``, ``utilization``).
-- ``kvcache``: one per live ``glake.kvcache.KVCache`` (its ``stats()``), when that module is in use;
-- ``multipath``: one per default ``glake.multipath`` engine made so far, when that module is in use;
-- one per source registered with :func:`glake.stats.register_source`.
+- one per registered source: each live ``KVCache`` (``kvcache``) and multipath engine
+  (``multipath``) registers itself, and a program adds its own with
+  :func:`glake.stats.register_source`.
+
+This module reads only the registry (:mod:`glake.stats.sources`) and ``glake._C``: a component
+that has figures registers itself; nothing here imports or inspects other modules.
 
 Nothing here runs unless a client asks: collecting is pull-only, the alloc path never sees it.
 """
@@ -19,12 +22,12 @@ Nothing here runs unless a client asks: collecting is pull-only, the alloc path 
 from __future__ import annotations
 
 import os
-import sys
+import sys  # sys.argv only
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from glake.stats import memmap, sources
 
-BUILTIN_SECTIONS = ("vmm", "allocator", "kvcache", "multipath")
+BUILTIN_SECTIONS = ("vmm", "allocator")
 _INT64_MAX = (1 << 63) - 1
 
 
@@ -113,29 +116,6 @@ def _vmm_sections() -> List[Dict[str, Any]]:
     return out
 
 
-def _kvcache_sections() -> List[Dict[str, Any]]:
-    """One section per live glake.kvcache.KVCache, if that module is in use (it is never imported here)."""
-    mod = sys.modules.get("glake.kvcache.manager")
-    if mod is None:
-        return []
-    out = []
-    for i, kv in enumerate(sorted(list(mod.LIVE_CACHES), key=id)):
-        if kv.closed:
-            continue
-        labels = {"cache": str(i), "backend": kv.backend, "layers": str(kv.layout.num_layers)}
-        out.append(_fill(_section("kvcache", kv.device_index, labels), kv.stats))
-    return out
-
-
-def _multipath_sections() -> List[Dict[str, Any]]:
-    """One section per default multipath engine made so far, if glake.multipath is in use."""
-    mod = sys.modules.get("glake.multipath")
-    if mod is None:
-        return []
-    return [_fill(_section("multipath", int(key.rsplit(":", 1)[1]), {"engine": key}), lambda st=st: st)
-            for key, st in mod.stats().items()]
-
-
 def global_allocators() -> List[Tuple[str, Any]]:
     """``(pool name, allocator)`` of the process-wide allocators that exist (none is created)."""
     C = _glake_C()
@@ -187,8 +167,8 @@ def section_names() -> List[str]:
     """Names GetStats can be asked for."""
     names = list(BUILTIN_SECTIONS)
     for src in sources.registered():
-        if src.kind == "stats" and src.name not in names:
-            names.append(src.name)
+        if src.kind == "stats" and src.section_name not in names:
+            names.append(src.section_name)
     return names
 
 
@@ -212,13 +192,9 @@ def collect_sections(names: Optional[Iterable[str]] = None) -> List[Dict[str, An
         out.extend(_vmm_sections())
     if "allocator" in want:
         out.extend(_allocator_section(n, a) for n, a in _allocators())
-    if "kvcache" in want:
-        out.extend(_kvcache_sections())
-    if "multipath" in want:
-        out.extend(_multipath_sections())
     for src in sources.registered():
-        if src.kind == "stats" and src.name in want:
-            out.append(_fill(_section(src.name, src.device, src.labels), src.fn))
+        if src.kind == "stats" and src.section_name in want:
+            out.append(_fill(_section(src.section_name, src.device, src.labels), src.fn))
     return out
 
 

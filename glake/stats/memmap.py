@@ -18,6 +18,17 @@ from typing import Any, Dict, Iterable, List, Mapping
 
 STATES = ("allocated", "pending", "free", "lent", "held")
 KINDS = ("small", "large", "stitched")
+#: The one vocabulary of what a piece of memory is doing, for every tool (``glake map`` text, the PNG):
+#: the states above, and ``detached`` for a stitched range whose chunks went back (its VA is kept).
+SHOWN_STATES = STATES + ("detached",)
+STATE_LABELS = {
+    "allocated": "allocated",
+    "pending": "pending (freed, awaiting other streams)",
+    "free": "free (cached)",
+    "lent": "lent (its chunks mapped into a stitched range)",
+    "held": "held (a freed stitched range, kept mapped)",
+    "detached": "detached (a stitched range whose chunks went back)",
+}
 _SNAPSHOT_STATE = {"stitched": "lent"}  # Allocator.snapshot's name for a lent segment block
 
 
@@ -41,6 +52,13 @@ def pool_from_snapshot(name: str, device: int, backend: str, granularity: int,
             "segments": segments}
     link_lent_blocks(pool)
     return pool
+
+
+def shown_state(segment: Mapping[str, Any], block: Mapping[str, Any]) -> str:
+    """The state a tool shows for ``block`` of ``segment``: its state, or ``detached`` for a free stitched range."""
+    if segment["kind"] == "stitched" and block["state"] == "free":
+        return "detached"
+    return str(block["state"])
 
 
 def live_stitches(pool: Mapping[str, Any]) -> List[Mapping[str, Any]]:
@@ -120,4 +138,4 @@ def summarize(pools: Iterable[Mapping[str, Any]]) -> Dict[str, Any]:
     return out
 
 
-__all__ = ["STATES", "KINDS", "pool_from_snapshot", "live_stitches", "link_lent_blocks", "summarize"]
+__all__ = ["STATES", "KINDS", "SHOWN_STATES", "STATE_LABELS", "shown_state", "pool_from_snapshot", "live_stitches", "link_lent_blocks", "summarize"]

@@ -1,8 +1,10 @@
 """A picture of the memory map (PNG, matplotlib): what ``glake map PID --png FILE`` draws.
 
 One horizontal band per segment or stitched range, in address order, its blocks coloured by
-state; stitched ranges are hatched and labelled S1, S2, ..., and arcs in the right margin join each
-one to the blocks whose chunks it maps (where the map says which: ``Block.lent_to``). The title
+state (named as everywhere else: :data:`glake.stats.memmap.STATE_LABELS`); stitched ranges are
+hatched and labelled S1, S2, ..., and brackets in the right margin join each one to the blocks
+whose chunks it maps (where the map says which: ``Block.lent_to``), one lane per range, the
+margin sized so the outermost lane fits. The title
 gives the pool's figures: reserved, allocated, free and its largest piece, the fragmentation
 (1 - largest free block / free bytes) and utilisation (allocated / reserved).
 """
@@ -20,15 +22,12 @@ COLORS = {
     "free": "#e4e4e4",
     "lent": "#f28e2b",
     "held": "#c9a3d9",
+    "detached": "#e4e4e4",
     "unknown": "#999999",
 }
-LABELS = {
-    "allocated": "allocated",
-    "pending": "pending (freed, awaiting streams)",
-    "free": "free (cached)",
-    "lent": "lent to a stitched range",
-    "held": "held (freed stitched range, kept mapped)",
-}
+LABELS = memmap.STATE_LABELS  # one vocabulary with the text map
+LANE_PT = 7.0           # horizontal step between the bracket lanes of successive stitched ranges, in points
+LABEL_PX = 34.0         # room for the S1, S2 ... labels right of the bands, in pixels
 STITCH_EDGE = "#6a3d9a"
 MAX_BANDS = 64          # per pool; the rest is counted in the title, not drawn
 AUTO_FIT_RATIO = 16     # auto scale: per-band when the largest band is this many times the smallest
@@ -56,7 +55,7 @@ def _pool_title(pool: Mapping[str, Any], drawn: int) -> str:
         f"fragmentation {m['fragmentation']:.2f}   utilization {m['utilization']:.0%}",
         f"reserved {fmt_bytes(m['reserved'])} in {m['segments']} segments ({m['chunks']} chunks of "
         f"{fmt_bytes(pool['granularity'])})   allocated {fmt_bytes(m['allocated'])}   "
-        f"pending {fmt_bytes(m['pending'])}   "
+        f"pending {fmt_bytes(m['pending'])}",
         f"free {fmt_bytes(m['free'])} in {free_blocks} blocks, largest {fmt_bytes(m['largest_free'])}   "
         f"stitched ranges {m['stitched_ranges']} (lent {fmt_bytes(m['lent'])}, held {fmt_bytes(m['held'])})",
     ]
@@ -87,7 +86,8 @@ def _draw_pool(ax, pool: Mapping[str, Any], scale: str) -> None:
         for b in seg["blocks"]:
             x = (b["address"] - seg["address"]) * unit
             w = b["size"] * unit
-            ax.add_patch(_rect((x, y - 0.36), w, 0.72, face=COLORS.get(b["state"], COLORS["unknown"]),
+            state = memmap.shown_state(seg, b)
+            ax.add_patch(_rect((x, y - 0.36), w, 0.72, face=COLORS.get(state, COLORS["unknown"]),
                                edge="#2b2b2b" if not stitched else STITCH_EDGE, lw=0.7, z=2,
                                hatch="///" if stitched else None))
             if b["state"] == "lent" and b.get("lent_to") in stitch_names:
@@ -96,8 +96,7 @@ def _draw_pool(ax, pool: Mapping[str, Any], scale: str) -> None:
                     ax.text(x + w / 2, y, f"→{stitch_names[b['lent_to']]}", ha="center", va="center", fontsize=7,
                             color="#3d2200", zorder=4)
             elif stitched and w > 0.08:
-                what = "detached" if b["state"] == "free" else b["state"]
-                ax.text(x + w / 2, y, f"{stitch_names[seg['address']]}  {what}", ha="center",
+                ax.text(x + w / 2, y, f"{stitch_names[seg['address']]}  {state}", ha="center",
                         va="center", fontsize=7, color="black", zorder=4,
                         bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
         g = pool.get("granularity") or 0
@@ -106,18 +105,22 @@ def _draw_pool(ax, pool: Mapping[str, Any], scale: str) -> None:
             for c in range(1, chunks):
                 ax.plot([c * g * unit] * 2, [y - 0.36, y + 0.36], color="white", lw=0.6, alpha=0.7, zorder=3,
                         linestyle=(0, (2, 2)))
-    # arcs in the right margin: each stitched range to the blocks it maps
-    for addr in sorted({a for a, _, _ in lent_centres}):
-        if addr in y_of:
-            ax.text(1.005, y_of[addr], stitch_names[addr], ha="left", va="center", fontsize=7, color=STITCH_EDGE,
-                    fontweight="bold", clip_on=False)
+    # brackets in the right margin: each stitched range to the blocks it maps, one lane per range
+    linked = sorted({a for a, _, _ in lent_centres if a in y_of})
+    lane = {addr: k for k, addr in enumerate(linked)}
+    for addr in linked:
+        ax.text(1.005, y_of[addr], stitch_names[addr], ha="left", va="center", fontsize=7, color=STITCH_EDGE,
+                fontweight="bold", clip_on=False)
     for addr, x, y in lent_centres:
         ys = y_of.get(addr)
-        if ys is None:
+        if ys is None or ys == y:
             continue
-        ax.add_patch(FancyArrowPatch((1.02, ys), (1.02, y), connectionstyle="arc3,rad=-0.35", arrowstyle="-|>",
-                                     mutation_scale=7, color=STITCH_EDGE, lw=0.9, alpha=0.75, zorder=1,
-                                     clip_on=False))
+        arm = LANE_PT * (lane[addr] + 1)
+        # "bar" arms are perpendicular to A->B: to the right when going down, so draw from the lower point
+        a, b = ((1.0, y), (1.0, ys)) if y < ys else ((1.0, ys), (1.0, y))
+        ax.add_patch(FancyArrowPatch(a, b, connectionstyle=f"bar,armA={arm},armB={arm},fraction=0",
+                                     arrowstyle="-|>" if a[1] == ys else "<|-", mutation_scale=7, color=STITCH_EDGE,
+                                     lw=0.9, alpha=0.75, zorder=1, clip_on=False, shrinkA=0, shrinkB=0))
     ax.set_xlim(0, 1.0)
     ax.set_ylim(-0.7, n - 0.3)
     ax.set_yticks([n - 1 - i for i in range(n)])
@@ -154,6 +157,71 @@ def auto_height(pools: Sequence[Mapping[str, Any]]) -> int:
     return int(min(6000, max(420, 190 + 110 * len(pools) + 30 * bands)))
 
 
+def _legend_columns(width: int) -> int:
+    return 1 if width < 760 else 2 if width < 1300 else 4
+
+
+def stitch_lanes(pools: Sequence[Mapping[str, Any]]) -> int:
+    """The most bracket lanes one drawn pool needs (its stitched ranges that lend from drawn segments)."""
+    most = 0
+    for pool in pools:
+        segments = list(pool["segments"])[:MAX_BANDS]
+        drawn = {s["address"] for s in segments if s["kind"] == "stitched"}
+        owners = {b.get("lent_to") for s in segments if s["kind"] != "stitched" for b in s["blocks"]
+                  if b["state"] == "lent"}
+        most = max(most, len(drawn & owners))
+    return most
+
+
+def build_figure(pools: Sequence[Mapping[str, Any]], process: Optional[Mapping[str, Any]] = None,
+                 width: int = 1600, height: Optional[int] = None, scale: str = "auto", dpi: int = 100):
+    """The memory map of ``pools`` as a matplotlib Figure of ``width`` x ``height`` pixels (see :func:`render_png`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    if scale not in ("auto", "bytes", "fit"):
+        raise ValueError(f"scale must be auto, bytes or fit, not {scale!r}")
+    height = height or auto_height(pools)
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    who = ""
+    if process:
+        cmd = " ".join(process.get("argv") or [])[:90]
+        who = f"pid {process.get('pid')}  {cmd}"
+    m = memmap.summarize(pools)
+    fig.suptitle(f"glake memory map   {who}\nfragmentation {m['fragmentation']:.2f}   ·   allocated / reserved "
+                 f"{fmt_bytes(m['allocated'])} / {fmt_bytes(m['reserved'])} ({m['utilization']:.0%})   ·   "
+                 f"{m['stitched_ranges']} stitched ranges", fontsize=11, x=0.01, y=1.0 - 8.0 / height, ha="left",
+                 va="top", fontweight="bold")
+    if not pools:
+        fig.text(0.5, 0.5, "this process publishes no allocator: nothing to draw", ha="center", va="center",
+                 fontsize=12)
+    elif not any(p["segments"] for p in pools):
+        fig.text(0.5, 0.5, f"{', '.join(p['name'] for p in pools)}: nothing is allocated or cached", ha="center",
+                 va="center", fontsize=12)
+    else:
+        drawn = [p for p in pools if p["segments"]]
+        ratios = [min(len(p["segments"]), MAX_BANDS) + 1 for p in drawn]
+        top_px, gap_px = 110.0, 120.0
+        bottom_px = 60.0 + 13.0 * -(-(len(memmap.SHOWN_STATES) + 1) // _legend_columns(width))  # titles above each pool, axis and legend below
+        margin_px = LABEL_PX + (stitch_lanes(drawn) + 1) * LANE_PT * dpi / 72.0 + 12.0
+        right = max(0.5, 1.0 - margin_px / width)
+        label_chars = max(len(_band_label(seg, {seg["address"]: "S00"})) for p in drawn
+                          for seg in list(p["segments"])[:MAX_BANDS])
+        left = min(0.45, (label_chars * 7 * 0.62 * dpi / 72.0 + 14.0) / width)  # 7 pt monospace tick labels
+        axes_px = max(40.0, (height - top_px - bottom_px - gap_px * (len(drawn) - 1)) / len(drawn))
+        gs = fig.add_gridspec(len(drawn), 1, height_ratios=ratios, left=left, right=right, top=1.0 - top_px / height,
+                              bottom=bottom_px / height, hspace=gap_px / axes_px)
+        for i, pool in enumerate(drawn):
+            _draw_pool(fig.add_subplot(gs[i]), pool, scale)
+    handles = [Patch(facecolor=COLORS[s], edgecolor="#8c8c8c", label=LABELS[s]) for s in memmap.STATES]
+    handles.append(Patch(facecolor="white", edgecolor=STITCH_EDGE, hatch="///", label="stitched range (S1, S2, ...)"))
+    handles.append(Patch(facecolor=COLORS["detached"], edgecolor=STITCH_EDGE, hatch="///", label=LABELS["detached"]))
+    fig.legend(handles=handles, loc="lower center", ncol=_legend_columns(width), fontsize=7.5, frameon=False)
+    return fig
+
+
 def render_png(path: str, pools: Sequence[Mapping[str, Any]], process: Optional[Mapping[str, Any]] = None,
                width: int = 1600, height: Optional[int] = None, scale: str = "auto", dpi: int = 100) -> Tuple[int, int]:
     """Draw the memory map of ``pools`` to a PNG of ``width`` x ``height`` pixels; returns the size.
@@ -164,43 +232,10 @@ def render_png(path: str, pools: Sequence[Mapping[str, Any]], process: Optional[
         ``bytes``: every band on one byte scale; ``fit``: each band spans the width; ``auto``:
         ``fit`` when the largest band is over 16 times the smallest.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    if scale not in ("auto", "bytes", "fit"):
-        raise ValueError(f"scale must be auto, bytes or fit, not {scale!r}")
-    height = height or auto_height(pools)
-    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    who = ""
-    if process:
-        cmd = " ".join(process.get("argv") or [])[:90]
-        who = f"pid {process.get('pid')}  {cmd}"
-    m = memmap.summarize(pools)
-    fig.suptitle(f"glake memory map   {who}\nfragmentation {m['fragmentation']:.2f}   ·   allocated / reserved "
-                 f"{fmt_bytes(m['allocated'])} / {fmt_bytes(m['reserved'])} ({m['utilization']:.0%})   ·   "
-                 f"{m['stitched_ranges']} stitched ranges", fontsize=11, x=0.01, y=1.0 - 8.0 / height, ha="left",
-                 va="top", fontweight="bold")
-    if not pools or not any(p["segments"] for p in pools):
-        fig.text(0.5, 0.5, "no segments: nothing is allocated or cached", ha="center", va="center", fontsize=12)
-    else:
-        drawn = [p for p in pools if p["segments"]]
-        ratios = [min(len(p["segments"]), MAX_BANDS) + 1 for p in drawn]
-        top_px, bottom_px, gap_px = 100.0, 86.0, 110.0  # titles above each pool, axis and legend below
-        axes_px = max(40.0, (height - top_px - bottom_px - gap_px * (len(drawn) - 1)) / len(drawn))
-        gs = fig.add_gridspec(len(drawn), 1, height_ratios=ratios, left=0.2, right=0.93, top=1.0 - top_px / height,
-                              bottom=bottom_px / height, hspace=gap_px / axes_px)
-        for i, pool in enumerate(drawn):
-            _draw_pool(fig.add_subplot(gs[i]), pool, scale)
-    handles = [Patch(facecolor=COLORS[s], edgecolor="#8c8c8c", label=LABELS[s]) for s in LABELS]
-    handles.append(Patch(facecolor="white", edgecolor=STITCH_EDGE, hatch="///", label="stitched range (S1, S2, ...)"))
-    handles.append(Patch(facecolor=COLORS["free"], edgecolor=STITCH_EDGE, hatch="///",
-                         label="detached stitched range (chunks returned, VA kept)"))
-    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7.5, frameon=False)
+    fig = build_figure(pools, process, width, height, scale, dpi)
+    w, h = fig.get_size_inches() * dpi
     fig.savefig(path, dpi=dpi, format="png")
-    return width, height
+    return int(round(w)), int(round(h))
 
 
-__all__ = ["render_png", "auto_height", "COLORS", "LABELS"]
+__all__ = ["render_png", "build_figure", "auto_height", "stitch_lanes", "COLORS", "LABELS"]

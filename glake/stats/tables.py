@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from rich import box
 from rich.table import Table
@@ -17,29 +17,53 @@ def command_line(process: Mapping[str, Any], width: int = 60) -> str:
     return cmd if len(cmd) <= width else cmd[: width - 1] + "…"
 
 
-def allocator_totals(stats: Mapping[str, Any]) -> Dict[str, Any]:
-    """Sums over a reply's allocator sections: bytes now and at peak, stitches, OOMs, devices."""
-    t = {"allocated": 0, "allocated_peak": 0, "reserved": 0, "reserved_peak": 0, "stitched": 0, "stitches": 0,
-         "ooms": 0, "devices": [], "pools": 0}
+UNKNOWN = "?"  # a figure the process did not report: never shown as 0
+NONE = "-"     # nothing to report (a process with no allocator has no allocated bytes to show)
+
+
+def figure(counters: Mapping[str, Any], key: str, fmt=fmt_bytes) -> str:
+    """``counters[key]`` formatted, or :data:`UNKNOWN` when the process did not report it."""
+    return fmt(counters[key]) if key in counters else UNKNOWN
+
+
+def allocator_totals(stats: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """Sums over a reply's allocator sections (bytes now and at peak, stitches, OOMs, devices), or None
+    when the process publishes no allocator. A figure missing from any section makes its total None."""
+    keys = {"allocated": "allocated_bytes.all.current", "allocated_peak": "allocated_bytes.all.peak",
+            "reserved": "reserved_bytes.all.current", "reserved_peak": "reserved_bytes.all.peak",
+            "stitched": "stitched_bytes.current", "stitches": "num_stitches", "ooms": "num_ooms"}
+    t: Dict[str, Any] = {k: 0 for k in keys}
+    t.update(devices=[], pools=0, failed=0)
     for s in stats["sections"]:
-        if s["name"] != "allocator" or s["error"]:
+        if s["name"] != "allocator":
+            continue
+        if s["error"]:
+            t["failed"] += 1
             continue
         c = s["counters"]
         t["pools"] += 1
-        t["allocated"] += c.get("allocated_bytes.all.current", 0)
-        t["allocated_peak"] += c.get("allocated_bytes.all.peak", 0)
-        t["reserved"] += c.get("reserved_bytes.all.current", 0)
-        t["reserved_peak"] += c.get("reserved_bytes.all.peak", 0)
-        t["stitched"] += c.get("stitched_bytes.current", 0)
-        t["stitches"] += c.get("num_stitches", 0)
-        t["ooms"] += c.get("num_ooms", 0)
+        for name, key in keys.items():
+            t[name] = None if t[name] is None or key not in c else t[name] + c[key]
         if s["device"] not in t["devices"]:
             t["devices"].append(s["device"])
+    if not t["pools"] and not t["failed"]:
+        return None
+    if t["failed"]:  # a section that failed: its figures are unknown, so are the sums
+        t.update({k: None for k in keys})
     return t
 
 
+def _total(t: Optional[Mapping[str, Any]], key: str, fmt=fmt_bytes) -> str:
+    if t is None:
+        return NONE
+    return UNKNOWN if t[key] is None else fmt(t[key])
+
+
 def ps_table(entries: Sequence[Any]) -> Table:
-    """One row per stats socket: live processes with their totals, others with what is wrong."""
+    """One row per stats socket: live processes with their totals, others with what is wrong.
+
+    A process that publishes no allocator shows ``-`` (nothing to count), a figure it did not report ``?``.
+    """
     table = Table(box=box.SIMPLE_HEAD, title="glake processes", title_justify="left")
     rows = []
     for e in entries:
@@ -48,9 +72,10 @@ def ps_table(entries: Sequence[Any]) -> Table:
             continue
         t = allocator_totals(e.stats)
         p = e.stats["process"]
-        rows.append((str(e.pid), e.status, p["backend"], ",".join(map(str, t["devices"])) or "-",
-                     fmt_bytes(t["allocated"]), fmt_bytes(t["reserved"]), fmt_bytes(t["reserved_peak"]),
-                     f"{fmt_bytes(t['stitched'])} ({t['stitches']})", str(t["ooms"]), command_line(p)))
+        stitched = NONE if t is None else f"{_total(t, 'stitched')} ({_total(t, 'stitches', str)})"
+        rows.append((str(e.pid), e.status, p["backend"], ",".join(map(str, t["devices"])) if t else NONE,
+                     _total(t, "allocated"), _total(t, "reserved"), _total(t, "reserved_peak"), stitched,
+                     _total(t, "ooms", str), command_line(p)))
     for i, (col, justify) in enumerate((("PID", "right"), ("STATUS", "left"), ("BACKEND", "left"),
                                         ("DEV", "left"), ("ALLOCATED", "right"), ("RESERVED", "right"),
                                         ("PEAK RESERVED", "right"), ("STITCHED", "right"), ("OOMS", "right"),
@@ -62,6 +87,9 @@ def ps_table(entries: Sequence[Any]) -> Table:
     for r, e in zip(rows, entries):
         style = "green" if e.stats is not None else "yellow"
         table.add_row(r[0], Text(r[1], style=style), *r[2:9], Text(r[9], style="" if e.stats else "dim"))
+    if any(e.stats is not None and allocator_totals(e.stats) is None for e in entries):
+        table.caption = ("-: the process publishes no allocator (no glake.Allocator alive, glake.torch / glake.cupy "
+                         "not installed)")
     return table
 
 
@@ -135,29 +163,35 @@ def section_table(s: Mapping[str, Any]) -> Any:
 
 
 def map_table(pool: Mapping[str, Any], limit: int = 40) -> Table:
-    """The segments of a pool with their blocks per state, and the pool's figures as the title."""
+    """The segments of a pool with their bytes per state (:data:`memmap.STATE_LABELS`), the pool's figures as
+    the title. A stitched range's kind says its state (``stitched · held``, ``stitched · detached``, ...)."""
     m = memmap.summarize([pool])
     title = (f"{pool['name']} ({pool['backend']}, device {pool['device']}): fragmentation {m['fragmentation']:.2f}, "
              f"utilization {m['utilization']:.0%}, reserved {fmt_bytes(m['reserved'])}, allocated "
              f"{fmt_bytes(m['allocated'])}, free {fmt_bytes(m['free'])} (largest {fmt_bytes(m['largest_free'])})")
     table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
-    for col in ("address", "kind", "size", "blocks", "allocated", "free", "lent", "pending/held"):
+    for col in ("address", "kind", "size", "blocks") + memmap.STATES:
         table.add_column(col, justify="left" if col in ("address", "kind") else "right")
     for seg in pool["segments"][:limit]:
         by: Dict[str, int] = {}
         for b in seg["blocks"]:
             by[b["state"]] = by.get(b["state"], 0) + b["size"]
-        kind = seg["kind"] + ("" if seg["kind"] != "stitched" else (" (active)" if seg["active"] else " (idle)"))
+        kind = seg["kind"]
+        if kind == "stitched" and seg["blocks"]:
+            kind += " · " + memmap.shown_state(seg, seg["blocks"][0])
         table.add_row(f"0x{seg['address']:x}", kind, fmt_bytes(seg["size"]), fmt_count(len(seg["blocks"])),
-                      fmt_bytes(by.get("allocated", 0)), fmt_bytes(by.get("free", 0)), fmt_bytes(by.get("lent", 0)),
-                      fmt_bytes(by.get("pending", 0) + by.get("held", 0)))
+                      *(fmt_bytes(by[st]) if by.get(st) else "" for st in memmap.STATES))
+    captions = []
     if len(pool["segments"]) > limit:
-        table.caption = f"... and {len(pool['segments']) - limit} more (glake map --json has them all)"
+        captions.append(f"... and {len(pool['segments']) - limit} more (glake map --json has them all)")
+    captions.append("; ".join(memmap.STATE_LABELS[s] for s in memmap.SHOWN_STATES))
+    table.caption = "\n".join(captions)
     return table
 
 
 def top_rows(samples: Sequence[Mapping[str, Any]], previous: Mapping[Any, Mapping[str, Any]]) -> List[List[Any]]:
-    """Rows of ``glake top``: one per allocator of each process (or one per process without one).
+    """Rows of ``glake top`` (cells in :data:`TOP_COLUMNS` order): one per allocator of each process, or
+    one per process without one (``-`` where it has nothing to count, ``?`` where a figure is not reported).
 
     ``previous`` maps ``(pid, pool)`` and ``(pid, "vmm")`` to the last sample's counters and time,
     for rates; it is updated in place.
@@ -167,55 +201,96 @@ def top_rows(samples: Sequence[Mapping[str, Any]], previous: Mapping[Any, Mappin
         p = stats["process"]
         pid, now = p["pid"], stats["timestamp_unix_ns"]
         drv = ""
-        vmm_total = sum(s["counters"].get("time_ns.total", 0) for s in stats["sections"] if s["name"] == "vmm")
-        last = previous.get((pid, "vmm"))
-        if last is not None and now > last["t"]:
-            drv = f"{100.0 * (vmm_total - last['time']) / (now - last['t']):.1f}%"
-        previous[(pid, "vmm")] = {"t": now, "time": vmm_total}  # type: ignore[index]
-        allocs = [s for s in stats["sections"] if s["name"] == "allocator" and not s["error"]]
+        vmm = [s for s in stats["sections"] if s["name"] == "vmm" and not s["error"]]
+        if vmm and all("time_ns.total" in s["counters"] for s in vmm):
+            vmm_total = sum(s["counters"]["time_ns.total"] for s in vmm)
+            last = previous.get((pid, "vmm"))
+            if last is not None and now > last["t"]:
+                drv = f"{100.0 * (vmm_total - last['time']) / (now - last['t']):.1f}%"
+            previous[(pid, "vmm")] = {"t": now, "time": vmm_total}  # type: ignore[index]
+        else:
+            drv = UNKNOWN
+        allocs = [s for s in stats["sections"] if s["name"] == "allocator"]
         if not allocs:
-            rows.append([pid, "-", "", "", "", "", "", "", "", "", "", "", drv, command_line(p, 40)])
+            rows.append([pid, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, drv,
+                         command_line(p, 40)])
         for s in allocs:
             c, v = s["counters"], s["values"]
             key = (pid, s["labels"].get("pool", str(s["device"])))
+            if s["error"]:
+                rows.append([pid, key[1], s["device"]] + [UNKNOWN] * 9 + [drv, command_line(p, 40)])
+                continue
             rate_a = rate_f = ""
             last = previous.get(key)
-            if last is not None and now > last["t"]:
+            counted = "allocation.all.allocated" in c and "allocation.all.freed" in c
+            if not counted:
+                rate_a = rate_f = UNKNOWN
+            elif last is not None and now > last["t"]:
                 dt = (now - last["t"]) / 1e9
-                rate_a = f"{(c.get('allocation.all.allocated', 0) - last['a']) / dt:,.0f}"
-                rate_f = f"{(c.get('allocation.all.freed', 0) - last['f']) / dt:,.0f}"
-            previous[key] = {"t": now, "a": c.get("allocation.all.allocated", 0),  # type: ignore[index]
-                             "f": c.get("allocation.all.freed", 0)}
+                rate_a = f"{(c['allocation.all.allocated'] - last['a']) / dt:,.0f}"
+                rate_f = f"{(c['allocation.all.freed'] - last['f']) / dt:,.0f}"
+            if counted:
+                previous[key] = {"t": now, "a": c["allocation.all.allocated"],  # type: ignore[index]
+                                 "f": c["allocation.all.freed"]}
             rows.append([pid, key[1], s["device"],
-                         f"{fmt_bytes(c.get('allocated_bytes.all.current', 0))} / "
-                         f"{fmt_bytes(c.get('allocated_bytes.all.peak', 0))}",
-                         f"{fmt_bytes(c.get('reserved_bytes.all.current', 0))} / "
-                         f"{fmt_bytes(c.get('reserved_bytes.all.peak', 0))}",
-                         f"{fmt_bytes(c.get('stitched_bytes.current', 0))} ({c.get('num_stitches', 0)})",
-                         fmt_bytes(c.get("mapped_va_bytes.current", 0)),
-                         f"{v.get('fragmentation', 0.0):.2f}", f"{v.get('utilization', 0.0):.0%}",
-                         rate_a, rate_f, str(c.get("num_ooms", 0)), drv, command_line(p, 40)])
+                         f"{figure(c, 'allocated_bytes.all.current')} / {figure(c, 'allocated_bytes.all.peak')}",
+                         f"{figure(c, 'reserved_bytes.all.current')} / {figure(c, 'reserved_bytes.all.peak')}",
+                         f"{figure(c, 'stitched_bytes.current')} ({figure(c, 'num_stitches', str)})",
+                         figure(c, "mapped_va_bytes.current"),
+                         figure(v, "fragmentation", lambda x: f"{x:.2f}"),
+                         figure(v, "utilization", lambda x: f"{x:.0%}"),
+                         rate_a, rate_f, figure(c, "num_ooms", str), drv, command_line(p, 40)])
     return rows
 
 
 TOP_COLUMNS = ("PID", "POOL", "DEV", "ALLOCATED / PEAK", "RESERVED / PEAK", "STITCHED (#)", "MAPPED VA", "FRAG",
                "UTIL", "ALLOC/s", "FREE/s", "OOMS", "DRIVER", "COMMAND")
+#: Which columns stay when the terminal is narrow, most important first (COMMAND takes what is left).
+TOP_PRIORITY = ("PID", "ALLOCATED / PEAK", "RESERVED / PEAK", "FRAG", "POOL", "STITCHED (#)", "ALLOC/s", "DRIVER",
+                "OOMS", "UTIL", "FREE/s", "MAPPED VA", "DEV")
+_COMMAND_MIN = 12
 
 
-def top_table(rows: Sequence[Sequence[Any]], title: str) -> Table:
-    """The ``glake top`` table: figures keep their width, the command line takes what is left."""
+def _top_width(widths: Sequence[int]) -> int:
+    """Characters a SIMPLE_HEAD table of columns this wide takes (one blank each side of every cell)."""
+    return sum(w + 2 for w in widths)
+
+
+def top_columns(rows: Sequence[Sequence[Any]], width: Optional[int]) -> List[str]:
+    """The columns that fit ``width`` characters without cutting a figure, in :data:`TOP_COLUMNS` order."""
+    cells = [[str(x) for x in r] for r in rows]
+    need = {col: max([len(col)] + [len(r[i]) for r in cells]) for i, col in enumerate(TOP_COLUMNS)}
+    if width is None:
+        return list(TOP_COLUMNS)
+    kept: List[str] = []
+    for col in TOP_PRIORITY:
+        if not kept or _top_width([need[c] for c in kept + [col]] + [_COMMAND_MIN]) <= width:
+            kept.append(col)
+    shown = [c for c in TOP_COLUMNS if c in kept]
+    if _top_width([need[c] for c in shown] + [_COMMAND_MIN]) <= width:
+        shown.append("COMMAND")
+    return shown
+
+
+def top_table(rows: Sequence[Sequence[Any]], title: str, width: Optional[int] = None) -> Table:
+    """The ``glake top`` table: figures are never cut; on a terminal too narrow for every column the least
+    important ones (:data:`TOP_PRIORITY`) are left out (:func:`top_columns` says which)."""
     table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", title_style="bold")
     cells = [[str(x) for x in r] for r in rows]
-    for i, col in enumerate(TOP_COLUMNS):
+    shown = top_columns(rows, width)
+    index = [TOP_COLUMNS.index(c) for c in shown]
+    for col, i in zip(shown, index):
         if col == "COMMAND":
-            table.add_column(col, justify="left", no_wrap=True, overflow="ellipsis", min_width=12, ratio=1)
+            table.add_column(col, justify="left", no_wrap=True, overflow="ellipsis", min_width=_COMMAND_MIN, ratio=1)
         else:
-            width = max([len(col)] + [len(r[i]) for r in cells])
-            table.add_column(col, justify="left" if col == "POOL" else "right", no_wrap=True, min_width=width)
+            w = max([len(col)] + [len(r[i]) for r in cells])
+            table.add_column(col, justify="left" if col == "POOL" else "right", no_wrap=True, min_width=w,
+                             max_width=w)
     for r in cells:
-        table.add_row(*r)
+        table.add_row(*(r[i] for i in index))
     return table
 
 
-__all__ = ["allocator_totals", "ps_table", "section_table", "map_table", "top_rows", "top_table", "TOP_COLUMNS",
+__all__ = ["allocator_totals", "ps_table", "section_table", "map_table", "top_rows", "top_table", "top_columns",
+           "TOP_COLUMNS", "TOP_PRIORITY", "UNKNOWN", "NONE", "figure",
            "command_line"]

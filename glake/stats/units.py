@@ -1,16 +1,8 @@
-"""Formatting of figures for people: bytes, durations, counts."""
+"""Formatting of figures for people: bytes (:func:`glake.units.fmt_bytes`), durations, counts."""
 
 from __future__ import annotations
 
-
-def fmt_bytes(n: float) -> str:
-    """``1536`` -> ``"1.50 KiB"``; ``0`` -> ``"0 B"``."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
+from glake.units import fmt_bytes  # the one byte formatter
 
 
 def fmt_ns(ns: float) -> str:

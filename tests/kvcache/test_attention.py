@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-pytest.importorskip("torch")  # glake.kvcache needs torch (not a test extra)
+import torch  # noqa: E402,F401  (a test extra: a missing torch is an error, not a skip)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("torch")  # glake.kvcache needs torch (not a test extra)
+import torch  # noqa: E402,F401  (a test extra: a missing torch is an error, not a skip)
 import torch  # noqa: E402
 
 from glake.kvcache import KVCache, decode_attention  # noqa: E402

@@ -7,7 +7,7 @@ import gc
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")  # glake.kvcache needs torch (not a test extra)
+import torch  # noqa: E402,F401  (a test extra: a missing torch is an error, not a skip)
 import torch  # noqa: E402
 
 import glake  # noqa: E402

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")  # glake.kvcache needs torch (not a test extra)
+import torch  # noqa: E402,F401  (a test extra: a missing torch is an error, not a skip)
 from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402

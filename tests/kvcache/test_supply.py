@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")  # glake.kvcache needs torch (not a test extra)
+import torch  # noqa: E402,F401  (a test extra: a missing torch is an error, not a skip)
 
 import glake  # noqa: E402
 from glake import core  # noqa: E402

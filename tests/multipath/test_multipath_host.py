@@ -245,9 +245,21 @@ def test_torch_copy_unaligned_views_and_shapes():
     assert torch.equal(dst, src)
     assert base_dst[0] == 0 and (base_dst[2 + 4 * MIB:] == 0).all()
     a = torch.randn(6, 7)
-    b = torch.empty(42)  # same dtype and byte size, another shape: bytes are copied in order
+    b = torch.empty(6, 7)
     mp.copy_(b, a)
-    assert torch.equal(b, a.flatten())
+    assert torch.equal(b, a)
+
+
+@pytest.mark.parametrize("dst_shape, src_shape", [((4, 4), (16,)), ((42,), (6, 7)), ((4, 4), (4,))])
+def test_torch_copy_rejects_another_shape(dst_shape, src_shape):
+    """torch's copy_ refuses the first two (not broadcastable); multipath never broadcasts, so refuses all three."""
+    dst, src = torch.zeros(dst_shape), torch.randn(src_shape)
+    if src_shape != (4,):
+        with pytest.raises(RuntimeError):
+            dst.clone().copy_(src)
+    with pytest.raises(glake.InvalidArgumentError, match=r"shape mismatch: dst is \(.*\), src is"):
+        mp.copy_(dst, src)
+    assert not dst.any()  # nothing copied
 
 
 def test_torch_copy_empty():
@@ -283,7 +295,7 @@ def test_bad_raw_input(eng, call, match):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: (torch.zeros(10), torch.ones(11)), "size mismatch"),
+    (lambda: (torch.zeros(10), torch.ones(11)), "shape mismatch"),
     (lambda: (torch.zeros(10), torch.ones(10, dtype=torch.float64)), "dtype mismatch"),
     (lambda: (torch.zeros(10, dtype=torch.int16), torch.ones(5, dtype=torch.int32)), "dtype mismatch"),
     (lambda: (torch.zeros(4, 4).t(), torch.ones(4, 4)), "not contiguous"),
@@ -332,8 +344,11 @@ def test_config_keywords_and_effective_values():
 @pytest.mark.parametrize("conf, match", [
     (dict(chunk_bytes=100), "chunk_bytes"), (dict(buffers=0), "buffers"), (dict(threads=-1), "threads"),
     (dict(streams=0), "streams"), (dict(pinned_streams=17), "pinned_streams"), (dict(piece_bytes=10), "piece_bytes"),
-    (dict(chunk_size=4096), "unknown key"), (dict(buffers=2.5), "must be an int"), (dict(peers=1), "bool"),
-    (dict(chunk_bytes=-4096), "chunk_bytes"),
+    (dict(chunk_size=4096), "unknown multipath option 'chunk_size'"),
+    (dict(buffers=2.5), r"buffers=2.5 \(keyword argument\): not an integer"),
+    (dict(peers="maybe"), r"peers=maybe \(keyword argument\): not a boolean"),
+    (dict(chunk_bytes=-4096), r"chunk_bytes=-4096 \(keyword argument\): not a byte count"),
+    (dict(threads=True), r"threads=true \(keyword argument\): not an integer"),
 ])
 def test_bad_config(conf, match):
     with pytest.raises(glake.InvalidArgumentError, match=match):
@@ -345,8 +360,10 @@ def test_env_conf(monkeypatch):
     with mp.Engine("host", buffers=5) as e:  # keywords win over the environment
         c = e.config
         assert (c["chunk_bytes"], c["buffers"], c["threads"], c["small_copy_bytes"], c["peers"]) == (2 * MIB, 5, 2, 0, False)
+    with mp.Engine("host", chunk_bytes="4MiB") as e:  # sizes as strings, the same syntax as the variable
+        assert e.config["chunk_bytes"] == 4 * MIB
     monkeypatch.setenv(mp.ENV_VAR, "chunk_bytes:lots")
-    with pytest.raises(glake.InvalidArgumentError, match=mp.ENV_VAR):
+    with pytest.raises(glake.InvalidArgumentError, match=r"chunk_bytes:lots \(GLAKE_MULTIPATH_CONF\): not a byte count"):
         mp.Engine("host")
 
 
@@ -355,7 +372,8 @@ def test_parse_conf():
     assert mp.parse_conf("chunk_bytes:4K,piece_bytes:1MiB,peer_min_bytes:2G,peers:true,peer_devices:1+3,streams:3") == {
         "chunk_bytes": 4096, "piece_bytes": MIB, "peer_min_bytes": 2 << 30, "peers": True, "peer_devices": [1, 3],
         "streams": 3}
-    for bad in ["chunk_bytes", "nope:1", "streams:x", "peers:maybe", "chunk_bytes:1T", "peer_devices:a+b"]:
+    assert mp.parse_conf("chunk_bytes:1T,peer_chunk_bytes:1.5M") == {"chunk_bytes": 1 << 40, "peer_chunk_bytes": 3 * MIB // 2}
+    for bad in ["chunk_bytes", "nope:1", "streams:x", "peers:maybe", "chunk_bytes:1Q", "peer_devices:a+b"]:
         with pytest.raises(glake.InvalidArgumentError):
             mp.parse_conf(bad)
 

@@ -164,4 +164,7 @@ def test_kvcache_and_multipath_sections_when_in_use():
         assert any(x["counters"].get("chunks_mapped", 0) >= 1 for x in kv_secs)
         assert any(x["labels"]["engine"] == "host:0" and x["counters"]["calls.plain"] + x["counters"]["calls.staged_h2d"] >= 1
                    for x in mp_secs)
-    assert not [x for x in collector.collect_sections(["kvcache"]) if x["labels"].get("cache") and x.get("error")]
+        assert len({x["labels"]["cache"] for x in kv_secs}) == len(kv_secs)  # one section per open cache
+    assert "kvcache" not in collector.section_names()  # a closed cache leaves the stats
+    with pytest.raises(collector.UnknownNameError, match="no section 'kvcache'"):
+        collector.collect_sections(["kvcache"])
