@@ -140,6 +140,14 @@ class GlakeAllocator final : public torch::cuda::CUDAPluggableAllocator::CUDAPlu
 
   void raw_delete(void* ptr) override {
     if (!ptr) return;
+    // Most raw frees are of the current device's memory: one lookup there, the search otherwise.
+    void* base = nullptr;
+    size_t size = 0;
+    const int device = c10::cuda::current_device();
+    if (glake_c_allocation_of(device, ptr, &base, &size) == GLAKE_OK && size && base == ptr) {
+      free_block(device, ptr, true);
+      return;
+    }
     char err[kErrLen];
     check(glake_c_free_any(ptr, err, sizeof(err)), err, "raw_delete");
   }
