@@ -172,7 +172,8 @@ def graphed_callables() -> None:
     ref.load_state_dict(model.state_dict())
     x = torch.randn(64, 256, device="cuda", requires_grad=True)
     graphed = torch.cuda.make_graphed_callables(model, (x,))
-    model.zero_grad(set_to_none=True)  # the warm-up iterations accumulated gradients    for _ in range(3):
+    model.zero_grad(set_to_none=True)  # the warm-up iterations accumulated gradients
+    for _ in range(3):
         inp = torch.randn(64, 256, device="cuda")
         graphed(inp).pow(2).sum().backward()
         ref(inp).pow(2).sum().backward()
