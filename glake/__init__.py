@@ -18,17 +18,14 @@ def _explain_missing_core(error: ImportError) -> ImportError:
         return error  # the module is there but does not load (a broken build): its own error says why
     root = os.path.dirname(here)
     installed = ""
-    try:
-        from importlib.metadata import PackageNotFoundError, distribution
+    from importlib.metadata import PackageNotFoundError, distribution
 
-        try:
-            path = os.path.abspath(str(distribution("glake").locate_file("glake")))
-            if path != here:
-                installed = f" The installed glake is {path}."
-        except PackageNotFoundError:
-            installed = " No glake is installed in this Python."
-    except ImportError:  # pragma: no cover - Python without importlib.metadata
-        pass
+    try:
+        path = os.path.abspath(str(distribution("glake").locate_file("glake")))
+        if path != here:
+            installed = f" The installed glake is {path}."
+    except PackageNotFoundError:
+        installed = " No glake is installed in this Python."
     tree = "a glake source tree" if os.path.exists(os.path.join(root, "setup.py")) else "a directory"
     return ImportError(
         f"glake is being imported from {here}, {tree} that has no built glake._C; it shadows the glake you "
