@@ -81,6 +81,12 @@ def _cpp_allocator():
     return torch.cuda.memory._CUDAAllocator(torch_frontend.load().make_allocator())
 
 
+def _registered_for_accelerator() -> bool:
+    from glake import torch_frontend
+
+    return torch_frontend.load().register_device_allocator()
+
+
 def install(frontend: Optional[str] = None, **conf: Any) -> None:
     """Make glake torch's CUDA allocator for this process.
 
@@ -93,7 +99,8 @@ def install(frontend: Optional[str] = None, **conf: Any) -> None:
         ``torch.cuda.OutOfMemoryError``, CUDA graph pools and ``MemPool`` behave as with torch's
         allocator; compiled against the installed torch on first use (20-60 s, then cached: see
         :mod:`glake.torch_frontend`). ``"pluggable"``: torch's ``CUDAPluggableAllocator`` over
-        glake's C ABI, no build, but torch's memory functions raise (use this module's).
+        glake's C ABI, no build, but torch's memory functions raise (use this module's) and
+        ``torch.accelerator``'s report torch's own, unused allocator.
         ``"auto"``: ``"cpp"``, falling back to ``"pluggable"`` with a warning saying why.
     **conf
         Allocator configuration (see :mod:`glake.allocator`), applied over ``$GLAKE_ALLOC_CONF``.
@@ -141,6 +148,9 @@ def install(frontend: Optional[str] = None, **conf: Any) -> None:
         raise GlakeError("glake.torch.install() must run before the first CUDA allocation of this process "
                          f"(torch says: {e}). Call it at the top of your script, or use `glake run -- python ...`."
                          ) from e
+    if used == "cpp" and not _registered_for_accelerator():
+        raise GlakeError("glake.torch: torch kept another allocator registered for CUDA devices; "
+                         "torch.accelerator's memory functions would not see glake")
     if used == "pluggable":
         _state["hooks"] = _wire_hooks(allocator_obj)
         _patch_graphs(torch)  # torch's C++ interface tells the cpp frontend about graphs itself

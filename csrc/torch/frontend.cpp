@@ -9,6 +9,7 @@
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
 #include <pybind11/pybind11.h>
 
+#include <c10/core/Allocator.h>
 #include <c10/core/impl/GPUTrace.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
@@ -482,4 +483,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "glake's torch allocator frontend (torch's CUDAAllocator interface over glake's C ABI)";
   m.def("make_allocator", &make_allocator, "The process's glake allocator, as a torch CUDAAllocator");
   m.def("c_api_version", [] { return GLAKE_C_API_VERSION; });
+  // torch.cuda.memory.change_current_allocator swaps only CUDACachingAllocator's pointer;
+  // torch.accelerator.* and everything else that asks c10::GetAllocator(kCUDA) would still reach
+  // torch's own allocator and report its empty figures. Register there too (priority: the highest,
+  // so that a registration torch made at a higher priority than its default cannot win).
+  m.def("register_device_allocator", [] {
+    c10::Allocator* ours = make_allocator().get();
+    c10::SetAllocator(c10::DeviceType::CUDA, ours, UINT8_MAX);
+    return c10::GetAllocator(c10::DeviceType::CUDA) == ours;
+  }, "Make glake c10's allocator for DeviceType::CUDA (torch.accelerator's path); true when it took");
 }

@@ -50,7 +50,8 @@ def memory_api() -> None:
     assert "Allocated memory" in summary and "GPU reserved memory" in summary, summary
     accel = getattr(torch, "accelerator", None)
     if accel is not None and hasattr(accel, "memory_allocated"):
-        assert accel.memory_allocated() == torch.cuda.memory_allocated()
+        assert accel.memory_allocated() == torch.cuda.memory_allocated() > 0, (accel.memory_allocated(), torch.cuda.memory_allocated())
+        assert accel.memory_stats()["allocation.all.allocated"] == 1
         assert accel.max_memory_allocated() >= accel.memory_allocated()
     torch.cuda.set_per_process_memory_fraction(0.5)
     assert abs(torch.cuda.get_per_process_memory_fraction() - 0.5) < 1e-9
