@@ -135,6 +135,9 @@ class GlakeProfile:
         out = {k: s[k] for k in self.KEYS}
         out["driver_ms"] = d["time_ns.total"] / 1e6
         out["driver_calls"] = sum(v for k, v in d.items() if k.startswith("calls."))
+        for k, v in d.items():  # by entry point: where the driver time goes
+            if k.startswith("time_ns.") and k != "time_ns.total":
+                out["ms." + k[len("time_ns."):]] = v / 1e6
         return out
 
     def start(self) -> None:
@@ -200,6 +203,9 @@ def trace_worker(kind: str, args) -> dict:
     torch = setup_allocator(kind, args.cap)
     events = json.loads(Path(args.trace).read_text())
     live, requested, peak_requested = {}, 0, 0
+    profile = GlakeProfile() if kind == "glake" else None
+    if profile:
+        profile.start()
     t0 = time.perf_counter()
     for action, addr, size in events:
         if action == "alloc":
@@ -212,6 +218,8 @@ def trace_worker(kind: str, args) -> dict:
             requested -= size
     elapsed = time.perf_counter() - t0
     out = {"median_step_s": elapsed, **peaks(torch, kind), "events": len(events)}
+    if profile:  # the whole replay (first steps' growth included) over the steps it recorded
+        out["per_step"] = profile.per_step(args.steps)
     out["requested_bytes.all.peak"] = peak_requested  # what the trace asked for, the same for all
     return out
 
@@ -308,9 +316,13 @@ def main() -> None:
                      "requested/reserved", "alloc/reserved", "median step ms (trace: total)", "time / native"], rows)
     profiled = [(w, results[w]["glake"]["per_step"]) for w in workloads if "per_step" in results[w].get("glake", {})]
     if profiled:
-        keys = list(profiled[0][1])
-        print_table("glake per measured step: slow-path events and time in driver calls",
+        keys = [k for k in profiled[0][1] if not k.startswith("ms.")]
+        print_table("glake per measured step (trace: whole replay / steps): slow-path events and time in driver calls",
                     ["workload", *keys], [[w, *[p[k] for k in keys]] for w, p in profiled])
+        by_op = [k for k in profiled[0][1] if k.startswith("ms.") and any(p[k] for _, p in profiled)]
+        if by_op:
+            print_table("glake per measured step: driver ms by call",
+                        ["workload", *[k[3:] for k in by_op]], [[w, *[p[k] for k in by_op]] for w, p in profiled])
     if args.max_batch:
         mb = {kind: max_batch(kind, args) for kind in ALLOCATORS}
         results["max_batch"] = {"cap_gb": args.cap_gb, "seq": args.seq_max, **mb}
