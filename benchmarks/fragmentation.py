@@ -1,4 +1,5 @@
-"""Fragmentation under training: torch native vs native + expandable_segments vs glake.
+"""Fragmentation under training: torch native vs native + expandable_segments vs glake (and glake
+with GMLake's 2 MiB physical chunks, `chunk_bytes:2MiB`).
 
 Workloads (each allocator in its own process, same seeds, same batches):
   full   fine-tune a ~1.1B-parameter Llama-shaped decoder (random weights, bf16, AdamW, gradient
@@ -31,7 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 
-ALLOCATORS = ["native", "expandable", "glake"]
+ALLOCATORS = ["native", "expandable", "glake", "glake-2mib"]
+GLAKE_CONF = {"glake": {}, "glake-2mib": {"chunk_bytes": "2MiB"}}  # glake-2mib: GMLake's 2 MiB physical chunks
 GiB = 1 << 30
 
 
@@ -99,19 +101,19 @@ def build_model(torch, dim, layers, heads, kv_heads, ffn, vocab, lora_rank=0):
 def setup_allocator(kind: str, cap: float):
     if kind == "expandable":
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    if kind == "glake":
+    if kind in GLAKE_CONF:
         import glake.torch
 
-        glake.torch.install(**({"limit_bytes": int(cap)} if cap else {}))
+        glake.torch.install(**GLAKE_CONF[kind], **({"limit_bytes": int(cap)} if cap else {}))
     import torch
 
-    if cap and kind != "glake":
+    if cap and kind not in GLAKE_CONF:
         torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
     return torch
 
 
 def peaks(torch, kind: str) -> dict:
-    if kind == "glake":
+    if kind in GLAKE_CONF:
         import glake.torch as gt
 
         s = gt.memory_stats()
@@ -169,7 +171,7 @@ def train_worker(kind: str, args) -> dict:
     if args.record_trace:
         torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     times, losses = [], []
-    profile = GlakeProfile() if kind == "glake" else None
+    profile = GlakeProfile() if kind in GLAKE_CONF else None
     for step, t in enumerate(lens):
         if profile and step == 3:  # steady state: the first steps build the cache
             profile.start()
@@ -203,7 +205,7 @@ def trace_worker(kind: str, args) -> dict:
     torch = setup_allocator(kind, args.cap)
     events = json.loads(Path(args.trace).read_text())
     live, requested, peak_requested = {}, 0, 0
-    profile = GlakeProfile() if kind == "glake" else None
+    profile = GlakeProfile() if kind in GLAKE_CONF else None
     if profile:
         profile.start()
     t0 = time.perf_counter()
@@ -314,7 +316,8 @@ def main() -> None:
         print_table(f"Fragmentation: batch {args.batch}, seq {args.seq_min}-{args.seq_max}, {args.steps} steps",
                     ["workload", "allocator", "peak alloc GiB", "peak requested GiB", "peak reserved GiB",
                      "requested/reserved", "alloc/reserved", "median step ms (trace: total)", "time / native"], rows)
-    profiled = [(w, results[w]["glake"]["per_step"]) for w in workloads if "per_step" in results[w].get("glake", {})]
+    profiled = [(f"{w} / {k}", results[w][k]["per_step"]) for w in workloads for k in GLAKE_CONF
+                if "per_step" in results[w].get(k, {})]
     if profiled:
         keys = [k for k in profiled[0][1] if not k.startswith("ms.")]
         print_table("glake per measured step (trace: whole replay / steps): slow-path events and time in driver calls",

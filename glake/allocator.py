@@ -2,9 +2,10 @@
 
 ``glake.Allocator`` manages device memory (or host memory on the host backend) through glake's
 VMM core: small requests (<= ``small_size``) are packed into 2 MiB chunks at 512 B rounding; large
-ones are rounded to 2 MiB and served best-fit from cached blocks; when no single free block is big
-enough, free chunks from several blocks are **stitched** into one new virtual range instead of
-allocating more memory. The same policy backs ``glake.torch`` and ``glake.cupy``.
+ones are rounded to 2 MiB and served best-fit from cached blocks (their segments are made of
+physical chunks of up to ``chunk_bytes``); when no single free block is big enough, the whole free
+chunks of several blocks are **stitched** into one new virtual range instead of allocating more
+memory. The same policy backs ``glake.torch`` and ``glake.cupy``.
 
 Configuration keys (``GLAKE_ALLOC_CONF="key:value,..."`` or keyword arguments):
 
@@ -17,6 +18,7 @@ stitch_va_limit     device    bound on the VA of cached stitched ranges (LRU-evi
 limit_bytes         0 (none)  cap on reserved (physical) bytes
 memory_fraction     0 (none)  cap as a fraction of device memory (the lower cap wins)
 small_size          1MB       requests up to this size use the small pool
+chunk_bytes         32MB      largest physical chunk of a large segment (a stitch maps whole chunks)
 release_on_oom      true      on failure, free cached memory and retry before raising
 =================== ========= ===============================================================
 """

@@ -22,11 +22,15 @@ void AllocatorConfig::set(const std::string& key, const std::string& value, cons
     const std::size_t s = conf::parse_bytes(value, key, source);
     if (s < 512 || s > (1u << 20)) conf::fail(key, value, source, "must be in [512 B, 1 MiB]");
     small_size = s;
+  } else if (key == "chunk_bytes") {
+    const std::size_t c = conf::parse_bytes(value, key, source);
+    if (c < (2u << 20) || c % (2u << 20) != 0) conf::fail(key, value, source, "must be a multiple of 2 MiB");
+    chunk_bytes = c;
   } else if (key == "release_on_oom") release_on_oom = conf::parse_bool(value, key, source);
   else {
     throw InvalidArgumentError("unknown allocator option '" + key + "' in " + conf::describe(key, value, source) +
                                " (known: stitch, stitch_min_bytes, stitch_va_limit, limit_bytes, memory_fraction, "
-                               "small_size, release_on_oom)");
+                               "small_size, chunk_bytes, release_on_oom)");
   }
 }
 
@@ -43,6 +47,7 @@ std::map<std::string, std::string> AllocatorConfig::to_map() const {
           {"limit_bytes", std::to_string(limit_bytes)},
           {"memory_fraction", std::to_string(memory_fraction)},
           {"small_size", std::to_string(small_size)},
+          {"chunk_bytes", std::to_string(chunk_bytes)},
           {"release_on_oom", release_on_oom ? "true" : "false"}};
 }
 

@@ -20,6 +20,9 @@ struct GLAKE_API AllocatorConfig {
   std::size_t limit_bytes = 0;            ///< reserved-bytes cap (0 = none)
   double memory_fraction = 0.0;           ///< cap as a fraction of device memory (0 = none)
   std::size_t small_size = 1u << 20;      ///< requests <= this go to the small pool
+  /// Largest physical chunk (one cuMemCreate) of a large-pool segment. The driver's costs are per
+  /// chunk, not per byte, and cuMemMap maps a chunk only whole, so a stitch maps whole chunks.
+  std::size_t chunk_bytes = 32u << 20;
   bool release_on_oom = true;             ///< free cached memory and retry before failing
 
   /// The defaults with $GLAKE_ALLOC_CONF applied: the one place that variable is read.

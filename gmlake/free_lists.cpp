@@ -67,11 +67,21 @@ Block* StitchAllocator::take_fit(FreeLists& lists, PoolKind kind, std::size_t si
   return carve(b, b->ptr, size);
 }
 
-std::size_t StitchAllocator::free_bytes(PoolKind kind, StreamHandle stream) const {
-  const FreeSet& set = free_.of(kind);
+Span StitchAllocator::mappable(const Block* b) const {
+  // A chunk maps only whole (cuMemMap takes no offset into a chunk on current drivers): the part of
+  // `b` in chunks it shares with its neighbours cannot be stitched.
+  const VirtualRange& r = *b->segment->range;
+  const std::size_t off = b->ptr - r.ptr(), end = off + b->size;
+  const Mapping first = r.mapping_at(off), last = r.mapping_at(end - 1);
+  const std::size_t start = first.offset == off ? off : first.offset + first.chunk->size();
+  const std::size_t stop = last.offset + last.chunk->size() == end ? end : last.offset;
+  return {b->segment, start, stop > start ? stop - start : 0};
+}
+
+std::size_t StitchAllocator::stitchable_bytes(StreamHandle stream) const {
   std::size_t total = 0;
-  for (auto it = set.lower_bound(FreeKey{stream, 0, 0}); it != set.end() && (*it)->stream == stream; ++it) {
-    total += (*it)->size;
+  for (auto it = free_.large.lower_bound(FreeKey{stream, 0, 0}); it != free_.large.end() && (*it)->stream == stream; ++it) {
+    total += mappable(*it).size;
   }
   return total;
 }

@@ -18,6 +18,7 @@ StitchAllocator::StitchAllocator(Driver& driver, int device, AllocatorConfig con
   granularity_ = driver_.granularity(device);
   device_total_ = driver_.mem_info(device).total;
   if (config_.stitch_va_limit == 0) config_.stitch_va_limit = device_total_;
+  config_.chunk_bytes = std::max(granularity_, config_.chunk_bytes / granularity_ * granularity_);
 }
 
 StitchAllocator::~StitchAllocator() {

@@ -153,7 +153,8 @@ class GLAKE_API StitchAllocator {
   Block* carve(Block* b, DevPtr start, std::size_t size);
   void insert_free(Block* b);
   void release_block(Block* b);
-  std::size_t free_bytes(PoolKind kind, StreamHandle stream) const;
+  Span mappable(const Block* b) const;
+  std::size_t stitchable_bytes(StreamHandle stream) const;
   std::size_t largest_free() const;
   const Block* free_block_containing(DevPtr ptr) const;
   // ---- stitch policy (stitch_policy.cpp)
@@ -170,6 +171,7 @@ class GLAKE_API StitchAllocator {
   Block* slow_path(PoolKind kind, std::size_t size, StreamHandle stream, std::size_t requested);
   Block* grow(PoolKind kind, std::size_t size, StreamHandle stream);
   Segment* create_segment(PoolKind kind, std::size_t bytes, StreamHandle stream);
+  std::vector<std::shared_ptr<PhysChunk>> segment_chunks(PoolKind kind, std::size_t bytes);
   void release_segment(Segment* seg);
   std::size_t release_cached(StreamHandle stream);
   // ---- stream ordering (stream_order.cpp)

@@ -116,33 +116,46 @@ Block* StitchAllocator::reuse_stitch(std::size_t size, StreamHandle stream) {
 }
 
 Block* StitchAllocator::stitch(std::size_t size, StreamHandle stream) {
-  // Largest free blocks of this stream first, until they cover the request.
-  std::vector<Block*> pick;
+  // Largest free blocks of this stream first, until their whole chunks cover the request.
+  std::vector<std::pair<Block*, Span>> pick;
   std::size_t got = 0;
   auto lo = free_.large.lower_bound(FreeKey{stream, 0, 0});
   auto hi = free_.large.lower_bound(FreeKey{stream + 1, 0, 0});
   for (auto it = hi; it != lo && got < size;) {  // [lo, hi): this stream's free blocks, by size
     --it;
-    pick.push_back(*it);
-    got += (*it)->size;
+    const Span sp = mappable(*it);
+    if (sp.size == 0) continue;
+    pick.emplace_back(*it, sp);
+    got += sp.size;
   }
   if (got < size) return nullptr;
+  // The last span ends at a chunk's end, so it may map more than the request needs: that rest stays
+  // free in its segment and is never touched through this range (as with a prefix-reused stitch).
   auto s = std::make_unique<Stitch>();
   s->id = next_id_++;
-  s->range = std::make_unique<VirtualRange>(driver_, device_, size);
   std::vector<std::shared_ptr<PhysChunk>> chunks;
-  std::size_t need = size;
-  for (Block* b : pick) {
-    const std::size_t take = std::min(need, b->size);
-    const std::size_t seg_off = b->ptr - b->segment->range->ptr();
-    for (std::size_t off = 0; off < take; off += granularity_) chunks.push_back(b->segment->range->chunk_at(seg_off + off));
-    s->spans.push_back({b->segment, seg_off, take});
+  std::vector<std::size_t> lend;  // bytes of each span lent to the allocation
+  std::size_t need = size, mapped = 0;
+  for (auto& [b, sp] : pick) {
+    if (need == 0) break;
+    const VirtualRange& r = *sp.segment->range;
+    const std::size_t take = std::min(need, sp.size);
+    std::size_t off = sp.offset;
+    while (off < sp.offset + take) {
+      const Mapping m = r.mapping_at(off);
+      chunks.push_back(m.chunk);
+      off = m.offset + m.chunk->size();
+    }
+    s->spans.push_back({sp.segment, sp.offset, off - sp.offset});
+    lend.push_back(take);
+    mapped += off - sp.offset;
     need -= take;
   }
+  s->range = std::make_unique<VirtualRange>(driver_, device_, mapped);
   s->range->map_many(0, chunks);  // throws before any bookkeeping changes
-  for (std::size_t i = 0; i < pick.size(); ++i) {
+  for (std::size_t i = 0; i < s->spans.size(); ++i) {
     const Span& sp = s->spans[i];
-    Block* m = carve(pick[i], sp.segment->range->ptr() + sp.offset, sp.size);
+    Block* m = carve(pick[i].first, sp.segment->range->ptr() + sp.offset, lend[i]);
     m->allocated = true;
     m->stitch = s.get();
     s->members.push_back(m);
@@ -156,8 +169,8 @@ Block* StitchAllocator::stitch(std::size_t size, StreamHandle stream) {
   s->block = sb;
   s->active = true;
   stats_.num_stitches++;
-  stats_.mapped_va_bytes.add(size);
-  stats_.stitched_va_cached += static_cast<std::int64_t>(size);
+  stats_.mapped_va_bytes.add(mapped);
+  stats_.stitched_va_cached += static_cast<std::int64_t>(mapped);
   stitches_.push_back(std::move(s));
   gc_stitches(stream);
   return sb;

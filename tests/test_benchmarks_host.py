@@ -51,3 +51,15 @@ def test_multipath_host_dry_run(tmp_path):
     pytest.importorskip("torch")
     run_benchmark(tmp_path, "multipath.py", "--host-dry-run", "--sizes", "4M", "--repeats", "1")
     assert (tmp_path / "multipath_host_dry_run.json").exists()
+
+
+def test_trace_replay_counts_fewer_driver_calls_with_larger_chunks(tmp_path):
+    """The recorded H200 trace replays on the host backend; 32 MiB chunks make fewer cuMemCreate and
+    cuMemMap calls than 2 MiB ones, and every configuration's smallest cap lies between the trace's
+    peak allocation and its peak reserved memory."""
+    run_benchmark(tmp_path, "trace_replay.py", "--confs", "chunk_bytes:2MiB;chunk_bytes:32MiB", "--min-cap")
+    res = json.loads((tmp_path / "trace_replay.json").read_text())["results"]
+    fine, coarse = res["chunk_bytes:2MiB"], res["chunk_bytes:32MiB"]
+    assert coarse["calls"]["create"] < fine["calls"]["create"] and coarse["calls"]["map"] < fine["calls"]["map"]
+    for r in (fine, coarse):
+        assert r["allocated_peak"] <= r["min_cap"] <= r["reserved_peak"] + (16 << 20)

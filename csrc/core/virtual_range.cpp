@@ -129,12 +129,15 @@ void VirtualRange::set_access(std::size_t offset, std::size_t size) {
   driver_.set_access(device_, ptr_ + offset, size);
 }
 
-std::shared_ptr<PhysChunk> VirtualRange::chunk_at(std::size_t offset) const {
+std::shared_ptr<PhysChunk> VirtualRange::chunk_at(std::size_t offset) const { return mapping_at(offset).chunk; }
+
+Mapping VirtualRange::mapping_at(std::size_t offset) const {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = chunks_.upper_bound(offset);
-  if (it == chunks_.begin()) return nullptr;
+  if (it == chunks_.begin()) return {0, nullptr};
   --it;
-  return offset < it->first + it->second->size() ? it->second : nullptr;
+  if (offset >= it->first + it->second->size()) return {0, nullptr};
+  return {it->first, it->second};
 }
 
 std::vector<Mapping> VirtualRange::mappings() const {

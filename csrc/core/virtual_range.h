@@ -48,6 +48,8 @@ class GLAKE_API VirtualRange {
   void set_access(std::size_t offset, std::size_t size);
   /// The chunk covering byte `offset`, or null when that byte is not mapped.
   std::shared_ptr<PhysChunk> chunk_at(std::size_t offset) const;
+  /// The mapping covering byte `offset` (its start and chunk), or {0, null} when that byte is not mapped.
+  Mapping mapping_at(std::size_t offset) const;
   /// Every mapping, by offset.
   std::vector<Mapping> mappings() const;
   /// Bytes currently mapped.

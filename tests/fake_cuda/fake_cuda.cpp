@@ -417,6 +417,10 @@ CUresult f_cuMemCreate(CUmemGenericAllocationHandle* h, size_t size, const CUmem
   if (shareable && std::getenv("FAKE_CUDA_NO_FD_EXPORT") && std::atoi(std::getenv("FAKE_CUDA_NO_FD_EXPORT"))) {
     return CUDA_ERROR_NOT_SUPPORTED;
   }
+  // FAKE_CUDA_MAX_CHUNK=N: a chunk over N bytes fails as when physical memory is too scarce for it.
+  if (const char* cap = std::getenv("FAKE_CUDA_MAX_CHUNK"); cap && size > std::strtoull(cap, nullptr, 10)) {
+    return CUDA_ERROR_OUT_OF_MEMORY;
+  }
   // The name carries the device, so an importer in any process can tell a chunk of this fake.
   const std::string name = kChunkName + std::to_string(prop->location.id);
   const int fd = memfd_create(name.c_str(), MFD_CLOEXEC);
@@ -480,7 +484,8 @@ CUresult f_cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAll
   auto it = g_handles.find(h);
   if (it == g_handles.end() || it->second.fd < 0) return CUDA_ERROR_INVALID_VALUE;
   Phys& ph = it->second;
-  if (flags || offset || size == 0 || !granular(ptr) || !granular(size) || size > ph.size ||
+  if (offset) return CUDA_ERROR_NOT_SUPPORTED;  // as driver 580 answers (H200, 2026-12-01): a chunk maps whole
+  if (flags || size == 0 || !granular(ptr) || !granular(size) || size > ph.size ||
       !in_reservation(ptr, size)) {
     return CUDA_ERROR_INVALID_VALUE;
   }

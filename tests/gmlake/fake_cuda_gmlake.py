@@ -462,6 +462,19 @@ def gil_released_in_slow_path():
     raise AssertionError("no Python ran while another thread was inside malloc: the binding holds the GIL")
 
 
+def chunk_fallback():
+    """Run with FAKE_CUDA_MAX_CHUNK=2 MiB: a chunk of chunk_bytes cannot be had, granules can; the
+    segment comes in granules instead of failing."""
+    a = glake.Allocator(0, backend="cuda", chunk_bytes="32MiB")
+    before = live()[0]
+    p = a.malloc(20 * MiB)
+    assert live()[0] - before == 10, live()
+    view(p, 20 * MiB)[:] = pattern(20 * MiB, 4)
+    assert np.array_equal(view(p, 20 * MiB), pattern(20 * MiB, 4))
+    a.free(p)
+    assert violations() == 0
+
+
 if __name__ == "__main__":
     name = sys.argv[1]
     assert _C.backend_name() == "cuda", "run with GLAKE_BACKEND=cuda and the fake libcuda on LD_LIBRARY_PATH"

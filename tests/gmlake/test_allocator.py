@@ -358,7 +358,7 @@ def test_oom_retry_reuses_a_held_stitch_of_another_stream():
     # request on stream 2 that only fits in the limit with those members must get them on the OOM
     # retry (the held stitch dissolved, its members migrated to stream 2 after stream 1's event),
     # not fail with 8 MiB free in the cache.
-    a = make(limit_bytes="16MB")
+    a = make(limit_bytes="16MB", chunk_bytes="2MiB")  # holes of 4 MiB: stitchable only in 2 MiB chunks
     a.free(a.malloc(12 * MiB, stream=stream(1)))  # one 12 MiB segment
     y1, y2, y3 = (a.malloc(4 * MiB, stream=stream(1)) for _ in range(3))
     a.free(y1)
@@ -379,7 +379,7 @@ def test_oom_retry_stitches_a_small_free_share_when_a_plain_segment_passes_the_l
     # 2 MiB free is less than an eighth of a 32 MiB request, so a plain 32 MiB segment is preferred;
     # but under the limit only the stitch (2 MiB free + 30 MiB new) fits: it must be made rather than
     # failing a request that the limit allows.
-    a = make(limit_bytes="42MB")
+    a = make(limit_bytes="42MB", chunk_bytes="2MiB")  # a 2 MiB hole: stitchable only in 2 MiB chunks
     a.free(a.malloc(12 * MiB))
     keep = a.malloc(10 * MiB)  # 2 MiB free at the end of the 12 MiB segment
     fill(keep, 10 * MiB, 1)
@@ -431,3 +431,73 @@ def test_empty_cache_waits_for_record_stream_frees():
     assert a.stats()["active_bytes.all.current"] == 4 * MiB
     a.empty_cache()
     assert a.stats()["active_bytes.all.current"] == 0 and reserved(a) == 0
+
+
+# ---------------------------------------------------------------- physical chunks of chunk_bytes
+def creates() -> int:
+    return glake.core.stats(BACKEND)["calls.create"]
+
+
+def test_a_large_segment_comes_in_chunks_of_chunk_bytes():
+    # The driver's costs are per chunk, not per byte: a 20 MiB segment is 8 + 8 + 4 MiB, three
+    # cuMemCreate calls (ten with 2 MiB chunks); a small-pool segment stays one granule.
+    for chunk, calls in (("8MiB", 3), ("2MiB", 10)):
+        a = make(chunk_bytes=chunk)
+        before = creates()
+        p = a.malloc(20 * MiB)
+        assert creates() - before == calls, chunk
+        fill(p, 20 * MiB, 3)
+        assert check(p, 20 * MiB, 3)
+        before = creates()
+        s = a.malloc(4096)
+        assert creates() - before == 1 and reserved(a) == 22 * MiB
+        a.free(p)
+        a.free(s)
+
+
+def test_a_stitch_maps_whole_chunks_and_leaves_the_rest_of_a_shared_chunk_free():
+    # Segment A of two 8 MiB chunks; a 4 MiB allocation keeps the front of its first chunk, so of
+    # the 12 MiB free behind it only the second chunk (8 MiB) can be mapped into a stitch: cuMemMap
+    # maps a chunk only whole. A 16 MiB request stitches that chunk with a new 8 MiB segment; the
+    # 4 MiB left in the first chunk stays a plain free block, handed out without touching the stitch.
+    a = make(chunk_bytes="8MiB")
+    a.free(a.malloc(16 * MiB))
+    keep = a.malloc(4 * MiB)
+    a.free(a.malloc(12 * MiB))  # [4, 16) MiB of A free
+    big = a.malloc(16 * MiB)
+    st = a.stats()
+    assert st["num_stitches"] == 1 and reserved(a) == 24 * MiB, (st["num_stitches"], reserved(a))
+    rest = a.malloc(4 * MiB)
+    assert rest == keep + 4 * MiB and a.stats()["num_stitches"] == 1 and reserved(a) == 24 * MiB
+    for p, n, seed in ((keep, 4 * MiB, 1), (big, 16 * MiB, 2), (rest, 4 * MiB, 3)):
+        fill(p, n, seed)
+    assert check(keep, 4 * MiB, 1) and check(big, 16 * MiB, 2) and check(rest, 4 * MiB, 3)
+    for p in (keep, big, rest):
+        a.free(p)
+
+
+def test_a_stitch_whose_last_chunk_is_partly_used_maps_it_whole_and_lends_only_what_it_needs():
+    # Two free 8 MiB chunks (segments A and B); a 12 MiB request takes all of A and 4 MiB of B's
+    # chunk: the stitched range maps B's chunk whole (16 MiB of VA) but lends only its first 4 MiB,
+    # so B's other 4 MiB stay free for a plain allocation, and neither write shows in the other.
+    a = make(chunk_bytes="8MiB")
+    x, y = a.malloc(8 * MiB), a.malloc(8 * MiB)
+    a.free(x)
+    a.free(y)
+    big = a.malloc(12 * MiB)
+    st = a.stats()
+    assert st["num_stitches"] == 1 and st["stitched_va_bytes.current"] == 16 * MiB and reserved(a) == 16 * MiB
+    assert st["stitched_bytes.current"] == 12 * MiB
+    rest = a.malloc(4 * MiB)
+    assert reserved(a) == 16 * MiB and rest in (x + 4 * MiB, y + 4 * MiB)
+    fill(big, 12 * MiB, 5)
+    fill(rest, 4 * MiB, 6)
+    assert check(big, 12 * MiB, 5) and check(rest, 4 * MiB, 6)
+    a.free(big)
+    a.free(rest)
+
+
+def test_chunk_bytes_must_be_a_multiple_of_2_mib():
+    for bad in ("3MiB", "1MiB", "0"):
+        with pytest.raises(glake.InvalidArgumentError, match="chunk_bytes"):
+            make(chunk_bytes=bad)

@@ -25,3 +25,7 @@ SCENARIOS = Path(__file__).resolve().parent / "fake_cuda_gmlake.py"
 ])
 def test_scenario(fake_libcuda, name):
     run_scenario(fake_libcuda, SCENARIOS, name, devices=1)
+
+
+def test_a_chunk_too_large_for_the_memory_left_falls_back_to_granules(fake_libcuda):
+    run_scenario(fake_libcuda, SCENARIOS, "chunk_fallback", devices=1, extra_env={"FAKE_CUDA_MAX_CHUNK": str(2 << 20)})

@@ -19,7 +19,9 @@ M = 1 << 20
 
 
 def fragmented_layout(alloc) -> dict:
-    """Allocate and free so the map shows every state; returns the live allocations to keep."""
+    """Allocate and free so the map shows every state; returns the live allocations to keep.
+
+    Its stitches join holes a granule wide: `alloc` needs chunk_bytes of 2 MiB."""
     whole = alloc.malloc(32 * M)  # a 32 MiB segment, kept busy while the stitches form
     segs = [alloc.malloc(16 * M) for _ in range(3)]
     for p in segs:
@@ -52,7 +54,7 @@ def main() -> int:
     import glake
     import glake.stats
 
-    alloc = glake.Allocator(backend="host")
+    alloc = glake.Allocator(backend="host", chunk_bytes="2MiB")  # the layout stitches holes of single granules
     keep = {} if args.no_layout else fragmented_layout(alloc)
     pool = glake.stats.register_allocator(alloc, "fragmented")
     glake.stats.register_source("demo", lambda: {"requests": 42, "hit_rate": 0.75, "nested": {"ok": True}},

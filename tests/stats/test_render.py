@@ -15,7 +15,7 @@ from .child_server import fragmented_layout  # noqa: E402
 
 @pytest.fixture(scope="module")
 def pools():
-    a = glake.Allocator(backend="host", name="render-test")
+    a = glake.Allocator(backend="host", name="render-test", chunk_bytes="2MiB")
     keep = fragmented_layout(a)
     yield collector.collect_pools("render-test")
     del keep
