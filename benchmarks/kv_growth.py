@@ -90,6 +90,7 @@ class DecodeSim:
         self.slot: List[int] = []
         self.length: List[int] = []   # tokens cached (the next token is written at this position)
         self.left: List[int] = []     # tokens still to generate
+        self.batch_us: List[float] = []  # host time of each step's one reserve_batch of all sequences
         self.pending: List[tuple] = []  # (batch position, slot, prompt, output) admitted next step
         for _ in range(B):           # start in steady state: each slot part-way through a request
             p, o = self.take_request()
@@ -115,8 +116,11 @@ class DecodeSim:
         kv, args = self.kv, self.args
         waiting = {i for i, *_ in self.pending}
         live = [i for i in range(len(self.slot)) if i not in waiting]
-        for i in live:
-            kv.reserve(self.slot[i], self.length[i] + 1)  # the hot path
+        batch_slots = np.fromiter((self.slot[i] for i in live), np.int64, len(live))
+        batch_lens = np.fromiter((self.length[i] + 1 for i in live), np.int64, len(live))
+        t0 = time.perf_counter_ns()
+        kv.reserve_batch(batch_slots, batch_lens)  # the hot path: one call per step for all sequences
+        self.batch_us.append((time.perf_counter_ns() - t0) / 1e3)
         live.sort(key=lambda i: self.length[i])
         slots = np.asarray([self.slot[i] for i in live])
         pos = np.asarray([self.length[i] for i in live])
@@ -193,6 +197,7 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
         kv.wait_mapper()
         s0, c0 = kv.stats(), core.stats(backend)
         times, waiting_steps, used, mapped, ideal = [], 0, 0, 0, 0
+        sim.batch_us.clear()
         for _ in range(args.steps):
             w0 = kv.sync_waits
             t0 = time.perf_counter()
@@ -224,6 +229,7 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             "utilisation": used / (mapped * chunk_tokens) if mapped else 0.0,
             "utilisation_bound": used / (ideal * chunk_tokens) if ideal else 0.0,
             "peak_chunks": s1["chunks_physical"],
+            "reserve_batch_us_p50": statistics.median(sim.batch_us) if sim.batch_us else 0.0,
         }
     finally:
         kv.close()
@@ -328,18 +334,20 @@ def main() -> None:
                         "wait_ms_per_step": sum(r["wait_ms"] for r in rs) / steps,
                         "maps_background": sum(r["maps_background"] for r in rs),
                         "maps_sync": sum(r["maps_sync"] for r in rs), "utilisation": util,
-                        "utilisation_bound": bound})
+                        "utilisation_bound": bound,
+                        "reserve_batch_us_p50": statistics.median(r["reserve_batch_us_p50"] for r in rs)})
         rows.append([name, round(mean, 3), round(pooled(rs, "step_ms_p99"), 3), round(mean / anchor, 4),
                      f"{waiting}/{steps}", round(sum(r["wait_ms"] for r in rs) / steps, 4),
                      sum(r["maps_background"] for r in rs), sum(r["maps_sync"] for r in rs), round(util, 4),
-                     "-" if bound is None else round(bound, 4)])
+                     "-" if bound is None else round(bound, 4),
+                     round(statistics.median(r["reserve_batch_us_p50"] for r in rs), 1)])
     shape = f"{args.layers}L x {args.kv_heads} KV heads x {args.head_dim} x {args.dtype}"
     if not args.attention:
         shape += ", NO attention (manager only" + (f", {args.emulate_step_ms} ms sleep per step)"
                                                   if args.emulate_step_ms else ")")
     print_table(f"KV growth, backend={backend}, {args.seqs} sequences, {shape}, {args.steps} steps x {args.repeats}",
                 ["mode", "step ms", "p99 ms", "vs premapped", "steps waiting", "wait ms/step", "maps bg",
-                 "maps sync", "KV util", "util bound"], rows)
+                 "maps sync", "KV util", "util bound", "reserve_batch us"], rows)
 
     fork = fork_workload(args, requests, backend) if args.fork_seqs > 0 else None
     if fork:

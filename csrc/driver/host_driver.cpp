@@ -197,4 +197,45 @@ EventHandle HostDriver::event_create(int device) {
   return next_id_.fetch_add(1);
 }
 
+void HostDriver::event_record(int device, EventHandle event, StreamHandle) {
+  check_device(device);
+  std::lock_guard<std::mutex> lock(held_mutex_);
+  if (holding_.load()) {
+    held_.insert(event);
+  } else {
+    held_.erase(event);  // a new record replaces a held one, as on a stream
+  }
+}
+
+bool HostDriver::event_query(int, EventHandle event) {
+  std::lock_guard<std::mutex> lock(held_mutex_);
+  return held_.count(event) == 0;
+}
+
+void HostDriver::event_synchronize(int, EventHandle event) {
+  std::unique_lock<std::mutex> lock(held_mutex_);
+  held_done_.wait(lock, [&] { return held_.count(event) == 0; });
+}
+
+void HostDriver::event_destroy(int, EventHandle event) {
+  std::lock_guard<std::mutex> lock(held_mutex_);
+  held_.erase(event);
+  held_done_.notify_all();
+}
+
+void HostDriver::hold_events(bool hold) { holding_.store(hold); }
+
+std::size_t HostDriver::complete_held_events() {
+  std::lock_guard<std::mutex> lock(held_mutex_);
+  const std::size_t n = held_.size();
+  held_.clear();
+  held_done_.notify_all();
+  return n;
+}
+
+std::size_t HostDriver::held_events() const {
+  std::lock_guard<std::mutex> lock(held_mutex_);
+  return held_.size();
+}
+
 }  // namespace glake

@@ -6,6 +6,9 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <unordered_set>
 
 #include "driver/driver.h"
 
@@ -31,10 +34,21 @@ class HostDriver final : public Driver {
   void device_synchronize(int) override {}
   bool stream_is_capturing(int, StreamHandle) override { return false; }
   EventHandle event_create(int device) override;
-  void event_record(int, EventHandle, StreamHandle) override {}
-  bool event_query(int, EventHandle) override { return true; }
-  void event_synchronize(int, EventHandle) override {}
-  void event_destroy(int, EventHandle) override {}
+  void event_record(int device, EventHandle event, StreamHandle stream) override;
+  bool event_query(int device, EventHandle event) override;
+  void event_synchronize(int device, EventHandle event) override;
+  void event_destroy(int device, EventHandle event) override;
+
+  // A test hook: host work is done when it is issued, so host events are complete at once. While
+  // events are held, an event recorded from then on stays incomplete (event_query false,
+  // event_synchronize blocks) until complete_held_events(): an in-flight kernel, on demand.
+
+  /// Holds (true) or stops holding (false) events recorded from now on; stopping completes none.
+  void hold_events(bool hold);
+  /// Completes every held event and wakes whoever waits on one; returns how many.
+  std::size_t complete_held_events();
+  /// Events recorded while held and not yet completed.
+  std::size_t held_events() const;
 
   void stream_wait_event(int, StreamHandle, EventHandle) override {}  // host events are always complete
   DevPtr host_alloc_pinned(int device, std::size_t size) override;
@@ -58,6 +72,10 @@ class HostDriver final : public Driver {
 
  private:
   std::atomic<std::uintptr_t> next_id_{1};  // host streams and events are plain ids
+  std::atomic<bool> holding_{false};
+  mutable std::mutex held_mutex_;
+  std::condition_variable held_done_;
+  std::unordered_set<EventHandle> held_;  // recorded while holding, not yet completed
 };
 
 }  // namespace glake

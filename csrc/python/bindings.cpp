@@ -11,6 +11,7 @@
 #include "core/virtual_range.h"
 #include "common/conf.h"
 #include "driver/driver.h"
+#include "driver/host_driver.h"
 #include "gmlake/config.h"
 
 using namespace glake;
@@ -115,6 +116,13 @@ PYBIND11_MODULE(_C, m) {
     }
   });
 
+  m.def("host_hold_events", [](bool hold) { dynamic_cast<HostDriver&>(get_driver("host")).hold_events(hold); },
+        py::arg("hold"), NoGil(),
+        "Test hook: host events recorded from now on stay incomplete until host_complete_events() (hold=False stops).");
+  m.def("host_complete_events", [] { return dynamic_cast<HostDriver&>(get_driver("host")).complete_held_events(); },
+        NoGil(), "Test hook: completes every held host event; returns how many.");
+  m.def("host_held_events", [] { return dynamic_cast<HostDriver&>(get_driver("host")).held_events(); }, NoGil(),
+        "Test hook: host events recorded while held and not yet completed.");
   m.def("cuda_backend_built", &cuda_backend_built, "Whether this build contains the cuda backend.");
   m.def("cuda_unavailable_reason", &cuda_unavailable_reason, NoGil(),
         "Why the cuda backend cannot be used here, or '' when it can.");

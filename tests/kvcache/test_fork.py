@@ -25,7 +25,7 @@ def test_fork_shares_full_chunks_and_copies_the_tail(make_kv, backend):
     assert st["chunks_shared"] == 2 and st["maps_shared"] == 2
     assert st["chunks_physical"] == 4 and st["chunks_mapped"] == 6
     assert st["fork_tail_bytes"] == 5 * kv.layout.row_bytes
-    rng = kv._table.range
+    rng = kv.range
     assert rng.chunk_at(kv.layout.chunk_offset(src, 0)).mappings == 2
     assert rng.chunk_at(kv.layout.chunk_offset(src, 2)).mappings == 1
     assert np.array_equal(get(kv, f, 0, 37), vals[:37])
@@ -47,7 +47,7 @@ def test_refcounts_return_to_zero(make_kv):
     src = kv.allocate()
     kv.reserve(src, 64)
     forks = [kv.fork(src, 48) for _ in range(3)]  # 3 shared chunks each, no tail
-    rng = kv._table.range
+    rng = kv.range
     shared = [rng.chunk_at(kv.layout.chunk_offset(src, i)) for i in range(3)]
     assert [c.mappings for c in shared] == [4, 4, 4]
     assert kv.stats()["chunks_physical"] == 4 and kv.stats()["fork_tail_bytes"] == 0
@@ -56,7 +56,7 @@ def test_refcounts_return_to_zero(make_kv):
     kv.release(src)
     kv.trim()
     assert [c.mappings for c in shared] == [0, 0, 0]
-    assert kv._table.refs == {} and kv.stats()["chunks_mapped"] == 0
+    assert kv.chunk_refs() == {} and kv.stats()["chunks_mapped"] == 0
     del shared, rng
     kv.check_invariants()  # the pool has nothing in use
 
@@ -103,7 +103,7 @@ def test_fork_of_a_fork_and_release_of_the_source(make_kv):
     assert np.array_equal(get(kv, f2, 50, 60), ramp(-500, 50, 60))
     # a new sequence in a released slot never keeps a chunk that another slot still maps
     s = kv.allocate()
-    assert all(kv._table.refs[i] == 1 for i in kv.chunk_ids(s) if i is not None)
+    assert all(kv.chunk_refs()[i] == 1 for i in kv.chunk_ids(s) if i is not None)
     kv.check_invariants()
 
 

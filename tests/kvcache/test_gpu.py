@@ -109,3 +109,24 @@ def test_a_released_slot_is_not_reclaimed_under_a_kernel_still_reading_it():
         torch.cuda.synchronize()
         assert acc.item() == pytest.approx(expect * 100, rel=1e-9)
         assert kv.stats()["reclaimed_released"] == 8
+        assert kv.stats()["fences_pending"] == 0  # waited for (unlocked) before its chunks moved
+
+
+def test_lengths_tensor_follows_reserve_batch_on_the_stream():
+    """The device lengths tensor is published on the current stream without a host sync: a kernel
+    queued after reserve_batch reads the new values, also on a side stream."""
+    with KVCache(**SHAPE, max_seqs=8, max_seq_len=512, backend="cuda", lookahead_tokens=2) as kv:
+        slots = [kv.allocate() for _ in range(8)]
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            for step in range(1, 300):
+                torch.cuda._sleep(1000)  # keep the stream busy: the copies queue behind it
+                kv.reserve_batch(slots, [step + i for i in range(8)])
+                seen = (kv.lengths * 1).to(torch.int64)  # a kernel ordered after the copy
+            torch.cuda.current_stream().synchronize()
+        assert kv.lengths.device.type == "cuda" and kv.lengths.dtype == torch.int32
+        assert seen.tolist() == [299 + i for i in range(8)]
+        kv.release(slots[0])
+        kv.publish_lengths()
+        torch.cuda.synchronize()
+        assert kv.lengths[0].item() == 0 and kv.lengths[1].item() == 300

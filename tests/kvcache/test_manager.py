@@ -30,7 +30,7 @@ def test_writes_land_in_the_slot_chunk_that_backs_them(make_kv, backend):
     off = lay.token_offset(b, 33) + lay.kv_offset(1, 1)
     raw = core.read(kv.base_ptr + off, 4, backend=backend)
     assert np.frombuffer(raw, np.float32)[0] == 3.5
-    rng = kv._table.range
+    rng = kv.range
     assert rng.chunk_at(off).id == ids[2]
     assert rng.chunk_at(lay.slot_offset(b)).id == ids[0]
     assert rng.chunk_at(lay.slot_offset(a)) is None  # nothing mapped for the empty slot
@@ -65,7 +65,7 @@ def test_odd_rows_straddle_chunks_and_keep_their_bytes(make_kv):
     kv.reserve(s, 400)
     assert np.array_equal(get(kv, s, 0, 182), vals)
     lay = kv.layout
-    rng = kv._table.range
+    rng = kv.range
     start, end = lay.token_offset(s, 91), lay.token_offset(s, 92) - 1
     assert rng.chunk_at(start).id != rng.chunk_at(end).id
     kv.check_invariants()
@@ -254,7 +254,7 @@ def test_close_frees_everything_and_is_idempotent(backend):
 def test_context_manager_closes(backend):
     with KVCache(backend=backend, **LLAMA_LIKE, max_seqs=2, max_seq_len=64, lookahead_tokens=4) as kv:
         kv.reserve(kv.allocate(), 33)
-    assert kv.closed and not kv._mapper.alive
+    assert kv.closed and not kv.mapper_alive
 
 
 def test_trim_returns_released_and_cached_chunks(make_kv, backend):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import glob
 import random
 import threading
 
@@ -46,14 +47,6 @@ def test_lookahead_stays_within_lookahead(make_kv):
     assert len(kv.chunk_ids(s)) == 2 and kv.capacity(s) == 32
 
 
-class ExplodingLock:
-    def __enter__(self):
-        raise AssertionError("the reserve fast path took the lock")
-
-    def __exit__(self, *a):
-        return False
-
-
 @pytest.mark.parametrize("lookahead", [0, 4])
 def test_fast_path_takes_no_lock_and_calls_no_driver(make_kv, backend, lookahead):
     kv = make_kv(lookahead_tokens=lookahead)
@@ -61,34 +54,28 @@ def test_fast_path_takes_no_lock_and_calls_no_driver(make_kv, backend, lookahead
     kv.reserve(s, 40)
     kv.wait_mapper()
     maps = core.stats(backend)["calls.map"]
-    real, kv._lock = kv._lock, ExplodingLock()
-    try:
-        for n in range(0, 44 if lookahead else 49):  # below the watermark with a mapper, else up to capacity
-            kv.reserve(s, n)
-    finally:
-        kv._lock = real
+    locked = kv._m.locked_engine_calls  # engine calls that took the manager's lock (C++ counter)
+    for n in range(0, 44 if lookahead else 49):  # below the watermark with a mapper, else up to capacity
+        kv.reserve(s, n)
+    kv.reserve_batch([s], [43 if lookahead else 48])
+    assert kv._m.locked_engine_calls == locked, "the reserve fast path took the lock"
     assert core.stats(backend)["calls.map"] == maps
+    kv.reserve(s, 100)  # beyond the capacity: the locked path (the counter can move)
+    assert kv._m.locked_engine_calls > locked
 
 
-def test_a_mapper_error_surfaces_on_the_next_reserve_once(make_kv, monkeypatch):
+def test_a_mapper_error_surfaces_on_the_next_reserve_once(make_kv):
     kv = make_kv(lookahead_tokens=4)
     s = kv.allocate()
     kv.wait_mapper()
-    real = kv._table.map_run
-
-    def failing(slot, first, chunks):
-        if threading.current_thread().name == "glake-kv-mapper":
-            raise glake.GlakeError("cuMemMap(...) failed: CUDA_ERROR_INJECTED")
-        return real(slot, first, chunks)
-
-    monkeypatch.setattr(kv._table, "map_run", failing)
+    kv._m.test_fail_background_maps(True)  # the mapper thread's next maps throw (a C++ test hook)
     kv.reserve(s, 14)  # queues the next chunk; the mapper fails
     kv.wait_mapper()
     with pytest.raises(glake.GlakeError, match="background mapper failed: GlakeError: .*INJECTED") as e:
         kv.reserve(s, 14)
     assert isinstance(e.value.__cause__, glake.GlakeError)
     kv.reserve(s, 15)  # raised once; the cache goes on
-    monkeypatch.setattr(kv._table, "map_run", real)
+    kv._m.test_fail_background_maps(False)
     kv.reserve(s, 20)  # beyond capacity: the synchronous path maps
     assert kv.capacity(s) >= 20 and kv.stats()["mapper_errors"] == 1
     kv.check_invariants()
@@ -112,16 +99,27 @@ def test_mapper_under_budget_pressure_gives_way_to_synchronous_reservations(make
     kv.check_invariants()
 
 
+def mapper_threads() -> int:
+    """Threads of this process named glake-kv-mapper (the C++ mapper names itself)."""
+    n = 0
+    for comm in glob.glob("/proc/self/task/*/comm"):
+        try:
+            with open(comm) as f:
+                n += f.read().strip() == "glake-kv-mapper"
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return n
+
+
 def test_stop_and_collection(backend):
     base = core.stats(backend)
+    threads = mapper_threads()
     kv = KVCache(backend=backend, **LLAMA_LIKE, max_seqs=2, max_seq_len=64, lookahead_tokens=4)
     kv.reserve(kv.allocate(), 20)
-    mapper = kv._mapper
-    assert mapper.alive
-    del kv  # forgotten without close(): the finalizer stops the thread, the range frees itself
+    assert kv.mapper_alive and mapper_threads() == threads + 1
+    del kv  # forgotten without close(): collection stops and joins the thread, the range frees itself
     gc.collect()
-    mapper._thread.join(10)
-    assert not mapper.alive
+    assert mapper_threads() == threads
     now = core.stats(backend)
     assert now["chunks_live"] == base["chunks_live"] and now["ranges_live"] == base["ranges_live"]
 
@@ -232,12 +230,13 @@ def test_prefetch_without_a_mapper_is_a_no_op(make_kv):
     assert kv.capacity(s) == 0
 
 
-def test_trimming_never_unmaps_what_reserve_just_guaranteed(make_kv, monkeypatch):
+def test_trimming_never_unmaps_what_reserve_just_guaranteed(make_kv):
     """The mapper trims a reused slot's surplus while the engine's lock-free reserve() jumps past
     the target the mapper saw: no chunk below a length reserve() has returned for may be unmapped.
 
-    The interleaving is forced: the mapper is held inside its first unmap (lock held) while the
-    engine reserves; a timer lets it go on. Every unmap after reserve() returned is checked.
+    The interleaving is forced with C++ test hooks: the mapper is held inside its first trim unmap
+    (the manager's lock held) while the engine reserves; a timer lets it go on. Every trim unmap
+    is logged, and those after reserve() returned are checked.
     """
     kv = make_kv(lookahead_tokens=1, max_seqs=2, max_seq_len=128)
     lay = kv.layout
@@ -246,32 +245,24 @@ def test_trimming_never_unmaps_what_reserve_just_guaranteed(make_kv, monkeypatch
     kv.release(s)
     s = kv.allocate()   # the same slot, its 8 chunks still mapped
     kv.wait_mapper()
-    entered, proceed = threading.Event(), threading.Event()
-    guaranteed = [0]    # chunks below this index were promised by a reserve() that returned
-    violations = []
-    real = kv._table.unmap
-
-    def held_unmap(slot, index):
-        if threading.current_thread().name == "glake-kv-mapper" and not entered.is_set():
-            entered.set()
-            proceed.wait(10)
-        if slot == s and index < guaranteed[0]:
-            violations.append(index)
-        return real(slot, index)
-
-    monkeypatch.setattr(kv._table, "unmap", held_unmap)
+    kv._m.test_unmap_log(True)
+    kv._m.test_hold_next_trim()
     kv.reserve(s, 1)    # the mapper trims past chunk 1 (1 + 1 tokens) ...
-    assert entered.wait(10)
-    timer = threading.Timer(0.3, proceed.set)
+    assert kv._m.test_wait_trim_held(10)
+    timer = threading.Timer(0.3, kv._m.test_release_trim)
     timer.start()
     try:
         kv.reserve(s, 100)  # ... while this reserve runs
-        guaranteed[0] = lay.chunks_for(100)
+        returned = len(kv._m.test_unmaps)
         put(kv, s, 99, [1.0])
     finally:
-        proceed.set()
+        kv._m.test_release_trim()
         timer.cancel()
     kv.wait_mapper()
-    assert violations == [], f"chunks {violations} unmapped after reserve(100) returned"
+    log = kv._m.test_unmaps
+    guaranteed = lay.chunks_for(100)
+    late = [j for slot, j in log[returned:] if slot == s and j < guaranteed]
+    assert late == [], f"chunks {late} unmapped after reserve(100) returned"
+    assert all(j >= lay.chunks_for(1) + 0 for _, j in log) and log, log
     assert kv.stats()["trimmed"] > 0
     kv.check_invariants()
