@@ -1,0 +1,77 @@
+"""Host time of KVCache.reserve_batch for --seqs already-backed sequences, by part: the C++ loop,
+publish_lengths (the pinned copy to kv.lengths), the torch stream lookup, the whole Python call; and
+growing every sequence by one token per call (a decode step), without and with the background mapper.
+Median of --iters calls after a warm-up, nothing else running.
+
+    python3 benchmarks/kv_reserve_batch.py [--seqs 256] [--backend cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_json  # noqa: E402
+
+from glake.kvcache import KVCache  # noqa: E402
+
+
+def median_us(fn, n: int) -> float:
+    for _ in range(50):
+        fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        fn()
+        ts.append(time.perf_counter_ns() - t0)
+    return float(np.median(ts)) / 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqs", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=600, help="tokens each sequence holds at the start")
+    ap.add_argument("--iters", type=int, default=2000)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--backend", default=None)
+    args = ap.parse_args()
+    rows, out = [], {}
+    for lookahead in (0, 2):
+        kv = KVCache(args.layers, 8, 128, "bfloat16", max_seqs=args.seqs, max_seq_len=2048, backend=args.backend,
+                     lookahead_tokens=lookahead)
+        try:
+            slots = np.array([kv.allocate() for _ in range(args.seqs)], np.int64)
+            lens = np.full(args.seqs, args.tokens, np.int64)
+            kv.reserve_batch(slots, lens)
+            kv.wait_mapper()
+            ptr = kv.lengths.data_ptr()
+            stream = torch.cuda.current_stream(kv.device).cuda_stream if kv.device.type == "cuda" else 0
+            r = {"C++ reserve_batch": median_us(lambda: kv._m.reserve_batch(slots, lens), args.iters),
+                 "publish_lengths": median_us(lambda: kv._m.publish_lengths(ptr, stream), args.iters),
+                 "torch stream lookup": (median_us(lambda: torch.cuda.current_stream(kv.device).cuda_stream, args.iters)
+                                         if kv.device.type == "cuda" else 0.0),
+                 "KVCache.reserve_batch": median_us(lambda: kv.reserve_batch(slots, lens), args.iters)}
+            cur = lens.copy()
+
+            def grow():
+                cur[:] += 1
+                kv.reserve_batch(slots, cur)
+
+            r["KVCache.reserve_batch, +1 token each"] = median_us(grow, min(args.iters, 400))
+        finally:
+            kv.close()
+        out[f"lookahead={lookahead}"] = r
+        rows.append([f"lookahead={lookahead}", *[round(v, 1) for v in r.values()]])
+    print_table(f"reserve_batch host time, {args.seqs} sequences, microseconds (median)",
+                ["mapper", *out["lookahead=0"].keys()], rows)
+    write_json("kv_reserve_batch", {"args": vars(args), "results": out})
+
+
+if __name__ == "__main__":
+    main()
