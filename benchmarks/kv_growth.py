@@ -179,6 +179,23 @@ def sync(kv: KVCache) -> None:
         torch.cuda.synchronize(kv.device)
 
 
+def profile_steps(sim: "DecodeSim", kv: KVCache, steps: int, top: int = 8) -> List[Dict]:
+    """`steps` more steps under torch.profiler: the ops that took the most device time (host time on
+    the host backend), to tell which part of a step a mode slows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = kv.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            sim.step()
+            sync(kv)
+    key = "device_time_total" if cuda else "cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)
+    return [{"op": e.key, "ms_per_step": getattr(e, key, 0.0) / 1e3 / steps, "calls_per_step": e.count / steps}
+            for e in events[:top]]
+
+
 def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, backend: str) -> Dict:
     kv = KVCache(args.layers, args.kv_heads, args.head_dim, args.dtype, max_seqs=args.seqs,
                  max_seq_len=args.max_seq_len, backend=backend, lookahead_tokens=lookahead or 0)
@@ -210,6 +227,7 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             if kv.sync_waits > w0:
                 waiting_steps += 1
         s1, c1 = kv.stats(), core.stats(backend)
+        top = profile_steps(sim, kv, args.profile_steps) if args.profile_steps else []
         row = kv.layout.row_bytes
         chunk_tokens = kv.layout.chunk_bytes / row
         ms = sorted(t * 1e3 for t in times)
@@ -230,6 +248,7 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             "utilisation_bound": used / (ideal * chunk_tokens) if ideal else 0.0,
             "peak_chunks": s1["chunks_physical"],
             "reserve_batch_us_p50": statistics.median(sim.batch_us) if sim.batch_us else 0.0,
+            "top_ops": top,
         }
     finally:
         kv.close()
@@ -300,6 +319,8 @@ def main() -> None:
     ap.add_argument("--emulate-step-ms", type=float, default=0.0,
                     help="with --no-attention: sleep this long per step in place of the GPU work, to check the "
                          "mapper's logic on a host (a sleep frees the GIL, kernel launches do not: no step-time claim)")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="after the measured steps, profile this many more and print each mode's costliest ops")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=str(HERE / "data" / "sharegpt_lengths.npz"))
     args = ap.parse_args()
@@ -348,6 +369,11 @@ def main() -> None:
     print_table(f"KV growth, backend={backend}, {args.seqs} sequences, {shape}, {args.steps} steps x {args.repeats}",
                 ["mode", "step ms", "p99 ms", "vs premapped", "steps waiting", "wait ms/step", "maps bg",
                  "maps sync", "KV util", "util bound", "reserve_batch us"], rows)
+    if args.profile_steps:
+        top_rows = [[name, t["op"][:60], round(t["ms_per_step"], 3), round(t["calls_per_step"], 1)]
+                    for name, _ in modes for t in results[name][0]["top_ops"]]
+        print_table(f"Costliest ops per mode ({args.profile_steps} profiled steps; device time on cuda)",
+                    ["mode", "op", "ms / step", "calls / step"], top_rows)
 
     fork = fork_workload(args, requests, backend) if args.fork_seqs > 0 else None
     if fork:

@@ -38,7 +38,7 @@ def test_kv_growth_utilisation_never_above_its_bound(tmp_path):
     pytest.importorskip("torch")
     run_benchmark(tmp_path, "kv_growth.py", "--backend", "host", "--seqs", "8", "--steps", "30", "--warmup", "5",
                   "--layers", "4", "--dtype", "float32", "--max-seq-len", "512", "--lookahead", "2",
-                  "--fork-seqs", "4", "--system-prompt", "100")
+                  "--fork-seqs", "4", "--system-prompt", "100", "--profile-steps", "2")
     summary = {r["mode"]: r for r in json.loads((tmp_path / "kv_growth_host.json").read_text())["summary"]}
     assert set(summary) == {"premapped", "sync", "lookahead=2"}
     assert summary["premapped"]["utilisation_bound"] is None
