@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import glob
 import random
@@ -103,11 +104,8 @@ def mapper_threads() -> int:
     """Threads of this process named glake-kv-mapper (the C++ mapper names itself)."""
     n = 0
     for comm in glob.glob("/proc/self/task/*/comm"):
-        try:
-            with open(comm) as f:
-                n += f.read().strip() == "glake-kv-mapper"
-        except FileNotFoundError:  # the thread ended meanwhile
-            pass
+        with contextlib.suppress(FileNotFoundError), open(comm) as f:  # a thread may end meanwhile
+            n += f.read().strip() == "glake-kv-mapper"
     return n
 
 
