@@ -131,8 +131,8 @@ class LLMEngine:
             return list(self.tokenizer.encode(prompt))
         return [int(t) for t in prompt]
 
-    def add_request(self, prompt: Union[str, Seq[int]], params: SamplingParams) -> List[Sequence]:
-        """Queues ``params.n`` sequences for one prompt; returns them (they fill in as the engine steps).
+    def check_request(self, prompt: Union[str, Seq[int]], params: SamplingParams) -> List[int]:
+        """The prompt's token ids, once it is known to be servable (nothing is queued).
 
         Raises
         ------
@@ -140,6 +140,8 @@ class LLMEngine:
             An empty prompt, a token id outside the vocabulary, a prompt of ``max_model_len`` tokens or
             more, or a sequence that could never fit ``kv_memory_budget``.
         """
+        if not isinstance(params, SamplingParams):
+            raise InvalidArgumentError(f"sampling params must be a SamplingParams, not {type(params).__name__}")
         ids = self.encode(prompt)
         vocab = self.model.args.vocab_size
         if not ids:
@@ -155,6 +157,17 @@ class LLMEngine:
             raise InvalidArgumentError(f"a sequence of up to {longest} tokens needs "
                                        f"{self.kv.layout.chunks_for(longest)} KV chunks; kv_memory_budget="
                                        f"{budget} bytes holds {budget // self.kv.layout.chunk_bytes}")
+        return ids
+
+    def add_request(self, prompt: Union[str, Seq[int]], params: SamplingParams) -> List[Sequence]:
+        """Queues ``params.n`` sequences for one prompt; returns them (they fill in as the engine steps).
+
+        Raises
+        ------
+        InvalidArgumentError
+            See :meth:`check_request`; nothing is queued then.
+        """
+        ids = self.check_request(prompt, params)
         rid = next(self._request_ids)
         seqs = [Sequence(rid, ids, params, i, self.device) for i in range(params.n)]
         for s in seqs:

@@ -117,7 +117,8 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(plist):
                 raise InvalidArgumentError(f"{len(params)} sampling params for {len(plist)} prompts")
-        groups: List[List[Sequence]] = [self.engine.add_request(p, sp) for p, sp in zip(plist, params)]
+        ids = [self.engine.check_request(p, sp) for p, sp in zip(plist, params)]  # all valid, or none queued
+        groups: List[List[Sequence]] = [self.engine.add_request(i, sp) for i, sp in zip(ids, params)]
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
