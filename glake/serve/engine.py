@@ -170,8 +170,8 @@ class LLMEngine:
         ids = self.check_request(prompt, params)
         rid = next(self._request_ids)
         seqs = [Sequence(rid, ids, params, i, self.device) for i in range(params.n)]
-        for s in seqs:
-            self.scheduler.add(s)
+        seqs[0].pending_forks = seqs[1:]  # forked from seqs[0] once its prompt is in the cache
+        self.scheduler.add(seqs[0])
         return seqs
 
     def has_unfinished(self) -> bool:
@@ -205,7 +205,15 @@ class LLMEngine:
         finished: List[Sequence] = []
         if not rows:
             return finished
-        seqs = [batch.seqs[i] for i in rows]
+        seqs, logit_rows = [], []
+        for j, i in enumerate(rows):
+            seqs.append(batch.seqs[i])
+            logit_rows.append(j)
+            for child in self._fork_pending(batch.seqs[i]):  # they sample from the prompt's logits too
+                seqs.append(child)
+                logit_rows.append(j)
+        if len(seqs) > len(rows):
+            logits = logits[torch.tensor(logit_rows, device=logits.device)]
         t = SamplingTensors.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                                   [s.output_token_ids for s in seqs], [s.generator for s in seqs],
                                   logits.shape[-1], logits.device)
@@ -221,6 +229,28 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def _fork_pending(self, parent: Sequence) -> List[Sequence]:
+        """Starts ``parent``'s waiting completions as forks of its just-prefilled prompt; returns them.
+
+        A fork needs a slot and, when the prompt does not end on a chunk boundary, one chunk for the
+        copied tail; a completion that cannot have them now is queued to prefill the prompt itself.
+        """
+        if not parent.pending_forks or parent.num_output_tokens:
+            return []
+        kv, sched, p = self.kv, self.scheduler, parent.num_prompt_tokens
+        tail = kv.layout.chunks_for(p) - kv.layout.full_chunks_of_prefix(p)
+        started = []
+        for child in parent.pending_forks:
+            if len(sched.running) < sched.max_num_seqs and kv.num_free_chunks() >= tail:
+                child.slot = kv.fork(parent.slot, p)
+                child.num_cached_tokens = p
+                sched.start_running(child)
+                started.append(child)
+            else:
+                sched.add(child)
+        parent.pending_forks = []
+        return started
 
     @staticmethod
     def _logprobs(out, seqs: List[Sequence]) -> List[Optional[dict]]:

@@ -15,8 +15,9 @@ class SamplingParams:
     Parameters
     ----------
     n
-        Completions per prompt. Each runs as its own sequence (its prompt is prefilled once per
-        completion; prefix sharing through ``KVCache.fork`` is not implemented yet).
+        Completions per prompt. The prompt is prefilled once; the other completions start as
+        ``KVCache.fork`` s of it (sharing its chunks), or prefill it themselves when no slot or
+        chunk is free at that moment.
     temperature
         0 = greedy (argmax of the penalised logits); otherwise logits are divided by it.
     top_k

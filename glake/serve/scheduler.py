@@ -101,6 +101,11 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
+    def start_running(self, seq: Sequence) -> None:
+        """Adds a sequence that already holds a slot (a fork) to the running ones (the newest)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def has_unfinished(self) -> bool:
         """True while any sequence is waiting, running or swapped out."""
         return bool(self.waiting or self.running or self.swapped)

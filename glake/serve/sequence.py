@@ -68,6 +68,9 @@ class Sequence:
         self.logprobs: List[Dict[int, float]] = []
         self.text = ""                 # the detokenised output, when a tokenizer is known
         self.num_preemptions = 0
+        # the request's other completions (n > 1) wait here until this one's prompt is prefilled, then
+        # start as forks of its slot (sharing the prompt's chunks); see LLMEngine._fork_pending
+        self.pending_forks: List["Sequence"] = []
         self.generator: Optional[torch.Generator] = None
         if params.seed is not None:
             self.generator = torch.Generator(device=device or torch.device("cpu"))

@@ -82,7 +82,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
     assert a != full(llm, 20).token_ids  # and not the greedy output
 
 
-def test_n_completions_are_independent_sequences(llm):
+def test_n_completions_have_their_own_seeds(llm):
     outs = llm.generate(PROMPT, SamplingParams(temperature=1.0, seed=7, max_tokens=12, n=3), use_tqdm=False)[0]
     assert [o.index for o in outs.outputs] == [0, 1, 2]
     assert len({tuple(o.token_ids) for o in outs.outputs}) == 3
