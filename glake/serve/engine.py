@@ -20,6 +20,7 @@ from glake.kvcache import KVCache
 from glake.serve.layers.sampler import Sampler, SamplingTensors
 from glake.serve.model_runner import ModelRunner
 from glake.serve.models.loader import load_model
+from glake.serve.prefix_cache import PrefixCache
 from glake.serve.sampling_params import SamplingParams
 from glake.serve.scheduler import Scheduler, StopChecker
 from glake.serve.sequence import Sequence
@@ -77,6 +78,10 @@ class LLMEngine:
         See :class:`Scheduler`.
     use_flash
         FlashAttention-2 over the cache; default: on cuda with fp16/bf16.
+    enable_prefix_caching
+        Keep finished sequences' slots so that later prompts starting with the same whole chunks of
+        tokens fork them instead of prefilling (:class:`~glake.serve.prefix_cache.PrefixCache`);
+        needs KV rows that divide the 2 MiB chunk.
 
     Raises
     ------
@@ -89,7 +94,7 @@ class LLMEngine:
                  max_num_seqs: int = 16, max_model_len: Optional[int] = None, max_num_batched_tokens: int = 512,
                  kv_memory_budget: Union[None, int, str] = None, kv_lookahead_tokens: int = 2,
                  preemption_mode: str = "auto", swap_min_tokens: int = 512,
-                 use_flash: Optional[bool] = None) -> None:
+                 use_flash: Optional[bool] = None, enable_prefix_caching: bool = False) -> None:
         self.device = torch.device(device) if device is not None else _default_device()
         loaded = load_model(model, self.device, dtype)
         self.model, self.config = loaded.model, loaded.config
@@ -107,8 +112,12 @@ class LLMEngine:
                           device=self.device.index if self.device.type == "cuda" else None,
                           lookahead_tokens=kv_lookahead_tokens)
         try:
+            if enable_prefix_caching and not isinstance(self.kv.tokens_per_chunk, int):
+                raise InvalidArgumentError(f"enable_prefix_caching needs KV rows that divide the 2 MiB chunk: "
+                                           f"{self.kv.layout.describe()}")
+            cache = PrefixCache(self.kv) if enable_prefix_caching else None
             self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, preemption_mode,
-                                       swap_min_tokens)
+                                       swap_min_tokens, cache)
         except BaseException:
             self.kv.close()
             raise
@@ -242,7 +251,7 @@ class LLMEngine:
         tail = kv.layout.chunks_for(p) - kv.layout.full_chunks_of_prefix(p)
         started = []
         for child in parent.pending_forks:
-            if len(sched.running) < sched.max_num_seqs and kv.num_free_chunks() >= tail:
+            if len(sched.running) < sched.max_num_seqs and sched.free_slot() and kv.num_free_chunks() >= tail:
                 child.slot = kv.fork(parent.slot, p)
                 child.num_cached_tokens = p
                 sched.start_running(child)

@@ -20,6 +20,7 @@ from typing import Callable, Deque, List, Optional, Sequence as Seq
 
 from glake.errors import InvalidArgumentError
 from glake.kvcache import KVCache
+from glake.serve.prefix_cache import PrefixCache
 from glake.serve.sequence import Sequence, SequenceStatus
 
 PREEMPTION_MODES = ("auto", "recompute", "swap")
@@ -74,10 +75,14 @@ class Scheduler:
         In ``"auto"`` mode, sequences with at least this many cached tokens are swapped, shorter
         ones recomputed: re-prefilling n tokens costs O(n) model FLOPs (quadratic attention on top),
         a swap moves n rows twice over the host link, cheaper for long sequences.
+    prefix_cache
+        Keep finished sequences' slots for their prefixes (None = release them): a new sequence
+        whose prompt starts with a cached run of whole chunks forks it instead of prefilling it.
+        Entries are evicted (LRU) before any running sequence is preempted.
     """
 
     def __init__(self, kv: KVCache, max_num_seqs: int, max_num_batched_tokens: int, preemption_mode: str = "auto",
-                 swap_min_tokens: int = 512) -> None:
+                 swap_min_tokens: int = 512, prefix_cache: Optional[PrefixCache] = None) -> None:
         if preemption_mode not in PREEMPTION_MODES:
             raise InvalidArgumentError(f"preemption_mode={preemption_mode!r} is not one of {PREEMPTION_MODES}")
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
@@ -88,6 +93,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.preemption_mode = preemption_mode
         self.swap_min_tokens = swap_min_tokens
+        self.prefix_cache = prefix_cache
         self.waiting: Deque[Sequence] = deque()
         self.running: List[Sequence] = []
         self.swapped: Deque[Sequence] = deque()
@@ -111,13 +117,16 @@ class Scheduler:
         return bool(self.waiting or self.running or self.swapped)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Marks ``seq`` finished and releases its slot."""
+        """Marks ``seq`` finished and releases its slot (or keeps it in the prefix cache)."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         if seq in self.running:
             self.running.remove(seq)
         if seq.slot is not None:
-            self.kv.release(seq.slot)
+            if self.prefix_cache is not None and reason != "abort":
+                self.prefix_cache.insert(seq.slot, seq.token_ids, seq.num_cached_tokens)
+            else:
+                self.kv.release(seq.slot)
             seq.slot = None
 
     def abort_all(self) -> None:
@@ -130,6 +139,8 @@ class Scheduler:
                 s.swap_handle = None
         self.swapped.clear()
         self.waiting.clear()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     # ---- memory accounting -----------------------------------------------------------------------
 
@@ -149,6 +160,21 @@ class Scheduler:
         if chunks > self._free:
             return False
         self._free -= chunks
+        return True
+
+    def _evict_for_memory(self, planned: int, keep: Optional[int] = None) -> bool:
+        """Evicts a prefix-cache entry (not ``keep``) and re-reads the free chunks; False if none could go."""
+        if self.prefix_cache is None or not self.prefix_cache.evict(keep):
+            return False
+        self._free = self.kv.num_free_chunks() - planned
+        return True
+
+    def free_slot(self, keep: Optional[int] = None) -> bool:
+        """Whether a KV slot is free for one more sequence, evicting prefix-cache entries (not ``keep``) if needed."""
+        cached = self.prefix_cache
+        while len(self.running) + (len(cached) if cached is not None else 0) >= self.kv.layout.max_seqs:
+            if cached is None or not cached.evict(keep):
+                return False
         return True
 
     # ---- preemption ------------------------------------------------------------------------------
@@ -198,6 +224,8 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             need = self._growth(seq, seq.num_cached_tokens + n)
             while not self._take(need):
+                if self._evict_for_memory(planned):
+                    continue
                 victim = queue.pop() if queue else seq  # the newest not yet planned; else itself
                 self._preempt(victim, planned)
                 preempted = True
@@ -223,7 +251,11 @@ class Scheduler:
             seq = self.swapped[0]
             h = seq.swap_handle
             n = min(seq.num_uncomputed_tokens, budget)
+            if not self.free_slot():
+                break
             if not self._take(self._chunks(seq.num_cached_tokens + n)):
+                if self._evict_for_memory(planned):
+                    continue
                 break
             self.swapped.popleft()
             seq.slot = self.kv.swap_in(h)
@@ -242,14 +274,28 @@ class Scheduler:
     def _admit(self, batch: ScheduledBatch, budget: int, planned: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self._take(self._chunks(n)):
+            src, p = (None, 0) if self.prefix_cache is None else self.prefix_cache.match(seq.token_ids,
+                                                                                          seq.num_tokens - 1)
+            n = min(seq.num_tokens - p, budget)
+            need = self._chunks(p + n) - self._chunks(p)  # a fork of p whole chunks shares them, copies nothing
+            if not self.free_slot(keep=src):
+                break
+            if not self._take(need):
+                if self._evict_for_memory(planned, keep=src):
+                    continue
+                if src is not None and self._evict_for_memory(planned):  # the matched entry last
+                    continue
                 break
             self.waiting.popleft()
-            seq.slot = self.kv.allocate()  # a released slot's kept chunks count as obtainable: still n's worth
+            if src is None:
+                seq.slot = self.kv.allocate()  # a released slot's kept chunks count as obtainable: still n's worth
+            else:
+                seq.slot = self.kv.fork(src, p)
+                seq.num_cached_tokens = p
+                self.prefix_cache.use(src, p)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            planned += self._chunks(n)
+            planned += need
             budget -= n
             batch.seqs.append(seq)
             batch.num_new.append(n)

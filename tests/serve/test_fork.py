@@ -71,3 +71,14 @@ def test_forks_survive_preemption(mode):
     assert st.preempted_swap + st.preempted_recompute > 0
     for p, o in zip([prompt, long_prompt], outs):
         assert [c.token_ids for c in o.outputs] == [hf_greedy(hf, p, 40)] * 2
+
+
+def test_a_chunk_aligned_prompt_is_shared_whole():
+    hf = big_row_llama()
+    prompt = [(i * 5) % 127 + 1 for i in range(64)]  # exactly one chunk: shared, no tail copied
+    with LLM(hf, max_num_seqs=3, max_model_len=128) as llm:
+        guard_writes(llm)
+        outs = llm.generate(prompt, SamplingParams(temperature=0, n=3, max_tokens=8), use_tqdm=False)
+        st = llm.engine.kv.stats()
+    assert st["forks"] == 2 and st["fork_tail_bytes"] == 0
+    assert [c.token_ids for c in outs[0].outputs] == [hf_greedy(hf, prompt, 8)] * 3
