@@ -31,7 +31,7 @@ class AttentionMetadata:
     token_slots, positions
         ``[T]`` int64: each token's slot and position (where its K/V is written).
     seq_slots
-        ``[B]`` int64: each scheduled sequence's slot.
+        ``[B]`` int64: each scheduled sequence's slot (``slot_list``: the same, host ints).
     query_start
         Host ints, ``B + 1``: sequence ``i``'s tokens are ``[query_start[i], query_start[i+1])`` of the batch.
     context_start, context_end
@@ -48,6 +48,7 @@ class AttentionMetadata:
     token_slots: torch.Tensor
     positions: torch.Tensor
     seq_slots: torch.Tensor
+    slot_list: List[int]
     query_start: List[int]
     context_start: List[int]
     context_end: List[int]
@@ -74,7 +75,7 @@ def build_metadata(slots: List[int], starts: List[int], ends: List[int], device:
     positions = torch.cat([torch.arange(s, e, dtype=torch.int64) for s, e in zip(starts, ends)])
     seq_slots = torch.tensor(slots, dtype=torch.int64)
     decode_only = all(n == 1 for n in lens)
-    meta = AttentionMetadata(token_slots.to(device), positions.to(device), seq_slots.to(device), qs,
+    meta = AttentionMetadata(token_slots.to(device), positions.to(device), seq_slots.to(device), list(slots), qs,
                              list(starts), list(ends), decode_only)
     if decode_only and not flash:
         meta.decode_index = gather_index(meta.seq_slots, torch.tensor(ends, dtype=torch.int64).to(device), max(ends))
@@ -119,7 +120,7 @@ class CacheAttention(torch.nn.Module):
             return attend(q, k_cache, v_cache, meta.decode_index, self.scale)
         out = torch.empty_like(q)
         groups = self.num_heads // self.num_kv_heads
-        for i, slot in enumerate(meta.seq_slots.tolist()):
+        for i, slot in enumerate(meta.slot_list):  # host ints: no device sync
             a, b = meta.query_start[i], meta.query_start[i + 1]
             start, end = meta.context_start[i], meta.context_end[i]
             kc = k_cache[slot, :end].transpose(0, 1)  # [kv_heads, end, D]: backed rows only
