@@ -9,7 +9,8 @@ length (the same accounting ``reserve_batch`` uses), so the engine's single ``re
 step never fails and no exception drives the scheduling. When a running sequence cannot grow, the
 newest running sequence is preempted: by recompute (its slot is released, it is queued again and
 re-prefilled, generated tokens included) or by swap (``kv.swap_out``; ``kv.swap_in`` when memory
-is back), chosen by :meth:`Scheduler.preemption_mode_for`.
+is back), chosen by :meth:`Scheduler.preemption_mode_for`. With a prefix cache, finished
+sequences' slots are kept for later prompts to fork, and evicted (LRU) before anything is preempted.
 """
 
 from __future__ import annotations

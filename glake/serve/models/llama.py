@@ -1,7 +1,7 @@
 """The Llama family over the vTensor KV cache: RMSNorm, RoPE (incl. llama3 and linear scaling), GQA, SwiGLU.
 
 Module and parameter names are Hugging Face's (``model.layers.0.self_attn.q_proj.weight``, ...), so a
-HF state dict loads with ``load_state_dict(strict=True)``. The forward pass takes the step's tokens
+HF checkpoint loads by name (:mod:`glake.serve.models.loader`, strictly: nothing missing or left over). The forward pass takes the step's tokens
 flattened (``[T]`` ids and positions of every scheduled sequence, back to back) and the attention
 metadata; each layer writes its K/V into ``kv.k_cache(l)`` / ``kv.v_cache(l)``.
 """
