@@ -130,6 +130,12 @@ class LLMEngine:
         self.stop_checker = StopChecker(self.eos_token_ids, _decoder(self.tokenizer))
         self._request_ids = itertools.count()
 
+    def add_eos_token_ids(self, ids: Seq[int]) -> None:
+        """More tokens that end every request (unless ``ignore_eos``), e.g. a chat model's end-of-turn
+        token that its tokenizer's ``eos_token`` does not name."""
+        self.eos_token_ids = sorted(set(self.eos_token_ids) | {int(i) for i in ids})
+        self.stop_checker.eos_token_ids = frozenset(self.eos_token_ids)
+
     # ---- requests --------------------------------------------------------------------------------
 
     def encode(self, prompt: Union[str, Seq[int]]) -> List[int]:
@@ -182,6 +188,13 @@ class LLMEngine:
         seqs[0].pending_forks = seqs[1:]  # forked from seqs[0] once its prompt is in the cache
         self.scheduler.add(seqs[0])
         return seqs
+
+    def abort(self, seqs: Seq[Sequence]) -> int:
+        """Stops a request's sequences (those :meth:`add_request` returned) and frees their KV slots.
+
+        Finished ones are left as they are; returns how many were stopped (finish reason ``"abort"``).
+        """
+        return sum(self.scheduler.abort(s) for s in seqs)
 
     def has_unfinished(self) -> bool:
         """True while any request is not finished."""

@@ -130,6 +130,28 @@ class Scheduler:
                 self.kv.release(seq.slot)
             seq.slot = None
 
+    def abort(self, seq: Sequence) -> bool:
+        """Finishes ``seq`` with reason ``"abort"`` wherever it is, freeing its slot or swap handle.
+
+        Returns False when it was finished already (nothing to do). Its waiting forks (``n > 1``
+        completions not started yet) are aborted with it.
+        """
+        for child in seq.pending_forks:
+            child.status = SequenceStatus.FINISHED
+            child.finish_reason = "abort"
+        seq.pending_forks = []
+        if seq.status is SequenceStatus.FINISHED:
+            return False
+        if seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq.status is SequenceStatus.SWAPPED and seq in self.swapped:
+            self.swapped.remove(seq)
+            if seq.swap_handle is not None:
+                seq.swap_handle.discard()
+                seq.swap_handle = None
+        self.finish(seq, "abort")  # releases the slot of a running one (never kept in the prefix cache)
+        return True
+
     def abort_all(self) -> None:
         """Releases every slot and swap handle (the engine is closing)."""
         for s in list(self.running):
