@@ -10,15 +10,18 @@ missing or wrong API key (401).
 from __future__ import annotations
 
 import hmac
-from typing import Any, Optional
+import json
+from typing import Any, Optional, Type, TypeVar
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glake.serve.api.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 from glake.serve.api.serving import OpenAIServing
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class AbortingStream(StreamingResponse):
@@ -32,16 +35,28 @@ class AbortingStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-def _validation_message(exc: RequestValidationError) -> tuple:
-    errs = exc.errors()
-    if not errs:
-        return "invalid request", None
-    e = errs[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-    if e.get("type") == "json_invalid":
-        return f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
-    param = ".".join(loc) or None
-    return (f"{param}: {e.get('msg')}" if param else str(e.get("msg"))), (loc[0] if loc else None)
+def parse_body(raw: bytes, model: Type[M]) -> M:
+    """The request object of a JSON body, whatever its content type.
+
+    Raises
+    ------
+    APIError
+        400: not JSON, not an object, or a field of the wrong type or out of its range (``param`` names it).
+    """
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise APIError(400, f"the request body must be a JSON object, not {type(obj).__name__}")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(x) for x in err.get("loc", ())]
+        param = ".".join(loc) or None
+        raise APIError(400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")),
+                       param=loc[0] if loc else None) from e
 
 
 def create_app(serving: OpenAIServing, api_key: Optional[str] = None) -> FastAPI:
@@ -65,11 +80,6 @@ def create_app(serving: OpenAIServing, api_key: Optional[str] = None) -> FastAPI
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -107,12 +117,14 @@ def create_app(serving: OpenAIServing, api_key: Optional[str] = None) -> FastAPI
                                             "owned_by": "glake", "max_model_len": serving.engine.max_model_len}]}
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(request: Request) -> Any:
+        req = parse_body(await request.body(), CompletionRequest)
         out = await serving.completion(req)
         return AbortingStream(out, media_type="text/event-stream") if req.stream else await out
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(req: ChatCompletionRequest) -> Any:
+    async def chat_completions(request: Request) -> Any:
+        req = parse_body(await request.body(), ChatCompletionRequest)
         out = await serving.chat(req)
         return AbortingStream(out, media_type="text/event-stream") if req.stream else await out
 

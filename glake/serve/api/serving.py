@@ -11,6 +11,7 @@ freed before the next step).
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator, Dict, List, Optional, Tuple, Union
@@ -108,7 +109,8 @@ class OpenAIServing:
                 raise InvalidArgumentError("stop strings need a tokenizer")
             return await self.engine.submit(ids, params), (logprobs if logprobs is not None else -1)
         except InvalidArgumentError as e:
-            raise APIError(400, str(e), param=param if "prompt" in str(e) else None) from e
+            named = re.match(r"SamplingParams\.(\w+)=", str(e))
+            raise APIError(400, str(e), param=named.group(1) if named else param if "prompt" in str(e) else None) from e
 
     # ---- logprobs --------------------------------------------------------------------------------
 
