@@ -7,15 +7,20 @@ the engine steps (this thread runs the engine: there is no server). ``/reset`` s
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from glake.serve.engine import LLMEngine
 from glake.serve.sampling_params import SamplingParams
 
 
 def reply(engine: LLMEngine, messages: List[Dict[str, str]], params: SamplingParams,
-          on_text: Callable[[str], None]) -> str:
-    """Generates the assistant's next message, calling ``on_text`` with each new piece; returns it.
+          on_text: Callable[[str], None]) -> Tuple[str, Optional[str]]:
+    """Generates the assistant's next message, calling ``on_text`` with each new piece.
+
+    Returns
+    -------
+    tuple
+        The message and its finish reason (``"stop"``: end of turn or a stop condition, ``"length"``).
 
     Raises
     ------
@@ -46,7 +51,7 @@ def reply(engine: LLMEngine, messages: List[Dict[str, str]], params: SamplingPar
     finally:
         if not seq.is_finished:  # Ctrl-C mid-reply: free its slot
             engine.abort([seq])
-    return seq.text
+    return seq.text, seq.finish_reason
 
 
 def run_chat(make_engine: Callable[[], LLMEngine], name: str, max_tokens: int = 256, temperature: float = 0.7,
@@ -80,7 +85,7 @@ def run_chat(make_engine: Callable[[], LLMEngine], name: str, max_tokens: int = 
             messages.append({"role": "user", "content": line})
             console.print("[bold blue]assistant>[/bold blue] ", end="")
             try:
-                text = reply(engine, messages, SamplingParams(temperature=temperature, max_tokens=max_tokens),
+                text, _ = reply(engine, messages, SamplingParams(temperature=temperature, max_tokens=max_tokens),
                              lambda piece: console.print(piece, end="", markup=False, highlight=False))
             except InvalidArgumentError as e:
                 messages.pop()
