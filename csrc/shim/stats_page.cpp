@@ -150,12 +150,15 @@ void write_locked(Page& p) {
   end_write(h);
 }
 
-/// The publisher: republishes whenever the shim's change counter moved (at most every 50 ms).
+/// The publisher: republishes whenever a counter moved (checked every 50 ms).
 void publisher(int owner) {
   std::uint64_t seen = ~std::uint64_t{0};
   for (;;) {
     if (static_cast<int>(getpid()) != owner) return;  // never in a forked child (threads do not fork anyway)
-    const std::uint64_t now = state().counters.changes.load(std::memory_order_relaxed);
+    const ShimCounters& c = state().counters;  // any counter that moved (queries too) means republish
+    const std::uint64_t now = c.changes.load(std::memory_order_relaxed) +
+                              static_cast<std::uint64_t>(c.attribute_answers + c.ipc_refusals + c.passthrough_allocs +
+                                                         c.passthrough_frees + c.reentries + state().mode.load());
     if (now != seen) {
       seen = now;
       Page& p = page();

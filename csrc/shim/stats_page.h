@@ -8,6 +8,7 @@
 // A reader copies the page while `seq` is even and unchanged before and after the copy.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -47,6 +48,10 @@ struct PageHeader {
   char glake_version[32];
   char argv[1024];             ///< /proc/self/cmdline, NUL-separated
 };
+
+// Readers (glake/stats/shim_page.py) rely on these offsets.
+static_assert(offsetof(PageHeader, device_mask) == 56 && offsetof(PageHeader, seq) == 64 &&
+                  offsetof(PageHeader, real_driver) == 96, "PageHeader layout is read by glake/stats/shim_page.py");
 
 /// Creates this process's page and starts its publisher thread (once; no-op when the page cannot be
 /// made: said once on stderr). `real_driver` is the real libcuda's path.
