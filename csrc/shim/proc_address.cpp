@@ -13,7 +13,7 @@
 #undef cuGetProcAddress  // cuda.h maps it to cuGetProcAddress_v2; the legacy 4-argument one is exported too
 
 extern "C" {
-CUresult CUDAAPI cuGetProcAddress(const char* symbol, void** pfn, int cudaVersion, cuuint64_t flags);
+GLAKE_SHIM_EXPORT CUresult CUDAAPI cuGetProcAddress(const char* symbol, void** pfn, int cudaVersion, cuuint64_t flags);
 }
 
 namespace glake::shim {
