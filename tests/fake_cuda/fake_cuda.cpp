@@ -55,6 +55,7 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -971,6 +972,51 @@ CUresult f_cuStreamWaitEvent(CUstream s, CUevent e, unsigned int) {
 
 CUresult f_unsupported() { return CUDA_ERROR_NOT_SUPPORTED; }
 
+// FAKE_CUDA_LOG_UNSUPPORTED=1: each entry point the fake does not emulate gets a function of its own
+// that names it on stderr when called, so a test can tell what a program (the CUDA runtime) needs.
+constexpr int kNamedUnsupported = 512;
+const char* g_unsupported_names[kNamedUnsupported] = {};
+std::atomic<int> g_unsupported_used{0};
+template <int I>
+CUresult named_unsupported() {
+  std::fprintf(stderr, "fake_cuda: %s called: not emulated, CUDA_ERROR_NOT_SUPPORTED\n", g_unsupported_names[I]);
+  return CUDA_ERROR_NOT_SUPPORTED;
+}
+template <int... I>
+constexpr std::array<void*, sizeof...(I)> named_table(std::integer_sequence<int, I...>) {
+  return {reinterpret_cast<void*>(&named_unsupported<I>)...};
+}
+/// A function naming `symbol` when called (the plain f_unsupported once the table is full).
+void* unsupported_for(const char* symbol) {
+  static const std::array<void*, kNamedUnsupported> table = named_table(std::make_integer_sequence<int, kNamedUnsupported>{});
+  static std::mutex mu;
+  static std::map<std::string, int> given;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = given.find(symbol);
+  if (it != given.end()) return table[it->second];
+  const int i = g_unsupported_used.load();
+  if (i >= kNamedUnsupported) return reinterpret_cast<void*>(&f_unsupported);
+  g_unsupported_names[i] = strdup(symbol);
+  g_unsupported_used.store(i + 1);
+  given[symbol] = i;
+  return table[i];
+}
+
+}  // namespace
+extern "C" CUresult CUDAAPI cuGetProcAddress(const char* symbol, void** pfn, int version, cuuint64_t flags,
+                                             CUdriverProcAddressQueryResult* status);
+extern "C" int driver_version();
+namespace {
+CUresult f_cuDriverGetVersion(int* v) {
+  if (!v) return CUDA_ERROR_INVALID_VALUE;
+  *v = driver_version();
+  return CUDA_SUCCESS;
+}
+/// cuGetProcAddress as drivers before 12.0 hand it out (no status argument).
+CUresult f_cuGetProcAddress_v1(const char* symbol, void** pfn, int version, cuuint64_t flags) {
+  return cuGetProcAddress(symbol, pfn, version, flags, nullptr);
+}
+
 /// One variant of an entry point: what cuGetProcAddress hands back for versions >= `since`.
 struct Entry {
   const char* name;
@@ -997,6 +1043,9 @@ const Entry kEntries[] = {
     E(cuPointerGetAttribute, 4000), E(cuMemGetAddressRange, 3020), E(cuCtxGetDevice, 2000),
     Entry{"cuCtxGetDevice", 13000, reinterpret_cast<void*>(static_cast<PFN_cuCtxGetDevice_v13000>(&f_cuCtxGetDevice_v2))},
     E(cuMemAllocPitch, 3020), E(cuMemcpyHtoD, 3020), E(cuMemcpyDtoH, 3020), E(cuIpcGetMemHandle, 4010),
+    E(cuDriverGetVersion, 2020),
+    Entry{"cuGetProcAddress", 11030, reinterpret_cast<void*>(static_cast<PFN_cuGetProcAddress_v11030>(&f_cuGetProcAddress_v1))},
+    Entry{"cuGetProcAddress", 12000, reinterpret_cast<void*>(static_cast<PFN_cuGetProcAddress_v12000>(&cuGetProcAddress))},
 };
 #undef E
 
@@ -1020,6 +1069,10 @@ CUresult CUDAAPI cuDriverGetVersion(int* v) {
 // VERSION_NOT_SUFFICIENT when every variant is newer than that.
 CUresult CUDAAPI cuGetProcAddress(const char* symbol, void** pfn, int version, cuuint64_t,
                                   CUdriverProcAddressQueryResult* status) {
+  if (!symbol || !*symbol || !pfn) {
+    if (status) *status = CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND;
+    return CUDA_ERROR_INVALID_VALUE;
+  }
   const int effective = std::min(version, driver_version());
   const Entry* best = nullptr;
   bool known = false;
@@ -1038,8 +1091,9 @@ CUresult CUDAAPI cuGetProcAddress(const char* symbol, void** pfn, int version, c
     if (status) *status = CU_GET_PROC_ADDRESS_VERSION_NOT_SUFFICIENT;
     return CUDA_ERROR_NOT_FOUND;
   }
-  // Everything else exists but answers CUDA_ERROR_NOT_SUPPORTED.
-  *pfn = reinterpret_cast<void*>(&f_unsupported);
+  // Everything else exists but answers CUDA_ERROR_NOT_SUPPORTED (FAKE_CUDA_LOG_UNSUPPORTED=1 names each).
+  const char* log = std::getenv("FAKE_CUDA_LOG_UNSUPPORTED");
+  *pfn = log && *log == '1' ? unsupported_for(symbol) : reinterpret_cast<void*>(&f_unsupported);
   if (status) *status = CU_GET_PROC_ADDRESS_SUCCESS;
   return CUDA_SUCCESS;
 }

@@ -216,3 +216,35 @@ def test_missing_real_driver(shim, driver_program, fake_dir, runtime_dir):
     env = base_env(fake_dir, runtime_dir, GLAKE_REAL_LIBCUDA=str(shim), LD_PRELOAD=str(shim))
     out = subprocess.run([str(driver_program), "basic"], env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode != 0 and "is the glake shim itself" in out.stderr
+
+
+@pytest.fixture(scope="session", params=["static", "shared"])
+def runtime_program(request, tmp_path_factory) -> Path:
+    nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+    if not nvcc.exists():
+        pytest.skip("needs nvcc")
+    out = tmp_path_factory.mktemp("runtime") / f"runtime_api_{request.param}"
+    subprocess.run([str(nvcc), "-o", str(out), str(Path(__file__).parent / "programs" / "runtime_api.cu"),
+                    "-cudart", request.param], check=True, capture_output=True, timeout=TIMEOUT)
+    return out
+
+
+def test_cuda_runtime_reaches_the_driver_through_the_shim(shim, runtime_program, fake_dir, runtime_dir):
+    # The fake cannot host the CUDA runtime: after resolving its entry points through cuGetProcAddress_v2
+    # and calling cuDriverGetVersion, the runtime needs cuGetExportTable (the driver's private tables),
+    # so cudaMalloc fails (801) with or without the shim. What the CPU can show: the same run both ways,
+    # and that the runtime's libcuda.so.1 is the shim (it complains when its real driver is missing).
+    lib = str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "lib64")
+    extra = {"FAKE_CUDA_LOG_UNSUPPORTED": "1"}
+    plain = subprocess.run([str(runtime_program)], capture_output=True, text=True, timeout=TIMEOUT,
+                           env=base_env(fake_dir, runtime_dir, LD_LIBRARY_PATH=f"{fake_dir}:{lib}", **extra))
+    env = base_env(fake_dir, runtime_dir, GLAKE_REAL_LIBCUDA=str(fake_dir / "libcuda.so.1"), **extra)
+    env["LD_LIBRARY_PATH"] = lib
+    shimmed = subprocess.run([*GLAKE, "run", "--shim", "--", str(runtime_program)], capture_output=True, text=True,
+                             timeout=TIMEOUT, env=env)
+    assert plain.stdout == shimmed.stdout and plain.stdout.startswith("malloc 801")
+    assert "cuGetExportTable called" in plain.stderr and "cuGetExportTable called" in shimmed.stderr
+    nowhere = base_env(fake_dir, runtime_dir, GLAKE_REAL_LIBCUDA="/nonexistent/libcuda.so.1", LD_PRELOAD=str(shim),
+                       LD_LIBRARY_PATH=lib)
+    missing = subprocess.run([str(runtime_program)], capture_output=True, text=True, timeout=TIMEOUT, env=nowhere)
+    assert "glake shim: GLAKE_REAL_LIBCUDA=/nonexistent/libcuda.so.1" in missing.stderr
