@@ -53,10 +53,8 @@ bool glake_allocation(CUdeviceptr ptr, ShimAllocation* a) {
   return state().table.find(static_cast<std::uintptr_t>(ptr), a);
 }
 
-/// `bytes` from glake's allocator of the current context's device (glake_serves() was true).
-CUresult glake_malloc(const RealDriver& d, CUdeviceptr* dptr, std::size_t bytes, const char* call) {
-  int device = -1;
-  if (CUresult r = current_device(d, &device)) return r;
+/// `bytes` from glake's allocator of `device` (glake_serves() was true).
+CUresult glake_malloc(CUdeviceptr* dptr, std::size_t bytes, int device, const char* call) {
   ShimState& s = state();
   DevPtr p = 0;
   try {
@@ -109,11 +107,12 @@ extern "C" {
 CUresult CUDAAPI cuMemAlloc_v2(CUdeviceptr* dptr, size_t bytesize) {
   const glake::shim::RealDriver& d = real_driver();
   if (!d.handle || !d.api.cuMemAlloc) return CUDA_ERROR_NOT_INITIALIZED;
-  if (!dptr || bytesize == 0 || !glake::shim::glake_serves()) {
+  int device = -1;  // asked before glake starts: no context (or no cuInit) is the driver's own error
+  if (!dptr || bytesize == 0 || glake::shim::current_device(d, &device) || !glake::shim::glake_serves()) {
     if (dptr && bytesize) state().counters.passthrough_allocs.fetch_add(1, std::memory_order_relaxed);
     return d.api.cuMemAlloc(dptr, bytesize);  // the driver's answer, errors included
   }
-  return glake::shim::glake_malloc(d, dptr, bytesize, "cuMemAlloc");
+  return glake::shim::glake_malloc(dptr, bytesize, device, "cuMemAlloc");
 }
 
 CUresult CUDAAPI cuMemAllocPitch_v2(CUdeviceptr* dptr, size_t* pPitch, size_t WidthInBytes, size_t Height,
@@ -122,13 +121,14 @@ CUresult CUDAAPI cuMemAllocPitch_v2(CUdeviceptr* dptr, size_t* pPitch, size_t Wi
   if (!d.handle || !d.api.cuMemAllocPitch) return CUDA_ERROR_NOT_INITIALIZED;
   const bool valid = dptr && pPitch && WidthInBytes && Height &&
                      (ElementSizeBytes == 4 || ElementSizeBytes == 8 || ElementSizeBytes == 16);
-  if (!valid || !glake::shim::glake_serves()) {
+  int device = -1;
+  if (!valid || glake::shim::current_device(d, &device) || !glake::shim::glake_serves()) {
     if (valid) state().counters.passthrough_allocs.fetch_add(1, std::memory_order_relaxed);
     return d.api.cuMemAllocPitch(dptr, pPitch, WidthInBytes, Height, ElementSizeBytes);
   }
   // Rows padded to 512 bytes: a multiple of every GPU's texture pitch alignment, as cuMemAllocPitch gives.
   const size_t pitch = (WidthInBytes + 511) / 512 * 512;
-  CUresult r = glake::shim::glake_malloc(d, dptr, pitch * Height, "cuMemAllocPitch");
+  CUresult r = glake::shim::glake_malloc(dptr, pitch * Height, device, "cuMemAllocPitch");
   if (r == CUDA_SUCCESS) *pPitch = pitch;
   return r;
 }

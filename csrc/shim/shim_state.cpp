@@ -55,11 +55,9 @@ Mode start_locked(ShimState& s) {
   }
   GlakeScope scope;
   try {
-    if (!set_cuda_library(real.handle, real.path)) {
-      // The cuda backend was made before (glake imported in this process): it must be on the real driver.
-      std::fprintf(stderr, "glake shim: glake's cuda backend was started before the shim; it asked the shim for "
-                           "the real driver (%s)\n", real.path.c_str());
-    }
+    // False when the cuda backend already exists (glake imported in this process): it then asked the
+    // loaded shim for the real driver itself (glake_shim_real_libcuda), so it is on the same one.
+    set_cuda_library(real.handle, real.path);
     Driver& cuda = get_driver("cuda");
     if (&get_driver() != &cuda) {
       return pass_through(s, "GLAKE_BACKEND selects the " + std::string(get_driver().name()) +
