@@ -1,6 +1,7 @@
 """The `glake` command line.
 
     glake run [--conf KEY:VALUE,...] -- python train.py [args]   run a program with glake as its allocator
+    glake run --shim [--conf ...] -- ./cuda_program [args]       the same for any CUDA program (libcuda shim)
     glake ps [--json]                                            glake processes of this user publishing stats
     glake stats PID|ADDR [--json] [--prometheus]                 the stats of one process
     glake top [PID|ADDR ...] [--interval S] [--iterations N]     a live view of glake processes
@@ -62,11 +63,20 @@ def _run(args: argparse.Namespace) -> int:
     if problem:
         print(f"glake run: {problem}; the program was not started", file=sys.stderr)
         return 2
-    env["GLAKE_AUTO_INSTALL"] = "1"
-    env["GLAKE_RUN_PYTHON"] = sys.executable  # sitecustomize names it if the program's Python lacks glake
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (HOOK_DIR, env.get("PYTHONPATH", "")) if p)
     if args.conf is not None:
         env[CONF_ENV] = args.conf
+    if args.shim:  # every cuMemAlloc of the program goes to glake; torch/CuPy are not hooked on top
+        from glake.shim import ShimError, shim_env
+
+        try:
+            env = shim_env(env)
+        except (ShimError, OSError) as e:
+            print(f"glake run --shim: {e}; the program was not started", file=sys.stderr)
+            return 2
+    else:
+        env["GLAKE_AUTO_INSTALL"] = "1"
+        env["GLAKE_RUN_PYTHON"] = sys.executable  # sitecustomize names it if the program's Python lacks glake
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (HOOK_DIR, env.get("PYTHONPATH", "")) if p)
     try:
         os.execvpe(command[0], command, env)  # the program's exit code and signals are its own
     except FileNotFoundError:
@@ -91,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "before the program starts.")
     run.add_argument("--conf", help="allocator configuration, e.g. 'stitch:true,limit_bytes:70GB' "
                                     "(sets GLAKE_ALLOC_CONF for the program)")
+    run.add_argument("--shim", action="store_true", help="preload glake's libcuda shim instead: every cuMemAlloc "
+                     "of the program (any language, CUDA runtime included) goes to glake's stitched allocator; "
+                     "stats through glake ps / glake stats PID (docs/shim.md)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- then the program and its arguments")
     run.set_defaults(func=_run)
     from glake.stats.cli import add_parsers  # imports nothing heavy: grpc, rich etc. load when a command runs

@@ -12,17 +12,37 @@ std::string size_arg(std::size_t size) { return "size=" + std::to_string(size); 
 
 }  // namespace
 
-CudaDriver::CudaDriver() {
-  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+namespace {
+
+/// The real driver of a libcuda shim loaded in this process (csrc/shim exports this), or null.
+void* shim_real_driver(std::string& name) {
+  using RealFn = void* (*)(const char**);
+  auto fn = reinterpret_cast<RealFn>(dlsym(RTLD_DEFAULT, "glake_shim_real_libcuda"));
+  if (!fn) return nullptr;
+  const char* path = nullptr;
+  void* handle = fn(&path);
+  if (handle) name = path ? path : "the shim's real libcuda";
+  return handle;
+}
+
+}  // namespace
+
+CudaDriver::CudaDriver(void* lib, const std::string& lib_name) : library_(lib_name) {
+  if (!lib) lib = shim_real_driver(library_);  // inside the shim, dlopen("libcuda.so.1") is the shim
+  if (!lib) {
+    lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    library_ = "libcuda.so.1";
+  }
   if (!lib) {
     const char* err = dlerror();
     throw BackendUnavailableError(std::string("dlopen(libcuda.so.1) failed: ") + (err ? err : "unknown error") +
                                   " (no NVIDIA driver on this machine?)");
   }
+  if (library_.empty()) library_ = "the libcuda handle given to set_cuda_library";
   auto get_proc = reinterpret_cast<PFN_cuGetProcAddress_v12000>(dlsym(lib, "cuGetProcAddress_v2"));
   auto get_version = reinterpret_cast<PFN_cuDriverGetVersion_v2020>(dlsym(lib, "cuDriverGetVersion"));
   if (!get_proc || !get_version) {
-    throw BackendUnavailableError("libcuda.so.1 has no cuGetProcAddress_v2: the driver is older than CUDA 12");
+    throw BackendUnavailableError(library_ + " has no cuGetProcAddress_v2: the driver is older than CUDA 12");
   }
   get_version(&driver_version_);
   // Resolves `name` as the variant of CUDA `version`; null when `optional` and the driver lacks it.

@@ -54,8 +54,13 @@ struct CudaApi {
 /// VMM primitives over the CUDA driver API.
 class CudaDriver final : public Driver {
  public:
-  /// Loads libcuda and initialises it; throws BackendUnavailableError with the reason on failure.
-  CudaDriver();
+  /// Initialises the driver of `lib` (a dlopen handle; null: the shim's real driver if a libcuda shim
+  /// is loaded, else dlopen("libcuda.so.1")); `lib_name` names it in errors. Throws
+  /// BackendUnavailableError with the reason on failure.
+  explicit CudaDriver(void* lib = nullptr, const std::string& lib_name = "");
+
+  /// Which libcuda this backend calls (a path, or "libcuda.so.1" when found by name).
+  const std::string& library() const { return library_; }
 
   /// The version cuDriverGetVersion reported (e.g. 13000).
   int driver_version() const { return driver_version_; }
@@ -124,6 +129,7 @@ class CudaDriver final : public Driver {
   CUmemAllocationProp chunk_prop(int device) const;
 
   CudaApi api_;
+  std::string library_;
   int device_count_ = 0;
   int driver_version_ = 0;
   std::atomic<bool> posix_fd_handles_{true};  // cleared if the driver refuses shareable chunks

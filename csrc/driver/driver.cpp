@@ -238,12 +238,34 @@ struct CudaSlot {
   std::string reason;
 };
 
+/// The libcuda handle set by set_cuda_library (null: find it), and whether the backend was made.
+struct CudaLibrary {
+  std::mutex mutex;
+  void* handle = nullptr;
+  std::string description;
+  bool used = false;
+};
+
+CudaLibrary& cuda_library() {
+  static CudaLibrary* lib = new CudaLibrary();  // never destroyed: read by the backend at any time
+  return *lib;
+}
+
 CudaSlot& cuda_slot() {
   static CudaSlot slot;
   std::call_once(slot.once, [] {
 #ifdef GLAKE_HAVE_CUDA
     try {
-      slot.driver = new CudaDriver();  // lives for the whole process, like the CUDA context
+      CudaLibrary& lib = cuda_library();
+      void* handle = nullptr;
+      std::string description;
+      {
+        std::lock_guard<std::mutex> lock(lib.mutex);
+        lib.used = true;
+        handle = lib.handle;
+        description = lib.description;
+      }
+      slot.driver = new CudaDriver(handle, description);  // lives for the whole process, like the CUDA context
     } catch (const std::exception& e) {
       slot.reason = e.what();
     }
@@ -260,6 +282,15 @@ Driver& host_driver() {
 }
 
 }  // namespace
+
+bool set_cuda_library(void* dl_handle, const std::string& description) {
+  CudaLibrary& lib = cuda_library();
+  std::lock_guard<std::mutex> lock(lib.mutex);
+  if (lib.used) return false;
+  lib.handle = dl_handle;
+  lib.description = description;
+  return true;
+}
 
 std::string cuda_unavailable_reason() { return cuda_slot().driver ? std::string() : cuda_slot().reason; }
 

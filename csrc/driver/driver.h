@@ -199,6 +199,13 @@ GLAKE_API bool cuda_backend_built();
 /// Throws BackendUnavailableError when a named backend cannot be used.
 GLAKE_API Driver& get_driver(const std::optional<std::string>& name = std::nullopt);
 
+/// Makes the cuda backend use `dl_handle` (a dlopen handle of the real libcuda, e.g. the driver the
+/// libcuda shim loaded by absolute path) instead of dlopen("libcuda.so.1"), which inside a process
+/// running the shim returns the shim itself. `description` (its path) goes into error messages.
+/// Must be called before the cuda backend is first used; returns false (and changes nothing) after.
+/// Without it, the backend asks a loaded shim for its real driver (glake_shim_real_libcuda) first.
+GLAKE_API bool set_cuda_library(void* dl_handle, const std::string& description);
+
 /// Why the cuda backend is unavailable, or an empty string when it is usable.
 GLAKE_API std::string cuda_unavailable_reason();
 

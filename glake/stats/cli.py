@@ -54,17 +54,37 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shim_stats(target: str) -> tuple:
+    """``(page stats or None, whether the pid also serves gRPC)`` for a pid target."""
+    import os
+
+    from glake.stats import paths, shim_page
+
+    if not target.isdigit():
+        return None, True
+    return shim_page.read_pid(int(target)), os.path.exists(paths.socket_path(int(target)))
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from glake.stats import tables
     from glake.stats.client import StatsClient
 
-    with StatsClient(args.target, timeout=args.timeout) as c:
+    page, has_socket = _shim_stats(args.target)
+    if page is not None and not has_socket:  # a shimmed process: its shared-memory page
         if args.prometheus:
-            from glake.stats import prometheus
+            raise ValueError(f"pid {args.target} runs the libcuda shim without Python: no Prometheus exposition "
+                             "(use --json)")
+        stats = dict(page, sections=[s for s in page["sections"] if not args.section or s["name"] in args.section])
+    else:
+        with StatsClient(args.target, timeout=args.timeout) as c:
+            if args.prometheus:
+                from glake.stats import prometheus
 
-            sys.stdout.write(prometheus.exposition(targets=[args.target], timeout=args.timeout).decode())
-            return 0
-        stats = c.get_stats(args.section or ())
+                sys.stdout.write(prometheus.exposition(targets=[args.target], timeout=args.timeout).decode())
+                return 0
+            stats = c.get_stats(args.section or ())
+        if page is not None and (not args.section or "shim" in args.section):
+            stats["sections"].extend(s for s in page["sections"] if s["name"] == "shim")
     if args.json:
         _print_json(stats)
         return 0

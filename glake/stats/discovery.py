@@ -1,6 +1,7 @@
 """Finding the live glake processes of this user, and cleaning up after dead ones.
 
-Each process serving stats has ``<runtime dir>/<pid>.sock``. A socket is *stale* when its process
+Each process serving stats has ``<runtime dir>/<pid>.sock``; a process running the libcuda shim
+has ``<runtime dir>/<pid>.shim`` instead (or as well), a shared-memory page (:mod:`glake.stats.shim_page`). A socket is *stale* when its process
 is gone: the pid is dead, or the pid now belongs to a process started after the socket was made
 (the pid was reused), or nothing listens on it any more. Stale sockets of dead or reused pids are
 removed (and reported); a live pid whose socket does not answer is reported, not touched.
@@ -118,6 +119,31 @@ def discover(clean: bool = True, timeout: float = 2.0) -> List[ProcessEntry]:
         if stats["process"]["pid"] != pid:
             out.append(ProcessEntry(pid, path, NOT_ANSWERING,
                                     f"the socket is served by pid {stats['process']['pid']}, not {pid}"))
+            continue
+        out.append(ProcessEntry(pid, path, LIVE, "", stats))
+    out.extend(_shim_pages(out, clean))
+    return sorted(out, key=lambda e: e.pid)
+
+
+def _shim_pages(entries: List[ProcessEntry], clean: bool) -> List[ProcessEntry]:
+    """Entries for the stats pages of shimmed processes (``<pid>.shim``); a process that also serves
+    gRPC gets the page's ``shim`` section added to its reply instead (its allocators are already there)."""
+    from glake.stats import shim_page
+
+    live = {e.pid: e for e in entries if e.status == LIVE}
+    out: List[ProcessEntry] = []
+    for pid, path in shim_page.list_pages():
+        reason = shim_page.stale_reason(pid, path)
+        if reason is not None:
+            out.append(_stale(pid, path, reason, clean))
+            continue
+        try:
+            stats = shim_page.read_page(path)
+        except (OSError, shim_page.PageError) as e:
+            out.append(ProcessEntry(pid, path, NOT_ANSWERING, str(e)))
+            continue
+        if pid in live and live[pid].stats is not None:
+            live[pid].stats["sections"].extend(s for s in stats["sections"] if s["name"] == "shim")
             continue
         out.append(ProcessEntry(pid, path, LIVE, "", stats))
     return out

@@ -55,6 +55,7 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -95,6 +96,15 @@ void violation(const std::string& what) {
   g_violations.fetch_add(1);
   std::fprintf(stderr, "fake_cuda: VIOLATION %s\n", what.c_str());
 }
+
+/// Calls per entry point (fake_calls(name)), so a test can tell which library a call reached.
+std::mutex g_calls_mu;
+std::map<std::string, long> g_calls;
+void count_call(const char* name) {
+  std::lock_guard<std::mutex> lock(g_calls_mu);
+  ++g_calls[name];
+}
+#define COUNT_CALL() count_call(__func__ + 2)  // f_cuX -> "cuX"
 
 std::string hex(std::uintptr_t v) {
   char buf[32];
@@ -391,7 +401,7 @@ CUresult f_cuGetErrorName(CUresult r, const char** name) {
   }
   return CUDA_SUCCESS;
 }
-CUresult f_cuMemGetInfo(size_t* free_b, size_t* total) { *free_b = 70ull << 30; *total = 80ull << 30; return CUDA_SUCCESS; }
+CUresult f_cuMemGetInfo(size_t* free_b, size_t* total) { COUNT_CALL(); *free_b = 70ull << 30; *total = 80ull << 30; return CUDA_SUCCESS; }
 
 // ---- the virtual memory API -------------------------------------------------------------------
 
@@ -405,6 +415,7 @@ CUresult f_cuMemGetAllocationGranularity(size_t* g, const CUmemAllocationProp* p
 
 CUresult f_cuMemCreate(CUmemGenericAllocationHandle* h, size_t size, const CUmemAllocationProp* prop,
                        unsigned long long flags) {
+  COUNT_CALL();
   NEED_CTX();
   if (!h || !prop || flags || size == 0 || !granular(size) || prop->type != CU_MEM_ALLOCATION_TYPE_PINNED ||
       prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE) {
@@ -446,6 +457,7 @@ CUresult f_cuMemRelease(CUmemGenericAllocationHandle h) {
 }
 
 CUresult f_cuMemAddressReserve(CUdeviceptr* ptr, size_t size, size_t alignment, CUdeviceptr, unsigned long long flags) {
+  COUNT_CALL();
   NEED_CTX();
   if (!ptr || flags || size == 0 || !granular(size) || (alignment & (alignment - 1))) return CUDA_ERROR_INVALID_VALUE;
   alignment = std::max(alignment, kGranularity);
@@ -479,6 +491,7 @@ CUresult f_cuMemAddressFree(CUdeviceptr ptr, size_t size) {
 }
 
 CUresult f_cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAllocationHandle h, unsigned long long flags) {
+  COUNT_CALL();
   NEED_CTX();
   std::unique_lock<std::shared_mutex> lock(g_vmm_mu);
   auto it = g_handles.find(h);
@@ -597,6 +610,7 @@ CUresult f_cuMemImportFromShareableHandle(CUmemGenericAllocationHandle* h, void*
 // ---- plain allocations ------------------------------------------------------------------------
 
 CUresult f_cuMemAlloc(CUdeviceptr* p, size_t n) {
+  COUNT_CALL();
   NEED_CTX();
   if (capture_forbids("cuMemAlloc")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
   void* m = std::malloc(n ? n : 1);
@@ -615,6 +629,7 @@ CUresult free_tracked(std::uintptr_t p, bool device) {
   return CUDA_SUCCESS;
 }
 CUresult f_cuMemFree(CUdeviceptr p) {
+  COUNT_CALL();
   NEED_CTX();
   if (capture_forbids("cuMemFree")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
   return free_tracked(p, true);
@@ -636,13 +651,21 @@ CUresult f_cuMemFreeHost(void* p) {
 }
 
 CUresult f_cuPointerGetAttributes(unsigned int n, CUpointer_attribute* attrs, void** data, CUdeviceptr ptr) {
+  COUNT_CALL();
   NEED_CTX();
-  std::uintptr_t base;
+  std::uintptr_t base = 0;
   Alloc a{};
   bool known = find_alloc(ptr, base, a);
+  const bool vmm = !known;
   if (!known) {
     std::shared_lock<std::shared_mutex> lock(g_vmm_mu);
     known = mapped_span(ptr, 1, false, &a.device);
+    auto it = g_reserved.upper_bound(ptr);  // VMM memory: the range is the reservation, as in CUDA
+    if (known && it != g_reserved.begin()) {
+      --it;
+      base = it->first;
+      a.size = it->second;
+    }
   }
   for (unsigned i = 0; i < n; ++i) {
     switch (attrs[i]) {
@@ -656,10 +679,89 @@ CUresult f_cuPointerGetAttributes(unsigned int n, CUpointer_attribute* attrs, vo
       case CU_POINTER_ATTRIBUTE_IS_MANAGED:
         *static_cast<unsigned int*>(data[i]) = 0;
         break;
+      case CU_POINTER_ATTRIBUTE_DEVICE_POINTER:
+        if (!known) return CUDA_ERROR_INVALID_VALUE;
+        *static_cast<CUdeviceptr*>(data[i]) = ptr;
+        break;
+      case CU_POINTER_ATTRIBUTE_RANGE_START_ADDR:
+        if (!known) return CUDA_ERROR_INVALID_VALUE;
+        *static_cast<CUdeviceptr*>(data[i]) = base;
+        break;
+      case CU_POINTER_ATTRIBUTE_RANGE_SIZE:
+        if (!known) return CUDA_ERROR_INVALID_VALUE;
+        *static_cast<size_t*>(data[i]) = a.size;
+        break;
+      case CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE:
+        *static_cast<int*>(data[i]) = known && !vmm && a.device >= 0;
+        break;
       default:
         return CUDA_ERROR_INVALID_VALUE;
     }
   }
+  return CUDA_SUCCESS;
+}
+
+CUresult f_cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t n);
+
+/// One attribute: the same answers as cuPointerGetAttributes.
+CUresult f_cuPointerGetAttribute(void* data, CUpointer_attribute attr, CUdeviceptr ptr) {
+  COUNT_CALL();
+  void* out[] = {data};
+  return f_cuPointerGetAttributes(1, &attr, out, ptr);
+}
+/// Base and size of the cuMemAlloc allocation containing `ptr` (VMM memory: the mapping, as CUDA does).
+CUresult f_cuMemGetAddressRange(CUdeviceptr* pbase, size_t* psize, CUdeviceptr ptr) {
+  COUNT_CALL();
+  NEED_CTX();
+  std::uintptr_t base;
+  Alloc a{};
+  if (find_alloc(ptr, base, a) && a.device >= 0) {
+    if (pbase) *pbase = base;
+    if (psize) *psize = a.size;
+    return CUDA_SUCCESS;
+  }
+  std::shared_lock<std::shared_mutex> lock(g_vmm_mu);
+  auto it = g_mapped.upper_bound(ptr);
+  if (it == g_mapped.begin()) return CUDA_ERROR_NOT_FOUND;
+  --it;
+  if (ptr >= it->first + it->second.size) return CUDA_ERROR_NOT_FOUND;
+  if (pbase) *pbase = it->first;
+  if (psize) *psize = it->second.size;
+  return CUDA_SUCCESS;
+}
+/// The device of the current context.
+CUresult f_cuCtxGetDevice(CUdevice* d) {
+  NEED_CTX();
+  *d = t_current->device;
+  return CUDA_SUCCESS;
+}
+/// cuCtxGetDevice as 13.0 hands it out: the context is an argument (NULL: the current one).
+CUresult f_cuCtxGetDevice_v2(CUdevice* d, CUcontext ctx) {
+  if (!ctx) return f_cuCtxGetDevice(d);
+  *d = reinterpret_cast<Ctx*>(ctx)->device;
+  return CUDA_SUCCESS;
+}
+/// Pitched allocation: rows padded to 512 bytes (ElementSizeBytes must be 4, 8 or 16, as in CUDA).
+CUresult f_cuMemAllocPitch(CUdeviceptr* p, size_t* pitch, size_t width, size_t height, unsigned int elem) {
+  COUNT_CALL();
+  if (!p || !pitch || (elem != 4 && elem != 8 && elem != 16) || width == 0 || height == 0) return CUDA_ERROR_INVALID_VALUE;
+  *pitch = (width + 511) / 512 * 512;
+  return f_cuMemAlloc(p, *pitch * height);
+}
+CUresult f_cuMemcpyHtoD(CUdeviceptr dst, const void* src, size_t n) {
+  return f_cuMemcpy(dst, reinterpret_cast<CUdeviceptr>(src), n);
+}
+CUresult f_cuMemcpyDtoH(void* dst, CUdeviceptr src, size_t n) {
+  return f_cuMemcpy(reinterpret_cast<CUdeviceptr>(dst), src, n);
+}
+/// Legacy IPC: a handle naming the allocation for cuMemAlloc memory; VMM memory cannot be shared this way.
+CUresult f_cuIpcGetMemHandle(CUipcMemHandle* h, CUdeviceptr ptr) {
+  COUNT_CALL();
+  std::uintptr_t base;
+  Alloc a{};
+  if (!h || !find_alloc(ptr, base, a) || a.device < 0) return CUDA_ERROR_INVALID_VALUE;
+  std::memset(h, 0, sizeof(*h));
+  std::memcpy(h->reserved, &base, sizeof(base));
   return CUDA_SUCCESS;
 }
 
@@ -718,6 +820,7 @@ CUresult sync_context(Ctx* ctx) {
 }
 /// cuCtxSynchronize as drivers before 13.0 hand it out: the current context.
 CUresult f_cuCtxSynchronize() {
+  COUNT_CALL();
   NEED_CTX();
   return sync_context(t_current);
 }
@@ -725,6 +828,7 @@ CUresult f_cuCtxSynchronize() {
 /// NULL meaning the current one. Anything that is not a context is refused as a real driver does,
 /// so a caller using the old signature (no argument: a garbage register) fails here as on a GPU.
 CUresult f_cuCtxSynchronize_v2(CUcontext ctx) {
+  COUNT_CALL();
   if (!ctx) {
     NEED_CTX();
     return sync_context(t_current);
@@ -868,6 +972,51 @@ CUresult f_cuStreamWaitEvent(CUstream s, CUevent e, unsigned int) {
 
 CUresult f_unsupported() { return CUDA_ERROR_NOT_SUPPORTED; }
 
+// FAKE_CUDA_LOG_UNSUPPORTED=1: each entry point the fake does not emulate gets a function of its own
+// that names it on stderr when called, so a test can tell what a program (the CUDA runtime) needs.
+constexpr int kNamedUnsupported = 512;
+const char* g_unsupported_names[kNamedUnsupported] = {};
+std::atomic<int> g_unsupported_used{0};
+template <int I>
+CUresult named_unsupported() {
+  std::fprintf(stderr, "fake_cuda: %s called: not emulated, CUDA_ERROR_NOT_SUPPORTED\n", g_unsupported_names[I]);
+  return CUDA_ERROR_NOT_SUPPORTED;
+}
+template <int... I>
+constexpr std::array<void*, sizeof...(I)> named_table(std::integer_sequence<int, I...>) {
+  return {reinterpret_cast<void*>(&named_unsupported<I>)...};
+}
+/// A function naming `symbol` when called (the plain f_unsupported once the table is full).
+void* unsupported_for(const char* symbol) {
+  static const std::array<void*, kNamedUnsupported> table = named_table(std::make_integer_sequence<int, kNamedUnsupported>{});
+  static std::mutex mu;
+  static std::map<std::string, int> given;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = given.find(symbol);
+  if (it != given.end()) return table[it->second];
+  const int i = g_unsupported_used.load();
+  if (i >= kNamedUnsupported) return reinterpret_cast<void*>(&f_unsupported);
+  g_unsupported_names[i] = strdup(symbol);
+  g_unsupported_used.store(i + 1);
+  given[symbol] = i;
+  return table[i];
+}
+
+}  // namespace
+extern "C" CUresult CUDAAPI cuGetProcAddress(const char* symbol, void** pfn, int version, cuuint64_t flags,
+                                             CUdriverProcAddressQueryResult* status);
+extern "C" int driver_version();
+namespace {
+CUresult f_cuDriverGetVersion(int* v) {
+  if (!v) return CUDA_ERROR_INVALID_VALUE;
+  *v = driver_version();
+  return CUDA_SUCCESS;
+}
+/// cuGetProcAddress as drivers before 12.0 hand it out (no status argument).
+CUresult f_cuGetProcAddress_v1(const char* symbol, void** pfn, int version, cuuint64_t flags) {
+  return cuGetProcAddress(symbol, pfn, version, flags, nullptr);
+}
+
 /// One variant of an entry point: what cuGetProcAddress hands back for versions >= `since`.
 struct Entry {
   const char* name;
@@ -891,6 +1040,12 @@ const Entry kEntries[] = {
     E(cuStreamIsCapturing, 10000), E(cuThreadExchangeStreamCaptureMode, 10010), E(cuMemcpyAsync, 4000),
     E(cuMemcpy, 4000), E(cuMemsetD8, 3020), E(cuEventCreate, 2000), E(cuEventDestroy, 4000),
     E(cuEventRecord, 2000), E(cuEventQuery, 2000), E(cuEventSynchronize, 2000), E(cuStreamWaitEvent, 3020),
+    E(cuPointerGetAttribute, 4000), E(cuMemGetAddressRange, 3020), E(cuCtxGetDevice, 2000),
+    Entry{"cuCtxGetDevice", 13000, reinterpret_cast<void*>(static_cast<PFN_cuCtxGetDevice_v13000>(&f_cuCtxGetDevice_v2))},
+    E(cuMemAllocPitch, 3020), E(cuMemcpyHtoD, 3020), E(cuMemcpyDtoH, 3020), E(cuIpcGetMemHandle, 4010),
+    E(cuDriverGetVersion, 2020),
+    Entry{"cuGetProcAddress", 11030, reinterpret_cast<void*>(static_cast<PFN_cuGetProcAddress_v11030>(&f_cuGetProcAddress_v1))},
+    Entry{"cuGetProcAddress", 12000, reinterpret_cast<void*>(static_cast<PFN_cuGetProcAddress_v12000>(&cuGetProcAddress))},
 };
 #undef E
 
@@ -914,6 +1069,10 @@ CUresult CUDAAPI cuDriverGetVersion(int* v) {
 // VERSION_NOT_SUFFICIENT when every variant is newer than that.
 CUresult CUDAAPI cuGetProcAddress(const char* symbol, void** pfn, int version, cuuint64_t,
                                   CUdriverProcAddressQueryResult* status) {
+  if (!symbol || !*symbol || !pfn) {
+    if (status) *status = CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND;
+    return CUDA_ERROR_INVALID_VALUE;
+  }
   const int effective = std::min(version, driver_version());
   const Entry* best = nullptr;
   bool known = false;
@@ -932,10 +1091,47 @@ CUresult CUDAAPI cuGetProcAddress(const char* symbol, void** pfn, int version, c
     if (status) *status = CU_GET_PROC_ADDRESS_VERSION_NOT_SUFFICIENT;
     return CUDA_ERROR_NOT_FOUND;
   }
-  // Everything else exists but answers CUDA_ERROR_NOT_SUPPORTED.
-  *pfn = reinterpret_cast<void*>(&f_unsupported);
+  // Everything else exists but answers CUDA_ERROR_NOT_SUPPORTED (FAKE_CUDA_LOG_UNSUPPORTED=1 names each).
+  const char* log = std::getenv("FAKE_CUDA_LOG_UNSUPPORTED");
+  *pfn = log && *log == '1' ? unsupported_for(symbol) : reinterpret_cast<void*>(&f_unsupported);
   if (status) *status = CU_GET_PROC_ADDRESS_SUCCESS;
   return CUDA_SUCCESS;
+}
+
+// ---- exported symbols: what a program linked with -lcuda calls directly (cuda.h's names) ----
+// The driver exports every entry point under its versioned name; the fake exports those its own
+// tests' programs call (tests/shim/programs), each the variant cuda.h declares.
+CUresult CUDAAPI cuInit(unsigned int flags) { return f_cuInit(flags); }
+CUresult CUDAAPI cuDeviceGetCount(int* n) { return f_cuDeviceGetCount(n); }
+CUresult CUDAAPI cuDeviceGet(CUdevice* d, int ordinal) { return f_cuDeviceGet(d, ordinal); }
+CUresult CUDAAPI cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice d) { return f_cuDevicePrimaryCtxRetain(c, d); }
+CUresult CUDAAPI cuCtxSetCurrent(CUcontext c) { return f_cuCtxSetCurrent(c); }
+CUresult CUDAAPI cuCtxGetCurrent(CUcontext* c) { return f_cuCtxGetCurrent(c); }
+CUresult CUDAAPI cuCtxGetDevice(CUdevice* d) { return f_cuCtxGetDevice(d); }
+CUresult CUDAAPI cuCtxSynchronize(void) { return f_cuCtxSynchronize(); }
+CUresult CUDAAPI cuGetErrorName(CUresult r, const char** name) { return f_cuGetErrorName(r, name); }
+CUresult CUDAAPI cuMemAlloc(CUdeviceptr* p, size_t n) { return f_cuMemAlloc(p, n); }
+CUresult CUDAAPI cuMemAllocPitch(CUdeviceptr* p, size_t* pitch, size_t w, size_t h, unsigned int e) {
+  return f_cuMemAllocPitch(p, pitch, w, h, e);
+}
+CUresult CUDAAPI cuMemFree(CUdeviceptr p) { return f_cuMemFree(p); }
+CUresult CUDAAPI cuMemGetInfo(size_t* free_b, size_t* total) { return f_cuMemGetInfo(free_b, total); }
+CUresult CUDAAPI cuMemcpyHtoD(CUdeviceptr dst, const void* src, size_t n) { return f_cuMemcpyHtoD(dst, src, n); }
+CUresult CUDAAPI cuMemcpyDtoH(void* dst, CUdeviceptr src, size_t n) { return f_cuMemcpyDtoH(dst, src, n); }
+CUresult CUDAAPI cuMemGetAddressRange(CUdeviceptr* b, size_t* s, CUdeviceptr p) { return f_cuMemGetAddressRange(b, s, p); }
+CUresult CUDAAPI cuPointerGetAttribute(void* data, CUpointer_attribute a, CUdeviceptr p) {
+  return f_cuPointerGetAttribute(data, a, p);
+}
+CUresult CUDAAPI cuPointerGetAttributes(unsigned int n, CUpointer_attribute* a, void** d, CUdeviceptr p) {
+  return f_cuPointerGetAttributes(n, a, d, p);
+}
+CUresult CUDAAPI cuIpcGetMemHandle(CUipcMemHandle* h, CUdeviceptr p) { return f_cuIpcGetMemHandle(h, p); }
+
+/// Calls of entry point `name` so far ("cuMemAlloc", "cuMemCreate", "cuCtxSynchronize", ...).
+long fake_calls(const char* name) {
+  std::lock_guard<std::mutex> lock(g_calls_mu);
+  auto it = g_calls.find(name);
+  return it == g_calls.end() ? 0 : it->second;
 }
 
 // ---- test helpers: no context needed ----

@@ -1,0 +1,221 @@
+// The entry points the shim replaces: cuMemAlloc/cuMemAllocPitch/cuMemFree go to glake's stitched
+// allocator of the current context's device; cuMemGetAddressRange, cuPointerGetAttribute(s) answer for
+// glake's allocations; cuIpcGetMemHandle refuses glake memory. Anything glake did not allocate, and
+// every call made while glake cannot run, goes to the real driver unchanged.
+//
+// cuMemFree keeps cudaFree's implicit synchronisation: it synchronises the current context
+// (cuCtxSynchronize of the real driver) before the block goes back to glake's cache, so no work
+// queued before the free can touch memory a later allocation reuses.
+#include <cuda.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+#include "gmlake/registry.h"
+#include "shim/real_driver.h"
+#include "shim/shim_state.h"
+
+namespace glake::shim {
+
+namespace {
+
+std::string hex(std::uintptr_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+/// The device of the calling thread's current context; CUDA's error when there is none.
+CUresult current_device(const RealDriver& d, int* device) {
+  CUcontext ctx = nullptr;
+  if (CUresult r = d.api.cuCtxGetCurrent(&ctx)) return r;
+  if (!ctx) return CUDA_ERROR_INVALID_CONTEXT;
+  CUdevice dev = 0;
+  if (CUresult r = d.api.cuCtxGetDevice(&dev)) return r;
+  *device = static_cast<int>(dev);
+  return CUDA_SUCCESS;
+}
+
+/// Whether glake serves this thread's calls now (false inside glake's core: those reach the driver).
+bool glake_serves() {
+  if (in_glake()) {
+    state().counters.reentries.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  return ensure_started() == Mode::Active;
+}
+
+/// The live glake allocation containing `ptr`, when glake is active in this process.
+bool glake_allocation(CUdeviceptr ptr, ShimAllocation* a) {
+  if (state().mode.load(std::memory_order_acquire) != static_cast<int>(Mode::Active) || in_glake()) return false;
+  return state().table.find(static_cast<std::uintptr_t>(ptr), a);
+}
+
+/// `bytes` from glake's allocator of `device` (glake_serves() was true).
+CUresult glake_malloc(CUdeviceptr* dptr, std::size_t bytes, int device, const char* call) {
+  ShimState& s = state();
+  DevPtr p = 0;
+  try {
+    GlakeScope scope;
+    p = gmlake::device_allocator(device).malloc(bytes, 0);  // stream 0: frees synchronise, so order is moot
+  } catch (const OutOfMemoryError&) {
+    s.counters.alloc_failures.fetch_add(1, std::memory_order_relaxed);
+    s.counters.changes.fetch_add(1, std::memory_order_relaxed);
+    return CUDA_ERROR_OUT_OF_MEMORY;  // as the driver: no message (programs probe with failing sizes)
+  } catch (const std::exception& e) {
+    s.counters.alloc_failures.fetch_add(1, std::memory_order_relaxed);
+    warn_once(std::string(call) + e.what(), std::string(call) + "(bytes=" + std::to_string(bytes) + ", device=" +
+                                                std::to_string(device) + ") failed in glake: " + e.what());
+    return dynamic_cast<const InvalidArgumentError*>(&e) ? CUDA_ERROR_INVALID_VALUE : CUDA_ERROR_UNKNOWN;
+  }
+  s.table.insert(ShimAllocation{p, bytes, device});
+  s.counters.alloc_calls.fetch_add(1, std::memory_order_relaxed);
+  s.counters.changes.fetch_add(1, std::memory_order_relaxed);
+  *dptr = static_cast<CUdeviceptr>(p);
+  return CUDA_SUCCESS;
+}
+
+/// Answers one attribute for a glake allocation; false for those the real driver answers truthfully.
+bool glake_attribute(const ShimAllocation& a, CUpointer_attribute attr, void* data) {
+  switch (attr) {
+    case CU_POINTER_ATTRIBUTE_RANGE_START_ADDR:  // the allocation, not the segment or stitched reservation
+      *static_cast<CUdeviceptr*>(data) = static_cast<CUdeviceptr>(a.base);
+      return true;
+    case CU_POINTER_ATTRIBUTE_RANGE_SIZE:
+      *static_cast<size_t*>(data) = a.size;
+      return true;
+    case CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE:  // VMM memory: cuIpcGetMemHandle cannot share it
+      *static_cast<int*>(data) = 0;
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+}  // namespace glake::shim
+
+using glake::shim::real_driver;
+using glake::shim::ShimAllocation;
+using glake::shim::state;
+
+extern "C" {
+
+CUresult CUDAAPI cuMemAlloc_v2(CUdeviceptr* dptr, size_t bytesize) {
+  const glake::shim::RealDriver& d = real_driver();
+  if (!d.handle || !d.api.cuMemAlloc) return CUDA_ERROR_NOT_INITIALIZED;
+  int device = -1;  // asked before glake starts: no context (or no cuInit) is the driver's own error
+  if (!dptr || bytesize == 0 || glake::shim::current_device(d, &device) || !glake::shim::glake_serves()) {
+    if (dptr && bytesize) state().counters.passthrough_allocs.fetch_add(1, std::memory_order_relaxed);
+    return d.api.cuMemAlloc(dptr, bytesize);  // the driver's answer, errors included
+  }
+  return glake::shim::glake_malloc(dptr, bytesize, device, "cuMemAlloc");
+}
+
+CUresult CUDAAPI cuMemAllocPitch_v2(CUdeviceptr* dptr, size_t* pPitch, size_t WidthInBytes, size_t Height,
+                                    unsigned int ElementSizeBytes) {
+  const glake::shim::RealDriver& d = real_driver();
+  if (!d.handle || !d.api.cuMemAllocPitch) return CUDA_ERROR_NOT_INITIALIZED;
+  const bool valid = dptr && pPitch && WidthInBytes && Height &&
+                     (ElementSizeBytes == 4 || ElementSizeBytes == 8 || ElementSizeBytes == 16);
+  int device = -1;
+  if (!valid || glake::shim::current_device(d, &device) || !glake::shim::glake_serves()) {
+    if (valid) state().counters.passthrough_allocs.fetch_add(1, std::memory_order_relaxed);
+    return d.api.cuMemAllocPitch(dptr, pPitch, WidthInBytes, Height, ElementSizeBytes);
+  }
+  // Rows padded to 512 bytes: a multiple of every GPU's texture pitch alignment, as cuMemAllocPitch gives.
+  const size_t pitch = (WidthInBytes + 511) / 512 * 512;
+  CUresult r = glake::shim::glake_malloc(dptr, pitch * Height, device, "cuMemAllocPitch");
+  if (r == CUDA_SUCCESS) *pPitch = pitch;
+  return r;
+}
+
+CUresult CUDAAPI cuMemFree_v2(CUdeviceptr dptr) {
+  const glake::shim::RealDriver& d = real_driver();
+  if (!d.handle || !d.api.cuMemFree) return CUDA_ERROR_NOT_INITIALIZED;
+  ShimAllocation a;
+  if (!dptr || !glake::shim::glake_allocation(dptr, &a)) {
+    state().counters.passthrough_frees.fetch_add(1, std::memory_order_relaxed);
+    return d.api.cuMemFree(dptr);
+  }
+  if (a.base != static_cast<std::uintptr_t>(dptr)) return CUDA_ERROR_INVALID_VALUE;  // interior pointer, as CUDA
+  // cudaFree's implicit synchronisation: nothing queued before the free may see the memory reused.
+  if (CUresult r = d.api.cuCtxSynchronize()) return r;  // e.g. during a capture: refused, nothing freed
+  glake::shim::ShimState& s = state();
+  s.counters.free_syncs.fetch_add(1, std::memory_order_relaxed);
+  if (!s.table.erase(a.base)) return CUDA_ERROR_INVALID_VALUE;  // another thread freed it meanwhile
+  try {
+    glake::shim::GlakeScope scope;
+    glake::gmlake::device_allocator(a.device).free(static_cast<glake::DevPtr>(a.base));
+  } catch (const std::exception& e) {
+    glake::shim::warn_once(std::string("free") + e.what(), "cuMemFree(" + glake::shim::hex(a.base) +
+                                                               ") failed in glake: " + e.what());
+    return CUDA_ERROR_UNKNOWN;
+  }
+  s.counters.free_calls.fetch_add(1, std::memory_order_relaxed);
+  s.counters.changes.fetch_add(1, std::memory_order_relaxed);
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuMemGetAddressRange_v2(CUdeviceptr* pbase, size_t* psize, CUdeviceptr dptr) {
+  const glake::shim::RealDriver& d = real_driver();
+  if (!d.handle || !d.api.cuMemGetAddressRange) return CUDA_ERROR_NOT_INITIALIZED;
+  ShimAllocation a;
+  if (!glake::shim::glake_allocation(dptr, &a)) return d.api.cuMemGetAddressRange(pbase, psize, dptr);
+  // The driver would answer the one chunk holding dptr (ARCHITECTURE: multi-handle VMM ranges): answer
+  // the allocation, stitched ones too.
+  if (pbase) *pbase = static_cast<CUdeviceptr>(a.base);
+  if (psize) *psize = a.size;
+  state().counters.attribute_answers.fetch_add(1, std::memory_order_relaxed);
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuPointerGetAttribute(void* data, CUpointer_attribute attribute, CUdeviceptr ptr) {
+  const glake::shim::RealDriver& d = real_driver();
+  if (!d.handle || !d.api.cuPointerGetAttribute) return CUDA_ERROR_NOT_INITIALIZED;
+  ShimAllocation a;
+  if (data && glake::shim::glake_allocation(ptr, &a) && glake::shim::glake_attribute(a, attribute, data)) {
+    state().counters.attribute_answers.fetch_add(1, std::memory_order_relaxed);
+    return CUDA_SUCCESS;
+  }
+  return d.api.cuPointerGetAttribute(data, attribute, ptr);
+}
+
+CUresult CUDAAPI cuPointerGetAttributes(unsigned int numAttributes, CUpointer_attribute* attributes, void** data,
+                                        CUdeviceptr ptr) {
+  const glake::shim::RealDriver& d = real_driver();
+  if (!d.handle || !d.api.cuPointerGetAttributes) return CUDA_ERROR_NOT_INITIALIZED;
+  ShimAllocation a;
+  if (!attributes || !data || !glake::shim::glake_allocation(ptr, &a)) {
+    return d.api.cuPointerGetAttributes(numAttributes, attributes, data, ptr);
+  }
+  std::vector<CUpointer_attribute> rest_attrs;  // the ones the real driver answers
+  std::vector<void*> rest_data;
+  for (unsigned i = 0; i < numAttributes; ++i) {
+    if (!glake::shim::glake_attribute(a, attributes[i], data[i])) {
+      rest_attrs.push_back(attributes[i]);
+      rest_data.push_back(data[i]);
+    }
+  }
+  state().counters.attribute_answers.fetch_add(1, std::memory_order_relaxed);
+  if (rest_attrs.empty()) return CUDA_SUCCESS;
+  return d.api.cuPointerGetAttributes(static_cast<unsigned>(rest_attrs.size()), rest_attrs.data(), rest_data.data(), ptr);
+}
+
+CUresult CUDAAPI cuIpcGetMemHandle(CUipcMemHandle* pHandle, CUdeviceptr dptr) {
+  const glake::shim::RealDriver& d = real_driver();
+  if (!d.handle || !d.api.cuIpcGetMemHandle) return CUDA_ERROR_NOT_INITIALIZED;
+  ShimAllocation a;
+  if (!glake::shim::glake_allocation(dptr, &a)) return d.api.cuIpcGetMemHandle(pHandle, dptr);
+  state().counters.ipc_refusals.fetch_add(1, std::memory_order_relaxed);
+  glake::shim::warn_once("ipc", "cuIpcGetMemHandle(ptr=" + glake::shim::hex(a.base) + ", size=" +
+                                    std::to_string(a.size) + ") on memory glake allocated: legacy CUDA IPC does not "
+                                    "work on VMM memory and this shim does not support IPC yet; returning "
+                                    "CUDA_ERROR_NOT_SUPPORTED (run the program without --shim to share it this way)");
+  return CUDA_ERROR_NOT_SUPPORTED;
+}
+
+}  // extern "C"

@@ -1,0 +1,64 @@
+"""Fixtures of the libcuda shim's tests: the fake libcuda (without sanitizer: a plain C++ program hosts
+it), the driver-API test program, and a private runtime directory for stats pages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fake_cuda_util import build_fake
+
+import glake
+
+ROOT = Path(__file__).resolve().parents[2]
+PROGRAMS = Path(__file__).resolve().parent / "programs"
+CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+SHIM = Path(glake.__file__).resolve().parent / "libglake_shim.so"
+_SCRIPT = os.path.join(os.path.dirname(sys.executable), "glake")
+GLAKE = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "glake.cli"]
+
+
+@pytest.fixture(scope="session")
+def shim() -> Path:
+    if not SHIM.exists():
+        pytest.skip("glake was built without cuda.h: no libglake_shim.so")
+    return SHIM
+
+
+@pytest.fixture(scope="session")
+def fake_dir(tmp_path_factory) -> Path:
+    """A directory holding the fake libcuda.so.1."""
+    return build_fake(tmp_path_factory.mktemp("fake_cuda_shim"))
+
+
+@pytest.fixture(scope="session")
+def driver_program(fake_dir) -> Path:
+    """tests/shim/programs/driver_api.cpp, linked with -l:libcuda.so.1 (NEEDED libcuda.so.1)."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if not cxx:
+        pytest.skip("needs a C++ compiler")
+    out = fake_dir.parent / "driver_api"
+    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{CUDA_INCLUDE}", str(PROGRAMS / "driver_api.cpp"), "-o", str(out),
+                    f"-L{fake_dir}", "-l:libcuda.so.1", "-ldl", "-lpthread"], check=True)
+    return out
+
+
+@pytest.fixture
+def runtime_dir(tmp_path) -> Path:
+    """XDG_RUNTIME_DIR of the test: stats pages land in <it>/glake."""
+    d = tmp_path / "xdg"
+    d.mkdir(mode=0o700)
+    return d
+
+
+def base_env(fake_dir: Path, runtime_dir: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLAKE_ALLOC_CONF", "GLAKE_BACKEND",
+                                                            "GLAKE_REAL_LIBCUDA")}
+    env.update(FAKE_CUDA_DEVICES="2", FAKE_CUDA_PATH=str(fake_dir / "libcuda.so.1"), XDG_RUNTIME_DIR=str(runtime_dir))
+    env.update(extra)
+    return env
