@@ -249,7 +249,8 @@ bool same_driver_state(const DriverStatsSnapshot& x, const DriverStatsSnapshot& 
 // ---- phases ------------------------------------------------------------------------------------
 
 AllocatorStats shared_allocator_phase(Driver& d) {
-  configure_global("limit_bytes:64MiB,stitch_va_limit:48MiB,stitch_min_bytes:4MiB");
+  // 4 MiB chunks: segments of several chunks (block edges inside chunks) that still stitch often.
+  configure_global("limit_bytes:64MiB,stitch_va_limit:48MiB,stitch_min_bytes:4MiB,chunk_bytes:4MiB");
   const StreamHandle streams[2] = {d.stream_create(0), d.stream_create(0)};
   Mailbox box;
   std::vector<std::vector<Live>> left(kWorkers);
