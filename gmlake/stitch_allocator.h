@@ -179,6 +179,8 @@ class GLAKE_API StitchAllocator {
   void shrink_stitch(Stitch* s, std::size_t size);
   Block* reuse_stitch(std::size_t size, StreamHandle stream);
   Block* stitch(std::size_t size, StreamHandle stream);
+  /// Appends the chunks mapped over `sp` (whole chunks, the last one may end past it); returns where they end.
+  std::size_t append_chunks(const Span& sp, std::vector<std::shared_ptr<PhysChunk>>& out) const;
   void drop_stitch(Stitch* s);
   void gc_stitches(StreamHandle stream);
   // ---- growing and releasing (growth.cpp)

@@ -27,14 +27,7 @@ void StitchAllocator::unmap_stitches() {
 void StitchAllocator::map_stitches() {
   for (auto& s : stitches_) {  // the same chunks of the same spans, at the same offsets
     std::vector<std::shared_ptr<PhysChunk>> chunks;
-    for (const Span& sp : s->spans) {
-      const VirtualRange& r = *sp.segment->range;
-      for (std::size_t off = sp.offset; off < sp.offset + sp.size;) {
-        const Mapping m = r.mapping_at(off);
-        chunks.push_back(m.chunk);
-        off = m.offset + m.chunk->size();
-      }
-    }
+    for (const Span& sp : s->spans) append_chunks(sp, chunks);
     s->range->map_many(0, chunks);
   }
 }
