@@ -241,7 +241,7 @@ class GLAKE_API StitchAllocator {
   /// One chunk suspend() gave back: where it was in its segment, and its bytes when it held live data.
   struct SavedChunk {
     std::size_t offset = 0, size = 0;
-    std::vector<unsigned char> bytes;  ///< empty: nothing live in it, not copied
+    std::unique_ptr<unsigned char[]> bytes;  ///< null: nothing live in it, not copied (never zero-filled)
   };
   std::map<const Segment*, std::vector<SavedChunk>> saved_;  ///< while suspended
   bool suspended_ = false;

@@ -48,10 +48,10 @@ void StitchAllocator::suspend() {
   for (auto& seg : segments_) {
     auto& chunks = saved[seg.get()];
     for (const Mapping& m : seg->range->mappings()) {
-      SavedChunk c{m.offset, m.chunk->size(), {}};
+      SavedChunk c{m.offset, m.chunk->size(), nullptr};
       if (holds_live_data(*seg, m.offset, c.size)) {
-        c.bytes.resize(c.size);
-        driver_.memcpy(device_, reinterpret_cast<DevPtr>(c.bytes.data()), seg->range->ptr() + m.offset, c.size);
+        c.bytes.reset(new unsigned char[c.size]);  // default-initialised: the copy writes every byte
+        driver_.memcpy(device_, reinterpret_cast<DevPtr>(c.bytes.get()), seg->range->ptr() + m.offset, c.size);
         host_bytes += static_cast<std::int64_t>(c.size);
       }
       chunks.push_back(std::move(c));
@@ -82,8 +82,8 @@ void StitchAllocator::resume() {
   for (auto& seg : segments_) {
     seg->range->map_many(0, made[seg.get()]);
     for (const SavedChunk& c : saved_[seg.get()]) {
-      if (!c.bytes.empty()) {
-        driver_.memcpy(device_, seg->range->ptr() + c.offset, reinterpret_cast<DevPtr>(c.bytes.data()), c.size);
+      if (c.bytes) {
+        driver_.memcpy(device_, seg->range->ptr() + c.offset, reinterpret_cast<DevPtr>(c.bytes.get()), c.size);
       }
     }
   }
