@@ -98,6 +98,36 @@ class Allocator:
         """Release cached memory: idle stitched ranges and fully free segments."""
         self._impl.empty_cache()
 
+    def suspend(self) -> None:
+        """Give this allocator's device memory back, keeping every address valid.
+
+        Waits for the device, drops the free cache, copies the physical chunks that hold live data to
+        host memory and releases every chunk; the virtual ranges stay reserved, so pointers (tensors,
+        CUDA graphs) stay valid for :meth:`resume`. Until then :meth:`malloc` raises ``GlakeError``;
+        ``free``, ``stats`` and ``snapshot`` work (``stats()["suspended_host_bytes"]`` is the copy's size).
+
+        Raises
+        ------
+        InvalidArgumentError
+            Already suspended, or a private pool is being allocated to (a graph may be capturing).
+        """
+        self._impl.suspend()
+
+    def resume(self) -> None:
+        """Take the device memory again at the same addresses and copy the data back (no-op if not suspended).
+
+        Raises
+        ------
+        OutOfMemoryError
+            The device cannot give the memory back now; nothing changed: still suspended, retry later.
+        """
+        self._impl.resume()
+
+    @property
+    def suspended(self) -> bool:
+        """True between :meth:`suspend` and :meth:`resume`."""
+        return self._impl.suspended
+
     def set_memory_fraction(self, fraction: float) -> None:
         """Cap reserved memory at ``fraction`` of the device (0 removes the cap)."""
         self._impl.set_memory_fraction(fraction)

@@ -8,6 +8,7 @@ AllocatorStats StitchAllocator::stats() const {
   AllocatorStats s = stats_;
   s.num_events_created = static_cast<std::int64_t>(events_.created());
   s.private_pools = static_cast<std::int64_t>(pools_.size());
+  s.suspended = suspended_;
   for (const auto& [id, pool] : pools_) {
     for (const FreeSet* set : {&pool->free.small, &pool->free.large, &pool->free.stitched}) {
       for (const Block* b : *set) s.private_pool_free_bytes += static_cast<std::int64_t>(b->size);

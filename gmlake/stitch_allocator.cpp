@@ -80,6 +80,10 @@ const Block* StitchAllocator::live_block_containing(DevPtr ptr) const {
 DevPtr StitchAllocator::malloc(std::size_t size, StreamHandle stream) {
   if (size == 0) throw InvalidArgumentError("malloc: size must be positive");
   std::lock_guard<std::mutex> lock(mutex_);
+  if (suspended_) {
+    throw Error("malloc(" + std::to_string(size) + ") on device " + std::to_string(device_) +
+                ": the allocator is suspended (glake.suspend()); call glake.resume() first");
+  }
   const PoolKind kind = size <= config_.small_size ? PoolKind::Small : PoolKind::Large;
   const std::size_t rounded = round_size(size);
   const std::size_t cap = cap_bytes() ? cap_bytes() : device_total_;
@@ -172,7 +176,7 @@ void StitchAllocator::empty_cache() {
   // memory is released too (not while a pool is allocated to: see malloc).
   if (!any_routing()) process_deferred(true);
   retire_freeable_pools();
-  release_cached(0);
+  if (!suspended_) release_cached(0);  // suspended: nothing is held, and resume() needs every segment
 }
 
 void StitchAllocator::set_memory_fraction(double fraction) {

@@ -47,6 +47,8 @@ struct AllocatorStats {
   std::int64_t num_events_created = 0;  ///< driver events made for record_stream frees (reused after)
   std::int64_t private_pools = 0;       ///< private pools alive (in use, or freeable and not yet returned)
   std::int64_t private_pool_free_bytes = 0;  ///< free bytes held by private pools (reserved, not reusable outside them)
+  bool suspended = false;                ///< between suspend() and resume(): no physical memory held
+  std::int64_t suspended_host_bytes = 0; ///< bytes of live data suspend() keeps in host memory
 };
 
 /// One block as seen by snapshot().
@@ -74,7 +76,7 @@ struct SegmentInfo {
 /// takes no driver call. Defined one concept per file: stitch_allocator.cpp (construction,
 /// malloc/free), free_lists.cpp, stitch_policy.cpp, growth.cpp (slow path, segments, release),
 /// stream_order.cpp (deferred frees, cross-stream reuse, quiesce), private_pools.cpp,
-/// introspection.cpp (stats, snapshot), oom_report.cpp.
+/// introspection.cpp (stats, snapshot), suspend.cpp, oom_report.cpp.
 class GLAKE_API StitchAllocator {
  public:
   /// An empty allocator of `device` on `driver` (a stitch_va_limit of 0 becomes the device's size).
@@ -94,6 +96,18 @@ class GLAKE_API StitchAllocator {
   /// Releases cached memory: idle stitched ranges and fully free segments no active stitch spans,
   /// and the free memory of released private pools.
   void empty_cache();
+  /// Gives the device memory back, keeping every address: waits for the device, drops the free
+  /// cache (idle stitches, free segments), copies the chunks that hold live data to host memory, and
+  /// unmaps and releases every chunk; the segments' and stitched ranges' VA stays reserved. Until
+  /// resume(), malloc throws; free, record_stream, stats and snapshot work. Throws
+  /// InvalidArgumentError when already suspended or while a private pool is allocated to.
+  void suspend();
+  /// Recreates every chunk, maps it at its old address (stitched ranges too) and copies the saved
+  /// data back. All or nothing: an OutOfMemoryError leaves the allocator suspended, to be retried.
+  /// No-op when not suspended.
+  void resume();
+  /// True between suspend() and resume().
+  bool suspended() const;
   /// Sets the cap as a fraction of device memory (0 = none), like torch's.
   void set_memory_fraction(double fraction);
 
@@ -165,6 +179,8 @@ class GLAKE_API StitchAllocator {
   void shrink_stitch(Stitch* s, std::size_t size);
   Block* reuse_stitch(std::size_t size, StreamHandle stream);
   Block* stitch(std::size_t size, StreamHandle stream);
+  /// Appends the chunks mapped over `sp` (whole chunks, the last one may end past it); returns where they end.
+  std::size_t append_chunks(const Span& sp, std::vector<std::shared_ptr<PhysChunk>>& out) const;
   void drop_stitch(Stitch* s);
   void gc_stitches(StreamHandle stream);
   // ---- growing and releasing (growth.cpp)
@@ -187,6 +203,10 @@ class GLAKE_API StitchAllocator {
   void assign_pool(Block* b, PrivatePool* pool);
   void retire_freeable_pools();
   void retire_pool(PrivatePool* pool);
+  // ---- suspend and resume (suspend.cpp)
+  bool holds_live_data(const Segment& seg, std::size_t offset, std::size_t size) const;
+  void unmap_stitches();
+  void map_stitches();
   // ---- OOM report (oom_report.cpp)
   std::string oom_message(std::size_t size, std::size_t rounded, const std::string& cause) const;
 
@@ -218,6 +238,13 @@ class GLAKE_API StitchAllocator {
   std::map<PoolId, std::unique_ptr<PrivatePool>> pools_;        ///< live and freeable private pools
   std::vector<std::pair<PrivatePool*, StreamFilter>> routing_;  ///< pools being allocated to, in order of begin
   AllocatorStats stats_;
+  /// One chunk suspend() gave back: where it was in its segment, and its bytes when it held live data.
+  struct SavedChunk {
+    std::size_t offset = 0, size = 0;
+    std::unique_ptr<unsigned char[]> bytes;  ///< null: nothing live in it, not copied (never zero-filled)
+  };
+  std::map<const Segment*, std::vector<SavedChunk>> saved_;  ///< while suspended
+  bool suspended_ = false;
 };
 
 }  // namespace glake::gmlake

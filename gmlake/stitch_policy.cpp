@@ -115,6 +115,17 @@ Block* StitchAllocator::reuse_stitch(std::size_t size, StreamHandle stream) {
   return best->block;
 }
 
+std::size_t StitchAllocator::append_chunks(const Span& sp, std::vector<std::shared_ptr<PhysChunk>>& out) const {
+  const VirtualRange& r = *sp.segment->range;
+  std::size_t off = sp.offset;
+  while (off < sp.offset + sp.size) {
+    const Mapping m = r.mapping_at(off);
+    out.push_back(m.chunk);
+    off = m.offset + m.chunk->size();
+  }
+  return off;
+}
+
 Block* StitchAllocator::stitch(std::size_t size, StreamHandle stream) {
   // Largest free blocks of this stream first, until their whole chunks cover the request.
   std::vector<std::pair<Block*, Span>> pick;
@@ -138,14 +149,8 @@ Block* StitchAllocator::stitch(std::size_t size, StreamHandle stream) {
   std::size_t need = size, mapped = 0;
   for (auto& [b, sp] : pick) {
     if (need == 0) break;
-    const VirtualRange& r = *sp.segment->range;
     const std::size_t take = std::min(need, sp.size);
-    std::size_t off = sp.offset;
-    while (off < sp.offset + take) {
-      const Mapping m = r.mapping_at(off);
-      chunks.push_back(m.chunk);
-      off = m.offset + m.chunk->size();
-    }
+    const std::size_t off = append_chunks({sp.segment, sp.offset, take}, chunks);
     s->spans.push_back({sp.segment, sp.offset, off - sp.offset});
     lend.push_back(take);
     mapped += off - sp.offset;

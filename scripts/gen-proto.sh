@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates glake/stats/glake_stats_pb2.py and glake_stats_pb2_grpc.py from proto/glake_stats.proto.
+# Regenerates glake/stats/glake_{stats,control}_pb2.py and _pb2_grpc.py from proto/glake_{stats,control}.proto.
 #
 # The generated modules are committed (the GPU machines have grpcio but not grpcio-tools). Generate
 # them with the grpcio-tools version pinned below: its code asks for grpcio >= 1.84.0 and protobuf
@@ -23,6 +23,8 @@ PY
 mkdir -p "$out/glake/stats"
 # -Iglake/stats=proto names the file glake/stats/glake_stats.proto, so the generated grpc module
 # imports its message module as `from glake.stats import glake_stats_pb2`.
-python3 -m grpc_tools.protoc -Iglake/stats="$root/proto" --python_out="$out" --grpc_python_out="$out" \
-  "$root/proto/glake_stats.proto"
-echo "gen-proto: wrote $out/glake/stats/glake_stats_pb2.py and glake_stats_pb2_grpc.py"
+for name in glake_stats glake_control; do
+  python3 -m grpc_tools.protoc -Iglake/stats="$root/proto" --python_out="$out" --grpc_python_out="$out" \
+    "$root/proto/$name.proto"
+  echo "gen-proto: wrote $out/glake/stats/${name}_pb2.py and ${name}_pb2_grpc.py"
+done

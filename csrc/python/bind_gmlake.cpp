@@ -68,6 +68,8 @@ py::dict stats_dict(const gm::StitchAllocator& a) {
   d["num_events_created"] = s.num_events_created;
   d["private_pools"] = s.private_pools;
   d["private_pool_free_bytes"] = s.private_pool_free_bytes;
+  d["suspended"] = s.suspended ? 1 : 0;
+  d["suspended_host_bytes"] = s.suspended_host_bytes;
   d["limit_bytes"] = limit;
   return d;
 }
@@ -128,6 +130,10 @@ void bind_gmlake(py::module_& m) {
       .def("record_stream", &gm::StitchAllocator::record_stream, py::arg("ptr"), py::arg("stream"), NoGil(),
            "Marks an allocation as used on another stream too.")
       .def("empty_cache", &gm::StitchAllocator::empty_cache, NoGil(), "Releases idle stitched ranges and free segments.")
+      .def("suspend", &gm::StitchAllocator::suspend, NoGil(),
+           "Gives the device memory back (live data to host memory), keeping every address.")
+      .def("resume", &gm::StitchAllocator::resume, NoGil(), "Takes the memory again and restores the data.")
+      .def_property_readonly("suspended", &gm::StitchAllocator::suspended, "True between suspend() and resume().")
       .def("set_memory_fraction", &gm::StitchAllocator::set_memory_fraction, py::arg("fraction"), NoGil(),
            "Caps reserved memory at a fraction of the device (0 = no cap).")
       .def("stats", &stats_dict, "Counters with torch's key names plus glake's.")

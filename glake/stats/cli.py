@@ -97,6 +97,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suspend_resume(args: argparse.Namespace) -> int:
+    from glake.stats.client import StatsClient
+    from glake.units import fmt_bytes
+
+    with StatsClient(args.target, timeout=args.timeout) as c:
+        reply = (c.suspend if args.cmd == "suspend" else c.resume)(args.device, timeout=args.timeout)
+    done = ", ".join(str(d) for d in reply["devices"]) or "none (nothing to do)"
+    verb = "suspended" if args.cmd == "suspend" else "resumed"
+    print(f"{args.target}: {verb} device(s) {done}; {fmt_bytes(reply['host_bytes'])} of live data in host memory")
+    return 0
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     from glake.stats.top import run_top
 
@@ -157,7 +169,7 @@ def _guarded(fn):
 
 
 def add_parsers(sub: Any) -> None:
-    """Add ``ps``, ``stats``, ``top`` and ``map`` to the ``glake`` command's subparsers."""
+    """Add ``ps``, ``stats``, ``top``, ``suspend``, ``resume`` and ``map`` to the ``glake`` command's subparsers."""
     target_help = "a pid, a socket path, unix:PATH or host:port"
 
     ps = sub.add_parser("ps", help="list the glake processes of this user that publish stats",
@@ -188,6 +200,16 @@ def add_parsers(sub: Any) -> None:
                      help="stop after N refreshes, N >= 1 (default: run until q or Ctrl-C)")
     top.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each process (default 2)")
     top.set_defaults(func=_guarded(cmd_top))
+
+    for name, what in (("suspend", "give a glake process's device memory back (glake.suspend() in it)"),
+                       ("resume", "give a suspended glake process its device memory again (glake.resume() in it)")):
+        sr = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ": its addresses stay "
+                            "valid, its live data waits in host memory. Through the process's unix socket (it must "
+                            "publish stats: GLAKE_STATS=1).")
+        sr.add_argument("target", help="a pid, a socket path or unix:PATH")
+        sr.add_argument("--device", type=int, default=None, help="only this device (default: every device)")
+        sr.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
+        sr.set_defaults(func=_guarded(cmd_suspend_resume))
 
     mp = sub.add_parser("map", help="the memory map of a glake process (a table, JSON or a PNG picture)",
                         description="Fetches the segments, blocks and stitched ranges of a process's allocators. "

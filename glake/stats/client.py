@@ -16,6 +16,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import grpc
 
+from glake.stats import glake_control_pb2 as control_pb
+from glake.stats import glake_control_pb2_grpc as control_grpc
 from glake.stats import glake_stats_pb2 as pb
 from glake.stats import glake_stats_pb2_grpc as pb_grpc
 from glake.stats import paths, wire
@@ -80,6 +82,7 @@ class StatsClient:
         self._channel = grpc.insecure_channel(self.target, options=[
             ("grpc.max_receive_message_length", MAX_REPLY_BYTES), ("grpc.enable_retries", 0)])
         self._stub = pb_grpc.GlakeStatsStub(self._channel)
+        self._control = control_grpc.GlakeControlStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -129,6 +132,22 @@ class StatsClient:
             raise self._fail(e, "WatchStats") from None
         finally:
             stream.cancel()
+
+    def _device_call(self, method: str, device: Optional[int], timeout: float) -> Dict[str, Any]:
+        request = control_pb.DeviceRequest(all_devices=device is None, device=device or 0)
+        try:
+            reply = getattr(self._control, method)(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise self._fail(e, method) from None
+        return {"devices": list(reply.devices), "host_bytes": reply.host_bytes}
+
+    def suspend(self, device: Optional[int] = None, timeout: float = 600.0) -> Dict[str, Any]:
+        """glake.suspend() in the process (every device, or ``device``): ``{"devices", "host_bytes"}``."""
+        return self._device_call("Suspend", device, timeout)
+
+    def resume(self, device: Optional[int] = None, timeout: float = 600.0) -> Dict[str, Any]:
+        """glake.resume() in the process: ``{"devices", "host_bytes"}``."""
+        return self._device_call("Resume", device, timeout)
 
     def memory_map_pb(self, pool: str = "") -> "pb.MemoryMap":
         """GetMemoryMap, as the protobuf message."""

@@ -166,7 +166,9 @@ def _start(address: Optional[str], unix: bool, unix_path: Optional[str], max_wor
     import grpc
 
     from glake.stats import collector
+    from glake.stats import glake_control_pb2_grpc as control_grpc
     from glake.stats import glake_stats_pb2_grpc as pb_grpc
+    from glake.stats.control import ControlService
     from glake.stats.service import StatsService
 
     stopping = threading.Event()
@@ -178,6 +180,7 @@ def _start(address: Optional[str], unix: bool, unix_path: Optional[str], max_wor
                                   ("grpc.so_reuseport", 0)])
     pb_grpc.add_GlakeStatsServicer_to_server(
         StatsService(lambda: collector.process_info(addresses, start_ns), stopping), server)
+    control_grpc.add_GlakeControlServicer_to_server(ControlService(), server)
     sock = None
     try:
         if unix:

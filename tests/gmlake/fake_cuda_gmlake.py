@@ -475,6 +475,34 @@ def chunk_fallback():
     assert violations() == 0
 
 
+def suspend_resume_retry():
+    """A resume that cannot get its chunks fails cleanly (still suspended, nothing leaked) and a later
+    one restores the data; while suspended the allocator holds no VMM handle."""
+    import os
+
+    a = glake.Allocator(0, backend="cuda", chunk_bytes="32MiB")
+    base = live()[0]
+    p = a.malloc(20 * MiB)  # one 20 MiB chunk
+    view(p, 20 * MiB)[:] = pattern(20 * MiB, 6)
+    a.suspend()
+    held = live()[0]
+    assert held == base, (held, base)  # the chunk went back to the driver
+    os.environ["FAKE_CUDA_MAX_CHUNK"] = str(2 * MiB)  # no 20 MiB chunk to be had now
+    try:
+        a.resume()
+        raise AssertionError("resume succeeded without memory")
+    except glake.OutOfMemoryError as e:
+        assert "still suspended" in str(e), e
+    finally:
+        del os.environ["FAKE_CUDA_MAX_CHUNK"]
+    assert a.suspended and live()[0] == held, live()
+    a.resume()
+    assert not a.suspended
+    assert np.array_equal(view(p, 20 * MiB), pattern(20 * MiB, 6))
+    a.free(p)
+    assert violations() == 0
+
+
 if __name__ == "__main__":
     name = sys.argv[1]
     assert _C.backend_name() == "cuda", "run with GLAKE_BACKEND=cuda and the fake libcuda on LD_LIBRARY_PATH"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +27,7 @@ OPS = st.lists(
         st.tuples(st.just("malloc"), SIZES, st.sampled_from([0, 0, 0, 1])),
         st.tuples(st.just("free"), st.integers(0, 1 << 30), st.just(0)),
         st.tuples(st.just("empty_cache"), st.just(0), st.just(0)),
+        st.tuples(st.just("suspend_resume"), st.integers(0, 1 << 30), st.just(0)),
         st.tuples(st.just("record_stream"), st.integers(0, 1 << 30), st.sampled_from([0, 1, 2])),
         st.tuples(st.just("malloc"), SIZES, st.sampled_from([0, 1])),
         # private pools (1, 0) and (2, 0): begin routing the streams of a bit mask, end, incref, release
@@ -148,6 +151,17 @@ def test_random_sequences_keep_invariants(ops, conf, start):
             del model.owner[p]
         elif op == "empty_cache":
             a.empty_cache()
+        elif op == "suspend_resume" and not model.routing:  # (refused while a pool is allocated to)
+            a.suspend()
+            with pytest.raises(glake.GlakeError, match="suspended"):
+                a.malloc(4096)
+            if live and arg % 2:  # a free while suspended is bookkeeping only
+                p = sorted(live)[arg % len(live)]
+                a.free(p)
+                del live[p]
+                del model.owner[p]
+            assert _C.stats(BACKEND)["physical_bytes.current"] == phys_before
+            a.resume()
         elif op == "record_stream" and live:  # used on another stream too: its free is deferred
             a.record_stream(sorted(live)[arg % len(live)], stream_of(stream))
         elif op == "begin_pool" and all(pool != arg for pool, _ in model.routing):

@@ -29,3 +29,7 @@ def test_scenario(fake_libcuda, name):
 
 def test_a_chunk_too_large_for_the_memory_left_falls_back_to_granules(fake_libcuda):
     run_scenario(fake_libcuda, SCENARIOS, "chunk_fallback", devices=1, extra_env={"FAKE_CUDA_MAX_CHUNK": str(2 << 20)})
+
+
+def test_a_failed_resume_leaves_the_allocator_suspended_and_a_later_one_restores_it(fake_libcuda):
+    run_scenario(fake_libcuda, SCENARIOS, "suspend_resume_retry", devices=1)

@@ -34,3 +34,7 @@ def test_torch_memory_api(name, mode):
 def test_cupy_allocates_on_cupys_current_stream():
     pytest.importorskip("cupy")
     run("cupy_stream", "glake")
+
+
+def test_suspend_gives_torchs_memory_back_and_resume_restores_tensors_and_graphs():
+    print(run("suspend_resume", "glake"))

@@ -263,8 +263,64 @@ def cupy_stream() -> None:
     print("cupy_stream ok")
 
 
+def suspend_resume() -> None:
+    """glake only: a training step, a captured graph; suspend gives the memory to the driver; after
+    resume the same tensors, the optimizer and the graph replay give what they gave before."""
+    import glake
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 1024)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(256, 1024, device="cuda")
+
+    def step() -> torch.Tensor:
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    step()
+    static = torch.randn(16 * MiB, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    out, _ = _capture(g, static)
+    g.replay()
+    want_graph = out.clone()
+    state = [p.detach().clone() for p in model.parameters()]
+    opt_state = {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in v.items()} for k, v in opt.state.items()}
+    want_loss = step()
+    want_params = [p.detach().clone() for p in model.parameters()]  # after AdamW's update
+    with torch.no_grad():  # back to the state before that step, to run it again after resume
+        for p, s in zip(model.parameters(), state):
+            p.copy_(s)
+    torch.cuda.synchronize()
+    free_before, _ = torch.cuda.mem_get_info()
+    reserved = torch.cuda.memory_reserved()
+    assert glake.suspend() == [torch.cuda.current_device()]
+    free_suspended, _ = torch.cuda.mem_get_info()
+    assert free_suspended - free_before >= 0.9 * reserved, (free_before, free_suspended, reserved)
+    try:
+        torch.empty(1, device="cuda")
+        raise AssertionError("allocated while suspended")
+    except RuntimeError as e:
+        assert "suspended" in str(e), e
+    glake.resume()
+    for k, v in opt_state.items():
+        opt.state[k].update(v)
+    got_loss = step()
+    assert torch.allclose(got_loss, want_loss, rtol=1e-6, atol=0), (got_loss, want_loss)
+    for p, w in zip(model.parameters(), want_params):  # weights and AdamW's moments survived
+        assert torch.allclose(p, w, rtol=1e-6, atol=1e-7)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want_graph), "the graph replays differently after resume"
+    print(f"suspended {reserved / MiB:.0f} MiB reserved: device free {free_before / MiB:.0f} -> "
+          f"{free_suspended / MiB:.0f} MiB")
+    print("suspend_resume ok")
+
+
 SCENARIOS = {f.__name__: f for f in (memory_api, snapshot, oom, graphs, graphed_callables, mempool, trace_callbacks,
-                                     cudnn_benchmark, ipc, cupy_stream)}
+                                     cudnn_benchmark, ipc, cupy_stream, suspend_resume)}
 
 if __name__ == "__main__":
     SCENARIOS[sys.argv[1]]()

@@ -37,13 +37,15 @@ def test_version_floors_of_the_generated_code():
     assert tuple(map(int, m.groups())) <= OLDEST_PROTOBUF
 
 
-def test_generated_modules_match_the_proto(tmp_path):
+@pytest.mark.parametrize("proto", ["glake_stats", "glake_control"])
+def test_generated_modules_match_the_proto(tmp_path, proto):
     tools = pytest.importorskip("grpc_tools")
     del tools
     from importlib.metadata import version
 
     out = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-Iglake/stats={os.path.dirname(PROTO)}",
-                          f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", PROTO],
+                          f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+                          os.path.join(os.path.dirname(PROTO), proto + ".proto")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     fresh_root = str(tmp_path / "glake" / "stats")
@@ -52,10 +54,10 @@ def test_generated_modules_match_the_proto(tmp_path):
         (blob,) = re.findall(r"AddSerializedFile\((b'.*?')\)\n", text, re.S)
         return eval(blob)  # a bytes literal written by protoc
 
-    assert descriptor(_read("glake_stats_pb2.py", fresh_root)) == descriptor(_read("glake_stats_pb2.py")), (
-        "glake/stats/glake_stats_pb2.py is out of date: run scripts/gen-proto.sh")
+    assert descriptor(_read(f"{proto}_pb2.py", fresh_root)) == descriptor(_read(f"{proto}_pb2.py")), (
+        f"glake/stats/{proto}_pb2.py is out of date: run scripts/gen-proto.sh")
     if version("grpcio-tools") == PINNED_TOOLS:  # the same generator: the files must be identical
-        for name in ("glake_stats_pb2.py", "glake_stats_pb2_grpc.py"):
+        for name in (f"{proto}_pb2.py", f"{proto}_pb2_grpc.py"):
             assert _read(name, fresh_root) == _read(name), f"{name} is out of date: run scripts/gen-proto.sh"
 
 

@@ -1,0 +1,111 @@
+"""Suspend and resume of the stitched allocator (host backend; the fake libcuda too, see helpers.py):
+the memory goes back to the backend, every address stays, and live data survives."""
+
+from __future__ import annotations
+
+import pytest
+
+import glake
+from glake import _C
+from tests.gmlake.helpers import BACKEND, MiB, check, fill
+
+
+def physical() -> int:
+    return _C.stats(BACKEND)["physical_bytes.current"]
+
+
+def test_suspend_gives_the_memory_back_and_resume_restores_every_byte_at_the_same_address():
+    base = physical()
+    a = glake.Allocator(backend=BACKEND, chunk_bytes="8MiB")
+    sizes = [4096, 300_000, 3 * MiB, 20 * MiB, 6 * MiB]
+    live = [a.malloc(n) for n in sizes]
+    a.free(live.pop(3))              # 20 MiB free: two 8 MiB chunks and a 4 MiB one to stitch from
+    big = a.malloc(24 * MiB)         # stitched over the free 20 MiB and a new segment
+    assert a.stats()["num_stitches"] == 1
+    live.append(big)
+    sizes = [4096, 300_000, 3 * MiB, 6 * MiB, 24 * MiB]
+    for i, (p, n) in enumerate(zip(live, sizes)):
+        fill(p, n, i)
+    snap = [(s["address"], s["size"]) for s in a.snapshot()]
+    a.suspend()
+    st = a.stats()
+    assert a.suspended and st["suspended"] == 1
+    assert physical() == base, "a suspended allocator holds no physical memory"
+    assert 0 < st["suspended_host_bytes"] <= st["reserved_bytes.all.current"]
+    a.resume()
+    assert not a.suspended and a.stats()["suspended"] == 0 and a.stats()["suspended_host_bytes"] == 0
+    assert [(s["address"], s["size"]) for s in a.snapshot()] == snap
+    for i, (p, n) in enumerate(zip(live, sizes)):
+        assert check(p, n, i), f"allocation {i} ({n} bytes) lost its contents"
+    # and it works as before: new allocations, frees, a new stitch
+    for p in live:
+        a.free(p)
+    p = a.malloc(40 * MiB)
+    fill(p, 40 * MiB, 9)
+    assert check(p, 40 * MiB, 9)
+    a.free(p)
+
+
+def test_the_free_cache_is_dropped_not_copied():
+    a = glake.Allocator(backend=BACKEND, chunk_bytes="2MiB")
+    keep = a.malloc(2 * MiB)
+    a.free(a.malloc(64 * MiB))  # a free 64 MiB segment: released by suspend, not copied
+    fill(keep, 2 * MiB, 3)
+    a.suspend()
+    st = a.stats()
+    assert st["suspended_host_bytes"] == 2 * MiB and st["reserved_bytes.all.current"] == 2 * MiB
+    a.resume()
+    assert check(keep, 2 * MiB, 3)
+    a.free(keep)
+
+
+def test_while_suspended_malloc_fails_clearly_and_free_works():
+    a = glake.Allocator(backend=BACKEND)
+    p, q = a.malloc(4 * MiB), a.malloc(1000)
+    fill(p, 4 * MiB, 1)
+    a.suspend()
+    with pytest.raises(glake.GlakeError, match="suspended.*glake.resume"):
+        a.malloc(100)
+    a.free(q)          # bookkeeping only
+    a.empty_cache()    # nothing to release while suspended; must not lose the segments
+    with pytest.raises(glake.InvalidArgumentError, match="already suspended"):
+        a.suspend()
+    a.resume()
+    a.resume()         # not suspended: no-op
+    assert check(p, 4 * MiB, 1)
+    a.free(p)
+
+
+def test_suspend_is_refused_while_a_private_pool_is_allocated_to():
+    a = glake.Allocator(backend=BACKEND)
+    a.begin_allocate_to_pool((1, 0), [0])
+    p = a.malloc(4 * MiB)
+    with pytest.raises(glake.InvalidArgumentError, match="private pool"):
+        a.suspend()
+    a.end_allocate_to_pool((1, 0))
+    a.suspend()  # the pool's live block is copied like any other
+    a.resume()
+    a.free(p)
+    a.release_pool((1, 0))
+
+
+def test_a_suspended_allocator_can_be_destroyed():
+    a = glake.Allocator(backend=BACKEND)
+    a.malloc(8 * MiB)
+    a.suspend()
+    del a  # the leak check (conftest) sees every range and chunk gone
+
+
+def test_glake_suspend_and_resume_cover_the_process_wide_allocator():
+    g = _C.gmlake_global(0)
+    p = g.malloc(6 * MiB, 0)
+    fill(p, 6 * MiB, 7)
+    try:
+        assert 0 in glake.suspend()
+        assert g.suspended and glake.suspend() == []  # already suspended: skipped
+        assert glake.resume() == [0] and not g.suspended
+        assert check(p, 6 * MiB, 7)
+    finally:
+        glake.resume()
+        g.free(p)
+        g.empty_cache()
