@@ -299,7 +299,7 @@ class KVCache:
         """
         if not self._m.reserve_batch(slots, lengths):
             self._raise_mapper_error()
-        self._m.publish_lengths(self._lengths_ptr(), self._stream())
+        self.publish_lengths()
 
     def publish_lengths(self) -> None:
         """Brings :attr:`lengths` up to date: each slot's reserved length, 0 for slots with no live sequence.
