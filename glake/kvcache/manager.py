@@ -234,8 +234,15 @@ class KVCache:
             raise InvalidArgumentError("this KVCache is closed")
 
     def _stream(self) -> int:
-        """The engine's stream as the driver sees it (0 on the host backend)."""
-        return torch.cuda.current_stream(self.device).cuda_stream if self._on_cuda else 0
+        """The engine's stream as the driver sees it (0 on the host backend). torch's raw lookup when it
+        has one (what its compiled code uses): torch.cuda.current_stream() builds a Stream object, 5.3 µs
+        of a 16 µs reserve_batch on an H200."""
+        if not self._on_cuda:
+            return 0
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        if raw is not None:
+            return raw(self.device_index)
+        return torch.cuda.current_stream(self.device).cuda_stream
 
     # ---- slot lifecycle --------------------------------------------------------------------------
 
@@ -292,7 +299,7 @@ class KVCache:
         """
         if not self._m.reserve_batch(slots, lengths):
             self._raise_mapper_error()
-        self._m.publish_lengths(self._lengths_ptr(), self._stream())
+        self.publish_lengths()
 
     def publish_lengths(self) -> None:
         """Brings :attr:`lengths` up to date: each slot's reserved length, 0 for slots with no live sequence.

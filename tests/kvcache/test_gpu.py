@@ -130,3 +130,12 @@ def test_lengths_tensor_follows_reserve_batch_on_the_stream():
         kv.publish_lengths()
         torch.cuda.synchronize()
         assert kv.lengths[0].item() == 0 and kv.lengths[1].item() == 300
+
+
+def test_the_engine_stream_is_torchs_current_stream():
+    """Fences and the lengths copy are ordered on the stream torch is using, side streams too."""
+    with KVCache(**SHAPE, max_seqs=2, max_seq_len=128, backend="cuda") as kv:
+        assert kv._stream() == torch.cuda.current_stream().cuda_stream
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            assert kv._stream() == side.cuda_stream != torch.cuda.default_stream().cuda_stream
