@@ -17,6 +17,8 @@ import torch
 
 from glake.errors import InvalidArgumentError, OutOfMemoryError
 from glake.kvcache import KVCache
+from glake.serve.cuda_graphs import DecodeGraphs, default_buckets
+from glake.serve.kernels.decode_attention import available as kernels_available
 from glake.serve.layers.sampler import Sampler, SamplingTensors
 from glake.serve.model_runner import ModelRunner
 from glake.serve.models.loader import load_model
@@ -78,6 +80,12 @@ class LLMEngine:
         See :class:`Scheduler`.
     use_flash
         FlashAttention-2 over the cache; default: on cuda with fp16/bf16.
+    decode_kernel
+        Batches of pure decodes through glake's Triton split-K kernel instead of FlashAttention-2
+        (with ``use_flash``); default: on when Triton is importable.
+    cuda_graphs
+        Decode steps of up to ``max_num_seqs`` sequences replay CUDA graphs captured at start-up
+        (:class:`~glake.serve.cuda_graphs.DecodeGraphs`; needs ``decode_kernel``); default: on with it.
     enable_prefix_caching
         Keep finished sequences' slots so that later prompts starting with the same whole chunks of
         tokens fork them instead of prefilling (:class:`~glake.serve.prefix_cache.PrefixCache`);
@@ -94,7 +102,8 @@ class LLMEngine:
                  max_num_seqs: int = 16, max_model_len: Optional[int] = None, max_num_batched_tokens: int = 512,
                  kv_memory_budget: Union[None, int, str] = None, kv_lookahead_tokens: int = 2,
                  preemption_mode: str = "auto", swap_min_tokens: int = 512,
-                 use_flash: Optional[bool] = None, enable_prefix_caching: bool = False) -> None:
+                 use_flash: Optional[bool] = None, decode_kernel: Optional[bool] = None,
+                 cuda_graphs: Optional[bool] = None, enable_prefix_caching: bool = False) -> None:
         self.device = torch.device(device) if device is not None else _default_device()
         loaded = load_model(model, self.device, dtype)
         self.model, self.config = loaded.model, loaded.config
@@ -106,9 +115,20 @@ class LLMEngine:
             raise InvalidArgumentError(f"max_model_len={max_model_len} must be in [2, {limit}] "
                                        f"(max_position_embeddings)")
         kv_dtype = next(self.model.parameters()).dtype
-        self.kv = KVCache(args.num_layers, args.num_kv_heads, args.head_dim, kv_dtype, max_seqs=max_num_seqs,
-                          max_seq_len=self.max_model_len, memory_budget=kv_memory_budget,
-                          backend="cuda" if self.device.type == "cuda" else "host",
+        if use_flash is None:
+            use_flash = self.device.type == "cuda" and kv_dtype in (torch.float16, torch.bfloat16)
+        if decode_kernel is None:
+            decode_kernel = use_flash and kernels_available()
+        elif decode_kernel and not (use_flash and kernels_available()):
+            raise InvalidArgumentError("decode_kernel=True needs use_flash (cuda, fp16/bf16) and triton")
+        if cuda_graphs is None:
+            cuda_graphs = decode_kernel
+        elif cuda_graphs and not decode_kernel:
+            raise InvalidArgumentError("cuda_graphs=True needs the Triton decode kernel (decode_kernel)")
+        pad_slots = 1 if cuda_graphs else 0  # the graphs' padding rows compute on a slot of their own
+        self.kv = KVCache(args.num_layers, args.num_kv_heads, args.head_dim, kv_dtype,
+                          max_seqs=max_num_seqs + pad_slots, max_seq_len=self.max_model_len,
+                          memory_budget=kv_memory_budget, backend="cuda" if self.device.type == "cuda" else "host",
                           device=self.device.index if self.device.type == "cuda" else None,
                           lookahead_tokens=kv_lookahead_tokens)
         try:
@@ -117,13 +137,17 @@ class LLMEngine:
                                            f"{self.kv.layout.describe()}")
             cache = PrefixCache(self.kv) if enable_prefix_caching else None
             self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, preemption_mode,
-                                       swap_min_tokens, cache)
+                                       swap_min_tokens, cache, reserved_slots=pad_slots)
+            graphs = None
+            if cuda_graphs:
+                pad = self.kv.allocate()
+                self.kv.reserve(pad, 1)
+                graphs = DecodeGraphs(self.model, self.kv, pad, self.max_model_len,
+                                      default_buckets(self.scheduler.max_num_seqs))
         except BaseException:
             self.kv.close()
             raise
-        if use_flash is None:
-            use_flash = self.device.type == "cuda" and kv_dtype in (torch.float16, torch.bfloat16)
-        self.runner = ModelRunner(self.model, self.kv, use_flash)
+        self.runner = ModelRunner(self.model, self.kv, use_flash, decode_kernel, graphs)
         self.sampler = Sampler()
         gen = getattr(model, "generation_config", None)
         self.eos_token_ids = _eos_ids(self.config, gen, self.tokenizer)
@@ -236,9 +260,11 @@ class LLMEngine:
                 logit_rows.append(j)
         if len(seqs) > len(rows):
             logits = logits[torch.tensor(logit_rows, device=logits.device)]
-        t = SamplingTensors.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
-                                  [s.output_token_ids for s in seqs], [s.generator for s in seqs],
-                                  logits.shape[-1], logits.device)
+        params = [s.params for s in seqs]
+        history = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params)
+        t = SamplingTensors.build(params, [s.prompt_token_ids for s in seqs] if history else [],
+                                  [s.output_token_ids for s in seqs] if history else [],  # copies: only if needed
+                                  [s.generator for s in seqs], logits.shape[-1], logits.device)
         out = self.sampler(logits, t)
         ids = out.token_ids.tolist()  # the step's one required host sync
         lps = self._logprobs(out, seqs)

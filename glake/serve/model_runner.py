@@ -8,11 +8,12 @@ short of the prompt's end is not sampled).
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from glake.kvcache import KVCache
+from glake.serve.cuda_graphs import DecodeGraphs
 from glake.serve.layers.attention import build_metadata
 from glake.serve.models.llama import LlamaForCausalLM
 from glake.serve.scheduler import ScheduledBatch
@@ -30,13 +31,21 @@ class ModelRunner:
     use_flash
         Use torch's bundled FlashAttention-2 over the cache (CUDA with fp16/bf16 only); else the
         torch reference attention.
+    decode_kernel
+        With ``use_flash``: batches of pure decodes through the Triton decode kernel.
+    graphs
+        Captured decode steps (:class:`DecodeGraphs`): a batch of pure decodes that fits replays one.
     """
 
-    def __init__(self, model: LlamaForCausalLM, kv: KVCache, use_flash: bool = False) -> None:
+    def __init__(self, model: LlamaForCausalLM, kv: KVCache, use_flash: bool = False,
+                 decode_kernel: bool = False, graphs: Optional[DecodeGraphs] = None) -> None:
         self.model = model
         self.kv = kv
         self.device = kv.device
         self.use_flash = use_flash
+        self.decode_kernel = decode_kernel
+        self.graphs = graphs
+        self.graph_steps = 0
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> Tuple[torch.Tensor, List[int]]:
@@ -45,6 +54,12 @@ class ModelRunner:
         Row ``j`` of the logits is the last position of ``batch.seqs[rows[j]]``; ``rows`` lists the
         sequences that reach their last token this step, in batch order.
         """
+        if self.graphs is not None and self.graphs.can_run(len(batch)) and all(n == 1 for n in batch.num_new):
+            self.graph_steps += 1
+            logits = self.graphs.run([s.token_ids[s.num_cached_tokens] for s in batch.seqs],
+                                     [s.num_cached_tokens for s in batch.seqs], [s.slot for s in batch.seqs])
+            rows = [i for i in range(len(batch)) if batch.samples(i)]  # a 1-token prefill chunk does not
+            return (logits if len(rows) == len(batch) else logits[rows]), rows
         slots, starts, ends, ids = [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_new):
             a = seq.num_cached_tokens
@@ -52,7 +67,8 @@ class ModelRunner:
             starts.append(a)
             ends.append(a + n)
             ids.extend(seq.token_ids[a:a + n])
-        meta = build_metadata(slots, starts, ends, self.device, self.kv.layout.max_seq_len, self.use_flash)
+        meta = build_metadata(slots, starts, ends, self.device, self.kv.layout.max_seq_len, self.use_flash,
+                              self.decode_kernel)
         input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device)
         hidden = self.model(input_ids, meta.positions, meta, self.kv)
         rows = [i for i in range(len(batch)) if batch.samples(i)]

@@ -83,14 +83,16 @@ class Scheduler:
     """
 
     def __init__(self, kv: KVCache, max_num_seqs: int, max_num_batched_tokens: int, preemption_mode: str = "auto",
-                 swap_min_tokens: int = 512, prefix_cache: Optional[PrefixCache] = None) -> None:
+                 swap_min_tokens: int = 512, prefix_cache: Optional[PrefixCache] = None,
+                 reserved_slots: int = 0) -> None:
         if preemption_mode not in PREEMPTION_MODES:
             raise InvalidArgumentError(f"preemption_mode={preemption_mode!r} is not one of {PREEMPTION_MODES}")
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise InvalidArgumentError(f"max_num_seqs={max_num_seqs} and max_num_batched_tokens="
                                        f"{max_num_batched_tokens} must both be >= 1")
         self.kv = kv
-        self.max_num_seqs = min(max_num_seqs, kv.layout.max_seqs)
+        self.num_slots = kv.layout.max_seqs - reserved_slots  # the engine keeps the others (graph padding)
+        self.max_num_seqs = min(max_num_seqs, self.num_slots)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.preemption_mode = preemption_mode
         self.swap_min_tokens = swap_min_tokens
@@ -195,7 +197,7 @@ class Scheduler:
     def free_slot(self, keep: Optional[int] = None) -> bool:
         """Whether a KV slot is free for one more sequence, evicting prefix-cache entries (not ``keep``) if needed."""
         cached = self.prefix_cache
-        while len(self.running) + (len(cached) if cached is not None else 0) >= self.kv.layout.max_seqs:
+        while len(self.running) + (len(cached) if cached is not None else 0) >= self.num_slots:
             if cached is None or not cached.evict(keep):
                 return False
         return True

@@ -26,6 +26,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-memory-budget", help="physical bytes the KV cache may hold, e.g. 8GiB")
     p.add_argument("--preemption-mode", choices=["auto", "swap", "recompute"], default="auto")
     p.add_argument("--enable-prefix-caching", action="store_true", help="fork cached prompt prefixes")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
 
 
 def engine_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
@@ -40,6 +41,8 @@ def engine_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
         kw["dtype"] = getattr(torch, args.dtype)
     if args.max_model_len:
         kw["max_model_len"] = args.max_model_len
+    if args.enforce_eager:
+        kw["cuda_graphs"] = False
     if args.kv_memory_budget:
         kw["kv_memory_budget"] = int(args.kv_memory_budget) if args.kv_memory_budget.isdigit() else args.kv_memory_budget
     return kw

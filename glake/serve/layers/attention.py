@@ -8,7 +8,8 @@ with prefill chunks attends per sequence: the chunk's queries over the slot's ro
 (its cached prefix plus itself), causally. On CUDA, with ``use_flash=True``, the whole batch is one
 ``torch.ops.aten._flash_attention_forward`` call over the cache viewed as ``[max_seqs * max_tokens,
 kv_heads, head_dim]`` with ``cu_seqlens_k = slot * max_tokens`` and ``seqused_k`` = each sequence's
-end (see ARCHITECTURE.md, "Facts measured on an H200").
+end (see ARCHITECTURE.md, "Facts measured on an H200"); a batch of pure decodes goes instead through
+glake's Triton split-K kernel (:mod:`glake.serve.kernels.decode_attention`) when ``decode_kernel`` is on.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from glake.kvcache import GatherIndex, attend, gather_index
+from glake.serve.kernels.decode_attention import decode_attention
 
 
 @dataclass
@@ -43,6 +45,9 @@ class AttentionMetadata:
         The gather index of a decode-only batch (shared by every layer).
     cu_seqlens_q, seqused_k, cu_seqlens_k
         Device int32 tensors for the flash path (None on the reference path).
+    decode_kernel
+        A decode-only batch on the flash path goes through the Triton decode kernel (``seq_slots``,
+        ``seqused_k`` and ``max_context``).
     """
 
     token_slots: torch.Tensor
@@ -57,6 +62,8 @@ class AttentionMetadata:
     cu_seqlens_q: Optional[torch.Tensor] = None
     seqused_k: Optional[torch.Tensor] = None
     cu_seqlens_k: Optional[torch.Tensor] = None
+    decode_kernel: bool = False
+    max_context: int = 0
 
     @property
     def max_query_len(self) -> int:
@@ -65,8 +72,10 @@ class AttentionMetadata:
 
 
 def build_metadata(slots: List[int], starts: List[int], ends: List[int], device: torch.device,
-                   max_tokens: int, flash: bool = False) -> AttentionMetadata:
-    """The metadata of a batch where sequence ``i`` (in ``slots[i]``) computes positions ``[starts[i], ends[i])``."""
+                   max_tokens: int, flash: bool = False, decode_kernel: bool = False) -> AttentionMetadata:
+    """The metadata of a batch where sequence ``i`` (in ``slots[i]``) computes positions ``[starts[i], ends[i])``.
+
+    ``decode_kernel`` (with ``flash``): a decode-only batch uses the Triton decode kernel."""
     lens = [e - s for s, e in zip(starts, ends)]
     qs = [0]
     for n in lens:
@@ -84,6 +93,8 @@ def build_metadata(slots: List[int], starts: List[int], ends: List[int], device:
         meta.seqused_k = torch.tensor(ends, dtype=torch.int32).to(device)
         # sequence i's keys start at its slot's first row; only seqused_k of them are read
         meta.cu_seqlens_k = (torch.tensor(slots + [max(slots) + 1], dtype=torch.int32) * max_tokens).to(device)
+        meta.decode_kernel = decode_kernel and decode_only
+        meta.max_context = max(ends)
     return meta
 
 
@@ -114,6 +125,8 @@ class CacheAttention(torch.nn.Module):
         """
         k_cache[meta.token_slots, meta.positions] = k.to(k_cache.dtype)
         v_cache[meta.token_slots, meta.positions] = v.to(v_cache.dtype)
+        if meta.decode_kernel:
+            return decode_attention(q, k_cache, v_cache, meta.seq_slots, meta.seqused_k, meta.max_context, self.scale)
         if meta.cu_seqlens_q is not None:
             return self._flash(q, k_cache, v_cache, meta)
         if meta.decode_only:

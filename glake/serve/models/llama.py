@@ -72,6 +72,18 @@ class ModelArgs:
             mlp_bias=bool(getattr(config, "mlp_bias", False)))
 
 
+def fuse_linears(*parts: nn.Linear) -> nn.Linear:
+    """One ``nn.Linear`` whose output is ``parts``' outputs side by side (their weights stacked)."""
+    w = parts[0].weight
+    fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None,
+                      device="meta", dtype=w.dtype)
+    with torch.no_grad():
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+        if parts[0].bias is not None:
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return fused
+
+
 class RMSNorm(nn.Module):
     """``x / rms(x) * weight``, computed in float32 (HF's LlamaRMSNorm)."""
 
@@ -142,14 +154,25 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * d, h, bias=args.o_bias)
         self.attn = CacheAttention(args.num_heads, args.num_kv_heads, d)
+        self.qkv_proj: Optional[nn.Linear] = None
+
+    def fuse_projections(self) -> None:
+        """Replaces q/k/v_proj by one ``qkv_proj`` (one GEMM instead of three), once the weights are loaded."""
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 kv: KVCache) -> torch.Tensor:
         """``x`` ``[T, hidden]`` -> ``[T, hidden]``; writes this layer's K/V of the step's tokens."""
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        hd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([hd, kd, kd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
         o = self.attn(q, k, v, kv.k_cache(self.layer), kv.v_cache(self.layer), meta)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
@@ -164,10 +187,20 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=args.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=args.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=args.mlp_bias)
+        self.gate_up_proj: Optional[nn.Linear] = None
+
+    def fuse_projections(self) -> None:
+        """Replaces gate/up_proj by one ``gate_up_proj``, once the weights are loaded."""
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, hidden]`` -> ``[T, hidden]``."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -223,6 +256,12 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_projections(self) -> None:
+        """Fuses every layer's q/k/v and gate/up projections (after loading: HF's names are gone then)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv: KVCache) -> torch.Tensor:

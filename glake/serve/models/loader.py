@@ -62,7 +62,7 @@ def _build(config: Any, device: torch.device, dtype: torch.dtype) -> LlamaForCau
     args = read(config)
     with torch.device("meta"):
         model = cls(args)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # dtype first: no float32 copy of the weights
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     # to_empty left the (non-persistent) RoPE buffer uninitialised: recompute it
@@ -91,9 +91,28 @@ def _fill(model: LlamaForCausalLM, weights: Iterator[Tuple[str, torch.Tensor]], 
         raise InvalidArgumentError(f"{where}: missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
 
-def load_model(model: Union[str, os.PathLike, torch.nn.Module], device: Union[str, torch.device] = "cpu",
+def random_model(config: Any, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+                 seed: int = 0, std: float = 0.02) -> LoadedModel:
+    """A serve model of ``config``'s shape (a ``transformers`` config) with random weights made on ``device``
+    (normal, ``std``; norms 1), for benchmarks and tests: nothing is read or downloaded. No tokenizer."""
+    device = torch.device(device)
+    m = _build(config, device, dtype)
+    m.fuse_projections()
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=g)
+    m.eval()
+    return LoadedModel(m, config, None)
+
+
+def load_model(model: Union[str, os.PathLike, torch.nn.Module, LoadedModel], device: Union[str, torch.device] = "cpu",
                dtype: Optional[torch.dtype] = None) -> LoadedModel:
-    """The serve model for ``model``: a local HF directory or an in-memory ``transformers`` model.
+    """The serve model for ``model``: a local HF directory, an in-memory ``transformers`` model, or an
+    already loaded one (:func:`random_model`; returned as it is).
 
     Parameters
     ----------
@@ -113,6 +132,8 @@ def load_model(model: Union[str, os.PathLike, torch.nn.Module], device: Union[st
     """
     device = torch.device(device)
     tokenizer = None
+    if isinstance(model, LoadedModel):
+        return model
     if isinstance(model, torch.nn.Module):
         config = getattr(model, "config", None)
         if config is None:
@@ -139,5 +160,6 @@ def load_model(model: Union[str, os.PathLike, torch.nn.Module], device: Union[st
         dtype = torch.float32 if device.type == "cpu" or not isinstance(named, torch.dtype) else named
     m = _build(config, device, dtype)
     _fill(m, weights, where)
+    m.fuse_projections()
     m.eval()
     return LoadedModel(m, config, tokenizer)

@@ -1,0 +1,281 @@
+"""Offline serving throughput of glake.serve on a Llama-3-8B-shaped model with random bf16 weights.
+
+The workload: 512 (prompt, output) length pairs of ShareGPT (benchmarks/data/sharegpt_lengths.npz,
+seed 0, prompt >= 4, output >= 4, prompt <= 1024, prompt + output <= 2048: 123,458 prompt and 107,379
+output tokens), random prompt ids, greedy, exactly the drawn output length (ignore_eos). Nothing is
+downloaded. Prints output and total tok/s, then one decode step at the largest batch broken down by
+kernel class (torch.profiler) against its GEMMs and attention run alone, and HF transformers'
+continuous batching on the same requests (`--hf`, the anchor; same process, after glake's run).
+
+    python3 benchmarks/serve_offline.py                    # GPU: the 8B shape, 512 requests
+    python3 benchmarks/serve_offline.py --hf               # ... and the HF anchor (about 150 s on an H200)
+    python3 benchmarks/serve_offline.py --tiny --requests 16   # CPU smoke run on a tiny shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_json  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def load_requests(path: Path, n: int, seed: int, max_prompt: int = 1024, max_total: int = 2048) -> np.ndarray:
+    """``[n, 2]`` (prompt, output) lengths drawn without replacement from the kept ShareGPT pairs."""
+    d = np.load(path)
+    p, o = d["prompt"], d["output"]
+    keep = (p >= 4) & (o >= 4) & (p <= max_prompt) & (p + o <= max_total)
+    pairs = np.stack([p[keep], o[keep]], 1)
+    return pairs[np.random.default_rng(seed).choice(len(pairs), n, replace=False)]
+
+
+def make_prompts(requests: np.ndarray, vocab: int, seed: int) -> List[List[int]]:
+    rng = np.random.default_rng(seed + 1)
+    return [rng.integers(0, vocab, int(p)).tolist() for p, _ in requests]
+
+
+KERNEL_CLASSES = (("attention", ("_split_kernel", "_merge_kernel", "flash")),
+                  ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "splitk")),
+                  ("sampling", ("argmax", "topk", "sort", "softmax", "exponential")))
+
+
+def classify(name: str) -> str:
+    low = name.lower()
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def profile_decode_step(torch, engine, steps: int = 3) -> Dict[str, float]:
+    """One decode step's device time by kernel class and its wall time (ms, mean of ``steps``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+    out = {"wall": wall}
+    for ev in prof.key_averages():
+        dev = getattr(ev, "device_time_total", None)
+        if dev is None:
+            dev = getattr(ev, "cuda_time_total", 0)
+        if dev and ev.device_type.name == "CUDA":
+            cls = classify(ev.key)
+            out[cls] = out.get(cls, 0.0) + dev / 1e3 / steps
+    out["gpu_busy"] = sum(v for k, v in out.items() if k not in ("wall",))
+    out["gpu_idle_frac"] = max(0.0, 1 - out["gpu_busy"] / wall)
+    return out
+
+
+def alone_ms(torch, fn, reps: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def gemms_alone(torch, model, m: int) -> float:
+    """The step's GEMMs at M = ``m`` rows, run back to back with the model's weights (ms)."""
+    lin = [mod for mod in model.modules() if isinstance(mod, torch.nn.Linear)]
+    xs = {mod.in_features: torch.randn(m, mod.in_features, device="cuda", dtype=mod.weight.dtype) for mod in lin}
+
+    def run():
+        for mod in lin:
+            torch.nn.functional.linear(xs[mod.in_features], mod.weight, mod.bias)
+    return alone_ms(torch, run)
+
+
+def attention_alone(torch, engine) -> float:
+    """Every layer's decode attention over the running sequences' cache rows, alone (ms)."""
+    from glake.serve.kernels.decode_attention import decode_attention
+
+    seqs = engine.scheduler.running
+    kv, a = engine.kv, engine.model.args
+    slots = torch.tensor([s.slot for s in seqs], device="cuda", dtype=torch.int32)
+    lens = torch.tensor([s.num_cached_tokens for s in seqs], device="cuda", dtype=torch.int32)
+    q = torch.randn(len(seqs), a.num_heads, a.head_dim, device="cuda", dtype=kv.dtype)
+    top = max(s.num_cached_tokens for s in seqs)
+
+    def run():
+        for layer in range(a.num_layers):
+            decode_attention(q, kv.k_cache(layer), kv.v_cache(layer), slots, lens, top)
+    return alone_ms(torch, run)
+
+
+def run_glake(torch, args, config, prompts, outputs) -> Dict[str, float]:
+    from glake.serve import SamplingParams
+    from glake.serve.engine import LLMEngine
+    from glake.serve.models import random_model
+
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    loaded = random_model(config, args.device, dtype, seed=args.seed)
+    engine = LLMEngine(loaded, device=args.device, dtype=dtype, max_num_seqs=args.max_num_seqs,
+                       max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+                       kv_memory_budget=args.kv_budget or None)
+    build_s = time.perf_counter() - t0
+    res: Dict[str, float] = {"build_s": build_s}
+    try:
+        # warm-up: a few requests through prefill and decode (kernels compiled, allocator warm)
+        for p in prompts[:4]:
+            engine.add_request(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+        seqs = []
+        for p, n in zip(prompts, outputs):
+            seqs += engine.add_request(p, SamplingParams(temperature=0, max_tokens=int(n), ignore_eos=True))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(seqs), desc="glake.serve", unit="req", disable=args.no_progress)
+        steps, biggest = 0, 0
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        while engine.has_unfinished():
+            done = engine.step()
+            steps += 1
+            biggest = max(biggest, len(engine.scheduler.running))
+            bar.update(len(done))
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        bar.close()
+        out_tok = sum(s.num_output_tokens for s in seqs)
+        assert out_tok == int(outputs.sum()), (out_tok, int(outputs.sum()))
+        res.update(elapsed_s=elapsed, steps=steps, output_tokens=out_tok, prompt_tokens=sum(len(p) for p in prompts),
+                   max_batch=biggest, preemptions=engine.scheduler.stats.preempted_recompute + engine.scheduler.stats.preempted_swap)
+        res["output_tok_s"] = out_tok / elapsed
+        res["total_tok_s"] = (out_tok + res["prompt_tokens"]) / elapsed
+        if args.device == "cuda" and not args.no_profile:
+            res.update(breakdown(torch, engine, prompts, args))
+    finally:
+        engine.close()
+        del engine, loaded
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def breakdown(torch, engine, prompts, args) -> Dict[str, float]:
+    """A decode step at the largest batch: ``max_num_seqs`` requests prefilled, then profiled decodes."""
+    from glake.serve import SamplingParams
+
+    for p in prompts[:args.max_num_seqs]:
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    while engine.scheduler.waiting or any(s.num_cached_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+        engine.step()
+    engine.step()
+    batch = len(engine.scheduler.running)
+    prof = profile_decode_step(torch, engine)
+    res = {f"step_{k}_ms" if k != "gpu_idle_frac" else "step_gpu_idle_frac": v for k, v in prof.items()}
+    res["step_batch"] = batch
+    res["gemms_alone_ms"] = gemms_alone(torch, engine.model, batch)
+    res["attention_alone_ms"] = attention_alone(torch, engine)
+    res["step_over_alone"] = prof["wall"] / (res["gemms_alone_ms"] + res["attention_alone_ms"])
+    engine.scheduler.abort_all()
+    return res
+
+
+def run_hf(torch, args, config, prompts, outputs) -> Dict[str, float]:
+    """HF transformers' continuous batching (``paged|sdpa``) on the same requests and random weights."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    torch.manual_seed(args.seed)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model.config._attn_implementation = "paged|sdpa"
+    gen = GenerationConfig(max_new_tokens=int(max(outputs)), do_sample=False, eos_token_id=-1, pad_token_id=0)
+    manager = model.init_continuous_batching(generation_config=gen)
+    manager.start()
+    try:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ids = [manager.add_request(p, max_new_tokens=int(n)) for p, n in zip(prompts, outputs)]
+        got, out_tok = 0, 0
+        while got < len(ids):
+            r = manager.get_result(timeout=600)
+            if r is None:
+                raise RuntimeError("HF continuous batching returned no result in 600 s")
+            got += 1
+            out_tok += len(r.generated_tokens)
+        elapsed = time.perf_counter() - t0
+    finally:
+        manager.stop(block=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return {"elapsed_s": elapsed, "output_tokens": out_tok, "output_tok_s": out_tok / elapsed,
+            "total_tok_s": (out_tok + sum(len(p) for p in prompts)) / elapsed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--kv-budget", default="", help="KV cache bytes, e.g. 60GiB (default: the device's memory)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny shape (CPU smoke runs)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--hf", action="store_true", help="also run HF transformers' continuous batching (the anchor)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the decode-step breakdown")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--data", default=str(HERE / "data" / "sharegpt_lengths.npz"))
+    args = ap.parse_args()
+
+    import torch
+    from transformers import LlamaConfig
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = LlamaConfig(**(TINY if args.tiny else LLAMA3_8B))
+    reqs = load_requests(Path(args.data), args.requests, args.seed)
+    prompts, outputs = make_prompts(reqs, config.vocab_size, args.seed), reqs[:, 1]
+    print(f"{len(prompts)} requests: {int(reqs[:, 0].sum())} prompt and {int(outputs.sum())} output tokens; "
+          f"{'tiny' if args.tiny else 'Llama-3-8B'} shape on {args.device}")
+    results = {"glake": run_glake(torch, args, config, prompts, outputs)}
+    if args.hf:
+        results["hf"] = run_hf(torch, args, config, prompts, outputs)
+
+    rows = [[name, round(r["elapsed_s"], 1), r["output_tokens"], round(r["output_tok_s"]), round(r["total_tok_s"])]
+            for name, r in results.items()]
+    print_table("Offline throughput (512 ShareGPT-length requests, greedy, ignore_eos)",
+                ["engine", "time s", "output tokens", "output tok/s", "total tok/s"], rows)
+    g = results["glake"]
+    if "hf" in results:
+        g["over_hf"] = g["output_tok_s"] / results["hf"]["output_tok_s"]
+        print(f"\nglake / HF output tok/s: {g['over_hf']:.1f}x")
+    if "step_wall_ms" in g:
+        keys = ["step_batch", "step_wall_ms", "step_gemm_ms", "step_attention_ms", "step_sampling_ms",
+                "step_other_ms", "step_gpu_idle_frac", "gemms_alone_ms", "attention_alone_ms", "step_over_alone"]
+        print_table("Decode step at the largest batch (device ms by kernel class; alone = run by themselves)",
+                    keys, [[round(g.get(k, 0.0), 3) if isinstance(g.get(k, 0.0), float) else g.get(k) for k in keys]])
+    write_json("serve_offline", {"args": vars(args), "results": results})
+
+
+if __name__ == "__main__":
+    main()
