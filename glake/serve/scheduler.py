@@ -243,9 +243,9 @@ class Scheduler:
         self._free = self.kv.num_free_chunks()
         planned = 0
         preempted = False
-        queue = list(self.running)  # oldest first
+        queue = deque(self.running)  # oldest first
         while queue and budget > 0:
-            seq = queue.pop(0)
+            seq = queue.popleft()
             n = min(seq.num_uncomputed_tokens, budget)
             need = self._growth(seq, seq.num_cached_tokens + n)
             while not self._take(need):

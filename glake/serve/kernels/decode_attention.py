@@ -43,7 +43,7 @@ if triton is not None:
                       sq_b, sq_h, sk_s, sk_t, sk_h, sv_s, sv_t, sv_h,
                       so_b, so_h, so_s, sl_b, sl_h, scale_log2,
                       G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                      SPLIT: tl.constexpr):
+                      SPLIT: tl.constexpr, PRECISION: tl.constexpr):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -67,14 +67,14 @@ if triton is not None:
                 toks = n0 + offs_n
                 nmask = toks < end
                 k = tl.load(kbase + toks[:, None].to(tl.int64) * sk_t + offs_d[None, :], mask=nmask[:, None], other=0.0)
-                qk = tl.dot(q, tl.trans(k)) * scale_log2
+                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
                 qk = tl.where(nmask[None, :], qk, float("-inf"))
                 m_new = tl.maximum(m, tl.max(qk, 1))
                 alpha = tl.exp2(m - m_new)
                 p = tl.exp2(qk - m_new[:, None])
                 l_sum = l_sum * alpha + tl.sum(p, 1)
                 v = tl.load(vbase + toks[:, None].to(tl.int64) * sv_t + offs_d[None, :], mask=nmask[:, None], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
                 m = m_new
             out = acc / l_sum[:, None]
             tl.store(OPart + b * so_b + qh[:, None] * so_h + sp * so_s + offs_d[None, :], out, mask=hmask[:, None])
@@ -162,6 +162,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
         scale * LOG2E, G=g, BLOCK_H=max(16, _pow2(g)), BLOCK_N=block_n, D=d, SPLIT=split,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32: no TF32 rounding
         num_warps=num_warps, num_stages=num_stages)
     _merge_kernel[(b, hq)](
         o_part, l_part, lengths, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),

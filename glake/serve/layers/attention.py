@@ -1,4 +1,4 @@
-"""Attention over the vTensor KV cache: write the step's K/V into the strided views, then attend.
+"""Attention over the vTensor KV cache (which already holds the step's K/V: the layer wrote them).
 
 Layer ``l``'s cache is ``kv.k_cache(l)`` / ``kv.v_cache(l)``, strided tensors ``[max_seqs, max_tokens,
 kv_heads, head_dim]``: a token's K/V is at ``[slot, position]``, no block table. The reference path
@@ -116,15 +116,10 @@ class CacheAttention(torch.nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5 if scale is None else scale
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """``q`` ``[T, heads, D]``, ``k``/``v`` ``[T, kv_heads, D]`` of the step's tokens -> ``[T, heads, D]``.
-
-        Writes ``k``/``v`` at ``[token_slots, positions]`` of the caches first (those rows are backed:
-        the engine reserved them).
-        """
-        k_cache[meta.token_slots, meta.positions] = k.to(k_cache.dtype)
-        v_cache[meta.token_slots, meta.positions] = v.to(v_cache.dtype)
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """``q`` ``[T, heads, D]`` of the step's tokens -> ``[T, heads, D]``, over the caches, which already
+        hold this step's K/V (:func:`glake.serve.kernels.fused.rope_and_cache` wrote them)."""
         if meta.decode_kernel:
             return decode_attention(q, k_cache, v_cache, meta.seq_slots, meta.seqused_k, meta.max_context, self.scale)
         if meta.cu_seqlens_q is not None:

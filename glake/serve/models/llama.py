@@ -18,6 +18,7 @@ from torch import nn
 
 from glake.errors import InvalidArgumentError
 from glake.kvcache import KVCache
+from glake.serve.kernels.fused import rms_norm, rope_and_cache, silu_mul
 from glake.serve.layers.attention import AttentionMetadata, CacheAttention
 
 
@@ -85,19 +86,16 @@ def fuse_linears(*parts: nn.Linear) -> nn.Linear:
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight``, computed in float32 (HF's LlamaRMSNorm)."""
+    """``x / rms(x) * weight``, computed in float32 (HF's LlamaRMSNorm), with the residual add fused."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalises the last dimension."""
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual), x + residual)`` over the last dimension (``(norm(x), x)`` without one)."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[Dict[str, Any]]) -> torch.Tensor:
@@ -133,12 +131,6 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[T, heads, head_dim]`` rotated by its positions' angles."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 class LlamaAttention(nn.Module):
@@ -173,8 +165,11 @@ class LlamaAttention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
-        o = self.attn(q, k, v, kv.k_cache(self.layer), kv.v_cache(self.layer), meta)
+        k_cache, v_cache = kv.k_cache(self.layer), kv.v_cache(self.layer)
+        # RoPE of q and k, and k/v written at [slot, position] of the cache (those rows are backed: the
+        # engine reserved them), in one kernel on cuda
+        q = rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, meta.token_slots, meta.positions)
+        o = self.attn(q, k_cache, v_cache, meta)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -197,10 +192,8 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, hidden]`` -> ``[T, hidden]``."""
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(silu_mul(self.gate_up_proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -213,11 +206,14 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                kv: KVCache) -> torch.Tensor:
-        """One layer over the step's tokens."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata, kv: KVCache) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One layer over the step's tokens: ``(mlp output, residual)``; the layer's input is ``x + residual``
+        (``x`` alone in the first layer), and the next norm adds the two."""
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, meta, kv)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -235,9 +231,10 @@ class LlamaModel(nn.Module):
         """``[T]`` ids at ``[T]`` positions -> hidden states ``[T, hidden]``."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb.cos_sin(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, meta, kv)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, meta, kv)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
