@@ -273,7 +273,10 @@ def main() -> None:
           f"{'tiny' if args.tiny else 'Llama-3-8B'} shape on {args.device}")
     results = {"glake": run_glake(torch, args, config, prompts, outputs)}
     if args.hf:
-        results["hf"] = run_hf(torch, args, config, prompts, outputs)
+        try:
+            results["hf"] = run_hf(torch, args, config, prompts, outputs)
+        except Exception as e:  # the anchor's API moves between transformers releases: say so, keep glake's
+            print(f"HF anchor failed: {type(e).__name__}: {e}")
 
     rows = [[name, round(r["elapsed_s"], 1), r["output_tokens"], round(r["output_tok_s"]), round(r["total_tok_s"])]
             for name, r in results.items()]
