@@ -90,6 +90,43 @@ def profile_decode_step(torch, engine, steps: int = 5) -> Dict[str, float]:
     return out
 
 
+def host_phases(torch, engine, steps: int = 5) -> Dict[str, float]:
+    """Host wall time per decode step in each phase (ms): scheduling, KV reservation (chunk maps),
+    the model runner (staging and the graph launch), the sampler's launch, and the rest of the step
+    (waiting for the sampled ids, then appending them and checking stops)."""
+    spent: Dict[str, float] = {}
+    patched = []
+
+    def wrap(obj, name: str) -> None:
+        fn = getattr(obj, name)
+        patched.append((obj, name, vars(obj).get(name)))
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+        setattr(obj, name, timed)
+
+    for obj, name in ((engine.scheduler, "schedule"), (engine.kv, "reserve_batch"), (engine.runner, "run"),
+                      (engine, "sampler")):
+        wrap(obj, name)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    total = time.perf_counter() - t0
+    for obj, name, original in patched:  # back as they were: an instance attribute, or the class's method
+        if original is None:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, original)
+    out = {f"host_{k}_ms": v * 1e3 / steps for k, v in spent.items()}
+    out["host_rest_ms"] = (total - sum(spent.values())) * 1e3 / steps
+    return out
+
+
 def alone_ms(torch, fn, reps: int = 10) -> float:
     """Device time of ``fn`` replayed from a CUDA graph (no launch gaps), ms per call."""
     stream = torch.cuda.Stream()
@@ -205,7 +242,9 @@ def breakdown(torch, engine, prompts, args) -> Dict[str, float]:
     engine.step()
     batch = len(engine.scheduler.running)
     prof = profile_decode_step(torch, engine)
+    host = host_phases(torch, engine)
     res = {f"step_{k}_ms" if k != "gpu_idle_frac" else "step_gpu_idle_frac": v for k, v in prof.items()}
+    res.update(host)
     res["step_batch"] = batch
     res["gemms_alone_ms"] = gemms_alone(torch, engine.model, batch)
     res["attention_alone_ms"] = attention_alone(torch, engine)
@@ -291,6 +330,10 @@ def main() -> None:
                 "step_sampling_ms", "step_other_ms", "step_gpu_idle_frac", "gemms_alone_ms", "attention_alone_ms", "step_over_alone"]
         print_table("Decode step at the largest batch (device ms by kernel class; alone = run by themselves)",
                     keys, [[round(g.get(k, 0.0), 3) if isinstance(g.get(k, 0.0), float) else g.get(k) for k in keys]])
+    if "host_schedule_ms" in g:
+        keys = ["host_schedule_ms", "host_reserve_batch_ms", "host_run_ms", "host_sampler_ms", "host_rest_ms"]
+        print_table("Host time of that step by phase (ms; rest = waiting for the sampled ids, then bookkeeping)",
+                    keys, [[round(g[k], 3) for k in keys]])
     write_json("serve_offline", {"args": vars(args), "results": results})
 
 

@@ -18,6 +18,6 @@ def fill(p, BLOCK: tl.constexpr):
 
 
 x = torch.empty(1024, device="cuda")  # one 4 KiB block at the start of a glake segment
-fill[((256 << 20) // 4 // 1024,)](x, BLOCK=1024)  # 256 MiB from x's start: far beyond its mapped chunks
+fill[((64 << 20) // 4 // 1024,)](x, BLOCK=1024)  # 64 MiB from x's start: beyond its mapped chunks
 torch.cuda.synchronize()
 print("planted write done")

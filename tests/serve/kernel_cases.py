@@ -40,8 +40,13 @@ def decode_case(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head
     out = decode_attention(q, k, v, slots.int(), lens.int(), max(lengths), split=split, block_n=block_n)
     clean = cache.nan_to_num(0.0)
     ref = reference(q.float(), clean[:, :, layer, 0].float(), clean[:, :, layer, 1].float(), slots, lens, max(lengths))
-    err = (out.float() - ref).abs().max().item()
+    err = rel(out, ref)
     return err if out.isfinite().all() else float("inf")
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max abs error relative to the reference's largest magnitude."""
+    return (out.float() - ref.float()).abs().max().item() / max(ref.float().abs().max().item(), 1e-30)
 
 
 def _rand(g, *shape, dtype, device):
@@ -56,7 +61,7 @@ def rms_norm_case(device: str, dtype: torch.dtype, rows: int, hidden: int, resid
     r = _rand(g, rows, hidden, dtype=dtype, device=device) if residual else None
     ref, ref_r = rms_norm_reference(x, w, 1e-5, r)
     out, out_r = rms_norm(x, w, 1e-5, None if r is None else r.clone(), use_triton=True)
-    return max((out.float() - ref.float()).abs().max().item(), (out_r.float() - ref_r.float()).abs().max().item())
+    return max(rel(out, ref), rel(out_r, ref_r))
 
 
 def rope_case(device: str, dtype: torch.dtype, tokens: int, heads: int, kv_heads: int, head_dim: int) -> float:
@@ -75,8 +80,7 @@ def rope_case(device: str, dtype: torch.dtype, tokens: int, heads: int, kv_heads
     ref_q = rope_and_cache_reference(q, k, v, cos, sin, caches[0][:, :, 1, 0], caches[0][:, :, 1, 1], slots, pos)
     out_q = rope_and_cache(q, k, v, cos, sin, caches[1][:, :, 1, 0], caches[1][:, :, 1, 1], slots, pos,
                            use_triton=True)
-    return max((out_q.float() - ref_q.float()).abs().max().item(),
-               (caches[0].float() - caches[1].float()).abs().max().item())
+    return max(rel(out_q, ref_q), rel(caches[1], caches[0]))
 
 
 def silu_case(device: str, dtype: torch.dtype, rows: int, inter: int) -> float:
@@ -84,7 +88,7 @@ def silu_case(device: str, dtype: torch.dtype, rows: int, inter: int) -> float:
 
     g = torch.Generator().manual_seed(rows + inter)
     x = _rand(g, rows, 2 * inter, dtype=dtype, device=device)
-    return (silu_mul(x, use_triton=True).float() - silu_mul_reference(x).float()).abs().max().item()
+    return rel(silu_mul(x, use_triton=True), silu_mul_reference(x))
 
 
 FUSED_CASES = {

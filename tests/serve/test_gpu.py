@@ -68,7 +68,8 @@ def test_8b_wide_logits_within_bf16_tolerance_of_hf():
     prompt = torch.randint(0, cfg.vocab_size, (300,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         ref = torch.log_softmax(hf(torch.tensor([prompt], device="cuda")).logits[0, -1].float(), -1)
-    with LLM(hf, device="cuda", max_num_seqs=2, max_model_len=512, max_num_batched_tokens=128) as llm:
+    with LLM(hf, device="cuda", dtype=torch.bfloat16, max_num_seqs=2, max_model_len=512,
+             max_num_batched_tokens=128) as llm:
         assert llm.engine.runner.use_flash
         out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1, logprobs=20), use_tqdm=False)[0]
     top = ref.topk(20)

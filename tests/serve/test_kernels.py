@@ -19,11 +19,12 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not kernel.available(), reason="needs triton")
 
 
-# the largest error allowed per kernel and dtype: decode attention sums in another order; the fused kernels
-# round where torch rounds, so they differ by an ulp of the dtype at most (float32 rsqrt/exp ulps)
+# the largest error allowed per kernel and dtype, relative to the reference's largest magnitude: decode
+# attention sums in another order; the fused kernels round where torch rounds, so they differ by an ulp
+# of the dtype at most (float32 rsqrt/exp ulps); bf16's ulp is 2^-8 relative, fp16's 2^-11
 TOL = {"float32": dict(decode=1e-5, rms_norm=1e-5, rope=1e-6, silu_mul=1e-6),
-       "float16": dict(decode=5e-3, rms_norm=1e-2, rope=4e-3, silu_mul=4e-3),
-       "bfloat16": dict(decode=2e-2, rms_norm=7e-2, rope=3e-2, silu_mul=3e-2)}
+       "float16": dict(decode=5e-3, rms_norm=2e-3, rope=2e-3, silu_mul=2e-3),
+       "bfloat16": dict(decode=2e-2, rms_norm=1e-2, rope=1e-2, silu_mul=1e-2)}
 
 
 def check(errors: dict, dtype: str) -> None:
@@ -86,7 +87,7 @@ def test_kernel_over_a_real_kvcache_reads_only_backed_rows():
     st = torch.tensor(slots, device="cuda")
     ln = torch.tensor(lengths, device="cuda")
     out = kernel.decode_attention(q, kv.k_cache(1), kv.v_cache(1), st.int(), ln.int(), max(lengths))
-    ref = reference(q.float(), kv.k_cache(1), kv.v_cache(1), st, ln, max(lengths))
+    ref = reference(q, kv.k_cache(1), kv.v_cache(1), st, ln, max(lengths))
     torch.cuda.synchronize()
     assert (out.float() - ref.float()).abs().max().item() < 2e-2
     kv.close()

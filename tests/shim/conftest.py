@@ -44,7 +44,8 @@ def driver_program(fake_dir) -> Path:
         pytest.skip("needs a C++ compiler")
     out = fake_dir.parent / "driver_api"
     subprocess.run([cxx, "-std=c++17", "-O1", f"-I{CUDA_INCLUDE}", str(PROGRAMS / "driver_api.cpp"), "-o", str(out),
-                    f"-L{fake_dir}", "-l:libcuda.so.1", "-ldl", "-lpthread"], check=True)
+                    "-Wl,--no-as-needed", "-lstdc++", f"-L{fake_dir}", "-l:libcuda.so.1", "-ldl", "-lpthread"],
+                   check=True)  # libstdc++ NEEDED: the fake (C++) exports its symbols, the real driver does not
     return out
 
 
