@@ -115,6 +115,7 @@ class LLMEngine:
             raise InvalidArgumentError(f"max_model_len={max_model_len} must be in [2, {limit}] "
                                        f"(max_position_embeddings)")
         kv_dtype = next(self.model.parameters()).dtype
+        explicit_flash = use_flash
         if use_flash is None:
             use_flash = self.device.type == "cuda" and kv_dtype in (torch.float16, torch.bfloat16)
         if decode_kernel is None:
@@ -132,6 +133,13 @@ class LLMEngine:
                           device=self.device.index if self.device.type == "cuda" else None,
                           lookahead_tokens=kv_lookahead_tokens)
         try:
+            layout = self.kv.layout
+            if use_flash and layout.slot_bytes % layout.row_bytes:
+                # FlashAttention reads the cache as one column of rows: the slot stride must be whole rows
+                if explicit_flash:
+                    raise InvalidArgumentError(f"use_flash=True needs a KV slot stride of whole token rows: "
+                                               f"{layout.describe()}; try another max_model_len")
+                use_flash = decode_kernel = cuda_graphs = False
             if enable_prefix_caching and not isinstance(self.kv.tokens_per_chunk, int):
                 raise InvalidArgumentError(f"enable_prefix_caching needs KV rows that divide the 2 MiB chunk: "
                                            f"{self.kv.layout.describe()}")

@@ -46,6 +46,8 @@ class ModelRunner:
         self.decode_kernel = decode_kernel
         self.graphs = graphs
         self.graph_steps = 0
+        layout = kv.layout
+        self.rows_per_slot = layout.slot_bytes // layout.row_bytes  # whole when use_flash (the engine checks)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> Tuple[torch.Tensor, List[int]]:
@@ -67,7 +69,7 @@ class ModelRunner:
             starts.append(a)
             ends.append(a + n)
             ids.extend(seq.token_ids[a:a + n])
-        meta = build_metadata(slots, starts, ends, self.device, self.kv.layout.max_seq_len, self.use_flash,
+        meta = build_metadata(slots, starts, ends, self.device, self.rows_per_slot, self.use_flash,
                               self.decode_kernel)
         input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device)
         hidden = self.model(input_ids, meta.positions, meta, self.kv)

@@ -32,31 +32,56 @@ def test_fp32_greedy_equals_hf_on_the_gpu(make):
 
 
 def logprob_runs(hf, **engine_args):
-    params = SamplingParams(temperature=0, max_tokens=MAX, logprobs=0)
+    params = SamplingParams(temperature=0, max_tokens=MAX, logprobs=2)
     with LLM(hf, device="cuda", dtype=torch.float16, max_num_seqs=4, max_model_len=128, **engine_args) as llm:
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
         runner = llm.engine.runner
-        paths = (runner.use_flash, runner.decode_kernel)
+        paths = (runner.use_flash, runner.decode_kernel, runner.graphs is not None)
     return outs, paths
+
+
+def assert_same_greedy(a, b, tol=2e-2, tie=5e-2):
+    """Greedy outputs of two fp16 runs agree token for token, each token's logprob within ``tol``; where
+    they part, the two tokens are a near tie in both (each in the other's top 2, logprobs within ``tie``),
+    and the rest of that output is not compared (its context differs)."""
+    for x, y in zip(a, b):
+        for i, (s, t) in enumerate(zip(x.token_ids, y.token_ids)):
+            lx, ly = x.logprobs[i], y.logprobs[i]
+            if s != t:
+                assert t in lx and s in ly, (i, s, t, lx, ly)
+                assert abs(lx[s] - lx[t]) < tie and abs(ly[s] - ly[t]) < tie, (i, s, t, lx, ly)
+                break
+            assert abs(lx[s] - ly[t]) < tol, (i, s, lx, ly)
 
 
 def test_flash_and_triton_decode_paths_agree_with_the_reference():
     hf = tiny_llama(4)
     ref, paths = logprob_runs(hf, use_flash=False)
-    assert paths == (False, False)
+    assert paths == (False, False, False)
     flash, paths = logprob_runs(hf, use_flash=True, decode_kernel=False)
-    assert paths == (True, False)
-    triton, paths = logprob_runs(hf, use_flash=True, decode_kernel=True)
-    assert paths == (True, True)
-    for r, f, t in zip(ref, flash, triton):
-        assert f.token_ids == r.token_ids and t.token_ids == r.token_ids
-        for a, b, c in zip(r.logprobs, f.logprobs, t.logprobs):
-            (tok, lp), = a.items()
-            assert abs(b[tok] - lp) < 2e-2 and abs(c[tok] - lp) < 2e-2
+    assert paths == (True, False, False)
+    triton, paths = logprob_runs(hf, use_flash=True, decode_kernel=True, cuda_graphs=False)
+    assert paths == (True, True, False)
+    assert_same_greedy(ref, flash)
+    assert_same_greedy(ref, triton)
+
+
+def test_graph_replay_equals_eager():
+    hf = tiny_llama(5)
+    eager, paths = logprob_runs(hf, cuda_graphs=False)
+    assert paths == (True, True, False)
+    with LLM(hf, device="cuda", dtype=torch.float16, max_num_seqs=4, max_model_len=128) as llm:
+        runner = llm.engine.runner
+        assert runner.graphs is not None and runner.graphs.buckets == [1, 2, 4]
+        graphed = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX, logprobs=2), use_tqdm=False)
+        assert runner.graph_steps > 0
+        llm.engine.kv.check_invariants()
+    assert_same_greedy(eager, graphed, tol=1e-2)
 
 
 def test_8b_wide_logits_within_bf16_tolerance_of_hf():
-    """Llama-3-8B's widths (two layers): the prompt's last-position logits against HF's forward in bf16."""
+    """Llama-3-8B's widths (two layers), bf16: the prompt's last-position logprobs are as close to HF's
+    float32 forward as HF's own bf16 forward is (twice its error, plus 0.02), on the top tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
@@ -64,36 +89,20 @@ def test_8b_wide_logits_within_bf16_tolerance_of_hf():
                       rms_norm_eps=1e-5, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        hf = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        hf = LlamaForCausalLM(cfg).eval()
     prompt = torch.randint(0, cfg.vocab_size, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids = torch.tensor([prompt], device="cuda")
     with torch.no_grad():
-        ref = torch.log_softmax(hf(torch.tensor([prompt], device="cuda")).logits[0, -1].float(), -1)
+        ref32 = torch.log_softmax(hf(ids).logits[0, -1].double(), -1)
+        hf = hf.to(torch.bfloat16)
+        ref16 = torch.log_softmax(hf(ids).logits[0, -1].double(), -1)
     with LLM(hf, device="cuda", dtype=torch.bfloat16, max_num_seqs=2, max_model_len=512,
              max_num_batched_tokens=128) as llm:
         assert llm.engine.runner.use_flash
         out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1, logprobs=20), use_tqdm=False)[0]
-    top = ref.topk(20)
     lp = out.logprobs[0]
-    # the first token: HF's argmax unless HF's top two are within bf16 noise
-    if top.values[0] - top.values[1] > 0.05:
-        assert out.token_ids[0] == top.indices[0].item()
-    common = [t for t in top.indices.tolist()[:5] if t in lp]
-    assert len(common) >= 3, (lp, top)
-    for t in common:
-        assert abs(lp[t] - ref[t].item()) < 0.1, (t, lp[t], ref[t].item())
-
-
-def test_graph_replay_equals_eager():
-    hf = tiny_llama(5)
-    eager, _ = logprob_runs(hf, cuda_graphs=False)
-    with LLM(hf, device="cuda", dtype=torch.float16, max_num_seqs=4, max_model_len=128) as llm:
-        runner = llm.engine.runner
-        assert runner.graphs is not None and runner.graphs.buckets == [1, 2, 4]
-        graphed = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX, logprobs=0), use_tqdm=False)
-        assert runner.graph_steps > 0
-        llm.engine.kv.check_invariants()
-    for e, g in zip(eager, graphed):
-        assert g.token_ids == e.token_ids
-        for a, b in zip(e.logprobs, g.logprobs):
-            (tok, lp), = a.items()
-            assert abs(b[tok] - lp) < 1e-2
+    common = [t for t in ref32.topk(20).indices.tolist() if t in lp]
+    assert len(common) >= 10, (sorted(lp), ref32.topk(20))
+    ours = max(abs(lp[t] - ref32[t].item()) for t in common)
+    theirs = max(abs(ref16[t].item() - ref32[t].item()) for t in common)
+    assert ours <= 2 * theirs + 0.02, (ours, theirs)

@@ -49,6 +49,17 @@ def driver_program(fake_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", params=["static", "shared"])
+def runtime_program(request, tmp_path_factory) -> Path:
+    nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+    if not nvcc.exists():
+        pytest.skip("needs nvcc")
+    out = tmp_path_factory.mktemp("runtime") / f"runtime_api_{request.param}"
+    subprocess.run([str(nvcc), "-o", str(out), str(Path(__file__).parent / "programs" / "runtime_api.cu"),
+                    "-cudart", request.param], check=True, capture_output=True, timeout=120)
+    return out
+
+
 @pytest.fixture
 def runtime_dir(tmp_path) -> Path:
     """XDG_RUNTIME_DIR of the test: stats pages land in <it>/glake."""

@@ -218,17 +218,6 @@ def test_missing_real_driver(shim, driver_program, fake_dir, runtime_dir):
     assert out.returncode != 0 and "is the glake shim itself" in out.stderr
 
 
-@pytest.fixture(scope="session", params=["static", "shared"])
-def runtime_program(request, tmp_path_factory) -> Path:
-    nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
-    if not nvcc.exists():
-        pytest.skip("needs nvcc")
-    out = tmp_path_factory.mktemp("runtime") / f"runtime_api_{request.param}"
-    subprocess.run([str(nvcc), "-o", str(out), str(Path(__file__).parent / "programs" / "runtime_api.cu"),
-                    "-cudart", request.param], check=True, capture_output=True, timeout=TIMEOUT)
-    return out
-
-
 def test_cuda_runtime_reaches_the_driver_through_the_shim(shim, runtime_program, fake_dir, runtime_dir):
     # The fake cannot host the CUDA runtime: after resolving its entry points through cuGetProcAddress_v2
     # and calling cuDriverGetVersion, the runtime needs cuGetExportTable (the driver's private tables),

@@ -6,8 +6,9 @@ kv_heads, head_dim]``: a token's K/V is at ``[slot, position]``, no block table.
 :func:`glake.kvcache.attend` (one gather of each slot's cached rows, never an unbacked one), a batch
 with prefill chunks attends per sequence: the chunk's queries over the slot's rows ``[0, end)``
 (its cached prefix plus itself), causally. On CUDA, with ``use_flash=True``, the whole batch is one
-``torch.ops.aten._flash_attention_forward`` call over the cache viewed as ``[max_seqs * max_tokens,
-kv_heads, head_dim]`` with ``cu_seqlens_k = slot * max_tokens`` and ``seqused_k`` = each sequence's
+``torch.ops.aten._flash_attention_forward`` call over the cache viewed as one column of rows
+``[rows, kv_heads, head_dim]`` with ``cu_seqlens_k = slot * rows_per_slot`` (the slot stride in rows:
+``max_tokens`` rounded up to whole chunks, so it must be a whole number of rows) and ``seqused_k`` = each sequence's
 end (see ARCHITECTURE.md, "Facts measured on an H200"); a batch of pure decodes goes instead through
 glake's Triton split-K kernel (:mod:`glake.serve.kernels.decode_attention`) when ``decode_kernel`` is on.
 """
@@ -72,9 +73,10 @@ class AttentionMetadata:
 
 
 def build_metadata(slots: List[int], starts: List[int], ends: List[int], device: torch.device,
-                   max_tokens: int, flash: bool = False, decode_kernel: bool = False) -> AttentionMetadata:
+                   rows_per_slot: int, flash: bool = False, decode_kernel: bool = False) -> AttentionMetadata:
     """The metadata of a batch where sequence ``i`` (in ``slots[i]``) computes positions ``[starts[i], ends[i])``.
 
+    ``rows_per_slot``: the caches' slot stride over their row stride (the flash path's key offsets);
     ``decode_kernel`` (with ``flash``): a decode-only batch uses the Triton decode kernel."""
     lens = [e - s for s, e in zip(starts, ends)]
     qs = [0]
@@ -92,7 +94,7 @@ def build_metadata(slots: List[int], starts: List[int], ends: List[int], device:
         meta.cu_seqlens_q = torch.tensor(qs, dtype=torch.int32).to(device)
         meta.seqused_k = torch.tensor(ends, dtype=torch.int32).to(device)
         # sequence i's keys start at its slot's first row; only seqused_k of them are read
-        meta.cu_seqlens_k = (torch.tensor(slots + [max(slots) + 1], dtype=torch.int32) * max_tokens).to(device)
+        meta.cu_seqlens_k = (torch.tensor(slots + [max(slots) + 1], dtype=torch.int32) * rows_per_slot).to(device)
         meta.decode_kernel = decode_kernel and decode_only
         meta.max_context = max(ends)
     return meta
@@ -145,12 +147,15 @@ class CacheAttention(torch.nn.Module):
 
     def _flash(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                meta: AttentionMetadata) -> torch.Tensor:
-        # K/V of this layer as [max_seqs * max_tokens, kv_heads, D] with the cache's row stride; sequence i's
-        # keys start at slot * max_tokens and seqused_k says how many of them are real (CUDA only, fp16/bf16)
+        # K/V of this layer as one column of rows [rows, kv_heads, D] with the cache's row stride: slot s starts
+        # at row s * rows_per_slot (the slot stride is max_tokens rounded up to whole chunks, not max_tokens),
+        # and seqused_k says how many of its rows are real (CUDA only, fp16/bf16)
         s, t, h, d = k_cache.shape
         stride = k_cache.stride()
-        kf = k_cache.as_strided((s * t, h, d), (stride[1], stride[2], stride[3]))
-        vf = v_cache.as_strided((s * t, h, d), (stride[1], stride[2], stride[3]))
+        per_slot = stride[0] // stride[1]
+        rows = (s - 1) * per_slot + t
+        kf = k_cache.as_strided((rows, h, d), (stride[1], stride[2], stride[3]))
+        vf = v_cache.as_strided((rows, h, d), (stride[1], stride[2], stride[3]))
         out = torch.ops.aten._flash_attention_forward(
             q, kf, vf, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_query_len, max(meta.context_end), 0.0, True,
             False, scale=self.scale, seqused_k=meta.seqused_k)[0]
