@@ -1,6 +1,7 @@
 """The libcuda shim on a real GPU and driver: a driver-API program, a CUDA runtime program (static and
-shared cudart, which the fake libcuda cannot host) and PyTorch give the same results under
-`glake run --shim` as without it, and their memory comes from glake (the shim's stats page says so)."""
+shared cudart, which the fake libcuda cannot host), PyTorch training a step (with and without its
+caching allocator), CuPy without its pool and JAX on XLA's platform allocator give the same results
+under `glake run --shim` as without it, and their memory comes from glake (the shim's stats page says so)."""
 
 from __future__ import annotations
 
@@ -53,29 +54,71 @@ def test_cuda_runtime_program_on_the_gpu(shim, runtime_program, runtime_dir):
         assert "eq=1" in out and "attr 0 type=2 dev=0" in out and "free 0" in out, out
 
 
-TORCH_PROGRAM = r"""
-import json, os, sys
-import torch
-torch.manual_seed(0)
-a = torch.randn(2048, 2048, device="cuda")
-bufs = [torch.empty(n << 20, dtype=torch.uint8, device="cuda") for n in (1, 3, 7, 20, 65)]
-b = (a @ a).sum(dim=0)
-result = [round(float(x), 2) for x in b[:8].cpu()]
+PAGE = """
 page = None
 if os.environ.get("READ_PAGE"):
     from glake.stats import shim_page
     page = shim_page.read_pid(os.getpid())
+"""
+
+TORCH_PROGRAM = r"""
+import json, os
+import torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 512)).cuda()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+x, y = torch.randn(256, 512, device="cuda"), torch.randn(256, 512, device="cuda")
+losses = []
+for _ in range(3):
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    losses.append(round(loss.item(), 5))
+""" + PAGE + """
+print(json.dumps({"result": losses, "page": page}))
+"""
+
+CUPY_PROGRAM = r"""
+import json, os
+import cupy
+cupy.cuda.set_allocator(None)  # no pool: every array is a cudaMalloc, every drop a cudaFree
+rng = cupy.random.default_rng(0)
+keep = [rng.standard_normal((n, 1000), dtype=cupy.float32) for n in (1, 300, 1200, 5000)]
+for i in range(50):  # a fragmenting pattern: drop one array, make another of another size
+    keep[i % 4] = rng.standard_normal(((i * 977) % 6000 + 1, 1000), dtype=cupy.float32)
+a = rng.standard_normal((1024, 1024), dtype=cupy.float32)
+result = [round(float((a @ a).sum()), 1)] + [round(float(k.sum()), 2) for k in keep]
+""" + PAGE + """
 print(json.dumps({"result": result, "page": page}))
 """
 
+JAX_PROGRAM = r"""
+import json, os
+import jax, jax.numpy as jnp
+k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+w = jax.random.normal(k1, (512, 512)) * 0.05
+x, y = jax.random.normal(k2, (256, 512)), jax.random.normal(k3, (256, 512))
+loss = lambda w: jnp.mean((jnp.tanh(x @ w) @ w - y) ** 2)
+step = jax.jit(lambda w: w - 0.1 * jax.grad(loss)(w))
+losses = []
+for _ in range(3):
+    w = step(w)
+    losses.append(round(float(loss(w)), 5))
+""" + PAGE + """
+print(json.dumps({"result": losses, "page": page}))
+"""
 
-def test_torch_under_the_shim(shim, runtime_dir):
-    env = gpu_env(runtime_dir, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
-    cmd = [sys.executable, "-c", TORCH_PROGRAM]
+
+def check_same_under_the_shim(runtime_dir, program: str, min_live: int, **env_extra: str) -> None:
+    """``program`` prints its results and (under the shim) its own stats page: same results both ways,
+    the page active, no re-entry, at least ``min_live`` bytes of glake memory live when it looked."""
+    env = gpu_env(runtime_dir, **env_extra)
+    cmd = [sys.executable, "-c", program]
     plain = run(cmd, env, False)
     shimmed = run(cmd, {**env, "READ_PAGE": "1"}, True)
-    assert plain.returncode == 0, plain.stderr
-    assert shimmed.returncode == 0, shimmed.stderr
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert shimmed.returncode == 0, shimmed.stderr[-3000:]
     p, s = json.loads(plain.stdout.splitlines()[-1]), json.loads(shimmed.stdout.splitlines()[-1])
     assert s["result"] == p["result"]
     page = s["page"]
@@ -84,5 +127,24 @@ def test_torch_under_the_shim(shim, runtime_dir):
     alloc = next(x for x in page["sections"] if x["name"] == "allocator")
     assert shim_sec["labels"]["mode"] == "active", page["process"]
     assert shim_sec["counters"]["reentries"] == 0
-    # torch's cudaMalloc went to glake: at least the five buffers and the matrix are live there.
-    assert alloc["counters"]["requested_bytes.all.current"] >= (96 << 20) + 2048 * 2048 * 4
+    assert alloc["counters"]["requested_bytes.all.current"] >= min_live
+
+
+def test_torch_trains_a_step_under_the_shim(runtime_dir):
+    # torch's own caching allocator: its segments (cudaMalloc) come from glake
+    check_same_under_the_shim(runtime_dir, TORCH_PROGRAM, 8 << 20)
+
+
+def test_torch_without_its_cache_under_the_shim(runtime_dir):
+    check_same_under_the_shim(runtime_dir, TORCH_PROGRAM, 8 << 20, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+
+
+def test_cupy_without_its_pool_under_the_shim(runtime_dir):
+    pytest.importorskip("cupy")
+    check_same_under_the_shim(runtime_dir, CUPY_PROGRAM, 4 << 20)
+
+
+def test_jax_platform_allocator_under_the_shim(runtime_dir):
+    pytest.importorskip("jax")
+    check_same_under_the_shim(runtime_dir, JAX_PROGRAM, 1 << 20, XLA_PYTHON_CLIENT_ALLOCATOR="platform",
+                              XLA_PYTHON_CLIENT_PREALLOCATE="false")

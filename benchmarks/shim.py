@@ -1,0 +1,166 @@
+"""The libcuda shim on a GPU, each measurement with and without `glake run --shim` in the same run:
+
+1. cuMemAlloc + cuMemFree latency by size (benchmarks/shim_bench.cpp, median of 200 pairs);
+2. device memory in use at the peak of a fragmenting allocation trace (same program, cuMemGetInfo
+   after every allocation) against the peak of the live bytes;
+3. a JAX training step under XLA's platform allocator (XLA_PYTHON_CLIENT_ALLOCATOR=platform: every
+   buffer is a cuMemAlloc/cuMemFree), its median time and the peak device memory in use (sampled).
+
+Targets (issue 14): malloc/free >= 10x faster than the driver's at >= 2 MiB; the trace's peak
+<= 1.05x plain cudaMalloc's; the JAX platform step >= 2x faster than without the shim.
+
+    python3 benchmarks/shim.py [--pairs 200] [--trace-steps 2000] [--jax-steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_json  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SIZES = [4 << 10, 64 << 10, 1 << 20, 2 << 20, 8 << 20, 32 << 20, 128 << 20]
+MiB = 1 << 20
+
+JAX_STEP = r"""
+import ctypes, json, threading, time
+import jax, jax.numpy as jnp
+
+cuda = ctypes.CDLL("libcuda.so.1")
+peak = [0]
+stop = threading.Event()
+
+def sample():
+    # device memory in use (total - free), from this process's libcuda (the shim's truthful answer under it)
+    cuda.cuInit(0)
+    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+    cuda.cuDeviceGet(ctypes.byref(dev), 0)
+    cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
+    cuda.cuCtxSetCurrent(ctx)
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    while not stop.is_set():
+        cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total))
+        peak[0] = max(peak[0], total.value - free.value)
+        time.sleep(0.0005)
+
+def init(key, sizes):
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [(jax.random.normal(k, (a, b)) * (1.0 / a) ** 0.5, jnp.zeros(b)) for k, a, b in zip(keys, sizes, sizes[1:])]
+
+def loss(params, x, y):
+    for w, b in params[:-1]:
+        x = jax.nn.gelu(x @ w + b)
+    w, b = params[-1]
+    return jnp.mean((x @ w + b - y) ** 2)
+
+@jax.jit
+def step(params, x, y):
+    l, g = jax.value_and_grad(loss)(params, x, y)
+    return [(w - 1e-3 * gw, b - 1e-3 * gb) for (w, b), (gw, gb) in zip(params, g)], l
+
+sizes = [2048, 4096, 4096, 4096, 1024]
+params = init(jax.random.PRNGKey(0), sizes)
+x = jax.random.normal(jax.random.PRNGKey(1), (4096, sizes[0]))
+y = jax.random.normal(jax.random.PRNGKey(2), (4096, sizes[-1]))
+base = None
+t = threading.Thread(target=sample, daemon=True)
+for i in range(3):
+    params, l = step(params, x, y)
+l.block_until_ready()
+t.start()
+times = []
+for i in range(STEPS):
+    t0 = time.perf_counter()
+    params, l = step(params, x, y)
+    l.block_until_ready()
+    times.append(time.perf_counter() - t0)
+stop.set()
+t.join()
+times.sort()
+print(json.dumps({"step_ms": times[len(times) // 2] * 1e3, "peak_used": peak[0], "loss": float(l)}))
+"""
+
+
+def glake_cmd() -> List[str]:
+    script = os.path.join(os.path.dirname(sys.executable), "glake")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "glake.cli"]
+
+
+def run(cmd: List[str], shim: bool, env: Dict[str, str], timeout: int = 300) -> str:
+    full = [*glake_cmd(), "run", "--shim", "--", *cmd] if shim else cmd
+    out = subprocess.run(full, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(full)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return out.stdout
+
+
+def build(tmp: str) -> str:
+    from glake.shim import find_real_libcuda
+
+    libdir = os.path.dirname(find_real_libcuda())
+    exe = os.path.join(tmp, "shim_bench")
+    cuda_inc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+    subprocess.run(["g++", "-std=c++17", "-O2", f"-I{cuda_inc}", str(HERE / "shim_bench.cpp"), "-o", exe,
+                    f"-L{libdir}", "-l:libcuda.so.1"], check=True)
+    return exe
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=200)
+    ap.add_argument("--trace-steps", type=int, default=2000)
+    ap.add_argument("--trace-seeds", default="0,1,2")
+    ap.add_argument("--jax-steps", type=int, default=20)
+    ap.add_argument("--no-jax", action="store_true")
+    args = ap.parse_args()
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLAKE_ALLOC_CONF")}
+    results: Dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = build(tmp)
+        rows = []
+        for size in SIZES:
+            us = {}
+            for shim in (False, True):
+                line = run([exe, "latency", str(size), str(args.pairs)], shim, env).split()
+                us[shim] = float(line[2])
+            rows.append([size, us[False], us[True], us[False] / us[True]])
+        results["latency"] = [dict(zip(["bytes", "driver_us", "shim_us", "speedup"], r)) for r in rows]
+        print_table("cuMemAlloc + cuMemFree, median us per pair", ["bytes", "driver", "shim", "driver / shim"],
+                    [[r[0], round(r[1], 2), round(r[2], 2), round(r[3], 1)] for r in rows])
+        rows = []
+        for seed in args.trace_seeds.split(","):
+            peak = {}
+            for shim in (False, True):
+                _, used, live = run([exe, "trace", seed, str(args.trace_steps)], shim, env).split()
+                peak[shim] = int(used)
+            rows.append([int(seed), int(live) / MiB, peak[False] / MiB, peak[True] / MiB,
+                         peak[True] / max(peak[False], 1)])
+        results["trace"] = [dict(zip(["seed", "peak_live_mib", "driver_peak_mib", "shim_peak_mib", "ratio"], r))
+                            for r in rows]
+        print_table(f"Fragmenting trace ({args.trace_steps} frees+allocs): peak device memory in use, MiB",
+                    ["seed", "peak live", "driver", "shim", "shim / driver"],
+                    [[r[0], round(r[1]), round(r[2]), round(r[3]), round(r[4], 3)] for r in rows])
+    if not args.no_jax:
+        jenv = dict(env, XLA_PYTHON_CLIENT_ALLOCATOR="platform", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        code = JAX_STEP.replace("STEPS", str(args.jax_steps))
+        res = {shim: json.loads(run([sys.executable, "-c", code], shim, jenv).splitlines()[-1])
+               for shim in (False, True)}
+        results["jax"] = {"driver": res[False], "shim": res[True], "speedup": res[False]["step_ms"] / res[True]["step_ms"]}
+        print_table("JAX MLP training step, XLA_PYTHON_CLIENT_ALLOCATOR=platform (median of steps)",
+                    ["", "step ms", "peak in use MiB", "loss"],
+                    [[name, round(r["step_ms"], 2), round(r["peak_used"] / MiB), round(r["loss"], 6)]
+                     for name, r in (("driver", res[False]), ("shim", res[True]))])
+        print(f"\nshim speed-up of the platform-allocator step: {results['jax']['speedup']:.2f}x")
+    write_json("shim", {"args": vars(args), "results": results})
+
+
+if __name__ == "__main__":
+    main()
