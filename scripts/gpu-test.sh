@@ -8,9 +8,10 @@
 #   scripts/gpu-test.sh --sanitize                        # the allocator's and kvcache's GPU tests under
 #                                                         # compute-sanitizer memcheck (after a planted error)
 #
-# A passing run appends one line to docs/gpu-verified.txt (date, GPU, torch, "N passed, M failed", the
+# Passing tests append one line to docs/gpu-verified.txt (date, GPU, torch, "N passed, M failed", the
 # commit: $GLAKE_COMMIT where the tree travels without .git, else git's HEAD with "+dirty" when the
-# tree has uncommitted changes); the file is copied to $OUT too.
+# tree has uncommitted changes), before the benchmarks run; the file is copied to $OUT too. The exit
+# status is non-zero when a test or a benchmark failed.
 #
 # Wheels missing on the GPU machine can travel in .whl/ (see the device README); they are
 # installed into /tmp/site first.
@@ -59,6 +60,24 @@ else
     python3 -m pytest -q -rs "${marker[@]}" tests 2>&1 | tee "$LOGS/pytest.log"
   fi
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # the record is the tests' (written before the benchmarks, so a benchmark cut off by time cannot lose it)
+  summary=$(grep -E "^[0-9]+ (passed|failed)|[0-9]+ passed" "$LOGS/pytest.log" 2>/dev/null | tail -n 1)
+  passed=$(grep -oE "[0-9]+ passed" <<<"$summary" | grep -oE "[0-9]+")
+  failed=$(grep -oE "[0-9]+ failed" <<<"$summary" | grep -oE "[0-9]+")
+  if [ "$status" = 0 ] && [ -n "$passed" ]; then
+    commit=${GLAKE_COMMIT:-}
+    if [ -z "$commit" ] && git rev-parse HEAD >/dev/null 2>&1; then
+      commit=$(git rev-parse --short=12 HEAD)
+      [ -n "$(git status --porcelain --untracked-files=no)" ] && commit="$commit+dirty"
+    fi
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+    torch_version=$(python3 -c "import torch; print(torch.__version__)" 2>/dev/null)
+    mode=$([ "$sanitize" = 1 ] && echo " (compute-sanitizer memcheck)")
+    echo "$(date -u +%Y-%m-%dT%H:%MZ)  ${gpu}  torch ${torch_version}  ${passed} passed, ${failed:-0} failed${mode}  ${commit:-unknown}" \
+      >>docs/gpu-verified.txt
+    tail -n 1 docs/gpu-verified.txt
+    [ -n "${OUT:-}" ] && cp docs/gpu-verified.txt "$OUT/gpu-verified.txt"
+  fi
   for bench in "$@"; do
     name=${bench%% *}
     args=${bench#"$name"}
@@ -66,25 +85,8 @@ else
     # shellcheck disable=SC2086
     python3 "benchmarks/$name.py" $args 2>&1 | tee "$LOGS/bench-$name.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    [ -n "${OUT:-}" ] && tar czf "$OUT/gpu-logs.tgz" -C "$(dirname "$LOGS")" gpu-logs
   done
-fi
-
-summary=$(grep -E "^[0-9]+ (passed|failed)|[0-9]+ passed" "$LOGS/pytest.log" 2>/dev/null | tail -n 1)
-passed=$(grep -oE "[0-9]+ passed" <<<"$summary" | grep -oE "[0-9]+")
-failed=$(grep -oE "[0-9]+ failed" <<<"$summary" | grep -oE "[0-9]+")
-if [ "$status" = 0 ] && [ -n "$passed" ]; then
-  commit=${GLAKE_COMMIT:-}
-  if [ -z "$commit" ] && git rev-parse HEAD >/dev/null 2>&1; then
-    commit=$(git rev-parse --short=12 HEAD)
-    [ -n "$(git status --porcelain --untracked-files=no)" ] && commit="$commit+dirty"
-  fi
-  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
-  torch_version=$(python3 -c "import torch; print(torch.__version__)" 2>/dev/null)
-  mode=$([ "$sanitize" = 1 ] && echo " (compute-sanitizer memcheck)")
-  echo "$(date -u +%Y-%m-%dT%H:%MZ)  ${gpu}  torch ${torch_version}  ${passed} passed, ${failed:-0} failed${mode}  ${commit:-unknown}" \
-    >>docs/gpu-verified.txt
-  tail -n 1 docs/gpu-verified.txt
-  [ -n "${OUT:-}" ] && cp docs/gpu-verified.txt "$OUT/gpu-verified.txt"
 fi
 
 if [ -n "${OUT:-}" ]; then
