@@ -63,3 +63,25 @@ def test_trace_replay_counts_fewer_driver_calls_with_larger_chunks(tmp_path):
     assert coarse["calls"]["create"] < fine["calls"]["create"] and coarse["calls"]["map"] < fine["calls"]["map"]
     for r in (fine, coarse):
         assert r["allocated_peak"] <= r["min_cap"] <= r["reserved_peak"] + (16 << 20)
+
+
+def test_serve_offline_tiny(tmp_path):
+    """The offline serving benchmark end to end on a tiny random model: every drawn output token comes out."""
+    pytest.importorskip("transformers")
+    out = run_benchmark(tmp_path, "serve_offline.py", "--tiny", "--requests", "12", "--max-num-seqs", "8",
+                        "--no-progress")
+    assert "Offline throughput" in out
+    g = json.loads((tmp_path / "serve_offline.json").read_text())["results"]["glake"]
+    assert g["output_tokens"] > 0 and g["steps"] > 0
+
+
+def test_serve_online_tiny(tmp_path):
+    """The online benchmark through a real server process on a tiny random model (glake only)."""
+    for mod in ("transformers", "fastapi", "uvicorn", "httpx"):
+        pytest.importorskip(mod)
+    out = run_benchmark(tmp_path, "serve_online.py", "--tiny", "--requests", "8", "--rates", "50,inf",
+                        "--max-num-seqs", "8")
+    assert "Online serving" in out
+    rows = json.loads((tmp_path / "serve_online.json").read_text())["rows"]
+    assert [r["rate"] for r in rows] == [50.0, float("inf")]
+    assert all(r["output_tokens"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] > 0 for r in rows)

@@ -1,0 +1,279 @@
+"""Online serving through the HTTP API: Poisson arrivals at several rates, streamed completions.
+
+The requests are serve_offline's (ShareGPT lengths, seed 0, random prompt ids, exactly the drawn
+output length with ``ignore_eos``), sent as token-id prompts to ``/v1/completions`` with
+``stream=true``. Each engine runs in a server process of its own (this script with ``--worker``):
+
+- ``glake``: ``glake serve``'s app (FastAPI + uvicorn, the engine on its own thread) over
+  ``random_model`` of the Llama-3-8B shape (``--tiny``: a tiny shape, for CPU smoke runs);
+- ``hf`` (``--hf``, the anchor): transformers' ContinuousBatchingManager (``paged|sdpa``) behind a
+  minimal FastAPI wrapper that streams one SSE chunk per generated token.
+
+Per request: TTFT (send -> first streamed chunk), TPOT ((last - first chunk) / (tokens - 1)), ITL
+(gaps between chunks; a chunk may carry more than one token when the client reads after several
+steps); per rate: p50/p99 of each, output tok/s over the run. Targets (issue 13): TTFT p99 and TPOT p99
+better than HF's at every rate; at the highest rate HF sustains, glake's TPOT p50 <= 1/5 of HF's.
+
+    python3 benchmarks/serve_online.py --rates 2,8,32 [--requests 512] [--hf]
+    python3 benchmarks/serve_online.py --tiny --requests 24 --rates 20,inf     # CPU smoke run
+"""
+
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_json  # noqa: E402
+from serve_offline import LLAMA3_8B, TINY, load_requests, make_prompts  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+MODEL = "bench"
+
+
+# ---- the server processes -------------------------------------------------------------------------
+
+def glake_worker(args, config) -> None:
+    import torch
+    import uvicorn
+
+    from glake.serve.api.async_engine import AsyncEngine
+    from glake.serve.api.metrics import ServeMetrics
+    from glake.serve.api.server import create_app
+    from glake.serve.api.serving import OpenAIServing
+    from glake.serve.engine import LLMEngine
+    from glake.serve.models import random_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    def factory():
+        return LLMEngine(random_model(config, device, dtype, seed=args.seed), device=device, dtype=dtype,
+                         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                         max_num_batched_tokens=args.max_num_batched_tokens)
+
+    metrics = ServeMetrics()
+    engine = AsyncEngine(factory, metrics)
+    metrics.bind(lambda: engine.snapshot)
+    app = create_app(OpenAIServing(engine, MODEL))
+    try:
+        uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    finally:
+        engine.shutdown()
+
+
+def hf_worker(args, config) -> None:
+    import threading
+
+    import torch
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    gen = GenerationConfig(max_new_tokens=args.max_model_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    for attn in ("paged|sdpa", "sdpa"):  # transformers 5.17 takes the first, later releases only the second
+        model.config._attn_implementation = attn
+        try:
+            manager = model.init_continuous_batching(generation_config=gen)
+            break
+        except ValueError as e:
+            print(f"HF worker: attention {attn!r} refused ({e})", flush=True)
+    else:
+        raise RuntimeError("no attention implementation accepted by continuous batching")
+    print(f"HF worker: continuous batching with {attn!r}", flush=True)
+    manager.start()
+    lock = threading.Lock()
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return JSONResponse({})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        with lock:
+            rid = manager.add_request(list(body["prompt"]), max_new_tokens=int(body["max_tokens"]), streaming=True)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def pump():  # the manager's blocking iterator, on a thread, into this request's queue
+            sent = 0
+            for out in manager.request_id_iter(rid):
+                toks = list(out.generated_tokens)
+                for _ in range(len(toks) - sent):
+                    loop.call_soon_threadsafe(queue.put_nowait, 1)
+                sent = len(toks)
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+        async def events():
+            n = 0
+            while (item := await queue.get()) is not None:
+                n += item
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'text': ''}]})}\n\n"
+            yield f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': n}})}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    try:
+        uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    finally:
+        manager.stop(block=True)
+
+
+# ---- the client -------------------------------------------------------------------------------------
+
+async def one_request(client, url: str, prompt: List[int], n: int, start: float, at: float) -> Dict[str, float]:
+    await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+    sent = time.perf_counter()
+    chunks: List[float] = []
+    tokens = 0
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": int(n), "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            if d.get("choices"):
+                chunks.append(time.perf_counter())
+            if d.get("usage"):
+                tokens = d["usage"]["completion_tokens"]
+    if not chunks:
+        raise RuntimeError("no token streamed")
+    itl = np.diff(chunks).tolist()
+    return {"ttft": chunks[0] - sent, "tpot": (chunks[-1] - chunks[0]) / max(1, tokens - 1), "itl": itl,
+            "tokens": tokens, "end": chunks[-1]}
+
+
+async def run_rate(port: int, prompts, outputs, rate: float, seed: int) -> Dict[str, float]:
+    import httpx
+
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate, len(prompts)) if np.isfinite(rate) else np.zeros(len(prompts))
+    arrivals = np.cumsum(gaps) - gaps[0]
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        start = time.perf_counter()
+        res = await asyncio.gather(*(one_request(client, url, p, n, start, float(a))
+                                     for p, n, a in zip(prompts, outputs, arrivals)))
+    elapsed = max(r["end"] for r in res) - start
+    pct = lambda xs, q: float(np.percentile(np.asarray(xs) * 1e3, q))  # noqa: E731
+    ttft, tpot = [r["ttft"] for r in res], [r["tpot"] for r in res]
+    itl = [x for r in res for x in r["itl"]]
+    out = sum(r["tokens"] for r in res)
+    return {"rate": rate, "requests": len(res), "output_tokens": out, "elapsed_s": elapsed, "output_tok_s": out / elapsed,
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "tpot_p50_ms": pct(tpot, 50),
+            "tpot_p99_ms": pct(tpot, 99), "itl_p50_ms": pct(itl, 50) if itl else 0.0,
+            "itl_p99_ms": pct(itl, 99) if itl else 0.0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before it answered /health")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
+
+
+def bench_engine(name: str, args, prompts, outputs, rates: List[float]) -> List[Dict[str, float]]:
+    port = free_port()
+    cmd = [sys.executable, __file__, "--worker", name, "--port", str(port), "--seed", str(args.seed),
+           "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len),
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens)] + (["--tiny"] if args.tiny else [])
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    rows = []
+    try:
+        wait_healthy(proc, port, args.startup_timeout)
+        # warm-up: a few requests through prefill and decode before any timing
+        asyncio.run(run_rate(port, prompts[:4], [8] * 4, float("inf"), args.seed))
+        for rate in rates:
+            r = asyncio.run(run_rate(port, prompts, outputs, rate, args.seed))
+            r["engine"] = name
+            rows.append(r)
+            print(f"{name} @ {rate} req/s: {r['output_tok_s']:.0f} out tok/s, TTFT p99 {r['ttft_p99_ms']:.0f} ms, "
+                  f"TPOT p99 {r['tpot_p99_ms']:.1f} ms", flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="2,8,32", help="requests per second, comma-separated ('inf': all at once)")
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--tiny", action="store_true", help="a tiny shape (CPU smoke runs)")
+    ap.add_argument("--hf", action="store_true", help="also run HF transformers' continuous batching (the anchor)")
+    ap.add_argument("--startup-timeout", type=float, default=600)
+    ap.add_argument("--data", default=str(HERE / "data" / "sharegpt_lengths.npz"))
+    ap.add_argument("--worker", choices=["glake", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**(TINY if args.tiny else LLAMA3_8B))
+    if args.worker:
+        (glake_worker if args.worker == "glake" else hf_worker)(args, config)
+        return
+    reqs = load_requests(Path(args.data), args.requests, args.seed)
+    prompts, outputs = make_prompts(reqs, config.vocab_size, args.seed), reqs[:, 1]
+    rates = [float(r) for r in args.rates.split(",")]
+    print(f"{len(prompts)} requests: {int(reqs[:, 0].sum())} prompt and {int(outputs.sum())} output tokens; "
+          f"{'tiny' if args.tiny else 'Llama-3-8B'} shape; rates {rates} req/s")
+    rows = bench_engine("glake", args, prompts, outputs, rates)
+    if args.hf:
+        try:
+            rows += bench_engine("hf", args, prompts, outputs, rates)
+        except Exception as e:  # the anchor's API moves between transformers releases: say so, keep glake's
+            print(f"HF anchor failed: {type(e).__name__}: {e}")
+    keys = ["engine", "rate", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
+            "itl_p50_ms", "itl_p99_ms"]
+    print_table("Online serving through /v1/completions (streamed; ms)", keys,
+                [[r[k] if isinstance(r[k], str) else round(r[k], 1) for k in keys] for r in rows])
+    write_json("serve_online", {"args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
