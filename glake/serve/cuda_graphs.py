@@ -11,7 +11,7 @@ model length, fixed at capture. Sampling runs after the replay, outside the grap
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -94,15 +94,17 @@ class DecodeGraphs:
         """Whether a decode batch of ``n`` sequences has a graph."""
         return 0 < n <= self.buckets[-1]
 
-    def run(self, ids: List[int], positions: List[int], slots: List[int]) -> torch.Tensor:
+    def run(self, ids: Union[List[int], torch.Tensor], positions: List[int], slots: List[int]) -> torch.Tensor:
         """Replays the step for these sequences (their new token, its position, their slot); returns their
-        logits ``[n, vocab]`` (a view of the graph's output: read it before the next replay)."""
-        n = len(ids)
+        logits ``[n, vocab]`` (a view of the graph's output: read it before the next replay). ``ids`` may
+        be a device tensor (a step in flight sampled them)."""
+        n = len(positions)
         b = bucket_for(self.buckets, n)
         graph, logits = self._graphs[b]
         h = self._host
         self._copied.synchronize()
-        h[0, :n] = torch.tensor(ids, dtype=torch.int64)
+        if not isinstance(ids, torch.Tensor):
+            h[0, :n] = torch.tensor(ids, dtype=torch.int64)
         p = torch.tensor(positions, dtype=torch.int64)
         h[1, :n] = p
         h[2, :n] = torch.tensor(slots, dtype=torch.int64)
@@ -110,6 +112,8 @@ class DecodeGraphs:
         self._pad(n)
         self._dev[:, :b].copy_(h[:, :b], non_blocking=True)
         self._copied.record()
+        if isinstance(ids, torch.Tensor):
+            self._dev[0, :n].copy_(ids)  # device to device, after the staging copy (same stream)
         graph.replay()
         return logits[:n]
 

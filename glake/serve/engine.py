@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence as Seq, Union
 
 import numpy as np
@@ -19,13 +20,28 @@ from glake.errors import InvalidArgumentError, OutOfMemoryError
 from glake.kvcache import KVCache
 from glake.serve.cuda_graphs import DecodeGraphs, default_buckets
 from glake.serve.kernels.decode_attention import available as kernels_available
-from glake.serve.layers.sampler import Sampler, SamplingTensors
+from glake.serve.layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from glake.serve.model_runner import ModelRunner
 from glake.serve.models.loader import load_model
 from glake.serve.prefix_cache import PrefixCache
 from glake.serve.sampling_params import SamplingParams
-from glake.serve.scheduler import Scheduler, StopChecker
-from glake.serve.sequence import Sequence
+from glake.serve.scheduler import ScheduledBatch, Scheduler, StopChecker
+from glake.serve.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class _Step:
+    """A launched step: the sequences that sample in it, in row order, and the sampler's output (on the
+    device until :meth:`LLMEngine._complete` reads it)."""
+
+    seqs: List[Sequence]
+    out: SamplerOutput
+    pure_decode: bool  # every sequence computed one token and samples (the next decode can follow it)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """The sampled ids ``[len(seqs)]`` on the device."""
+        return self.out.token_ids
 
 
 def _default_device() -> torch.device:
@@ -86,6 +102,9 @@ class LLMEngine:
     cuda_graphs
         Decode steps of up to ``max_num_seqs`` sequences replay CUDA graphs captured at start-up
         (:class:`~glake.serve.cuda_graphs.DecodeGraphs`; needs ``decode_kernel``); default: on with it.
+    overlap_steps
+        Launch each decode step behind the one in flight and do the host's bookkeeping while the GPU
+        computes (see :meth:`step`); default: on on cuda.
     enable_prefix_caching
         Keep finished sequences' slots so that later prompts starting with the same whole chunks of
         tokens fork them instead of prefilling (:class:`~glake.serve.prefix_cache.PrefixCache`);
@@ -103,7 +122,8 @@ class LLMEngine:
                  kv_memory_budget: Union[None, int, str] = None, kv_lookahead_tokens: int = 2,
                  preemption_mode: str = "auto", swap_min_tokens: int = 512,
                  use_flash: Optional[bool] = None, decode_kernel: Optional[bool] = None,
-                 cuda_graphs: Optional[bool] = None, enable_prefix_caching: bool = False) -> None:
+                 cuda_graphs: Optional[bool] = None, overlap_steps: Optional[bool] = None,
+                 enable_prefix_caching: bool = False) -> None:
         self.device = torch.device(device) if device is not None else _default_device()
         loaded = load_model(model, self.device, dtype)
         self.model, self.config = loaded.model, loaded.config
@@ -156,6 +176,8 @@ class LLMEngine:
             self.kv.close()
             raise
         self.runner = ModelRunner(self.model, self.kv, use_flash, decode_kernel, graphs)
+        self.overlap_steps = self.device.type == "cuda" if overlap_steps is None else bool(overlap_steps)
+        self._inflight: Optional[_Step] = None
         self.sampler = Sampler()
         gen = getattr(model, "generation_config", None)
         self.eos_token_ids = _eos_ids(self.config, gen, self.tokenizer)
@@ -225,7 +247,9 @@ class LLMEngine:
         """Stops a request's sequences (those :meth:`add_request` returned) and frees their KV slots.
 
         Finished ones are left as they are; returns how many were stopped (finish reason ``"abort"``).
+        A step in flight is completed first (its rows may still be written).
         """
+        self.drain()
         return sum(self.scheduler.abort(s) for s in seqs)
 
     def has_unfinished(self) -> bool:
@@ -237,28 +261,95 @@ class LLMEngine:
     def step(self) -> List[Sequence]:
         """Runs one iteration; returns the sequences that finished in it.
 
+        With ``overlap_steps``, a step of pure decodes is left in flight: the next call launches the
+        following decode step behind it on the GPU (its input ids are the in-flight step's sampled
+        ids, still on the device) and only then reads the in-flight step's ids and appends them, so
+        the host's bookkeeping runs while the GPU computes. Sequences that reach ``max_tokens`` or
+        ``max_model_len`` are left out of the step behind; one that stops on a token (EOS, stop
+        strings) is finished when its step is read, and its slot is released once the step computed
+        behind it is read too (its row there is thrown away). Anything else (admissions, prefill,
+        swaps, penalties, aborts) first completes the step in flight.
+
         Raises
         ------
         OutOfMemoryError
             Requests are queued but none could be scheduled with nothing running (cannot happen
             for requests :meth:`add_request` accepted, unless something else holds the cache).
         """
+        finished: List[Sequence] = []
+        if self._inflight is not None:
+            behind = self._decode_behind(self._inflight)
+            if behind is not None:
+                ahead = self._launch(ScheduledBatch(behind, [1] * len(behind)), self._inflight)
+                finished = self._complete(self._inflight, ahead)
+                self._inflight = ahead
+                return finished
+            finished = self.drain()
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_unfinished() and not self.scheduler.running:
                 raise OutOfMemoryError(f"nothing could be scheduled: {len(self.scheduler.waiting)} waiting, "
                                        f"{len(self.scheduler.swapped)} swapped, {self.kv.num_free_chunks()} "
                                        f"free KV chunks")
-            return []
+            return finished
+        step = self._launch(batch)
+        if step is None:
+            return finished
+        if self.overlap_steps and step.pure_decode:
+            self._inflight = step
+            return finished
+        return finished + self._complete(step)
+
+    def drain(self) -> List[Sequence]:
+        """Completes the step in flight, if any (``overlap_steps``); returns the sequences it finished."""
+        step, self._inflight = self._inflight, None
+        return self._complete(step) if step is not None else []
+
+    def _decode_behind(self, step: "_Step") -> Optional[List[Sequence]]:
+        """The sequences of the decode step to launch behind ``step``, or None when that step must be
+        scheduled normally (something to admit or swap in, penalties, too little free KV)."""
+        sched = self.scheduler
+        if sched.waiting or sched.swapped:
+            return None
+        behind = []
+        for s in step.seqs:
+            p = s.params
+            if s.status is SequenceStatus.FINISHED:
+                continue  # stopped on a token of the step before: released when `step` completes
+            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+                return None  # the penalties need the in-flight token in the history
+            if s.num_output_tokens + 1 >= p.max_tokens or s.num_tokens + 1 >= self.max_model_len:
+                continue  # the in-flight token is its last
+            behind.append(s)
+        if not behind:
+            return None
+        need = sum(sched.growth(s, s.num_cached_tokens + 1) for s in behind)
+        if need > self.kv.num_free_chunks():
+            return None  # the scheduler preempts
+        sched.stats.steps += 1
+        return behind
+
+    def _launch(self, batch: ScheduledBatch, after: Optional["_Step"] = None) -> Optional["_Step"]:
+        """Reserves the batch's KV rows, runs the model and the sampler (nothing waits for the GPU).
+
+        ``after``: the in-flight step whose sampled ids are this pure-decode batch's input tokens.
+        Returns None when no sequence of the batch reaches a sampled position.
+        """
         slots = np.array([s.slot for s in batch.seqs], dtype=np.int64)
         lengths = np.array([s.num_cached_tokens + n for s, n in zip(batch.seqs, batch.num_new)], dtype=np.int64)
         self.kv.reserve_batch(slots, lengths)
-        logits, rows = self.runner.run(batch)
+        ids = None
+        if after is not None:
+            ids = after.ids
+            if len(batch.seqs) < len(after.seqs):
+                keep = {id(s) for s in batch.seqs}
+                index = [j for j, s in enumerate(after.seqs) if id(s) in keep]
+                ids = ids[torch.tensor(index, dtype=torch.int64, device=ids.device)]
+        logits, rows = self.runner.run(batch, ids)
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_cached_tokens += n
-        finished: List[Sequence] = []
         if not rows:
-            return finished
+            return None
         seqs, logit_rows = [], []
         for j, i in enumerate(rows):
             seqs.append(batch.seqs[i])
@@ -274,15 +365,30 @@ class LLMEngine:
                                   [s.output_token_ids for s in seqs] if history else [],  # copies: only if needed
                                   [s.generator for s in seqs], logits.shape[-1], logits.device)
         out = self.sampler(logits, t)
-        ids = out.token_ids.tolist()  # the step's one required host sync
-        lps = self._logprobs(out, seqs)
-        for j, seq in enumerate(seqs):
+        pure = len(seqs) == len(batch.seqs) and all(n == 1 for n in batch.num_new)
+        return _Step(seqs, out, pure)
+
+    def _complete(self, step: "_Step", ahead: Optional["_Step"] = None) -> List[Sequence]:
+        """Reads ``step``'s sampled ids (the step's one host sync), appends them and applies the stop
+        rules; returns the sequences finished. A sequence finished here that is in ``ahead`` (the step
+        launched behind it) keeps its slot until ``ahead`` is completed."""
+        ids = step.out.token_ids.tolist()
+        lps = self._logprobs(step.out, step.seqs)
+        finished: List[Sequence] = []
+        busy = {id(s) for s in ahead.seqs} if ahead is not None else set()
+        for j, seq in enumerate(step.seqs):
+            if seq.status is SequenceStatus.FINISHED:  # stopped in the step before: this row is thrown away
+                self.scheduler.finish(seq, seq.finish_reason)
+                continue
             seq.append(ids[j], lps[j])
             reason = self.stop_checker.check(seq)
             if reason is None and seq.num_tokens >= self.max_model_len:
                 reason = "length"
             if reason is not None:
-                self.scheduler.finish(seq, reason)
+                if id(seq) in busy:
+                    seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason  # released with `ahead`
+                else:
+                    self.scheduler.finish(seq, reason)
                 finished.append(seq)
         return finished
 
@@ -332,6 +438,7 @@ class LLMEngine:
     def close(self) -> None:
         """Releases every sequence and closes the KV cache. Idempotent."""
         if not self.kv.closed:
+            self.drain()
             self.scheduler.abort_all()
             self.kv.close()
 

@@ -50,29 +50,37 @@ class ModelRunner:
         self.rows_per_slot = layout.slot_bytes // layout.row_bytes  # whole when use_flash (the engine checks)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> Tuple[torch.Tensor, List[int]]:
+    def run(self, batch: ScheduledBatch, ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[int]]:
         """Computes the batch's tokens; returns (logits ``[N, vocab]``, the batch indices they belong to).
 
         Row ``j`` of the logits is the last position of ``batch.seqs[rows[j]]``; ``rows`` lists the
-        sequences that reach their last token this step, in batch order.
+        sequences that reach their last token this step, in batch order. ``ids``: a decode batch's
+        input tokens on the device (a step in flight sampled them; the host does not know them yet),
+        and then every sequence samples.
         """
-        if self.graphs is not None and self.graphs.can_run(len(batch)) and all(n == 1 for n in batch.num_new):
+        decode = all(n == 1 for n in batch.num_new)
+        if ids is not None and not decode:
+            raise ValueError("device input ids are for decode batches only")
+        if self.graphs is not None and self.graphs.can_run(len(batch)) and decode:
             self.graph_steps += 1
-            logits = self.graphs.run([s.token_ids[s.num_cached_tokens] for s in batch.seqs],
-                                     [s.num_cached_tokens for s in batch.seqs], [s.slot for s in batch.seqs])
+            tokens = ids if ids is not None else [s.token_ids[s.num_cached_tokens] for s in batch.seqs]
+            logits = self.graphs.run(tokens, [s.num_cached_tokens for s in batch.seqs], [s.slot for s in batch.seqs])
+            if ids is not None:
+                return logits, list(range(len(batch)))
             rows = [i for i in range(len(batch)) if batch.samples(i)]  # a 1-token prefill chunk does not
             return (logits if len(rows) == len(batch) else logits[rows]), rows
-        slots, starts, ends, ids = [], [], [], []
+        slots, starts, ends, tokens = [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_new):
             a = seq.num_cached_tokens
             slots.append(seq.slot)
             starts.append(a)
             ends.append(a + n)
-            ids.extend(seq.token_ids[a:a + n])
+            if ids is None:
+                tokens.extend(seq.token_ids[a:a + n])
         meta = build_metadata(slots, starts, ends, self.device, self.rows_per_slot, self.use_flash,
                               self.decode_kernel)
-        input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device)
+        input_ids = torch.tensor(tokens, dtype=torch.int64).to(self.device) if ids is None else ids
         hidden = self.model(input_ids, meta.positions, meta, self.kv)
-        rows = [i for i in range(len(batch)) if batch.samples(i)]
+        rows = list(range(len(batch))) if ids is not None else [i for i in range(len(batch)) if batch.samples(i)]
         last = torch.tensor([meta.query_start[i + 1] - 1 for i in rows], dtype=torch.int64).to(self.device)
         return self.model.compute_logits(hidden[last]), rows

@@ -172,7 +172,7 @@ class Scheduler:
     def _chunks(self, tokens: int) -> int:
         return self.kv.layout.chunks_for(tokens)
 
-    def _growth(self, seq: Sequence, length: int) -> int:
+    def growth(self, seq: Sequence, length: int) -> int:
         """Chunks that reserving ``length`` tokens for a running ``seq`` takes from ``num_free_chunks``.
 
         ``num_free_chunks`` counts a live slot's chunks past ``chunks_for(reserved)`` as obtainable
@@ -247,7 +247,7 @@ class Scheduler:
         while queue and budget > 0:
             seq = queue.popleft()
             n = min(seq.num_uncomputed_tokens, budget)
-            need = self._growth(seq, seq.num_cached_tokens + n)
+            need = self.growth(seq, seq.num_cached_tokens + n)
             while not self._take(need):
                 if self._evict_for_memory(planned):
                     continue
@@ -289,8 +289,8 @@ class Scheduler:
             self.running.append(seq)
             self.stats.swapped_in += 1
             # swap_in reserved num_cached tokens: the growth past them is what is left to take
-            self._free = self.kv.num_free_chunks() - planned - self._growth(seq, seq.num_cached_tokens + n)
-            planned += self._growth(seq, seq.num_cached_tokens + n)
+            self._free = self.kv.num_free_chunks() - planned - self.growth(seq, seq.num_cached_tokens + n)
+            planned += self.growth(seq, seq.num_cached_tokens + n)
             budget -= n
             batch.seqs.append(seq)
             batch.num_new.append(n)

@@ -14,10 +14,10 @@ def guard_writes(llm):
     eng = llm.engine
     run = eng.runner.run
 
-    def checked(batch):
+    def checked(batch, *ids):
         for seq, n in zip(batch.seqs, batch.num_new):
             eng.kv.check_writable(seq.slot, seq.num_cached_tokens, seq.num_cached_tokens + n)
-        return run(batch)
+        return run(batch, *ids)
 
     eng.runner.run = checked
 

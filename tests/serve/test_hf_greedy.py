@@ -44,9 +44,9 @@ def test_more_prompts_than_slots_and_chunked_prefill(hf):
     with LLM(hf, max_num_seqs=3, max_model_len=128, max_num_batched_tokens=5) as llm:
         run = llm.engine.runner.run
 
-        def spy(batch):
+        def spy(batch, *ids):
             steps.append((batch.num_tokens, sum(1 for n in batch.num_new if n == 1), max(batch.num_new)))
-            return run(batch)
+            return run(batch, *ids)
 
         llm.engine.runner.run = spy
         outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)

@@ -50,7 +50,7 @@ def test_tight_memory_and_budget_change_nothing_but_the_schedule(hf, reference, 
 
         eng.kv.reserve_batch = spy
         run = eng.runner.run
-        eng.runner.run = lambda b: (assert_budget(b), run(b))[1]
+        eng.runner.run = lambda b, *ids: (assert_budget(b), run(b, *ids))[1]
         outs = llm.generate(prompts, params, use_tqdm=False)
         st = eng.scheduler.stats
     assert [o.token_ids for o in outs] == reference
