@@ -20,7 +20,7 @@ from glake.errors import InvalidArgumentError, OutOfMemoryError
 from glake.kvcache import KVCache
 from glake.serve.cuda_graphs import DecodeGraphs, default_buckets
 from glake.serve.kernels.decode_attention import available as kernels_available
-from glake.serve.layers.sampler import Sampler, SamplerOutput, SamplingTensors
+from glake.serve.layers.sampler import Sampler, SamplerOutput, SamplingTensors, to_device
 from glake.serve.model_runner import ModelRunner
 from glake.serve.models.loader import load_model
 from glake.serve.prefix_cache import PrefixCache
@@ -344,7 +344,7 @@ class LLMEngine:
             if len(batch.seqs) < len(after.seqs):
                 keep = {id(s) for s in batch.seqs}
                 index = [j for j, s in enumerate(after.seqs) if id(s) in keep]
-                ids = ids[torch.tensor(index, dtype=torch.int64, device=ids.device)]
+                ids = ids[to_device(index, torch.int64, ids.device)]
         logits, rows = self.runner.run(batch, ids)
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_cached_tokens += n

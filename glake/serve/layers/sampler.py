@@ -19,15 +19,24 @@ import torch
 from glake.serve.sampling_params import SamplingParams
 
 
+def to_device(values: List, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device``; on cuda through pinned memory, without waiting for the
+    stream (a plain ``torch.tensor(..., device=cuda)`` synchronises it: the host would wait for the GPU)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class SamplingTensors:
     """A batch's sampling parameters as ``[B]`` tensors (and ``[B, vocab]`` token counts when penalised)."""
 
-    temperature: torch.Tensor
-    top_k: torch.Tensor
-    top_p: torch.Tensor
-    min_p: torch.Tensor
-    greedy: torch.Tensor
+    temperature: Optional[torch.Tensor]  # [B]; these five are None when every row is greedy
+    top_k: Optional[torch.Tensor]
+    top_p: Optional[torch.Tensor]
+    min_p: Optional[torch.Tensor]
+    greedy: Optional[torch.Tensor]
     all_greedy: bool
     generators: List[Optional[torch.Generator]]
     repetition_penalty: Optional[torch.Tensor] = None  # [B], with seen_mask
@@ -40,17 +49,19 @@ class SamplingTensors:
     @staticmethod
     def build(params: List[SamplingParams], prompt_ids: List[List[int]], output_ids: List[List[int]],
               generators: List[Optional[torch.Generator]], vocab_size: int, device: torch.device) -> "SamplingTensors":
-        """The tensors for rows with these params, prompts and outputs so far (host lists, one upload)."""
+        """The tensors for rows with these params, prompts and outputs so far (host lists, one upload each,
+        pinned and asynchronous on cuda: building them never waits for the GPU)."""
         f32 = dict(dtype=torch.float32, device=device)
-        temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], **f32)
-        t = SamplingTensors(
-            temperature=temp,
-            top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], dtype=torch.int64,
-                               device=device),
-            top_p=torch.tensor([p.top_p for p in params], **f32),
-            min_p=torch.tensor([p.min_p for p in params], **f32),
-            greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
-            all_greedy=all(p.greedy for p in params), generators=generators)
+        if all(p.greedy for p in params):
+            t = SamplingTensors(None, None, None, None, None, all_greedy=True, generators=generators)
+        else:
+            t = SamplingTensors(
+                temperature=to_device([p.temperature if not p.greedy else 1.0 for p in params], torch.float32, device),
+                top_k=to_device([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64, device),
+                top_p=to_device([p.top_p for p in params], torch.float32, device),
+                min_p=to_device([p.min_p for p in params], torch.float32, device),
+                greedy=to_device([p.greedy for p in params], torch.bool, device),
+                all_greedy=False, generators=generators)
         if any(p.repetition_penalty != 1.0 for p in params):
             t.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], **f32)
             t.seen_mask = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)
