@@ -104,6 +104,15 @@ def rope_and_cache_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 if triton is not None:
     @triton.jit
+    def _rotate(x1, x2, c1, c2, s1, s2, dt: tl.constexpr):
+        """HF's half rotation of ``[heads, HALF]`` halves, rounded to ``dt`` where torch rounds."""
+        x1 = x1.to(tl.float32)
+        x2 = x2.to(tl.float32)
+        o1 = ((x1 * c1[None, :]).to(dt).to(tl.float32) - (x2 * s1[None, :]).to(dt).to(tl.float32)).to(dt)
+        o2 = ((x2 * c2[None, :]).to(dt).to(tl.float32) + (x1 * s2[None, :]).to(dt).to(tl.float32)).to(dt)
+        return o1, o2
+
+    @triton.jit
     def _rope_cache_kernel(Q, K, V, Cos, Sin, KC, VC, Slots, Pos, QOut,
                            sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sc_t, skc_s, skc_t, skc_h, svc_s, svc_t, svc_h,
                            sqo_t, sqo_h, HQ: tl.constexpr, HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
@@ -119,10 +128,7 @@ if triton is not None:
         hq = tl.arange(0, BLOCK_HQ)
         mq = (hq < HQ)[:, None]
         qp = Q + t * sq_t + hq[:, None] * sq_h + d[None, :]
-        x1 = tl.load(qp, mask=mq, other=0.0).to(tl.float32)
-        x2 = tl.load(qp + HALF, mask=mq, other=0.0).to(tl.float32)
-        o1 = ((x1 * c1[None, :]).to(dt).to(tl.float32) - (x2 * s1[None, :]).to(dt).to(tl.float32)).to(dt)
-        o2 = ((x2 * c2[None, :]).to(dt).to(tl.float32) + (x1 * s2[None, :]).to(dt).to(tl.float32)).to(dt)
+        o1, o2 = _rotate(tl.load(qp, mask=mq, other=0.0), tl.load(qp + HALF, mask=mq, other=0.0), c1, c2, s1, s2, dt)
         op = QOut + t * sqo_t + hq[:, None] * sqo_h + d[None, :]
         tl.store(op, o1, mask=mq)
         tl.store(op + HALF, o2, mask=mq)
@@ -132,10 +138,7 @@ if triton is not None:
         hk = tl.arange(0, BLOCK_HKV)
         mk = (hk < HKV)[:, None]
         kp = K + t * sk_t + hk[:, None] * sk_h + d[None, :]
-        y1 = tl.load(kp, mask=mk, other=0.0).to(tl.float32)
-        y2 = tl.load(kp + HALF, mask=mk, other=0.0).to(tl.float32)
-        k1 = ((y1 * c1[None, :]).to(dt).to(tl.float32) - (y2 * s1[None, :]).to(dt).to(tl.float32)).to(dt)
-        k2 = ((y2 * c2[None, :]).to(dt).to(tl.float32) + (y1 * s2[None, :]).to(dt).to(tl.float32)).to(dt)
+        k1, k2 = _rotate(tl.load(kp, mask=mk, other=0.0), tl.load(kp + HALF, mask=mk, other=0.0), c1, c2, s1, s2, dt)
         kc = KC + slot * skc_s + pos * skc_t + hk[:, None] * skc_h + d[None, :]
         tl.store(kc, k1.to(KC.dtype.element_ty), mask=mk)
         tl.store(kc + HALF, k2.to(KC.dtype.element_ty), mask=mk)
