@@ -176,17 +176,57 @@ def attention_alone(torch, engine) -> float:
     return alone_ms(torch, run)
 
 
-def run_glake(torch, args, config, prompts, outputs) -> Dict[str, float]:
-    from glake.serve import SamplingParams
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+    """The options serve_offline and serve_online share: the requests and the engine's limits."""
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--kv-budget", default="", help="KV cache bytes, e.g. 60GiB (default: the device's memory)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny shape (CPU smoke runs)")
+    ap.add_argument("--hf", action="store_true", help="also run HF transformers' continuous batching (the anchor)")
+    ap.add_argument("--data", default=str(HERE / "data" / "sharegpt_lengths.npz"))
+
+
+def make_engine(torch, args, config, device: str):
+    """glake's engine over a random model of ``config``'s shape (bf16 on cuda, fp32 on cpu)."""
     from glake.serve.engine import LLMEngine
     from glake.serve.models import random_model
 
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return LLMEngine(random_model(config, device, dtype, seed=args.seed), device=device, dtype=dtype,
+                     max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                     max_num_batched_tokens=args.max_num_batched_tokens, kv_memory_budget=args.kv_budget or None)
+
+
+def hf_manager(torch, config, seed: int, device: str, max_new_tokens: int):
+    """HF transformers' ContinuousBatchingManager (started) over a random model of ``config``'s shape."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    for attn in ("paged|sdpa", "sdpa"):  # transformers 5.17 takes the first, later releases only the second
+        model.config._attn_implementation = attn
+        try:
+            manager = model.init_continuous_batching(generation_config=gen)
+            break
+        except ValueError as e:
+            print(f"HF: attention {attn!r} refused ({e})", flush=True)
+    else:
+        raise RuntimeError("no attention implementation accepted by continuous batching")
+    print(f"HF: continuous batching with {attn!r}", flush=True)
+    manager.start()
+    return model, manager
+
+
+def run_glake(torch, args, config, prompts, outputs) -> Dict[str, float]:
+    from glake.serve import SamplingParams
+
     t0 = time.perf_counter()
-    loaded = random_model(config, args.device, dtype, seed=args.seed)
-    engine = LLMEngine(loaded, device=args.device, dtype=dtype, max_num_seqs=args.max_num_seqs,
-                       max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-                       kv_memory_budget=args.kv_budget or None)
+    engine = make_engine(torch, args, config, args.device)
     build_s = time.perf_counter() - t0
     res: Dict[str, float] = {"build_s": build_s}
     try:
@@ -224,7 +264,7 @@ def run_glake(torch, args, config, prompts, outputs) -> Dict[str, float]:
             res.update(breakdown(torch, engine, prompts, args))
     finally:
         engine.close()
-        del engine, loaded
+        del engine
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -255,15 +295,7 @@ def breakdown(torch, engine, prompts, args) -> Dict[str, float]:
 
 def run_hf(torch, args, config, prompts, outputs) -> Dict[str, float]:
     """HF transformers' continuous batching (``paged|sdpa``) on the same requests and random weights."""
-    from transformers import GenerationConfig, LlamaForCausalLM
-
-    torch.manual_seed(args.seed)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    model.config._attn_implementation = "paged|sdpa"
-    gen = GenerationConfig(max_new_tokens=int(max(outputs)), do_sample=False, eos_token_id=-1, pad_token_id=0)
-    manager = model.init_continuous_batching(generation_config=gen)
-    manager.start()
+    model, manager = hf_manager(torch, config, args.seed, "cuda", int(max(outputs)))
     try:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -287,18 +319,10 @@ def run_hf(torch, args, config, prompts, outputs) -> Dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--kv-budget", default="", help="KV cache bytes, e.g. 60GiB (default: the device's memory)")
-    ap.add_argument("--tiny", action="store_true", help="a tiny shape (CPU smoke runs)")
+    add_workload_args(ap)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--hf", action="store_true", help="also run HF transformers' continuous batching (the anchor)")
     ap.add_argument("--no-profile", action="store_true", help="skip the decode-step breakdown")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--data", default=str(HERE / "data" / "sharegpt_lengths.npz"))
     args = ap.parse_args()
 
     import torch

@@ -34,9 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
-from serve_offline import LLAMA3_8B, TINY, load_requests, make_prompts  # noqa: E402
+from serve_offline import LLAMA3_8B, TINY, add_workload_args, hf_manager, load_requests, make_engine, make_prompts  # noqa: E402,E501
 
-HERE = Path(__file__).resolve().parent
 MODEL = "bench"
 
 
@@ -50,19 +49,10 @@ def glake_worker(args, config) -> None:
     from glake.serve.api.metrics import ServeMetrics
     from glake.serve.api.server import create_app
     from glake.serve.api.serving import OpenAIServing
-    from glake.serve.engine import LLMEngine
-    from glake.serve.models import random_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-
-    def factory():
-        return LLMEngine(random_model(config, device, dtype, seed=args.seed), device=device, dtype=dtype,
-                         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                         max_num_batched_tokens=args.max_num_batched_tokens)
-
     metrics = ServeMetrics()
-    engine = AsyncEngine(factory, metrics)
+    engine = AsyncEngine(lambda: make_engine(torch, args, config, device), metrics)
     metrics.bind(lambda: engine.snapshot)
     app = create_app(OpenAIServing(engine, MODEL))
     try:
@@ -78,24 +68,9 @@ def hf_worker(args, config) -> None:
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
-    from transformers import GenerationConfig, LlamaForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
-    gen = GenerationConfig(max_new_tokens=args.max_model_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    for attn in ("paged|sdpa", "sdpa"):  # transformers 5.17 takes the first, later releases only the second
-        model.config._attn_implementation = attn
-        try:
-            manager = model.init_continuous_batching(generation_config=gen)
-            break
-        except ValueError as e:
-            print(f"HF worker: attention {attn!r} refused ({e})", flush=True)
-    else:
-        raise RuntimeError("no attention implementation accepted by continuous batching")
-    print(f"HF worker: continuous batching with {attn!r}", flush=True)
-    manager.start()
+    _, manager = hf_manager(torch, config, args.seed, device, args.max_model_len)
     lock = threading.Lock()
     app = FastAPI()
 
@@ -213,7 +188,8 @@ def bench_engine(name: str, args, prompts, outputs, rates: List[float]) -> List[
     port = free_port()
     cmd = [sys.executable, __file__, "--worker", name, "--port", str(port), "--seed", str(args.seed),
            "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len),
-           "--max-num-batched-tokens", str(args.max_num_batched_tokens)] + (["--tiny"] if args.tiny else [])
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens)] + (["--tiny"] if args.tiny else []) \
+        + (["--kv-budget", args.kv_budget] if args.kv_budget else [])
     proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     rows = []
     try:
@@ -238,15 +214,8 @@ def bench_engine(name: str, args, prompts, outputs, rates: List[float]) -> List[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="2,8,32", help="requests per second, comma-separated ('inf': all at once)")
-    ap.add_argument("--requests", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--tiny", action="store_true", help="a tiny shape (CPU smoke runs)")
-    ap.add_argument("--hf", action="store_true", help="also run HF transformers' continuous batching (the anchor)")
+    add_workload_args(ap)
     ap.add_argument("--startup-timeout", type=float, default=600)
-    ap.add_argument("--data", default=str(HERE / "data" / "sharegpt_lengths.npz"))
     ap.add_argument("--worker", choices=["glake", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
