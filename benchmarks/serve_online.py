@@ -43,22 +43,11 @@ MODEL = "bench"
 
 def glake_worker(args, config) -> None:
     import torch
-    import uvicorn
 
-    from glake.serve.api.async_engine import AsyncEngine
-    from glake.serve.api.metrics import ServeMetrics
-    from glake.serve.api.server import create_app
-    from glake.serve.api.serving import OpenAIServing
+    from glake.serve.api.cli import run_server
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    metrics = ServeMetrics()
-    engine = AsyncEngine(lambda: make_engine(torch, args, config, device), metrics)
-    metrics.bind(lambda: engine.snapshot)
-    app = create_app(OpenAIServing(engine, MODEL))
-    try:
-        uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
-    finally:
-        engine.shutdown()
+    run_server(lambda: make_engine(torch, args, config, device), MODEL, "127.0.0.1", args.port)
 
 
 def hf_worker(args, config) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -74,8 +74,9 @@ def make_engine_factory(args: argparse.Namespace, command: str):
     return (lambda: default_model.build_engine(**kw)), default_model.NAME
 
 
-def serve(args: argparse.Namespace) -> int:
-    """``glake serve``: the engine thread, then uvicorn until interrupted."""
+def run_server(factory: Callable[[], Any], name: str, host: str, port: int, api_key: Optional[str] = None,
+               log_level: str = "warning") -> None:
+    """The engine ``factory()`` builds, on its own thread, behind the OpenAI app under uvicorn until interrupted."""
     import uvicorn
 
     from glake.serve.api.async_engine import AsyncEngine
@@ -83,17 +84,21 @@ def serve(args: argparse.Namespace) -> int:
     from glake.serve.api.serving import OpenAIServing
     from glake.serve.api.metrics import ServeMetrics
 
-    factory, name = make_engine_factory(args, "serve")
     metrics = ServeMetrics()
     engine = AsyncEngine(factory, metrics)
     metrics.bind(lambda: engine.snapshot)
-    app = create_app(OpenAIServing(engine, args.served_model_name or name), api_key=args.api_key)
-    print(f"glake serve: {args.served_model_name or name} on http://{args.host}:{args.port}/v1 "
-          f"(max_model_len {engine.max_model_len})", flush=True)
+    app = create_app(OpenAIServing(engine, name), api_key=api_key)
+    print(f"glake serve: {name} on http://{host}:{port}/v1 (max_model_len {engine.max_model_len})", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.shutdown()
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``glake serve``: the engine thread, then uvicorn until interrupted."""
+    factory, name = make_engine_factory(args, "serve")
+    run_server(factory, args.served_model_name or name, args.host, args.port, args.api_key, args.log_level)
     return 0
 
 

@@ -65,6 +65,7 @@ class AttentionMetadata:
     cu_seqlens_k: Optional[torch.Tensor] = None
     decode_kernel: bool = False
     max_context: int = 0
+    rows_per_slot: int = 0  # flash path: the caches' slot stride in rows (cu_seqlens_k's unit)
 
     @property
     def max_query_len(self) -> int:
@@ -95,6 +96,7 @@ def build_metadata(slots: List[int], starts: List[int], ends: List[int], device:
         meta.seqused_k = torch.tensor(ends, dtype=torch.int32).to(device)
         # sequence i's keys start at its slot's first row; only seqused_k of them are read
         meta.cu_seqlens_k = (torch.tensor(slots + [max(slots) + 1], dtype=torch.int32) * rows_per_slot).to(device)
+        meta.rows_per_slot = rows_per_slot
         meta.decode_kernel = decode_kernel and decode_only
         meta.max_context = max(ends)
     return meta
@@ -152,8 +154,7 @@ class CacheAttention(torch.nn.Module):
         # and seqused_k says how many of its rows are real (CUDA only, fp16/bf16)
         s, t, h, d = k_cache.shape
         stride = k_cache.stride()
-        per_slot = stride[0] // stride[1]
-        rows = (s - 1) * per_slot + t
+        rows = (s - 1) * meta.rows_per_slot + t
         kf = k_cache.as_strided((rows, h, d), (stride[1], stride[2], stride[3]))
         vf = v_cache.as_strided((rows, h, d), (stride[1], stride[2], stride[3]))
         out = torch.ops.aten._flash_attention_forward(
