@@ -136,18 +136,20 @@ int KvManager::swap_in(std::int64_t length, std::size_t nbytes) {
     const std::optional<int> slot = take_slot(std::nullopt, fenced);
     if (!slot) return std::nullopt;
     const int i = *slot;
-    activate(i, true);
+    // The slot's shared chunks stay mapped until the budget check has passed, so a swap_in that fails
+    // leaves the released slot with what it kept (its shared chunks become holes to fill).
+    activate(i, false);
     try {
-      if (n > slots_[i].capacity.load()) {
-        const std::int64_t want = layout_.chunks_for(n);
-        const std::string what = "swap_in of " + std::to_string(n) + " tokens into slot " + std::to_string(i);
-        const auto holes = static_cast<std::int64_t>(table_.holes(i, want).size());
-        if (supply_.check(holes, i, want, what, nullptr, &fenced) == Supply::AfterFences) {
-          park(i);
-          return std::nullopt;
-        }
-        grow(i, want, true, what);
+      const std::int64_t want = layout_.chunks_for(n);
+      const std::string what = "swap_in of " + std::to_string(n) + " tokens into slot " + std::to_string(i);
+      const auto holes = static_cast<std::int64_t>(table_.holes(i, want).size()) + shared_below(i, want);
+      if (holes > 0 && supply_.check(holes, i, want, what, nullptr, &fenced) == Supply::AfterFences) {
+        park(i);
+        return std::nullopt;
       }
+      drop_shared(i);
+      refresh(i);
+      if (n > slots_[i].capacity.load()) grow(i, want, true, what);
     } catch (...) {
       park(i);
       throw;

@@ -133,13 +133,22 @@ void KvManager::unmap_checked(int i, std::int64_t j) {
   ++n_.unmaps;
 }
 
-void KvManager::activate(int i, bool unmap_shared) {
-  if (unmap_shared) {  // a new sequence writes from token 0: it may not keep chunks shared with others
-    const auto idx = table_.indices(i);
-    for (auto it = idx.rbegin(); it != idx.rend(); ++it) {
-      if (table_.is_shared(i, *it)) unmap_checked(i, *it);
-    }
+void KvManager::drop_shared(int i) {
+  // A new sequence writes from token 0: it may not keep chunks shared with others.
+  const auto idx = table_.indices(i);
+  for (auto it = idx.rbegin(); it != idx.rend(); ++it) {
+    if (table_.is_shared(i, *it)) unmap_checked(i, *it);
   }
+}
+
+std::int64_t KvManager::shared_below(int i, std::int64_t upto) const {
+  std::int64_t n = 0;
+  for (auto j : table_.indices(i)) n += j < upto && table_.is_shared(i, j);
+  return n;
+}
+
+void KvManager::activate(int i, bool unmap_shared) {
+  if (unmap_shared) drop_shared(i);
   slots_.activate(i);
   lengths_[i] = 0;
   refresh(i);

@@ -174,6 +174,8 @@ class KvManager {
   std::optional<int> take_slot(std::optional<std::uint64_t> prefer_chunk0, std::vector<int>& fenced);
   bool has_shared(int i) const;
   void activate(int i, bool unmap_shared);
+  void drop_shared(int i);
+  std::int64_t shared_below(int i, std::int64_t upto) const;
   void park(int i);
   void set_target(int i, std::int64_t t);
   void refresh(int i, bool starved = false);
