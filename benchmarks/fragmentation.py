@@ -13,7 +13,12 @@ to native, all from the same run. With --max-batch, also the largest batch each 
 under the same memory cap.
 
     python benchmarks/fragmentation.py [--steps 30] [--batch 8] [--seq-min 128 --seq-max 2048]
-                                       [--workloads full,lora,trace] [--max-batch --cap-gb 40]
+                                       [--workloads full,lora,trace] [--allocators native,expandable,glake]
+                                       [--repeats 3] [--max-batch --cap-gb 40]
+With --repeats N every allocator runs N times in its own process, the order alternating between
+rounds (native, expandable, glake, then glake, expandable, native, ...), and the step time shown is
+the median of the runs' medians with the runs' range beside it: the spread between processes on one
+machine can exceed the differences measured.
 The model has no rotary embedding (memory behaviour is unchanged); it is built in plain torch.
 """
 
@@ -241,9 +246,18 @@ def run_worker(kind: str, workload: str, extra: list, args) -> dict:
     return json.loads(line[0][7:])
 
 
-def max_batch(kind: str, args) -> int:
-    """Largest batch (binary search) that trains --steps steps at --seq-max under --cap-gb."""
-    lo, hi, best = 1, args.max_batch_hi, 0
+def repeated(rounds: list) -> dict:
+    """The run whose step time is the median of `rounds` (its peaks and profile with it), all step times beside."""
+    bad = [r for r in rounds if "error" in r]
+    if bad:
+        return bad[0]
+    ordered = sorted(rounds, key=lambda r: r["median_step_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "step_s_runs": [r["median_step_s"] for r in rounds]}
+
+
+def max_batch(kind: str, args) -> dict:
+    """Largest batch (binary search) that trains --steps steps at --seq-max under --cap-gb, and the peaks there."""
+    lo, hi, best = args.max_batch_lo, args.max_batch_hi, {"batch": 0}
     while lo <= hi:
         mid = (lo + hi) // 2
         trial = argparse.Namespace(**{**vars(args), "batch": mid, "cap": args.cap_gb * GiB, "seq_min": args.seq_max // 2,
@@ -252,7 +266,7 @@ def max_batch(kind: str, args) -> int:
         if "error" in res:
             hi = mid - 1
         else:
-            best, lo = mid, mid + 1
+            best, lo = {"batch": mid, **res}, mid + 1
     return best
 
 
@@ -274,7 +288,10 @@ def main() -> None:
     # At 20 GiB the model's fixed ~8.2 GiB and ~0.67 GiB per sample bound every allocator to 16-17
     # (allocated bytes, not packing, decide; docs/results.md): a larger cap lets packing show.
     ap.add_argument("--cap-gb", type=float, default=40)
+    ap.add_argument("--max-batch-lo", type=int, default=1, help="lower end of the max-batch search")
     ap.add_argument("--max-batch-hi", type=int, default=64, help="upper end of the max-batch search")
+    ap.add_argument("--allocators", default=",".join(ALLOCATORS), help="which of " + ", ".join(ALLOCATORS))
+    ap.add_argument("--repeats", type=int, default=1, help="processes per allocator and workload, order alternating")
     ap.add_argument("--max-batch-steps", type=int, default=6, help="steps each max-batch trial must survive")
     ap.add_argument("--worker", choices=ALLOCATORS, help=argparse.SUPPRESS)
     ap.add_argument("--workload", default="full", help=argparse.SUPPRESS)
@@ -288,39 +305,47 @@ def main() -> None:
         return
 
     workloads = [w for w in args.workloads.split(",") if w]  # --workloads "" with --max-batch: search only
+    kinds = [k for k in args.allocators.split(",") if k]
+    unknown = sorted(set(kinds) - set(ALLOCATORS))
+    if unknown:
+        ap.error(f"unknown allocator(s) {', '.join(unknown)}; choose from {', '.join(ALLOCATORS)}")
     results: dict = {}
     trace_file = os.path.join(tempfile.mkdtemp(), "trace.json")
     for workload in workloads:
-        results[workload] = {}
-        for kind in ALLOCATORS:
-            if workload == "trace":
-                if not os.path.exists(trace_file):
-                    rec = run_worker("native", "full", ["--record-trace", trace_file], args)
-                    if "error" in rec:
-                        raise SystemExit(f"recording the trace failed: {rec['error']}")
-                extra = ["--trace", trace_file]
-            else:
-                extra = []
-            print(f"running {workload} / {kind} ...", flush=True)
-            results[workload][kind] = run_worker(kind, workload, extra, args)
+        extra = []
+        if workload == "trace":
+            rec = run_worker("native", "full", ["--record-trace", trace_file], args)
+            if "error" in rec:
+                raise SystemExit(f"recording the trace failed: {rec['error']}")
+            extra = ["--trace", trace_file]
+        rounds: dict = {k: [] for k in kinds}
+        for r in range(args.repeats):
+            for kind in kinds if r % 2 == 0 else kinds[::-1]:
+                print(f"running {workload} / {kind}" + (f" (run {r + 1} of {args.repeats})" if args.repeats > 1 else "") + " ...",
+                      flush=True)
+                rounds[kind].append(run_worker(kind, workload, extra, args))
+        results[workload] = {k: repeated(rounds[k]) for k in kinds}
     rows = []
     for workload in workloads:
         base = results[workload].get("native", {}).get("median_step_s")
-        for kind in ALLOCATORS:
+        for kind in kinds:
             r = results[workload][kind]
             if "error" in r:
-                rows.append([workload, kind, "error", "", "", "", "", "", ""])
+                rows.append([workload, kind, "error", "", "", "", "", "", "", ""])
                 print(f"{workload}/{kind} failed:\n{r['error']}")
                 continue
             res, req, alloc = r["reserved_bytes.all.peak"], r["requested_bytes.all.peak"], r["allocated_bytes.all.peak"]
+            runs = r.get("step_s_runs", [r["median_step_s"]])
             rows.append([workload, kind, round(alloc / GiB, 2), round(req / GiB, 2), round(res / GiB, 2),
                          round(req / res, 3), round(alloc / res, 3), round(r["median_step_s"] * 1e3, 1),
-                         round(r["median_step_s"] / base, 3) if base else ""])
+                         f"{min(runs) * 1e3:.0f}-{max(runs) * 1e3:.0f}", round(r["median_step_s"] / base, 3) if base else ""])
     if rows:
-        print_table(f"Fragmentation: batch {args.batch}, seq {args.seq_min}-{args.seq_max}, {args.steps} steps",
+        print_table(f"Fragmentation: batch {args.batch}, seq {args.seq_min}-{args.seq_max}, {args.steps} steps, "
+                    f"{args.repeats} process(es) per allocator",
                     ["workload", "allocator", "peak alloc GiB", "peak requested GiB", "peak reserved GiB",
-                     "requested/reserved", "alloc/reserved", "median step ms (trace: total)", "time / native"], rows)
-    profiled = [(f"{w} / {k}", results[w][k]["per_step"]) for w in workloads for k in GLAKE_CONF
+                     "requested/reserved", "alloc/reserved", "median step ms (trace: total)", "runs' range ms",
+                     "time / native"], rows)
+    profiled = [(f"{w} / {k}", results[w][k]["per_step"]) for w in workloads for k in kinds
                 if "per_step" in results[w].get(k, {})]
     if profiled:
         keys = [k for k in profiled[0][1] if not k.startswith("ms.")]
@@ -331,11 +356,14 @@ def main() -> None:
             print_table("glake per measured step: driver ms by call",
                         ["workload", *[k[3:] for k in by_op]], [[w, *[p[k] for k in by_op]] for w, p in profiled])
     if args.max_batch:
-        mb = {kind: max_batch(kind, args) for kind in ALLOCATORS}
+        mb = {kind: max_batch(kind, args) for kind in kinds}
         results["max_batch"] = {"cap_gb": args.cap_gb, "seq": args.seq_max, **mb}
+        # peak allocated at the largest batch against the cap: how close packing came to the bytes asked for
         print_table(f"Largest batch at seq {args.seq_max // 2}-{args.seq_max} under {args.cap_gb} GiB "
                     f"({args.max_batch_steps} steps each)",
-                    ["allocator", "max batch"], [[k, v] for k, v in mb.items()])
+                    ["allocator", "max batch", "peak alloc GiB there", "peak reserved GiB there"],
+                    [[k, v["batch"], round(v.get("allocated_bytes.all.peak", 0) / GiB, 2),
+                      round(v.get("reserved_bytes.all.peak", 0) / GiB, 2)] for k, v in mb.items()])
     write_json("fragmentation" + ("_max_batch" if not workloads else ""), {"args": {k: v for k, v in vars(args).items() if k not in ("worker",)},
                                  "results": results})
 
