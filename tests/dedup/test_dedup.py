@@ -56,6 +56,8 @@ def broker(path: str) -> dict:
 
 
 class Worker:
+    """tests/dedup/worker.py in a process of its own."""
+
     def __init__(self, env=None) -> None:
         self.proc = subprocess.Popen([sys.executable, WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=dict(os.environ, PYTHONPATH=ROOT, DEDUP_TEST_CHUNKS=str(CHUNKS),
@@ -275,3 +277,18 @@ def test_a_second_broker_on_the_same_socket_steps_aside(tmp_path):
     with pytest.raises(OSError):
         s.connect(path)
     s.close()
+
+
+def test_glake_dedupd_status_and_stop(sock, workers):
+    cli = [sys.executable, "-m", "glake.cli", "dedupd"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run(cli + ["--status"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 1 and "no dedup broker answers" in out.stderr
+    w, = workers(1)
+    w.ask("fill 7")
+    w.ask("share")
+    out = subprocess.run(cli + ["--status"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and f"{CHUNKS} chunk(s)" in out.stdout and "by 1 other client(s)" in out.stdout
+    out = subprocess.run(cli + ["--stop"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and "stopped" in out.stdout
+    assert w.ask("check")["intact"]  # what it mapped stays

@@ -19,6 +19,8 @@ import torch
 import glake.dedup
 
 CHUNKS = int(os.environ.get("DEDUP_TEST_CHUNKS", "6"))
+BACKEND = os.environ.get("DEDUP_TEST_BACKEND", "host")  # cuda: arenas and modules on the GPU
+DEVICE = "cuda" if BACKEND == "cuda" else "cpu"
 
 
 def expected(seed: int, flip: int, size: int) -> np.ndarray:
@@ -34,21 +36,23 @@ def main() -> None:
         cmd, *args = line.split()
         out = {}
         if cmd == "fill":
-            arena = glake.dedup.Arena(CHUNKS * (2 << 20), backend="host")
+            arena = glake.dedup.Arena(CHUNKS * (2 << 20), backend=BACKEND)
             want = expected(int(args[0]), int(args[1]) if len(args) > 1 else -1, arena.size)
             arena.tensor().copy_(torch.from_numpy(want))
         elif cmd == "share":
             arena.share()
             out = arena.stats()
         elif cmd == "check":
-            out = {"intact": bool(np.array_equal(arena.tensor().numpy(), want))}
+            out = {"intact": bool(np.array_equal(arena.tensor().cpu().numpy(), want))}
         elif cmd == "write":
             arena.tensor()[0] = 1
+            if BACKEND == "cuda":
+                torch.cuda.synchronize()  # the kernel's write faults: the context is lost
         elif cmd == "module":
             torch.manual_seed(int(args[0]))
             m = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 512))
-            m.requires_grad_(False)
-            x = torch.randn(4, 512)
+            m.requires_grad_(False).to(DEVICE)
+            x = torch.randn(4, 512, device=DEVICE)
             before = m(x)
             shared = glake.dedup.share(m)
             keep.append(shared)
