@@ -72,6 +72,8 @@ class Arena:
         self._scratch: Optional[Any] = None
         self._lock = threading.Lock()
         self.closed = False
+        # an arena dropped without close() still gives back its holds on shared chunks
+        self._finalizer = weakref.finalize(self, _drop_holds, self._keys)
         with _arenas_lock:
             _arenas.add(self)
         _publish_stats()
@@ -128,11 +130,21 @@ class Arena:
                     self._share_chunk(i, f"{where}:{self.chunk}:{h}")
             return sum(self.chunk for s in self._state if s != PRIVATE)
 
+    def _fd_maker(self, i: int):
+        """Exports chunk `i` anew (the broker client republishes held chunks after a broker restart);
+        None once the arena is gone. Holds no reference to the arena or its chunks."""
+        ref = weakref.ref(self)
+
+        def new_fd() -> Optional[int]:
+            a = ref()
+            return a._chunks[i].export_fd() if a is not None and not a.closed else None
+        return new_fd
+
     def _share_chunk(self, i: int, key: str) -> None:
         broker, mine = client(), self._chunks[i]
         fd = broker.lookup(key)
         if fd is None:
-            fd = broker.publish(key, self.chunk, mine.export_fd)
+            fd = broker.publish(key, self.chunk, self._fd_maker(i))
             if fd is None:  # ours is the canonical chunk now: nobody may write it any more
                 self.range.set_access(i * self.chunk, self.chunk, read_only=True)
                 self._state[i], self._keys[i] = CANONICAL, key
@@ -145,7 +157,7 @@ class Arena:
             theirs.release()  # a hash collision: this chunk stays private
             _totals["mismatches"] += 1
             return
-        if not broker.hold(key, theirs.export_fd, self.chunk):
+        if not broker.hold(key, self._fd_maker(i), self.chunk):
             theirs.release()  # its last holder let go meanwhile: offer ours instead
             return self._share_chunk(i, key)
         self.range.unmap(i * self.chunk)
@@ -198,9 +210,7 @@ class Arena:
             for c in self._chunks:
                 c.release()
             self._chunks = []
-            for key in self._keys:
-                if key is not None:
-                    client().drop(key)
+            self._finalizer()
         with _arenas_lock:
             _arenas.discard(self)
 
@@ -214,6 +224,13 @@ class Arena:
         s = self.stats() if not self.closed else {}
         return (f"<glake.dedup.Arena {self.size} B at {self.ptr:#x} on {self.backend}:{self.device}"
                 + (f", {s['shared_bytes']} B shared>" if s else ", closed>"))
+
+
+def _drop_holds(keys: List[Optional[str]]) -> None:
+    for n, key in enumerate(keys):
+        if key is not None:
+            client().drop(key)
+            keys[n] = None
 
 
 def arena_of(ptr: int, nbytes: int) -> Arena:

@@ -26,8 +26,9 @@ class BrokerClient:
         self.autostart = autostart
         self._sock: Optional[socket.socket] = None
         self._lock = threading.RLock()
-        # key -> (holds, a function giving a new fd of the chunk, size): what to publish again on reconnect
-        self._held: Dict[str, Tuple[int, Callable[[], int], int]] = {}
+        # key -> (holds, a function giving a new fd of the chunk or None once its owner is gone, size):
+        # what to publish again on reconnect
+        self._held: Dict[str, Tuple[int, Callable[[], Optional[int]], int]] = {}
         self.reconnects = 0
 
     # ---- connection ----------------------------------------------------------------------------
@@ -79,6 +80,8 @@ class BrokerClient:
         held, self._held = self._held, {}
         for key, (holds, new_fd, size) in held.items():
             fd = new_fd()
+            if fd is None:
+                continue  # its arena is gone
             try:
                 reply, other = self._roundtrip({"op": "publish", "key": key, "size": size}, fd)
             finally:
@@ -129,7 +132,7 @@ class BrokerClient:
         _reply, fd = self.request({"op": "lookup", "key": key})
         return fd
 
-    def publish(self, key: str, size: int, new_fd: Callable[[], int]) -> Optional[int]:
+    def publish(self, key: str, size: int, new_fd: Callable[[], Optional[int]]) -> Optional[int]:
         """Offers this process's chunk (``new_fd()`` exports it) as the canonical one of `key`. None: it
         is canonical now, held once by this process; else an fd of the chunk someone published first."""
         with self._lock:
@@ -143,7 +146,7 @@ class BrokerClient:
                 return None
             return other
 
-    def hold(self, key: str, new_fd: Callable[[], int], size: int) -> bool:
+    def hold(self, key: str, new_fd: Callable[[], Optional[int]], size: int) -> bool:
         """Counts one more hold of this process on `key` (after it compared the bytes and mapped them)."""
         with self._lock:
             ok = bool(self.request({"op": "hold", "key": key})[0].get("ok"))
@@ -169,7 +172,7 @@ class BrokerClient:
         """The broker's figures: chunks, bytes, holds, clients, pid."""
         return self.request({"op": "stats"})[0]
 
-    def _remember(self, key: str, new_fd: Callable[[], int], size: int) -> None:
+    def _remember(self, key: str, new_fd: Callable[[], Optional[int]], size: int) -> None:
         holds = self._held.get(key, (0, new_fd, size))[0]
         self._held[key] = (holds + 1, new_fd, size)
 

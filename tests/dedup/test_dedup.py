@@ -292,3 +292,15 @@ def test_glake_dedupd_status_and_stop(sock, workers):
     out = subprocess.run(cli + ["--stop"], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0 and "stopped" in out.stdout
     assert w.ask("check")["intact"]  # what it mapped stays
+
+
+def test_an_arena_dropped_without_close_gives_its_holds_back(sock):
+    import gc
+
+    a = glake.dedup.Arena(2 * (2 << 20), backend="host")
+    a.tensor()[:] = 3
+    a.share()
+    assert broker(sock)["holds"] == 2
+    del a
+    gc.collect()
+    assert broker(sock)["chunks"] == 0

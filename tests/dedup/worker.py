@@ -36,6 +36,7 @@ def main() -> None:
         cmd, *args = line.split()
         out = {}
         if cmd == "fill":
+            keep.append(arena)  # earlier arenas stay in use
             arena = glake.dedup.Arena(CHUNKS * (2 << 20), backend=BACKEND)
             want = expected(int(args[0]), int(args[1]) if len(args) > 1 else -1, arena.size)
             arena.tensor().copy_(torch.from_numpy(want))
