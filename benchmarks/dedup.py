@@ -6,9 +6,10 @@ process, and calls ``glake.dedup.share`` on them (packed into one arena, each 2 
 device, looked up in the broker, compared byte by byte, then mapped read-only in place of the
 process's copy). The workers start one after another (a worker holds its weights twice while it
 packs them), then all stay alive while the device memory in use is read. Columns: device memory in
-use with N processes alive (from cudaMemGetInfo, less what was in use before the first worker), its
-ratio to one process's and to N times one process's, and each worker's share time and hash/compare
-throughput. Target (issue 15): 4 processes <= 1.1x one process's weight memory; dedup >= 20 GB/s.
+use with N processes alive (cudaMemGetInfo, less what was in use before the first worker); the part
+that is CUDA contexts (N times what the first worker used before it made any weight: each process
+pays one); the rest, weight memory, against one process's; each worker's share time and hash and
+compare throughput. Target (issue 15): 4 processes <= 1.1x one process's weight memory; dedup >= 20 GB/s.
 
     python3 benchmarks/dedup.py [--procs 1,2,4,8] [--layers 32] [--tiny]
 """
@@ -47,6 +48,10 @@ def worker(args) -> None:
     import glake.dedup
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        torch.zeros(1, device=dev)
+        torch.cuda.synchronize()
+    print(f"CTX {used_bytes()}", flush=True)  # this process's context, before any weight
     g = torch.Generator(device=dev).manual_seed(0)
     weights = {name: torch.randn(shape, generator=g, device=dev, dtype=torch.bfloat16)
                for name, shape in weight_shapes(args.hidden, args.ffn, args.layers, args.kv_heads, args.heads, args.vocab)}
@@ -78,14 +83,17 @@ def run_n(n: int, args, sock: str) -> dict:
     cmd = [sys.executable, __file__, "--worker"] + [f"--{k}={v}" for k, v in
                                                     (("hidden", args.hidden), ("ffn", args.ffn), ("layers", args.layers),
                                                      ("kv-heads", args.kv_heads), ("heads", args.heads), ("vocab", args.vocab))]
-    procs, results = [], []
+    procs, results, ctx = [], [], 0
     try:
         for _ in range(n):  # one after another: each holds its weights twice while packing
             p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
             procs.append(p)
-            line = next((l for l in p.stdout if l.startswith("RESULT ")), None)
+            first = next((l for l in p.stdout if l.startswith("CTX ")), None)
+            line = next((l for l in p.stdout if l.startswith("RESULT ")), None) if first else None
             if line is None:
                 raise RuntimeError(f"worker {len(procs)} of {n} failed (exit {p.wait()})")
+            if len(procs) == 1:
+                ctx = int(first.split()[1]) - base  # the first worker's context, alone on the device
             results.append(json.loads(line[7:]))
         time.sleep(0.5)
         used = used_bytes() - base
@@ -95,7 +103,8 @@ def run_n(n: int, args, sock: str) -> dict:
                 p.stdin.close()
         for p in procs:
             p.wait(60)
-    return {"procs": n, "used_bytes": used, "workers": results}
+    return {"procs": n, "used_bytes": used, "context_bytes": n * ctx, "weight_bytes_held": used - n * ctx,
+            "workers": results}
 
 
 def main() -> None:
@@ -126,19 +135,22 @@ def main() -> None:
             BrokerClient(sock, autostart=False).request({"op": "shutdown"})
         except GlakeError:
             pass
-    one = next((r["used_bytes"] for r in runs if r["procs"] == 1), 0)
+    one = next((r["weight_bytes_held"] for r in runs if r["procs"] == 1), 0)
     rows = []
     for r in runs:
         ws = r["workers"]
-        rows.append([r["procs"], round(r["used_bytes"] / GiB, 2), round(r["used_bytes"] / one, 3) if one else "",
-                     round(r["used_bytes"] / (one * r["procs"]), 3) if one else "",
-                     round(max(w["share_s"] for w in ws), 2), round(min(w["hash_gbps"] for w in ws), 1),
+        rows.append([r["procs"], round(r["used_bytes"] / GiB, 2), round(r["context_bytes"] / GiB, 2),
+                     round(r["weight_bytes_held"] / GiB, 2), round(r["weight_bytes_held"] / one, 3) if one else "",
+                     round(max(w["share_s"] for w in ws), 2),
+                     round(ws[0]["weight_bytes"] / 1e9 / max(w["share_s"] for w in ws), 1),
+                     round(min(w["hash_gbps"] for w in ws), 1),
                      round(min(w["compare_gbps"] for w in ws if w["compare_gbps"]), 1) if r["procs"] > 1 else "",
                      sum(w["saved_bytes"] for w in ws) // (1 << 20), sum(w["mismatches"] for w in ws)])
     weights = runs[0]["workers"][0]["weight_bytes"]
     print_table(f"Dedup: N processes with the same {weights / 1e9:.2f} GB of weights "
                 f"({args.layers} layers, hidden {args.hidden}); device memory in use with all N alive",
-                ["procs", "device GiB", "vs 1 process", "vs N x 1 process", "share s (slowest)", "hash GB/s (min)",
+                ["procs", "device GiB", "contexts GiB", "weights GiB", "weights vs 1 process", "share s (slowest)",
+                 "share GB/s (slowest)", "hash GB/s (min)",
                  "compare GB/s (min)", "saved MiB", "mismatches"], rows)
     write_json("dedup", {"args": vars(args), "weight_bytes": weights, "runs": runs})
 
