@@ -6,18 +6,19 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from glake import core
 from glake.dedup import content
 from glake.dedup.client import client
-from glake.errors import InvalidArgumentError
+from glake.errors import GlakeError, InvalidArgumentError
 
 PRIVATE, CANONICAL, IMPORTED = "private", "canonical", "imported"
 
 _arenas: "weakref.WeakSet[Arena]" = weakref.WeakSet()
 _arenas_lock = threading.Lock()
-_totals = {"hash_bytes": 0, "hash_ns": 0, "compare_bytes": 0, "compare_ns": 0, "mismatches": 0}
+_totals: Dict[str, Any] = {"hash_bytes": 0, "hash_ns": 0, "compare_bytes": 0, "compare_ns": 0, "mismatches": 0,
+                           "broker_errors": 0, "last_broker_error": ""}
 
 
 def _torch():
@@ -36,7 +37,7 @@ def _device_key(backend: str, device: int) -> str:
 
 
 class Arena:
-    """``nbytes`` (rounded up to whole chunks) of fresh private memory at one address range, read-write.
+    """``nbytes`` (rounded up to whole chunks) of zeroed private memory at one address range, read-write.
 
     :meth:`share` offers its whole chunks to the other processes of this user: a chunk whose bytes
     another process (or this one) already published is replaced, at the same address, by that chunk
@@ -66,8 +67,10 @@ class Arena:
         self.range = core.VirtualRange(n * self.chunk, self.device, self.backend)
         self._chunks: List[Any] = [core.PhysChunk(self.chunk, self.device, self.backend) for _ in range(n)]
         self.range.map_many(0, self._chunks)
+        if self.backend == "cuda":  # new device memory holds whatever it held: start from zeros, as host
+            core.memset(self.ptr, 0, self.size, self.device, self.backend)  # memfds do (same bytes, same chunks)
         self._state = [PRIVATE] * n
-        self._keys: List[Optional[str]] = [None] * n
+        self._keys: List[Optional[Tuple[str, Any]]] = [None] * n  # (key, fd maker) of each shared chunk
         self._view = None
         self._scratch: Optional[Any] = None
         self._lock = threading.Lock()
@@ -141,14 +144,19 @@ class Arena:
         return new_fd
 
     def _share_chunk(self, i: int, key: str) -> None:
-        broker, mine = client(), self._chunks[i]
-        fd = broker.lookup(key)
-        if fd is None:
-            fd = broker.publish(key, self.chunk, self._fd_maker(i))
-            if fd is None:  # ours is the canonical chunk now: nobody may write it any more
-                self.range.set_access(i * self.chunk, self.chunk, read_only=True)
-                self._state[i], self._keys[i] = CANONICAL, key
-                return
+        broker, mine, maker = client(), self._chunks[i], self._fd_maker(i)
+        try:
+            fd = broker.lookup(key)
+            if fd is None:
+                fd = broker.publish(key, self.chunk, maker)
+                if fd is None:  # ours is the canonical chunk now: nobody may write it any more
+                    self.range.set_access(i * self.chunk, self.chunk, read_only=True)
+                    self._state[i], self._keys[i] = CANONICAL, (key, maker)
+                    return
+        except GlakeError as e:  # the broker refused (e.g. out of fds): this chunk stays private
+            _totals["broker_errors"] += 1
+            _totals["last_broker_error"] = str(e)
+            return
         try:
             theirs = core.PhysChunk.import_fd(fd, self.chunk, self.device, self.backend)
         finally:
@@ -157,14 +165,21 @@ class Arena:
             theirs.release()  # a hash collision: this chunk stays private
             _totals["mismatches"] += 1
             return
-        if not broker.hold(key, self._fd_maker(i), self.chunk):
+        try:
+            held = broker.hold(key, maker, self.chunk)
+        except GlakeError as e:
+            theirs.release()
+            _totals["broker_errors"] += 1
+            _totals["last_broker_error"] = str(e)
+            return
+        if not held:
             theirs.release()  # its last holder let go meanwhile: offer ours instead
             return self._share_chunk(i, key)
         self.range.unmap(i * self.chunk)
         mine.release()  # freed: this process now reads the canonical chunk there
         self.range.map(i * self.chunk, theirs, set_access=False)
         self.range.set_access(i * self.chunk, self.chunk, read_only=True)
-        self._chunks[i], self._state[i], self._keys[i] = theirs, IMPORTED, key
+        self._chunks[i], self._state[i], self._keys[i] = theirs, IMPORTED, (key, maker)
 
     def _same_bytes(self, i: int, theirs: Any) -> bool:
         if self._scratch is None:
@@ -226,10 +241,10 @@ class Arena:
                 + (f", {s['shared_bytes']} B shared>" if s else ", closed>"))
 
 
-def _drop_holds(keys: List[Optional[str]]) -> None:
-    for n, key in enumerate(keys):
-        if key is not None:
-            client().drop(key)
+def _drop_holds(keys: List[Optional[Tuple[str, Any]]]) -> None:
+    for n, held in enumerate(keys):
+        if held is not None:
+            client().drop(*held)
             keys[n] = None
 
 

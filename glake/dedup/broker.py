@@ -24,6 +24,7 @@ import argparse
 import collections
 import fcntl
 import os
+import resource
 import selectors
 import socket
 import sys
@@ -148,17 +149,23 @@ class Broker:
     def _on_message(self, conn: socket.socket) -> None:
         try:
             msg, fds = wire.recv(conn)
-        except (OSError, ValueError):
+        except ValueError as e:  # unreadable, or fds dropped: answer, keep the connection
+            self._reply(conn, {"error": str(e)[:500]})
+            return
+        except OSError:
             msg, fds = None, []
         if msg is None:
             self._disconnect(conn)
             return
         try:
             reply, fd = self.handle(conn.fileno(), msg, fds)
-        except (KeyError, TypeError, ValueError) as e:
-            for f in fds:
+        except Exception as e:  # noqa: BLE001  (a bad request is answered; the broker serves on)
+            for f in fds:  # handle() stored none of them when it raised
                 os.close(f)
-            reply, fd = {"error": f"bad request {msg!r}: {type(e).__name__}: {e}"}, None
+            reply, fd = {"error": f"bad request {repr(msg)[:200]}: {type(e).__name__}: {str(e)[:200]}"}, None
+        self._reply(conn, reply, fd)
+
+    def _reply(self, conn: socket.socket, reply: dict, fd=None) -> None:
         try:
             wire.send(conn, reply, fd)
         except OSError:
@@ -167,11 +174,10 @@ class Broker:
     # ---- requests ------------------------------------------------------------------------------
 
     def handle(self, cid: int, msg: dict, fds: List[int]):
-        """The reply (and the fd to send with it) to one request of connection `cid`; takes `fds`."""
+        """The reply (and the fd to send with it) to one request of connection `cid`. On success it owns
+        `fds` (stored or closed); when it raises it has kept none of them (the caller closes them)."""
         op = msg["op"]
         if op != "publish" and fds:
-            for f in fds:
-                os.close(f)
             raise ValueError(f"{op} carries no fd")
         if op == "hello":
             return {"ok": True, "pid": os.getpid()}, None
@@ -181,8 +187,6 @@ class Broker:
         if op == "publish":
             key, size = str(msg["key"]), int(msg["size"])
             if len(fds) != 1:
-                for f in fds:
-                    os.close(f)
                 raise ValueError("publish carries exactly one fd")
             e = self.entries.get(key)
             if e is not None:  # someone was first: the caller compares with that one
@@ -225,6 +229,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--idle-exit", type=float, default=300.0,
                     help="exit after this many seconds with no client and no chunk (0: never)")
     args = ap.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # one fd per shared chunk: 8,000 for 16 GB
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass  # at the limit, publishes are answered with an error and the chunks stay private
     broker = Broker(args.socket or wire.socket_path(), args.idle_exit)
     if not broker.acquire():
         print(f"glake dedupd: a broker already serves {broker.path}", file=sys.stderr)

@@ -29,7 +29,12 @@ def send(sock: socket.socket, msg: dict, fd: Optional[int] = None) -> None:
 
 def recv(sock: socket.socket) -> Tuple[Optional[dict], List[int]]:
     """One message and the fds it carried (now the caller's); (None, []) when the peer closed."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 4)
+    data, fds, flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 4)
+    if flags & socket.MSG_CTRUNC:  # the kernel dropped fds: this process is at its open-files limit
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("a file descriptor was dropped on the way (MSG_CTRUNC): too many open files "
+                         "(raise `ulimit -n`)")
     if not data:
         for fd in fds:
             os.close(fd)

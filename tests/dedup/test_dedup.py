@@ -260,6 +260,7 @@ def test_the_broker_answers_bad_requests_with_errors(tmp_path):
     os.close(w)
     with pytest.raises(ValueError, match="carries no fd"):
         b.handle(1, {"op": "lookup", "key": "k"}, [r])
+    os.close(r)  # handle() kept none of the fds it raised on: they are the caller's
     assert b.handle(1, {"op": "drop", "key": "k"}, []) == ({"ok": False}, None)
 
 
@@ -304,3 +305,56 @@ def test_an_arena_dropped_without_close_gives_its_holds_back(sock):
     del a
     gc.collect()
     assert broker(sock)["chunks"] == 0
+
+
+def test_a_bad_message_with_fds_is_answered_and_the_broker_serves_on(sock, workers):
+    w, = workers(1)
+    w.ask("fill 7")
+    w.ask("share")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sock)
+    r, x = os.pipe()
+    try:
+        wire.send(s, {"op": "lookup", "key": "k"}, r)  # an fd where none belongs
+        reply, fds = wire.recv(s)
+        assert "carries no fd" in reply["error"] and fds == []
+        s.send(b'{"op": "' + b"x" * 70000 + b'"}')  # longer than a message may be: cut, unreadable
+        assert "error" in wire.recv(s)[0]
+        wire.send(s, {"op": "nonsense"})
+        assert "unknown op" in wire.recv(s)[0]["error"]
+    finally:
+        for f in (r, x):
+            os.close(f)
+        s.close()
+    assert broker(sock)["chunks"] == CHUNKS and w.ask("check")["intact"]
+
+
+def test_a_broker_refusal_keeps_the_chunk_private(sock, monkeypatch):
+    from glake.dedup import client as client_mod
+    from glake.errors import GlakeError
+
+    def refuse(self, key, size, maker):
+        raise GlakeError("dedup broker: a file descriptor was dropped on the way (MSG_CTRUNC)")
+    monkeypatch.setattr(client_mod.BrokerClient, "publish", refuse)
+    with glake.dedup.Arena(2 << 20, backend="host") as a:
+        a.tensor()[:] = 9
+        assert a.share() == 0 and a.stats()["chunks_private"] == 1
+        assert glake.dedup.stats()["broker_errors"] >= 1 and torch.all(a.tensor() == 9)
+
+
+def test_a_drop_asked_for_during_a_round_trip_is_sent_before_the_next_request(sock):
+    import threading
+
+    c = BrokerClient(sock)
+    with glake.dedup.Arena(2 << 20, backend="host") as a:
+        a.tensor()[:] = 4
+        a.share()
+        key, maker = a._keys[0]
+        c.hold(key, maker, a.chunk)
+        assert broker(sock)["holds"] == 2
+        c._busy_thread = threading.get_ident()  # as if a GC finalizer ran inside a round trip
+        c.drop(key, maker)
+        c._busy_thread = None
+        assert list(c._drops) and broker(sock)["holds"] == 2  # queued, not sent mid-reply
+        c.stats()
+        assert not c._drops and broker(sock)["holds"] == 1
