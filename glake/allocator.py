@@ -102,7 +102,7 @@ class Allocator:
         """Give this allocator's device memory back, keeping every address valid.
 
         Waits for the device, drops the free cache, copies the physical chunks that hold live data to
-        host memory and releases every chunk; the virtual ranges stay reserved, so pointers (tensors,
+        host memory (through the device's :func:`glake.multipath.engine`) and releases every chunk; the virtual ranges stay reserved, so pointers (tensors,
         CUDA graphs) stay valid for :meth:`resume`. Until then :meth:`malloc` raises ``GlakeError``;
         ``free``, ``stats`` and ``snapshot`` work (``stats()["suspended_host_bytes"]`` is the copy's size).
 
@@ -111,7 +111,9 @@ class Allocator:
         InvalidArgumentError
             Already suspended, or a private pool is being allocated to (a graph may be capturing).
         """
-        self._impl.suspend()
+        from glake import multipath
+
+        self._impl.suspend(multipath.engine(self.backend, self.device)._e)
 
     def resume(self) -> None:
         """Take the device memory again at the same addresses and copy the data back (no-op if not suspended).
@@ -121,7 +123,9 @@ class Allocator:
         OutOfMemoryError
             The device cannot give the memory back now; nothing changed: still suspended, retry later.
         """
-        self._impl.resume()
+        from glake import multipath
+
+        self._impl.resume(multipath.engine(self.backend, self.device)._e)
 
     @property
     def suspended(self) -> bool:

@@ -8,6 +8,7 @@
     glake map PID|ADDR [--png FILE] [--json]                     the memory map of one process (a picture)
     glake serve [--model DIR] [--host H] [--port P] [--api-key K]   an OpenAI-compatible server (glake.serve)
     glake chat [--model DIR]                                     chat with a model in the terminal
+    glake dedupd [--status | --stop] [--socket PATH]             the per-user dedup broker (glake.dedup)
     glake --version                                              version, backends built, backend in use
 """
 
@@ -87,6 +88,27 @@ def _run(args: argparse.Namespace) -> int:
         return 126
 
 
+def _dedupd(args: argparse.Namespace) -> int:
+    from glake.dedup import broker, wire
+    from glake.dedup.client import BrokerClient
+    from glake.errors import GlakeError
+
+    if not (args.status or args.stop):
+        return broker.main((["--socket", args.socket] if args.socket else []) + ["--idle-exit", str(args.idle_exit)])
+    path = args.socket or wire.socket_path()
+    try:
+        reply = BrokerClient(path, autostart=False).request({"op": "shutdown" if args.stop else "stats"})[0]
+    except GlakeError as e:
+        print(f"glake dedupd: {e}", file=sys.stderr)
+        return 1
+    if args.stop:
+        print(f"glake dedupd: stopped the broker on {path}")
+    else:
+        print(f"glake dedupd: pid {reply['pid']} on {path}: {reply['chunks']} chunk(s), {reply['bytes']} B shared, "
+              f"{reply['holds']} hold(s) by {reply['clients'] - 1} other client(s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``glake`` and its subcommands."""
     parser = argparse.ArgumentParser(prog="glake", description="GPU memory management for PyTorch and LLM serving: "
@@ -106,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "stats through glake ps / glake stats PID (docs/shim.md)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- then the program and its arguments")
     run.set_defaults(func=_run)
+    dd = sub.add_parser("dedupd", help="run the per-user dedup broker (processes start it on demand)",
+                        description="The broker through which this user's processes share identical read-only "
+                                    "chunks (glake.dedup). It starts on demand; run it yourself to watch its log, "
+                                    "or ask a running one for its figures or to stop.")
+    dd.add_argument("--socket", help="socket path (default: $GLAKE_DEDUP_SOCKET, else dedup.sock in the per-user "
+                                     "runtime folder)")
+    dd.add_argument("--idle-exit", type=float, default=300.0,
+                    help="exit after this many seconds with no client and no chunk (0: never)")
+    dd.add_argument("--status", action="store_true", help="print a running broker's figures")
+    dd.add_argument("--stop", action="store_true", help="stop a running broker (processes keep what they mapped)")
+    dd.set_defaults(func=_dedupd)
     from glake.stats.cli import add_parsers  # imports nothing heavy: grpc, rich etc. load when a command runs
 
     add_parsers(sub)

@@ -2,9 +2,11 @@
 
 Covers the process-wide allocators (the ones ``glake.torch``, ``glake.cupy`` and the C ABI use),
 device by device: their live data goes to host memory, their physical memory back to the driver, and
-every address stays reserved, so tensors and CUDA graphs stay valid across a resume. Private
-``glake.Allocator`` objects have their own ``suspend``/``resume``. Not covered yet: KV caches
-(``glake.kvcache.KVCache``) and multipath's staging buffers keep their memory.
+every address stays reserved, so tensors and CUDA graphs stay valid across a resume. The copies go
+through the device's multipath engine (``glake.multipath.engine``: pageable host memory staged through
+pinned buffers by several threads), consecutive live chunks in one copy. Private ``glake.Allocator``
+objects have their own ``suspend``/``resume``. Not covered yet: KV caches (``glake.kvcache.KVCache``)
+and multipath's staging buffers keep their memory.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ def _devices(device: Optional[int]) -> List[int]:
     return [d for d in range(64) if _C.gmlake_global_exists(d)]
 
 
+def _engine(a):
+    from glake import multipath
+
+    return multipath.engine(a.backend, a.device)._e
+
+
 def suspend(device: Optional[int] = None) -> List[int]:
     """Suspend the process-wide allocator of ``device`` (default: every device that has one).
 
@@ -30,7 +38,7 @@ def suspend(device: Optional[int] = None) -> List[int]:
     for d in _devices(device):
         a = _C.gmlake_global(d)
         if not a.suspended:
-            a.suspend()
+            a.suspend(_engine(a))
             done.append(d)
     return done
 
@@ -45,6 +53,6 @@ def resume(device: Optional[int] = None) -> List[int]:
     for d in _devices(device):
         a = _C.gmlake_global(d)
         if a.suspended:
-            a.resume()
+            a.resume(_engine(a))
             done.append(d)
     return done

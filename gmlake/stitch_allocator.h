@@ -12,6 +12,7 @@
 #include "gmlake/config.h"
 #include "gmlake/event_pool.h"
 #include "gmlake/pool.h"
+#include "gmlake/suspend_io.h"
 
 namespace glake::gmlake {
 
@@ -100,12 +101,13 @@ class GLAKE_API StitchAllocator {
   /// cache (idle stitches, free segments), copies the chunks that hold live data to host memory, and
   /// unmaps and releases every chunk; the segments' and stitched ranges' VA stays reserved. Until
   /// resume(), malloc throws; free, record_stream, stats and snapshot work. Throws
-  /// InvalidArgumentError when already suspended or while a private pool is allocated to.
-  void suspend();
+  /// InvalidArgumentError when already suspended or while a private pool is allocated to. `copier`
+  /// moves the bytes (null: the driver's memcpy), consecutive live chunks of a segment in one copy.
+  void suspend(HostCopier* copier = nullptr);
   /// Recreates every chunk, maps it at its old address (stitched ranges too) and copies the saved
   /// data back. All or nothing: an OutOfMemoryError leaves the allocator suspended, to be retried.
-  /// No-op when not suspended.
-  void resume();
+  /// No-op when not suspended. `copier` as for suspend().
+  void resume(HostCopier* copier = nullptr);
   /// True between suspend() and resume().
   bool suspended() const;
   /// Sets the cap as a fraction of device memory (0 = none), like torch's.
@@ -238,12 +240,18 @@ class GLAKE_API StitchAllocator {
   std::map<PoolId, std::unique_ptr<PrivatePool>> pools_;        ///< live and freeable private pools
   std::vector<std::pair<PrivatePool*, StreamFilter>> routing_;  ///< pools being allocated to, in order of begin
   AllocatorStats stats_;
-  /// One chunk suspend() gave back: where it was in its segment, and its bytes when it held live data.
-  struct SavedChunk {
-    std::size_t offset = 0, size = 0;
-    std::unique_ptr<unsigned char[]> bytes;  ///< null: nothing live in it, not copied (never zero-filled)
+  /// Consecutive chunks of a segment that held live data, copied to host memory as one.
+  struct SavedRun {
+    std::size_t offset = 0;
+    std::unique_ptr<HostBuffer> bytes;
   };
-  std::map<const Segment*, std::vector<SavedChunk>> saved_;  ///< while suspended
+  /// What suspend() gave back of one segment: its chunks' sizes (back to back from offset 0, to be
+  /// recreated) and the runs of live data (chunks holding none are not copied, never zero-filled).
+  struct SavedSegment {
+    std::vector<std::size_t> chunk_sizes;
+    std::vector<SavedRun> runs;
+  };
+  std::map<const Segment*, SavedSegment> saved_;  ///< while suspended
   bool suspended_ = false;
 };
 

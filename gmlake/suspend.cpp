@@ -1,8 +1,45 @@
 // Suspend and resume: giving the device memory back while every address stays valid, and taking it
 // again (live data copied to host memory and back; the free cache dropped, not copied).
+#include <sys/mman.h>
+
+#include <cerrno>
+#include <cstring>
+
 #include "gmlake/stitch_allocator.h"
 
 namespace glake::gmlake {
+
+namespace {
+
+/// The copier without a copy engine: the driver's synchronous memcpy.
+class DriverCopier final : public HostCopier {
+ public:
+  DriverCopier(Driver& driver, int device) : driver_(driver), device_(device) {}
+  void to_host(DevPtr dst, DevPtr src, std::size_t n) override { driver_.memcpy(device_, dst, src, n); }
+  void to_device(DevPtr dst, DevPtr src, std::size_t n) override { driver_.memcpy(device_, dst, src, n); }
+
+ private:
+  Driver& driver_;
+  int device_;
+};
+
+}  // namespace
+
+HostBuffer::HostBuffer(std::size_t size) : size_(size) {
+  p_ = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p_ == MAP_FAILED) {
+    p_ = nullptr;
+    throw OutOfMemoryError("suspend: cannot get " + std::to_string(size) + " bytes of host memory for the device's data (" +
+                           std::strerror(errno) + ")");
+  }
+#ifdef MADV_HUGEPAGE
+  madvise(p_, size, MADV_HUGEPAGE);  // a hint: refused (no THP) changes nothing but the fault count
+#endif
+}
+
+HostBuffer::~HostBuffer() {
+  if (p_) munmap(p_, size_);
+}
 
 bool StitchAllocator::suspended() const {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -32,7 +69,7 @@ void StitchAllocator::map_stitches() {
   }
 }
 
-void StitchAllocator::suspend() {
+void StitchAllocator::suspend(HostCopier* copier) {
   std::lock_guard<std::mutex> lock(mutex_);
   const std::string where = "suspend of the allocator of device " + std::to_string(device_);
   if (suspended_) throw InvalidArgumentError(where + ": already suspended");
@@ -42,20 +79,32 @@ void StitchAllocator::suspend() {
   process_deferred(true);  // record_stream frees: free once their streams are done
   release_cached(0);       // the free cache is not worth copying: idle stitches and free segments go
   if (!quiesce(0)) throw InvalidArgumentError(where + ": a stream is capturing a CUDA graph");
+  DriverCopier plain(driver_, device_);
+  HostCopier& io = copier ? *copier : plain;
   // Copy first, so that a failure (host memory, the driver) leaves the allocator as it was.
-  std::map<const Segment*, std::vector<SavedChunk>> saved;
+  std::map<const Segment*, SavedSegment> saved;
   std::int64_t host_bytes = 0;
   for (auto& seg : segments_) {
-    auto& chunks = saved[seg.get()];
+    SavedSegment& s = saved[seg.get()];
+    std::size_t run_start = 0, run_end = 0;  // the run of live chunks being gathered: [start, end)
+    auto flush = [&] {
+      if (run_end == run_start) return;
+      const std::size_t n = run_end - run_start;
+      SavedRun r{run_start, std::make_unique<HostBuffer>(n)};
+      io.to_host(r.bytes->ptr(), seg->range->ptr() + run_start, n);
+      host_bytes += static_cast<std::int64_t>(n);
+      s.runs.push_back(std::move(r));
+    };
     for (const Mapping& m : seg->range->mappings()) {
-      SavedChunk c{m.offset, m.chunk->size(), nullptr};
-      if (holds_live_data(*seg, m.offset, c.size)) {
-        c.bytes.reset(new unsigned char[c.size]);  // default-initialised: the copy writes every byte
-        driver_.memcpy(device_, reinterpret_cast<DevPtr>(c.bytes.get()), seg->range->ptr() + m.offset, c.size);
-        host_bytes += static_cast<std::int64_t>(c.size);
+      s.chunk_sizes.push_back(m.chunk->size());
+      if (!holds_live_data(*seg, m.offset, m.chunk->size())) continue;
+      if (m.offset != run_end) {
+        flush();
+        run_start = m.offset;
       }
-      chunks.push_back(std::move(c));
+      run_end = m.offset + m.chunk->size();
     }
+    flush();
   }
   unmap_stitches();  // then each chunk's last mapping is its segment's: unmapping it releases it
   for (auto& seg : segments_) {
@@ -66,25 +115,25 @@ void StitchAllocator::suspend() {
   suspended_ = true;
 }
 
-void StitchAllocator::resume() {
+void StitchAllocator::resume(HostCopier* copier) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (!suspended_) return;
   // Every chunk first: running out of memory changes nothing (the new chunks go with `made`).
   std::map<const Segment*, std::vector<std::shared_ptr<PhysChunk>>> made;
   try {
-    for (const auto& [seg, chunks] : saved_) {
-      for (const SavedChunk& c : chunks) made[seg].push_back(PhysChunk::create(driver_, device_, c.size));
+    for (const auto& [seg, s] : saved_) {
+      for (std::size_t size : s.chunk_sizes) made[seg].push_back(PhysChunk::create(driver_, device_, size));
     }
   } catch (const OutOfMemoryError& e) {
     throw OutOfMemoryError("resume of the allocator of device " + std::to_string(device_) + ": " + e.what() +
                            " (still suspended: free device memory and call resume() again)");
   }
+  DriverCopier plain(driver_, device_);
+  HostCopier& io = copier ? *copier : plain;
   for (auto& seg : segments_) {
     seg->range->map_many(0, made[seg.get()]);
-    for (const SavedChunk& c : saved_[seg.get()]) {
-      if (c.bytes) {
-        driver_.memcpy(device_, seg->range->ptr() + c.offset, reinterpret_cast<DevPtr>(c.bytes.get()), c.size);
-      }
+    for (const SavedRun& r : saved_[seg.get()].runs) {
+      io.to_device(seg->range->ptr() + r.offset, r.bytes->ptr(), r.bytes->size());
     }
   }
   map_stitches();

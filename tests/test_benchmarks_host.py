@@ -85,3 +85,12 @@ def test_serve_online_tiny(tmp_path):
     rows = json.loads((tmp_path / "serve_online.json").read_text())["rows"]
     assert [r["rate"] for r in rows] == [50.0, float("inf")]
     assert all(r["output_tokens"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] > 0 for r in rows)
+
+
+def test_dedup_tiny(tmp_path):
+    """The dedup benchmark's processes on the host backend: every later process saves what the first holds."""
+    out = run_benchmark(tmp_path, "dedup.py", "--tiny", "--procs", "1,2")
+    assert "Dedup: N processes" in out
+    runs = json.loads((tmp_path / "dedup.json").read_text())["runs"]
+    two = runs[1]["workers"]
+    assert two[1]["saved_bytes"] == two[1]["shared_bytes"] > 0 and two[0]["chunks_canonical"] > 0

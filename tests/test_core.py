@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -110,6 +111,29 @@ def test_map_without_access_then_set_access(backend, g):
         r.set_access(0, g)
         core.write(r.ptr, b"ok", backend=backend)
         assert core.read(r.ptr, 2, backend=backend) == b"ok"
+
+
+def test_read_only_access_reads_the_bytes_written_through_another_mapping(backend, g):
+    c = core.PhysChunk(backend=backend)
+    with core.VirtualRange(g, backend=backend) as rw, core.VirtualRange(g, backend=backend) as ro:
+        rw.map(0, c)
+        core.write(rw.ptr, b"shared", backend=backend)
+        ro.map(0, c, set_access=False)
+        ro.set_access(0, g, read_only=True)
+        assert core.read(ro.ptr, 6, backend=backend) == b"shared"
+        core.write(rw.ptr, b"SH", backend=backend)  # the read-write mapping still writes
+        assert core.read(ro.ptr, 6, backend=backend) == b"SHared"
+
+
+def test_host_read_only_mapping_faults_on_write():
+    g = core.granularity("host")
+    code = ("from glake import core; c = core.PhysChunk(backend='host'); r = core.VirtualRange(%d, backend='host'); "
+            "r.map(0, c); r.set_access(0, %d, read_only=True); print(core.read(r.ptr, 1), flush=True); "
+            "core.write(r.ptr, b'x')") % (g, g)
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # the fake-libcuda suite preloads ASan
+    env["ASAN_OPTIONS"] = "handle_segv=0"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == -signal.SIGSEGV and out.stdout.strip() == "b'\\x00'"
 
 
 def test_chunk_outlives_owner_while_mapped(backend, g):

@@ -39,8 +39,15 @@ def test_the_demo_of_the_first_command_runs():
 
 
 @pytest.mark.parametrize("code", [c for c in PYTHON if c not in GPU_ONLY], ids=lambda c: c.split("\n")[0][:40])
-def test_cpu_python_snippets_run_as_written(code):
-    out = run_python(code, GLAKE_BACKEND="host")
+def test_cpu_python_snippets_run_as_written(code, tmp_path):
+    sock = str(tmp_path / "dedup.sock")  # a dedup snippet's broker: this test's own, stopped after
+    try:
+        out = run_python(code, GLAKE_BACKEND="host", GLAKE_DEDUP_SOCKET=sock)
+    finally:
+        if os.path.exists(sock):
+            from glake.dedup.client import BrokerClient
+
+            BrokerClient(sock, autostart=False).request({"op": "shutdown"})
     assert out.returncode == 0, out.stderr
 
 

@@ -115,7 +115,7 @@ std::shared_ptr<PhysChunk> VirtualRange::unmap(std::size_t offset) {
   return chunk;
 }
 
-void VirtualRange::set_access(std::size_t offset, std::size_t size) {
+void VirtualRange::set_access(std::size_t offset, std::size_t size, bool read_only) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_live();
   const std::string where = "set_access(offset=" + std::to_string(offset) + ", size=" + std::to_string(size) + ")";
@@ -126,7 +126,7 @@ void VirtualRange::set_access(std::size_t offset, std::size_t size) {
     at += it->second->size();
   }
   if (at < offset + size) throw InvalidArgumentError(where + ": byte " + std::to_string(at) + " is not mapped");
-  driver_.set_access(device_, ptr_ + offset, size);
+  driver_.set_access(device_, ptr_ + offset, size, read_only);
 }
 
 std::shared_ptr<PhysChunk> VirtualRange::chunk_at(std::size_t offset) const { return mapping_at(offset).chunk; }

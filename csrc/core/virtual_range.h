@@ -44,8 +44,8 @@ class GLAKE_API VirtualRange {
   void map_many(std::size_t offset, const std::vector<std::shared_ptr<PhysChunk>>& chunks);
   /// Unmaps the chunk mapped exactly at `offset` and returns it.
   std::shared_ptr<PhysChunk> unmap(std::size_t offset);
-  /// Makes [offset, offset+size) readable and writable (every byte must be mapped).
-  void set_access(std::size_t offset, std::size_t size);
+  /// Makes [offset, offset+size) readable and writable, or readable only (every byte must be mapped).
+  void set_access(std::size_t offset, std::size_t size, bool read_only = false);
   /// The chunk covering byte `offset`, or null when that byte is not mapped.
   std::shared_ptr<PhysChunk> chunk_at(std::size_t offset) const;
   /// The mapping covering byte `offset` (its start and chunk), or {0, null} when that byte is not mapped.

@@ -194,14 +194,15 @@ void CudaDriver::do_unmap(int device, DevPtr va, std::size_t size) {
   check(api_.p_cuMemUnmap(va, size), "cuMemUnmap(va=" + hex(va) + ", " + size_arg(size) + ")");
 }
 
-void CudaDriver::do_set_access(int device, DevPtr va, std::size_t size) {
+void CudaDriver::do_set_access(int device, DevPtr va, std::size_t size, bool read_only) {
   ContextGuard guard(*this, device);
   CUmemAccessDesc desc{};
   desc.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
   desc.location.id = device;
-  desc.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  desc.flags = read_only ? CU_MEM_ACCESS_FLAGS_PROT_READ : CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
   check(api_.p_cuMemSetAccess(va, size, &desc, 1),
-        "cuMemSetAccess(va=" + hex(va) + ", " + size_arg(size) + ", device=" + std::to_string(device) + ")");
+        "cuMemSetAccess(va=" + hex(va) + ", " + size_arg(size) + ", device=" + std::to_string(device) +
+            (read_only ? ", PROT_READ)" : ")"));
 }
 
 int CudaDriver::do_export_fd(int device, PhysHandle handle) {

@@ -182,9 +182,9 @@ void Driver::unmap(int device, DevPtr va, std::size_t size) {
   stats_.mapped_bytes.fetch_sub(static_cast<std::int64_t>(size), std::memory_order_relaxed);
 }
 
-void Driver::set_access(int device, DevPtr va, std::size_t size) {
+void Driver::set_access(int device, DevPtr va, std::size_t size, bool read_only) {
   OpTimer t(stats_, DriverOp::SetAccess);
-  do_set_access(device, va, size);
+  do_set_access(device, va, size, read_only);
 }
 
 int Driver::export_fd(int device, PhysHandle handle) {

@@ -110,8 +110,9 @@ class GLAKE_API Driver {
   void map(int device, DevPtr va, std::size_t size, PhysHandle handle);
   /// Unmaps `size` bytes at `va`; the addresses stay reserved.
   void unmap(int device, DevPtr va, std::size_t size);
-  /// Makes `size` mapped bytes at `va` readable and writable from `device`.
-  void set_access(int device, DevPtr va, std::size_t size);
+  /// Makes `size` mapped bytes at `va` readable and writable from `device` (read only: readable only,
+  /// a write faults, as for chunks shared with other processes).
+  void set_access(int device, DevPtr va, std::size_t size, bool read_only = false);
   /// Exports a handle as a new POSIX file descriptor that the caller owns.
   int export_fd(int device, PhysHandle handle);
   /// Imports a file descriptor made by export_fd (here or in another process); `fd` stays the caller's.
@@ -178,7 +179,7 @@ class GLAKE_API Driver {
   virtual void do_free_va(int device, DevPtr va, std::size_t size) = 0;
   virtual void do_map(int device, DevPtr va, std::size_t size, PhysHandle handle) = 0;
   virtual void do_unmap(int device, DevPtr va, std::size_t size) = 0;
-  virtual void do_set_access(int device, DevPtr va, std::size_t size) = 0;
+  virtual void do_set_access(int device, DevPtr va, std::size_t size, bool read_only) = 0;
   virtual int do_export_fd(int device, PhysHandle handle) = 0;
   virtual PhysHandle do_import_fd(int device, int fd, std::size_t size) = 0;
 

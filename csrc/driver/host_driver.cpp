@@ -117,9 +117,9 @@ void HostDriver::do_unmap(int, DevPtr va, std::size_t size) {
   if (p == MAP_FAILED) throw_errno("mmap(unmap, " + va_args(va, size) + ")");
 }
 
-void HostDriver::do_set_access(int, DevPtr va, std::size_t size) {
-  if (mprotect(reinterpret_cast<void*>(va), size, PROT_READ | PROT_WRITE) != 0) {
-    throw_errno("mprotect(" + va_args(va, size) + ", READ|WRITE)");
+void HostDriver::do_set_access(int, DevPtr va, std::size_t size, bool read_only) {
+  if (mprotect(reinterpret_cast<void*>(va), size, read_only ? PROT_READ : PROT_READ | PROT_WRITE) != 0) {
+    throw_errno("mprotect(" + va_args(va, size) + (read_only ? ", READ)" : ", READ|WRITE)"));
   }
 }
 

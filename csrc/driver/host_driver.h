@@ -66,7 +66,7 @@ class HostDriver final : public Driver {
   void do_free_va(int device, DevPtr va, std::size_t size) override;
   void do_map(int device, DevPtr va, std::size_t size, PhysHandle handle) override;
   void do_unmap(int device, DevPtr va, std::size_t size) override;
-  void do_set_access(int device, DevPtr va, std::size_t size) override;
+  void do_set_access(int device, DevPtr va, std::size_t size, bool read_only) override;
   int do_export_fd(int device, PhysHandle handle) override;
   PhysHandle do_import_fd(int device, int fd, std::size_t size) override;
 

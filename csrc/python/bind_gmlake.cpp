@@ -6,11 +6,32 @@
 
 #include "gmlake/registry.h"
 #include "python/common.h"
+#include "python/engine_handle.h"
 
 namespace glake::py_bind {
 namespace {
 
 namespace gm = glake::gmlake;
+
+/// suspend()'s and resume()'s copies through a multipath engine: pageable host memory staged through
+/// pinned buffers by several threads, instead of the driver's one synchronous memcpy at a time.
+class EngineCopier final : public gm::HostCopier {
+ public:
+  explicit EngineCopier(std::shared_ptr<multipath::CopyEngine> e) : e_(std::move(e)) {}
+  void to_host(DevPtr dst, DevPtr src, std::size_t n) override {
+    e_->copy(dst, multipath::MemKind::Pageable, src, multipath::MemKind::Device, n, 0, false);
+  }
+  void to_device(DevPtr dst, DevPtr src, std::size_t n) override {
+    e_->copy(dst, multipath::MemKind::Device, src, multipath::MemKind::Pageable, n, 0, false);
+  }
+
+ private:
+  std::shared_ptr<multipath::CopyEngine> e_;
+};
+
+std::unique_ptr<EngineCopier> copier_of(const PyEngine* engine) {
+  return engine ? std::make_unique<EngineCopier>(engine->get()) : nullptr;
+}
 using AllocatorPtr = std::shared_ptr<gm::StitchAllocator>;
 
 /// A pool id as Python sees it: None for "no pool" ({0,0}), else (first, second) as torch's MempoolId.
@@ -130,9 +151,17 @@ void bind_gmlake(py::module_& m) {
       .def("record_stream", &gm::StitchAllocator::record_stream, py::arg("ptr"), py::arg("stream"), NoGil(),
            "Marks an allocation as used on another stream too.")
       .def("empty_cache", &gm::StitchAllocator::empty_cache, NoGil(), "Releases idle stitched ranges and free segments.")
-      .def("suspend", &gm::StitchAllocator::suspend, NoGil(),
-           "Gives the device memory back (live data to host memory), keeping every address.")
-      .def("resume", &gm::StitchAllocator::resume, NoGil(), "Takes the memory again and restores the data.")
+      .def("suspend", [](gm::StitchAllocator& a, const PyEngine* engine) {
+             auto copier = copier_of(engine);
+             py::gil_scoped_release nogil;
+             a.suspend(copier.get());
+           }, py::arg("engine") = nullptr,
+           "Gives the device memory back (live data to host memory, through `engine` when given), keeping every address.")
+      .def("resume", [](gm::StitchAllocator& a, const PyEngine* engine) {
+             auto copier = copier_of(engine);
+             py::gil_scoped_release nogil;
+             a.resume(copier.get());
+           }, py::arg("engine") = nullptr, "Takes the memory again and restores the data (through `engine` when given).")
       .def_property_readonly("suspended", &gm::StitchAllocator::suspended, "True between suspend() and resume().")
       .def("set_memory_fraction", &gm::StitchAllocator::set_memory_fraction, py::arg("fraction"), NoGil(),
            "Caps reserved memory at a fraction of the device (0 = no cap).")

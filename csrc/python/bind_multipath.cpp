@@ -7,6 +7,7 @@
 #include "common/conf.h"
 #include "multipath/engine.h"
 #include "python/common.h"
+#include "python/engine_handle.h"
 
 namespace glake::py_bind {
 
@@ -15,15 +16,6 @@ namespace {
 using multipath::CopyEngine;
 using multipath::CopyPath;
 using multipath::EngineConfig;
-
-/// Python's handle on an engine; close() lets it go before the object is collected.
-struct PyEngine {
-  std::shared_ptr<CopyEngine> e;
-  std::shared_ptr<CopyEngine> get() const {
-    if (!e) throw InvalidArgumentError("this multipath engine is closed");
-    return e;
-  }
-};
 
 /// The engine configuration: defaults, then $GLAKE_MULTIPATH_CONF, then keyword arguments (as text, the
 /// same syntax the variable takes: glake.units.conf_text converts Python values).

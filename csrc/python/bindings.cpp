@@ -256,12 +256,13 @@ PYBIND11_MODULE(_C, m) {
              py::gil_scoped_release nogil;
              return PyChunk{r.unmap(off)};
            }, py::arg("offset"), "Unmaps the chunk mapped at `offset` and returns it.")
-      .def("set_access", [](VirtualRange& r, long long offset, long long size) {
+      .def("set_access", [](VirtualRange& r, long long offset, long long size, bool read_only) {
              const std::size_t off = to_size(offset, "offset", true);
              const std::size_t bytes = to_size(size, "size");
              py::gil_scoped_release nogil;
-             r.set_access(off, bytes);
-           }, py::arg("offset"), py::arg("size"), "Makes mapped bytes readable and writable.")
+             r.set_access(off, bytes, read_only);
+           }, py::arg("offset"), py::arg("size"), py::arg("read_only") = false,
+           "Makes mapped bytes readable and writable (read_only=True: readable only; a write faults).")
       .def("chunk_at", [](const VirtualRange& r, long long offset) {
              return wrap_chunk(r.chunk_at(to_size(offset, "offset", true)));
            }, py::arg("offset"), "The chunk covering byte `offset`, or None.")

@@ -109,6 +109,9 @@ class LLMEngine:
         Keep finished sequences' slots so that later prompts starting with the same whole chunks of
         tokens fork them instead of prefilling (:class:`~glake.serve.prefix_cache.PrefixCache`);
         needs KV rows that divide the 2 MiB chunk.
+    dedup
+        Pack the loaded weights into chunk-aligned storage and share its chunks with this user's other
+        processes that loaded the same weights (:func:`glake.dedup.share`; the weights become read-only).
 
     Raises
     ------
@@ -123,10 +126,15 @@ class LLMEngine:
                  preemption_mode: str = "auto", swap_min_tokens: int = 512,
                  use_flash: Optional[bool] = None, decode_kernel: Optional[bool] = None,
                  cuda_graphs: Optional[bool] = None, overlap_steps: Optional[bool] = None,
-                 enable_prefix_caching: bool = False) -> None:
+                 enable_prefix_caching: bool = False, dedup: bool = False) -> None:
         self.device = torch.device(device) if device is not None else _default_device()
         loaded = load_model(model, self.device, dtype)
         self.model, self.config = loaded.model, loaded.config
+        self.shared_weights = None
+        if dedup:
+            from glake.dedup import share
+
+            self.shared_weights = share(self.model.requires_grad_(False))
         self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
         args = self.model.args
         limit = args.max_position_embeddings

@@ -190,7 +190,8 @@ def map_table(pool: Mapping[str, Any], limit: int = 40) -> Table:
 
 
 def top_rows(samples: Sequence[Mapping[str, Any]], previous: Mapping[Any, Mapping[str, Any]]) -> List[List[Any]]:
-    """Rows of ``glake top`` (cells in :data:`TOP_COLUMNS` order): one per allocator of each process, or
+    """Rows of ``glake top`` (cells in :data:`TOP_COLUMNS` order; DEDUP: the bytes glake.dedup saved the
+    process): one per allocator of each process, or
     one per process without one (``-`` where it has nothing to count, ``?`` where a figure is not reported).
 
     ``previous`` maps ``(pid, pool)`` and ``(pid, "vmm")`` to the last sample's counters and time,
@@ -210,15 +211,17 @@ def top_rows(samples: Sequence[Mapping[str, Any]], previous: Mapping[Any, Mappin
             previous[(pid, "vmm")] = {"t": now, "time": vmm_total}  # type: ignore[index]
         else:
             drv = UNKNOWN
+        dd = [s for s in stats["sections"] if s["name"] == "dedup" and not s["error"]]
+        saved = figure(dd[0]["counters"], "saved_bytes") if dd else NONE  # weights shared with other processes
         allocs = [s for s in stats["sections"] if s["name"] == "allocator"]
         if not allocs:
-            rows.append([pid, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, drv,
+            rows.append([pid, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, saved, drv,
                          command_line(p, 40)])
         for s in allocs:
             c, v = s["counters"], s["values"]
             key = (pid, s["labels"].get("pool", str(s["device"])))
             if s["error"]:
-                rows.append([pid, key[1], s["device"]] + [UNKNOWN] * 9 + [drv, command_line(p, 40)])
+                rows.append([pid, key[1], s["device"]] + [UNKNOWN] * 9 + [saved, drv, command_line(p, 40)])
                 continue
             rate_a = rate_f = ""
             last = previous.get(key)
@@ -239,15 +242,15 @@ def top_rows(samples: Sequence[Mapping[str, Any]], previous: Mapping[Any, Mappin
                          figure(c, "mapped_va_bytes.current"),
                          figure(v, "fragmentation", lambda x: f"{x:.2f}"),
                          figure(v, "utilization", lambda x: f"{x:.0%}"),
-                         rate_a, rate_f, figure(c, "num_ooms", str), drv, command_line(p, 40)])
+                         rate_a, rate_f, figure(c, "num_ooms", str), saved, drv, command_line(p, 40)])
     return rows
 
 
 TOP_COLUMNS = ("PID", "POOL", "DEV", "ALLOCATED / PEAK", "RESERVED / PEAK", "STITCHED (#)", "MAPPED VA", "FRAG",
-               "UTIL", "ALLOC/s", "FREE/s", "OOMS", "DRIVER", "COMMAND")
+               "UTIL", "ALLOC/s", "FREE/s", "OOMS", "DEDUP", "DRIVER", "COMMAND")
 #: Which columns stay when the terminal is narrow, most important first (COMMAND takes what is left).
 TOP_PRIORITY = ("PID", "ALLOCATED / PEAK", "RESERVED / PEAK", "FRAG", "POOL", "STITCHED (#)", "ALLOC/s", "DRIVER",
-                "OOMS", "UTIL", "FREE/s", "MAPPED VA", "DEV")
+                "OOMS", "DEDUP", "UTIL", "FREE/s", "MAPPED VA", "DEV")
 _COMMAND_MIN = 12
 
 

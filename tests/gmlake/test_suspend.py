@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import glake
+import glake.multipath
 from glake import _C
 from tests.gmlake.helpers import BACKEND, MiB, check, fill
 
@@ -27,12 +28,15 @@ def test_suspend_gives_the_memory_back_and_resume_restores_every_byte_at_the_sam
     for i, (p, n) in enumerate(zip(live, sizes)):
         fill(p, n, i)
     snap = [(s["address"], s["size"]) for s in a.snapshot()]
+    engine = glake.multipath.engine(BACKEND, 0)
+    moved = engine.stats()["bytes"]
     a.suspend()
     st = a.stats()
     assert a.suspended and st["suspended"] == 1
     assert physical() == base, "a suspended allocator holds no physical memory"
     assert 0 < st["suspended_host_bytes"] <= st["reserved_bytes.all.current"]
     a.resume()
+    assert engine.stats()["bytes"] - moved == 2 * st["suspended_host_bytes"]  # out and back through multipath
     assert not a.suspended and a.stats()["suspended"] == 0 and a.stats()["suspended_host_bytes"] == 0
     assert [(s["address"], s["size"]) for s in a.snapshot()] == snap
     for i, (p, n) in enumerate(zip(live, sizes)):

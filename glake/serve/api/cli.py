@@ -27,12 +27,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preemption-mode", choices=["auto", "swap", "recompute"], default="auto")
     p.add_argument("--enable-prefix-caching", action="store_true", help="fork cached prompt prefixes")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--dedup", action="store_true", help="share identical weight chunks with this user's other "
+                   "glake processes (glake.dedup; the weights become read-only)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """``LLMEngine`` keyword arguments from the parsed options."""
     kw: Dict[str, Any] = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                              preemption_mode=args.preemption_mode, enable_prefix_caching=args.enable_prefix_caching)
+                              preemption_mode=args.preemption_mode, enable_prefix_caching=args.enable_prefix_caching,
+                              dedup=args.dedup)
     if args.device:
         kw["device"] = args.device
     if args.dtype:

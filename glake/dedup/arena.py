@@ -1,0 +1,288 @@
+"""Arena: memory whose whole chunks dedup may swap for identical chunks of other processes."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from typing import Any, Dict, List, Optional, Tuple
+
+from glake import core
+from glake.dedup import content
+from glake.dedup.client import client
+from glake.errors import GlakeError, InvalidArgumentError
+
+PRIVATE, CANONICAL, IMPORTED = "private", "canonical", "imported"
+
+_arenas: "weakref.WeakSet[Arena]" = weakref.WeakSet()
+_arenas_lock = threading.Lock()
+_totals: Dict[str, Any] = {"hash_bytes": 0, "hash_ns": 0, "compare_bytes": 0, "compare_ns": 0, "mismatches": 0,
+                           "broker_errors": 0, "last_broker_error": ""}
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _device_key(backend: str, device: int) -> str:
+    """Which physical device a chunk lives on, the same in every process (CUDA_VISIBLE_DEVICES may
+    number GPUs differently): the GPU's UUID on cuda."""
+    if backend != "cuda":
+        return "host"
+    uuid = getattr(_torch().cuda.get_device_properties(device), "uuid", None)
+    return f"cuda-{uuid}" if uuid is not None else f"cuda:{device}"
+
+
+class Arena:
+    """``nbytes`` (rounded up to whole chunks) of zeroed private memory at one address range, read-write.
+
+    :meth:`share` offers its whole chunks to the other processes of this user: a chunk whose bytes
+    another process (or this one) already published is replaced, at the same address, by that chunk
+    mapped read-only, and this arena's own chunk is freed; a chunk no one has published yet becomes the
+    canonical one and is made read-only here too. Bytes are compared before any chunk is shared. After
+    sharing, a write to a shared chunk faults (host backend: SIGSEGV; cuda: an illegal-address error
+    that ends the CUDA context), so share only what nobody writes again.
+
+    Parameters
+    ----------
+    nbytes : int
+        Bytes wanted (> 0).
+    device : int
+        Device ordinal.
+    backend : str, optional
+        ``"cuda"`` or ``"host"`` (default: glake's backend resolution).
+    """
+
+    def __init__(self, nbytes: int, device: int = 0, backend: Optional[str] = None) -> None:
+        if int(nbytes) <= 0:
+            raise InvalidArgumentError(f"Arena: nbytes must be > 0, got {nbytes}")
+        self.backend = core.backend_name(backend)
+        self.device = int(device)
+        self.chunk = core.granularity(self.backend, self.device)
+        n = -(-int(nbytes) // self.chunk)
+        self.nbytes = int(nbytes)
+        self.range = core.VirtualRange(n * self.chunk, self.device, self.backend)
+        self._chunks: List[Any] = [core.PhysChunk(self.chunk, self.device, self.backend) for _ in range(n)]
+        self.range.map_many(0, self._chunks)
+        if self.backend == "cuda":  # new device memory holds whatever it held: start from zeros, as host
+            core.memset(self.ptr, 0, self.size, self.device, self.backend)  # memfds do (same bytes, same chunks)
+        self._state = [PRIVATE] * n
+        self._keys: List[Optional[Tuple[str, Any]]] = [None] * n  # (key, fd maker) of each shared chunk
+        self._view = None
+        self._scratch: Optional[Any] = None
+        self._lock = threading.Lock()
+        self.closed = False
+        # an arena dropped without close() still gives back its holds on shared chunks
+        self._finalizer = weakref.finalize(self, _drop_holds, self._keys)
+        with _arenas_lock:
+            _arenas.add(self)
+        _publish_stats()
+
+    @property
+    def ptr(self) -> int:
+        """First address of the arena."""
+        return self.range.ptr
+
+    @property
+    def size(self) -> int:
+        """Bytes the arena spans (whole chunks)."""
+        return self.range.size
+
+    def tensor(self) -> Any:
+        """A ``torch.uint8`` tensor over the whole arena (on its GPU for cuda, on the CPU for host)."""
+        if self._view is None:
+            self._view = self._byte_view(self.range)
+        return self._view
+
+    def _byte_view(self, rng: Any) -> Any:
+        torch = _torch()
+        if self.backend == "cuda":
+            return torch.as_tensor(rng, device=torch.device("cuda", self.device))
+        import numpy as np
+
+        return torch.from_numpy(np.asarray(rng))
+
+    # ---- sharing -------------------------------------------------------------------------------
+
+    def share(self, offset: int = 0, nbytes: Optional[int] = None) -> int:
+        """Shares the chunks that ``[offset, offset + nbytes)`` covers whole (default: the arena).
+
+        Waits for the device first: no kernel may be using the memory while its chunks are swapped.
+        Returns the bytes of the arena that are now shared (this call's and earlier ones').
+        """
+        nbytes = self.size - offset if nbytes is None else int(nbytes)
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise InvalidArgumentError(f"Arena.share: [{offset}, {offset + nbytes}) is outside the arena's {self.size} bytes")
+        with self._lock:
+            self._check_open()
+            first, last = -(-offset // self.chunk), (offset + nbytes) // self.chunk
+            todo = [i for i in range(first, last) if self._state[i] == PRIVATE]
+            if todo:
+                if self.backend == "cuda":
+                    _torch().cuda.synchronize(self.device)
+                view = self.tensor()
+                t0 = time.perf_counter_ns()
+                hashes = content.digests(view, [i * self.chunk for i in todo], self.chunk)
+                _totals["hash_ns"] += time.perf_counter_ns() - t0
+                _totals["hash_bytes"] += len(todo) * self.chunk
+                where = _device_key(self.backend, self.device)
+                for i, h in zip(todo, hashes):
+                    self._share_chunk(i, f"{where}:{self.chunk}:{h}")
+            return sum(self.chunk for s in self._state if s != PRIVATE)
+
+    def _fd_maker(self, i: int):
+        """Exports chunk `i` anew (the broker client republishes held chunks after a broker restart);
+        None once the arena is gone. Holds no reference to the arena or its chunks."""
+        ref = weakref.ref(self)
+
+        def new_fd() -> Optional[int]:
+            a = ref()
+            return a._chunks[i].export_fd() if a is not None and not a.closed else None
+        return new_fd
+
+    def _share_chunk(self, i: int, key: str) -> None:
+        broker, mine, maker = client(), self._chunks[i], self._fd_maker(i)
+        try:
+            fd = broker.lookup(key)
+            if fd is None:
+                fd = broker.publish(key, self.chunk, maker)
+                if fd is None:  # ours is the canonical chunk now: nobody may write it any more
+                    self.range.set_access(i * self.chunk, self.chunk, read_only=True)
+                    self._state[i], self._keys[i] = CANONICAL, (key, maker)
+                    return
+        except GlakeError as e:  # the broker refused (e.g. out of fds): this chunk stays private
+            _totals["broker_errors"] += 1
+            _totals["last_broker_error"] = str(e)
+            return
+        try:
+            theirs = core.PhysChunk.import_fd(fd, self.chunk, self.device, self.backend)
+        finally:
+            os.close(fd)
+        if not self._same_bytes(i, theirs):
+            theirs.release()  # a hash collision: this chunk stays private
+            _totals["mismatches"] += 1
+            return
+        try:
+            held = broker.hold(key, maker, self.chunk)
+        except GlakeError as e:
+            theirs.release()
+            _totals["broker_errors"] += 1
+            _totals["last_broker_error"] = str(e)
+            return
+        if not held:
+            theirs.release()  # its last holder let go meanwhile: offer ours instead
+            return self._share_chunk(i, key)
+        self.range.unmap(i * self.chunk)
+        mine.release()  # freed: this process now reads the canonical chunk there
+        self.range.map(i * self.chunk, theirs, set_access=False)
+        self.range.set_access(i * self.chunk, self.chunk, read_only=True)
+        self._chunks[i], self._state[i], self._keys[i] = theirs, IMPORTED, (key, maker)
+
+    def _same_bytes(self, i: int, theirs: Any) -> bool:
+        if self._scratch is None:
+            self._scratch = core.VirtualRange(self.chunk, self.device, self.backend)
+        self._scratch.map(0, theirs, set_access=False)
+        try:
+            self._scratch.set_access(0, self.chunk, read_only=True)
+            t0 = time.perf_counter_ns()
+            ok = content.equal(self.tensor()[i * self.chunk:(i + 1) * self.chunk], self._byte_view(self._scratch))
+            _totals["compare_ns"] += time.perf_counter_ns() - t0
+            _totals["compare_bytes"] += self.chunk
+            return ok
+        finally:
+            self._scratch.unmap(0)
+
+    # ---- figures and end -----------------------------------------------------------------------
+
+    def stats(self) -> Dict[str, int]:
+        """``shared_bytes`` (chunks now shared: canonical or imported), ``saved_bytes`` (imported: memory
+        this process did not need), ``private_bytes``, and the chunk counts."""
+        counts = {s: self._state.count(s) for s in (PRIVATE, CANONICAL, IMPORTED)}
+        return {"shared_bytes": (counts[CANONICAL] + counts[IMPORTED]) * self.chunk,
+                "saved_bytes": counts[IMPORTED] * self.chunk, "private_bytes": counts[PRIVATE] * self.chunk,
+                "chunks_canonical": counts[CANONICAL], "chunks_imported": counts[IMPORTED],
+                "chunks_private": counts[PRIVATE]}
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise InvalidArgumentError("this dedup Arena is closed")
+
+    def close(self) -> None:
+        """Unmaps everything and gives back this arena's holds on shared chunks. Idempotent."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            if self.backend == "cuda":
+                _torch().cuda.synchronize(self.device)
+            self._view = None
+            self.range.free()
+            if self._scratch is not None:
+                self._scratch.free()
+            for c in self._chunks:
+                c.release()
+            self._chunks = []
+            self._finalizer()
+        with _arenas_lock:
+            _arenas.discard(self)
+
+    def __enter__(self) -> "Arena":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self.stats() if not self.closed else {}
+        return (f"<glake.dedup.Arena {self.size} B at {self.ptr:#x} on {self.backend}:{self.device}"
+                + (f", {s['shared_bytes']} B shared>" if s else ", closed>"))
+
+
+def _drop_holds(keys: List[Optional[Tuple[str, Any]]]) -> None:
+    for n, held in enumerate(keys):
+        if held is not None:
+            client().drop(*held)
+            keys[n] = None
+
+
+def arena_of(ptr: int, nbytes: int) -> Arena:
+    """The open arena holding ``[ptr, ptr + nbytes)``."""
+    with _arenas_lock:
+        for a in list(_arenas):
+            if not a.closed and a.ptr <= ptr and ptr + nbytes <= a.ptr + a.size:
+                return a
+    raise InvalidArgumentError(
+        f"glake.dedup: [{ptr:#x}, +{nbytes}) is not in a dedup arena; share weights with glake.dedup.share(...) "
+        "or write them into a glake.dedup.Arena first (memory of glake's caching allocator is not shared in place)")
+
+
+def stats() -> Dict[str, float]:
+    """This process's dedup figures over its open arenas, and the hash and compare throughput so far."""
+    with _arenas_lock:
+        arenas = [a for a in _arenas if not a.closed]
+    out: Dict[str, float] = {"arenas": len(arenas)}
+    for a in arenas:
+        for k, v in a.stats().items():
+            out[k] = out.get(k, 0) + v
+    for k in ("shared_bytes", "saved_bytes", "private_bytes"):
+        out.setdefault(k, 0)
+    out.update({k: v for k, v in _totals.items()})
+    out["hash_gbps"] = _totals["hash_bytes"] / _totals["hash_ns"] if _totals["hash_ns"] else 0.0
+    out["compare_gbps"] = _totals["compare_bytes"] / _totals["compare_ns"] if _totals["compare_ns"] else 0.0
+    return out
+
+
+_published = False
+
+
+def _publish_stats() -> None:
+    """Registers dedup's figures with glake.stats once (``glake stats`` / ``glake top`` show them)."""
+    global _published
+    if not _published:
+        from glake.stats.sources import register_source
+
+        register_source("dedup", stats, replace=True)
+        _published = True

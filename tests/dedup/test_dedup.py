@@ -1,0 +1,360 @@
+"""Dedup on the host backend: processes with the same bytes share them through the broker (real fds
+over SCM_RIGHTS, real shared pages), and nothing else is ever shared."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import glake.dedup  # noqa: E402
+from glake import InvalidArgumentError  # noqa: E402
+from glake._runtime import runtime_dir  # noqa: E402
+from glake.dedup import wire  # noqa: E402
+from glake.dedup.broker import Broker  # noqa: E402
+from glake.dedup.client import BrokerClient  # noqa: E402
+
+WORKER = str(Path(__file__).with_name("worker.py"))
+ROOT = str(Path(__file__).resolve().parents[2])
+CHUNKS = 6
+
+
+@pytest.fixture
+def sock(tmp_path, monkeypatch):
+    """A broker socket of this test's own (the broker starts on demand and is stopped afterwards)."""
+    d = tmp_path / "rt"
+    d.mkdir(mode=0o700)
+    path = str(d / "dedup.sock")
+    monkeypatch.setenv(wire.SOCKET_ENV, path)
+    monkeypatch.setenv("GLAKE_BACKEND", "host")
+    yield path
+    stop_broker(path)
+
+
+def stop_broker(path: str) -> None:
+    try:
+        BrokerClient(path, autostart=False).request({"op": "shutdown"})
+    except Exception:
+        pass
+    deadline = time.monotonic() + 10
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def broker(path: str) -> dict:
+    return BrokerClient(path, autostart=False).stats()
+
+
+class Worker:
+    """tests/dedup/worker.py in a process of its own."""
+
+    def __init__(self, env=None) -> None:
+        self.proc = subprocess.Popen([sys.executable, WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=dict(os.environ, PYTHONPATH=ROOT, DEDUP_TEST_CHUNKS=str(CHUNKS),
+                                                         **(env or {})))
+
+    def ask(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        out = self.proc.stdout.readline()
+        if not out:
+            raise RuntimeError(f"worker died ({self.proc.wait(10)}) on {line!r}")
+        return json.loads(out)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(20)
+
+
+@pytest.fixture
+def workers():
+    made = []
+
+    def make(n=1, env=None):
+        ws = [Worker(env) for _ in range(n)]
+        made.extend(ws)
+        return ws
+    yield make
+    for w in made:
+        if w.proc.poll() is None:
+            w.kill()
+
+
+def test_four_processes_share_the_same_bytes_and_read_them_back(sock, workers):
+    ws = workers(4)
+    for w in ws:
+        w.ask("fill 7")
+    stats = [w.ask("share") for w in ws]
+    assert sum(s["chunks_canonical"] for s in stats) == CHUNKS        # one copy of each chunk ...
+    assert sum(s["chunks_imported"] for s in stats) == 3 * CHUNKS     # ... that the three others map
+    assert all(s["shared_bytes"] == CHUNKS * (2 << 20) for s in stats)
+    assert all(w.ask("check")["intact"] for w in ws)
+    b = broker(sock)
+    assert b["chunks"] == CHUNKS and b["holds"] == 4 * CHUNKS and b["clients"] == 5  # 4 workers and this query
+    for w in ws:
+        w.close()
+    deadline = time.monotonic() + 10
+    while broker(sock)["chunks"] and time.monotonic() < deadline:  # everyone gone: the broker freed them
+        time.sleep(0.05)
+    assert broker(sock)["chunks"] == 0
+
+
+def test_one_byte_different_keeps_that_chunk_private(sock, workers):
+    a, b, c = workers(3)
+    a.ask("fill 7")
+    b.ask("fill 7")
+    c.ask("fill 7 3")  # byte 12345 of chunk 3 differs in c
+    sa, sb, sc = (w.ask("share") for w in (a, b, c))
+    assert sc["chunks_imported"] == CHUNKS - 1 and sc["chunks_canonical"] == 1  # its chunk 3 is nobody else's
+    assert sa["chunks_imported"] + sb["chunks_imported"] == CHUNKS
+    assert all(w.ask("check")["intact"] for w in (a, b, c))
+    assert broker(sock)["chunks"] == CHUNKS + 1
+
+
+def test_a_forced_hash_collision_never_shares_unequal_bytes(sock, workers):
+    a, b = workers(2, env={"GLAKE_DEDUP_TEST_COLLIDE": "1"})  # every chunk hashes the same
+    a.ask("fill 7")
+    b.ask("fill 8")
+    sa, sb = a.ask("share"), b.ask("share")
+    assert sa["chunks_imported"] == 0 and sb["chunks_imported"] == 0
+    assert a.ask("check")["intact"] and b.ask("check")["intact"]
+    assert a.ask("stats")["mismatches"] == CHUNKS - 1 and b.ask("stats")["mismatches"] == CHUNKS
+    c, = workers(1, env={"GLAKE_DEDUP_TEST_COLLIDE": "1"})
+    c.ask("fill 7")  # equal bytes still share, whatever the hash: only a's canonical chunk 0 is under the key
+    assert c.ask("share")["chunks_imported"] == 1 and c.ask("check")["intact"]
+
+
+def test_importer_reads_on_after_the_exporter_is_killed(sock, workers):
+    a, b = workers(2)
+    a.ask("fill 7")
+    assert a.ask("share")["chunks_canonical"] == CHUNKS
+    b.ask("fill 7")
+    assert b.ask("share")["chunks_imported"] == CHUNKS
+    a.kill()
+    time.sleep(0.2)
+    assert b.ask("check")["intact"]
+    assert broker(sock)["chunks"] == CHUNKS  # b holds them
+    c, = workers(1)
+    c.ask("fill 7")
+    assert c.ask("share")["chunks_imported"] == CHUNKS and c.ask("check")["intact"]  # from a's chunks, a dead
+
+
+def test_a_broker_restart_loses_nothing_mapped(sock, workers):
+    a, b = workers(2)
+    for w in (a, b):
+        w.ask("fill 7")
+        w.ask("share")
+    pid = broker(sock)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    assert a.ask("check")["intact"] and b.ask("check")["intact"]
+    c, = workers(1)
+    c.ask("fill 9")
+    c.ask("share")  # starts a new broker
+    assert broker(sock)["pid"] != pid
+    a.ask("fill 9")  # a's next request reconnects and publishes what it holds again
+    assert a.ask("share")["chunks_imported"] == CHUNKS
+    assert broker(sock)["chunks"] == 2 * CHUNKS  # seed 9's (c) and seed 7's again (a)
+    d, = workers(1)
+    d.ask("fill 7")
+    assert d.ask("share")["chunks_imported"] == CHUNKS and d.ask("check")["intact"]
+
+
+def test_a_write_to_a_shared_chunk_faults_and_changes_no_other_process(sock, workers):
+    a, b = workers(2)
+    for w in (a, b):
+        w.ask("fill 7")
+        w.ask("share")
+    a.proc.stdin.write("write\n")
+    a.proc.stdin.flush()
+    assert a.proc.wait(20) == -signal.SIGSEGV
+    assert b.ask("check")["intact"]
+
+
+def test_the_socket_and_its_folder_are_the_users(sock, workers, tmp_path, monkeypatch):
+    w, = workers(1)
+    w.ask("fill 7")
+    w.ask("share")
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    loose = tmp_path / "xdg"
+    loose.mkdir()
+    (loose / "glake").mkdir(mode=0o755)
+    os.chmod(loose / "glake", 0o755)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(loose))
+    with pytest.raises(PermissionError, match="0700"):
+        runtime_dir()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")
+def test_the_broker_refuses_another_uid():
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="glake-uid-test-")
+    os.chmod(d, 0o711)  # the other uid may reach the socket: the peer check alone must refuse it
+    path = os.path.join(d, "dedup.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "glake.dedup.broker", "--socket", path],
+                            env=dict(os.environ, PYTHONPATH=ROOT), stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.chmod(path, 0o666)
+        code = ("import os, socket, sys; sys.path.insert(0, %r); from glake.dedup import wire; os.setuid(65534); "
+                "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); s.connect(%r); print(wire.recv(s)[0])"
+                ) % (ROOT, path)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        assert "refuses uid 65534" in out.stdout, out.stderr
+        assert broker(path)["clients"] == 1  # only this query: the other uid got no connection
+    finally:
+        stop_broker(path)
+        proc.wait(20)
+
+
+def test_modules_share_their_weights_and_compute_the_same(sock, workers):
+    a, b = workers(2)
+    ra, rb = a.ask("module 3"), b.ask("module 3")
+    assert ra["same_output"] and rb["same_output"]
+    assert rb["saved_bytes"] == rb["shared_bytes"] > 0 and rb["private_bytes"] == 0
+
+
+def test_share_refuses_weights_that_require_grad_and_foreign_memory(sock):
+    with pytest.raises(InvalidArgumentError, match="requires grad"):
+        glake.dedup.share(torch.nn.Linear(4, 4))
+    t = torch.zeros(1 << 22, dtype=torch.uint8)
+    with pytest.raises(InvalidArgumentError, match="not in a dedup arena"):
+        glake.dedup.share_buffer(t.data_ptr(), t.numel())
+
+
+def test_share_buffer_shares_only_whole_chunks(sock):
+    g = 2 << 20
+    with glake.dedup.Arena(4 * g, backend="host") as a, glake.dedup.Arena(4 * g, backend="host") as b:
+        for x in (a, b):
+            x.tensor().copy_(torch.arange(4 * g, dtype=torch.int32).to(torch.uint8) ^ 0x5A)
+            x.tensor()[torch.arange(4) * g] = torch.arange(4, dtype=torch.uint8)  # four distinct chunks
+        assert glake.dedup.share_buffer(a.ptr + 100, 3 * g) == 2 * g  # chunks 1 and 2 are covered whole
+        assert glake.dedup.share_buffer(b.ptr, 4 * g) == 4 * g
+        assert b.stats()["chunks_imported"] == 2 and torch.equal(a.tensor(), b.tensor())
+    assert glake.dedup.stats()["arenas"] == 0
+
+
+def test_the_broker_answers_bad_requests_with_errors(tmp_path):
+    b = Broker(str(tmp_path / "s.sock"))
+    with pytest.raises(ValueError):
+        b.handle(1, {"op": "nonsense"}, [])
+    r, w = os.pipe()
+    os.close(w)
+    with pytest.raises(ValueError, match="carries no fd"):
+        b.handle(1, {"op": "lookup", "key": "k"}, [r])
+    os.close(r)  # handle() kept none of the fds it raised on: they are the caller's
+    assert b.handle(1, {"op": "drop", "key": "k"}, []) == ({"ok": False}, None)
+
+
+def test_a_second_broker_on_the_same_socket_steps_aside(tmp_path):
+    path = str(tmp_path / "s.sock")
+    first = Broker(path)
+    assert first.acquire()
+    try:
+        out = subprocess.run([sys.executable, "-m", "glake.dedup.broker", "--socket", path], capture_output=True,
+                             text=True, timeout=30, env=dict(os.environ, PYTHONPATH=ROOT))
+        assert out.returncode == 0 and "already serves" in out.stderr
+    finally:
+        first.close()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with pytest.raises(OSError):
+        s.connect(path)
+    s.close()
+
+
+def test_glake_dedupd_status_and_stop(sock, workers):
+    cli = [sys.executable, "-m", "glake.cli", "dedupd"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run(cli + ["--status"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 1 and "no dedup broker answers" in out.stderr
+    w, = workers(1)
+    w.ask("fill 7")
+    w.ask("share")
+    out = subprocess.run(cli + ["--status"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and f"{CHUNKS} chunk(s)" in out.stdout and "by 1 other client(s)" in out.stdout
+    out = subprocess.run(cli + ["--stop"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and "stopped" in out.stdout
+    assert w.ask("check")["intact"]  # what it mapped stays
+
+
+def test_an_arena_dropped_without_close_gives_its_holds_back(sock):
+    import gc
+
+    a = glake.dedup.Arena(2 * (2 << 20), backend="host")
+    a.tensor()[:] = 3
+    a.share()
+    assert broker(sock)["holds"] == 2
+    del a
+    gc.collect()
+    assert broker(sock)["chunks"] == 0
+
+
+def test_a_bad_message_with_fds_is_answered_and_the_broker_serves_on(sock, workers):
+    w, = workers(1)
+    w.ask("fill 7")
+    w.ask("share")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sock)
+    r, x = os.pipe()
+    try:
+        wire.send(s, {"op": "lookup", "key": "k"}, r)  # an fd where none belongs
+        reply, fds = wire.recv(s)
+        assert "carries no fd" in reply["error"] and fds == []
+        s.send(b'{"op": "' + b"x" * 70000 + b'"}')  # longer than a message may be: cut, unreadable
+        assert "error" in wire.recv(s)[0]
+        wire.send(s, {"op": "nonsense"})
+        assert "unknown op" in wire.recv(s)[0]["error"]
+    finally:
+        for f in (r, x):
+            os.close(f)
+        s.close()
+    assert broker(sock)["chunks"] == CHUNKS and w.ask("check")["intact"]
+
+
+def test_a_broker_refusal_keeps_the_chunk_private(sock, monkeypatch):
+    from glake.dedup import client as client_mod
+    from glake.errors import GlakeError
+
+    def refuse(self, key, size, maker):
+        raise GlakeError("dedup broker: a file descriptor was dropped on the way (MSG_CTRUNC)")
+    monkeypatch.setattr(client_mod.BrokerClient, "publish", refuse)
+    with glake.dedup.Arena(2 << 20, backend="host") as a:
+        a.tensor()[:] = 9
+        assert a.share() == 0 and a.stats()["chunks_private"] == 1
+        assert glake.dedup.stats()["broker_errors"] >= 1 and torch.all(a.tensor() == 9)
+
+
+def test_a_drop_asked_for_during_a_round_trip_is_sent_before_the_next_request(sock):
+    import threading
+
+    c = BrokerClient(sock)
+    with glake.dedup.Arena(2 << 20, backend="host") as a:
+        a.tensor()[:] = 4
+        a.share()
+        key, maker = a._keys[0]
+        c.hold(key, maker, a.chunk)
+        assert broker(sock)["holds"] == 2
+        c._busy_thread = threading.get_ident()  # as if a GC finalizer ran inside a round trip
+        c.drop(key, maker)
+        c._busy_thread = None
+        assert list(c._drops) and broker(sock)["holds"] == 2  # queued, not sent mid-reply
+        c.stats()
+        assert not c._drops and broker(sock)["holds"] == 1
