@@ -154,9 +154,7 @@ class Arena:
                     self._state[i], self._keys[i] = CANONICAL, (key, maker)
                     return
         except GlakeError as e:  # the broker refused (e.g. out of fds): this chunk stays private
-            _totals["broker_errors"] += 1
-            _totals["last_broker_error"] = str(e)
-            return
+            return _broker_refused(e)
         try:
             theirs = core.PhysChunk.import_fd(fd, self.chunk, self.device, self.backend)
         finally:
@@ -169,9 +167,7 @@ class Arena:
             held = broker.hold(key, maker, self.chunk)
         except GlakeError as e:
             theirs.release()
-            _totals["broker_errors"] += 1
-            _totals["last_broker_error"] = str(e)
-            return
+            return _broker_refused(e)
         if not held:
             theirs.release()  # its last holder let go meanwhile: offer ours instead
             return self._share_chunk(i, key)
@@ -239,6 +235,11 @@ class Arena:
         s = self.stats() if not self.closed else {}
         return (f"<glake.dedup.Arena {self.size} B at {self.ptr:#x} on {self.backend}:{self.device}"
                 + (f", {s['shared_bytes']} B shared>" if s else ", closed>"))
+
+
+def _broker_refused(e: Exception) -> None:
+    _totals["broker_errors"] += 1
+    _totals["last_broker_error"] = str(e)
 
 
 def _drop_holds(keys: List[Optional[Tuple[str, Any]]]) -> None:
