@@ -44,10 +44,9 @@ def test_cpu_python_snippets_run_as_written(code, tmp_path):
     try:
         out = run_python(code, GLAKE_BACKEND="host", GLAKE_DEDUP_SOCKET=sock)
     finally:
-        if os.path.exists(sock):
-            from glake.dedup.client import BrokerClient
+        from tests.dedup.util import stop_broker
 
-            BrokerClient(sock, autostart=False).request({"op": "shutdown"})
+        stop_broker(sock)
     assert out.returncode == 0, out.stderr
 
 

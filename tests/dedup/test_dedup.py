@@ -3,7 +3,6 @@ over SCM_RIGHTS, real shared pages), and nothing else is ever shared."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -11,7 +10,6 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -23,77 +21,7 @@ from glake._runtime import runtime_dir  # noqa: E402
 from glake.dedup import wire  # noqa: E402
 from glake.dedup.broker import Broker  # noqa: E402
 from glake.dedup.client import BrokerClient  # noqa: E402
-
-WORKER = str(Path(__file__).with_name("worker.py"))
-ROOT = str(Path(__file__).resolve().parents[2])
-CHUNKS = 6
-
-
-@pytest.fixture
-def sock(tmp_path, monkeypatch):
-    """A broker socket of this test's own (the broker starts on demand and is stopped afterwards)."""
-    d = tmp_path / "rt"
-    d.mkdir(mode=0o700)
-    path = str(d / "dedup.sock")
-    monkeypatch.setenv(wire.SOCKET_ENV, path)
-    monkeypatch.setenv("GLAKE_BACKEND", "host")
-    yield path
-    stop_broker(path)
-
-
-def stop_broker(path: str) -> None:
-    try:
-        BrokerClient(path, autostart=False).request({"op": "shutdown"})
-    except Exception:
-        pass
-    deadline = time.monotonic() + 10
-    while os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def broker(path: str) -> dict:
-    return BrokerClient(path, autostart=False).stats()
-
-
-class Worker:
-    """tests/dedup/worker.py in a process of its own."""
-
-    def __init__(self, env=None) -> None:
-        self.proc = subprocess.Popen([sys.executable, WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=dict(os.environ, PYTHONPATH=ROOT, DEDUP_TEST_CHUNKS=str(CHUNKS),
-                                                         **(env or {})))
-
-    def ask(self, line: str) -> dict:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        out = self.proc.stdout.readline()
-        if not out:
-            raise RuntimeError(f"worker died ({self.proc.wait(10)}) on {line!r}")
-        return json.loads(out)
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(20)
-
-
-@pytest.fixture
-def workers():
-    made = []
-
-    def make(n=1, env=None):
-        ws = [Worker(env) for _ in range(n)]
-        made.extend(ws)
-        return ws
-    yield make
-    for w in made:
-        if w.proc.poll() is None:
-            w.kill()
-
+from tests.dedup.util import CHUNKS, ROOT, broker, stop_broker  # noqa: E402
 
 def test_four_processes_share_the_same_bytes_and_read_them_back(sock, workers):
     ws = workers(4)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.dedup.test_dedup import CHUNKS, broker, sock, workers  # noqa: F401  (fixtures)
+from tests.dedup.util import CHUNKS, broker
 
 pytestmark = pytest.mark.gpu
 CUDA = {"DEDUP_TEST_BACKEND": "cuda", "GLAKE_BACKEND": "cuda"}
 
 
-def test_gpu_processes_share_equal_chunks_and_keep_unequal_ones(sock, workers):  # noqa: F811
+def test_gpu_processes_share_equal_chunks_and_keep_unequal_ones(sock, workers):
     a, b, c = workers(3, env=CUDA)
     a.ask("fill 7")
     b.ask("fill 7")
@@ -25,7 +25,7 @@ def test_gpu_processes_share_equal_chunks_and_keep_unequal_ones(sock, workers): 
     assert b.ask("check")["intact"] and c.ask("check")["intact"]
 
 
-def test_gpu_hash_collision_never_shares(sock, workers):  # noqa: F811
+def test_gpu_hash_collision_never_shares(sock, workers):
     a, b = workers(2, env={**CUDA, "GLAKE_DEDUP_TEST_COLLIDE": "1"})
     a.ask("fill 7")
     b.ask("fill 8")
@@ -33,7 +33,7 @@ def test_gpu_hash_collision_never_shares(sock, workers):  # noqa: F811
     assert b.ask("share")["chunks_imported"] == 0 and b.ask("check")["intact"] and a.ask("check")["intact"]
 
 
-def test_gpu_modules_share_weights_and_compute_the_same(sock, workers):  # noqa: F811
+def test_gpu_modules_share_weights_and_compute_the_same(sock, workers):
     a, b = workers(2, env=CUDA)
     ra, rb = a.ask("module 3"), b.ask("module 3")
     assert ra["same_output"] and rb["same_output"]

@@ -8,14 +8,13 @@ pytest.importorskip("transformers")
 
 import glake.dedup  # noqa: E402
 from glake.serve import LLM, SamplingParams  # noqa: E402
-from tests.dedup.test_dedup import sock  # noqa: E402,F401  (fixture)
 from tests.serve.serve_util import tiny_llama  # noqa: E402
 
 PROMPTS = [[1, 5, 9, 2], [7, 7, 3]]
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
-def test_two_engines_share_their_weights_and_generate_the_same(sock):  # noqa: F811
+def test_two_engines_share_their_weights_and_generate_the_same(sock):
     hf = tiny_llama(5, hidden_size=256, intermediate_size=1024, vocab_size=4096)  # ~13 MB of fp32 weights
     with LLM(hf, max_num_seqs=2, max_model_len=64) as plain:
         want = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, GREEDY, use_tqdm=False)]
