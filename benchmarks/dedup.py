@@ -144,7 +144,12 @@ def main() -> None:
         return
     sock = os.path.join(tempfile.mkdtemp(prefix="glake-dedup-bench-"), "dedup.sock")
     try:
-        runs = [run_n(int(n), args, sock) for n in args.procs.split(",")]
+        runs = []
+        for n in args.procs.split(","):
+            runs.append(run_n(int(n), args, sock))
+            r = runs[-1]
+            print(f"{n} processes: {r['used_bytes'] / GiB:.2f} GiB in use, of it {r['weight_bytes_held'] / GiB:.2f} "
+                  f"GiB weights; share {max(w['share_s'] for w in r['workers']):.2f} s (slowest)", flush=True)
     finally:
         from glake.dedup.client import BrokerClient
         from glake.errors import GlakeError
