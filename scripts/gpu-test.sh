@@ -56,9 +56,9 @@ else
     export GLAKE_UNDER_SANITIZER=1
     # API errors are not memory errors: the OOM tests provoke out-of-memory on purpose (seen on the H200)
     compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all --report-api-errors no \
-      python3 -m pytest -q -rs "${marker[@]}" tests/gmlake tests/kvcache 2>&1 | tee "$LOGS/pytest.log"
+      python3 -m pytest -q -rs --durations=30 "${marker[@]}" tests/gmlake tests/kvcache 2>&1 | tee "$LOGS/pytest.log"
   else
-    python3 -m pytest -q -rs "${marker[@]}" tests 2>&1 | tee "$LOGS/pytest.log"
+    python3 -m pytest -q -rs --durations=30 "${marker[@]}" tests 2>&1 | tee "$LOGS/pytest.log"
   fi
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   # the record is the tests' (written before the benchmarks, so a benchmark cut off by time cannot lose it)
