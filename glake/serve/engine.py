@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence as Seq, Union
+from typing import Any, Dict, List, Optional, Sequence as Seq, Union
 
 import numpy as np
 import torch
@@ -191,6 +191,7 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(self.config, gen, self.tokenizer)
         self.stop_checker = StopChecker(self.eos_token_ids, _decoder(self.tokenizer))
         self._request_ids = itertools.count()
+        self.sleeping = False
 
     def add_eos_token_ids(self, ids: Seq[int]) -> None:
         """More tokens that end every request (unless ``ignore_eos``), e.g. a chat model's end-of-turn
@@ -245,6 +246,8 @@ class LLMEngine:
             See :meth:`check_request`; nothing is queued then.
         """
         ids = self.check_request(prompt, params)
+        if self.sleeping:
+            self.wake_up()  # a request wakes a sleeping engine
         rid = next(self._request_ids)
         seqs = [Sequence(rid, ids, params, i, self.device) for i in range(params.n)]
         seqs[0].pending_forks = seqs[1:]  # forked from seqs[0] once its prompt is in the cache
@@ -263,6 +266,60 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         """True while any request is not finished."""
         return self.scheduler.has_unfinished()
+
+    # ---- sleep -----------------------------------------------------------------------------------
+
+    def sleep(self, level: int = 1) -> Dict[str, Any]:
+        """Gives device memory back while idle (vLLM's sleep mode, level 1).
+
+        The KV cache's contents are discarded: the prefix cache is emptied and every chunk that no
+        live sequence holds goes back to the driver (``KVCache.trim``). Then glake's process-wide
+        allocators are suspended (:func:`glake.suspend`): whatever torch allocated through glake
+        (``glake run``, ``glake.torch.install``) — the weights among it — goes to host memory at the
+        same addresses. Weights in torch's own allocator stay on the device. The next request, or
+        :meth:`wake_up`, brings everything back. Returns ``{"kv_bytes_freed", "devices_suspended"}``.
+
+        Raises
+        ------
+        InvalidArgumentError
+            A level other than 1 (level 2, which would drop the weights and reload them, is not
+            implemented), or requests still unfinished (abort them, or sleep when idle).
+        """
+        if level != 1:
+            raise InvalidArgumentError(f"sleep level {level}: only level 1 (discard the KV cache, suspend glake's "
+                                       "memory to the host) is implemented")
+        self.drain()
+        if self.has_unfinished():
+            n = len(self.scheduler.running) + len(self.scheduler.waiting) + len(self.scheduler.swapped)
+            raise InvalidArgumentError(f"cannot sleep with {n} request(s) unfinished: wait for them or abort them")
+        if self.sleeping:
+            return {"kv_bytes_freed": 0, "devices_suspended": []}
+        if self.scheduler.prefix_cache is not None:
+            self.scheduler.prefix_cache.clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the last steps' release fences, so trim() can unmap
+        freed = self.kv.trim()
+        import glake
+
+        devices = glake.suspend(self.device.index if self.device.type == "cuda" else None)
+        self.sleeping = True
+        return {"kv_bytes_freed": int(freed), "devices_suspended": devices}
+
+    def wake_up(self) -> List[int]:
+        """Takes the memory :meth:`sleep` gave back (a no-op when awake); returns the devices resumed.
+
+        Raises
+        ------
+        OutOfMemoryError
+            The device cannot give it back yet; still asleep, call again later.
+        """
+        if not self.sleeping:
+            return []
+        import glake
+
+        devices = glake.resume(self.device.index if self.device.type == "cuda" else None)
+        self.sleeping = False
+        return devices
 
     # ---- the step --------------------------------------------------------------------------------
 

@@ -79,6 +79,15 @@ class RequestHandle:
         return u
 
 
+def _settle(fut: asyncio.Future, result: Any, error: Optional[BaseException]) -> None:
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
 def _post(loop: asyncio.AbstractEventLoop, out: "asyncio.Queue[RequestUpdate]", update: RequestUpdate) -> None:
     try:
         loop.call_soon_threadsafe(out.put_nowait, update)
@@ -95,6 +104,9 @@ class AsyncEngine:
         Builds the :class:`LLMEngine`; called on the engine thread (so the KV cache is made there).
     metrics
         Where the engine thread records latencies and counters; a new :class:`ServeMetrics` if None.
+    idle_suspend_s
+        Put the engine to sleep (:meth:`LLMEngine.sleep`) after this many seconds without a request;
+        the next request wakes it. None: never on its own.
 
     Raises
     ------
@@ -102,8 +114,10 @@ class AsyncEngine:
         Whatever ``make_engine`` raised (re-raised by the constructor).
     """
 
-    def __init__(self, make_engine: Callable[[], LLMEngine], metrics: Optional[ServeMetrics] = None) -> None:
+    def __init__(self, make_engine: Callable[[], LLMEngine], metrics: Optional[ServeMetrics] = None,
+                 idle_suspend_s: Optional[float] = None) -> None:
         self.metrics = metrics or ServeMetrics()
+        self.idle_suspend_s = idle_suspend_s
         self._commands: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
         self._ids = itertools.count()
         self._ready = threading.Event()
@@ -150,6 +164,27 @@ class AsyncEngine:
             raise first.error
         return RequestHandle(rid, len(prompt_token_ids), out)
 
+    async def sleep(self, level: int = 1) -> dict:
+        """:meth:`LLMEngine.sleep` on the engine thread; raises what it raises."""
+        return await self._call("sleep", level)
+
+    async def wake_up(self) -> List[int]:
+        """:meth:`LLMEngine.wake_up` on the engine thread; raises what it raises."""
+        return await self._call("wake_up")
+
+    @property
+    def sleeping(self) -> bool:
+        """Whether the engine is asleep (the engine thread sets it before it answers what woke it)."""
+        return bool(self._engine.sleeping)
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        if not self.alive:
+            raise RuntimeError("the engine thread is not running")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self._commands.put(("call", name, args, loop, done))
+        return await done
+
     def abort(self, request_id: int) -> None:
         """Stops a request and frees its KV slot before the next step (a no-op once it finished)."""
         self._commands.put(("abort", request_id))
@@ -174,7 +209,7 @@ class AsyncEngine:
         try:
             self._publish()
             while True:
-                cmds = [self._commands.get()] if not eng.has_unfinished() else []
+                cmds = [] if eng.has_unfinished() else self._wait_for_command()
                 while True:
                     try:
                         cmds.append(self._commands.get_nowait())
@@ -195,11 +230,32 @@ class AsyncEngine:
             self._tracked.clear()
             eng.close()
 
+    def _wait_for_command(self) -> List[tuple]:
+        """The next command; with ``idle_suspend_s``, the engine sleeps when none came in that time."""
+        idle = self.idle_suspend_s if not self._engine.sleeping else None
+        try:
+            return [self._commands.get(timeout=idle)]
+        except queue.Empty:
+            try:
+                self._engine.sleep()
+            except Exception as e:  # noqa: BLE001  (stays awake; said in the log)
+                print(f"glake serve: --idle-suspend: could not sleep: {e}", flush=True)
+            self._publish()
+            return [self._commands.get()]
+
     def _run_commands(self, cmds: List[tuple]) -> bool:
         eng = self._engine
         for c in cmds:
             if c[0] == "stop":
                 return False
+            if c[0] == "call":
+                _, name, args, loop, done = c
+                try:
+                    result, error = getattr(eng, name)(*args), None
+                except Exception as e:  # noqa: BLE001  (handed to the caller)
+                    result, error = None, e
+                loop.call_soon_threadsafe(_settle, done, result, error)
+                continue
             if c[0] == "abort":
                 t = self._tracked.pop(c[1], None)
                 if t is not None:
@@ -279,5 +335,5 @@ class AsyncEngine:
             "kv_chunks_capacity": float(capacity), "kv_usage": float(st["chunks_active"]) / max(1, capacity),
             "preemptions": float(sched.stats.preempted_recompute + sched.stats.preempted_swap),
             "prefix_cache_hit_tokens": float(pc.hit_tokens if pc is not None else 0),
-            "steps": float(sched.stats.steps),
+            "steps": float(sched.stats.steps), "sleeping": float(eng.sleeping),
         }

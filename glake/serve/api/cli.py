@@ -78,7 +78,7 @@ def make_engine_factory(args: argparse.Namespace, command: str):
 
 
 def run_server(factory: Callable[[], Any], name: str, host: str, port: int, api_key: Optional[str] = None,
-               log_level: str = "warning") -> None:
+               log_level: str = "warning", idle_suspend_s: Optional[float] = None) -> None:
     """The engine ``factory()`` builds, on its own thread, behind the OpenAI app under uvicorn until interrupted."""
     import uvicorn
 
@@ -88,7 +88,7 @@ def run_server(factory: Callable[[], Any], name: str, host: str, port: int, api_
     from glake.serve.api.metrics import ServeMetrics
 
     metrics = ServeMetrics()
-    engine = AsyncEngine(factory, metrics)
+    engine = AsyncEngine(factory, metrics, idle_suspend_s)
     metrics.bind(lambda: engine.snapshot)
     app = create_app(OpenAIServing(engine, name), api_key=api_key)
     print(f"glake serve: {name} on http://{host}:{port}/v1 (max_model_len {engine.max_model_len})", flush=True)
@@ -101,7 +101,8 @@ def run_server(factory: Callable[[], Any], name: str, host: str, port: int, api_
 def serve(args: argparse.Namespace) -> int:
     """``glake serve``: the engine thread, then uvicorn until interrupted."""
     factory, name = make_engine_factory(args, "serve")
-    run_server(factory, args.served_model_name or name, args.host, args.port, args.api_key, args.log_level)
+    run_server(factory, args.served_model_name or name, args.host, args.port, args.api_key, args.log_level,
+               args.idle_suspend)
     return 0
 
 
@@ -126,6 +127,8 @@ def add_parsers(sub: Any) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GLAKE_API_KEY)")
     s.add_argument("--served-model-name", help="the model id clients name (default: the directory's name)")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--idle-suspend", type=float, metavar="SECONDS",
+                   help="sleep (POST /sleep's level 1) after this many seconds without a request; the next wakes it")
     s.set_defaults(func=serve)
     c = sub.add_parser("chat", help="chat with a model in the terminal (in-process engine)")
     add_engine_args(c)

@@ -4,7 +4,9 @@
 builds the engine thread and runs the app under uvicorn. Every refusal is a 4xx with
 ``{"error": {"message", "type", "param", "code"}}``: malformed JSON or a field of the wrong type
 or range (400), an unknown model (404), a prompt or ``max_tokens`` past the context (400), a
-missing or wrong API key (401).
+missing or wrong API key (401). ``POST /sleep?level=1`` / ``POST /wake_up`` / ``GET /is_sleeping`` are
+vLLM's sleep mode (:meth:`glake.serve.LLMEngine.sleep`): a sleep with requests in flight is a 409, and
+a request to a sleeping server wakes it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from glake.errors import InvalidArgumentError, OutOfMemoryError
 from glake.serve.api.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 from glake.serve.api.serving import OpenAIServing
 
@@ -115,6 +118,29 @@ def create_app(serving: OpenAIServing, api_key: Optional[str] = None) -> FastAPI
     async def models() -> Any:
         return {"object": "list", "data": [{"id": serving.model_name, "object": "model", "created": serving.created,
                                             "owned_by": "glake", "max_model_len": serving.engine.max_model_len}]}
+
+    @app.post("/sleep", dependencies=[Depends(check_key)])
+    async def sleep(level: int = 1) -> Any:
+        if level != 1:
+            raise APIError(400, f"sleep level {level}: only level 1 (discard the KV cache, suspend glake's memory "
+                                "to the host) is implemented", param="level")
+        try:
+            done = await serving.engine.sleep(level)
+        except InvalidArgumentError as e:
+            raise APIError(409, str(e), code="busy") from e
+        return {"status": "sleeping", **done}
+
+    @app.post("/wake_up", dependencies=[Depends(check_key)])
+    async def wake_up() -> Any:
+        try:
+            devices = await serving.engine.wake_up()
+        except OutOfMemoryError as e:
+            raise APIError(503, f"cannot wake up yet: {e}", code="out_of_memory") from e
+        return {"status": "awake", "devices_resumed": devices}
+
+    @app.get("/is_sleeping", dependencies=[Depends(check_key)])
+    async def is_sleeping() -> Any:
+        return {"is_sleeping": serving.engine.sleeping}
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request) -> Any:

@@ -1,0 +1,91 @@
+"""``glake serve``'s sleep mode (vLLM's /sleep, /wake_up, /is_sleeping) and --idle-suspend, on a CPU server."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from tests.serve.api_util import API_KEY, MODEL_NAME, Server, save_tiny_chat_model  # noqa: E402
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+BODY = {"model": MODEL_NAME, "prompt": "Hello there", "max_tokens": 8, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_chat_model(str(tmp_path_factory.mktemp("tiny-chat")))
+
+
+def started(model_dir, tmp_path, extra=()):
+    s = Server(model_dir, str(tmp_path / "serve.log"), list(extra))
+    s.wait_ready()
+    return s
+
+
+def sleeping(c) -> bool:
+    r = c.get("/is_sleeping")
+    assert r.status_code == 200
+    return r.json()["is_sleeping"]
+
+
+def test_sleep_frees_the_kv_cache_and_a_request_wakes_the_server(model_dir, tmp_path):
+    s = started(model_dir, tmp_path)
+    try:
+        with httpx.Client(base_url=s.url, headers=AUTH, timeout=60.0) as c:
+            want = c.post("/v1/completions", json=BODY).json()["choices"][0]["text"]
+            assert not sleeping(c)
+            assert c.post("/sleep", params={"level": 2}).status_code == 400
+            r = c.post("/sleep", params={"level": 1})
+            assert r.status_code == 200 and r.json()["status"] == "sleeping"
+            assert r.json()["kv_bytes_freed"] > 0  # the finished request's slot kept its chunks until now
+            assert sleeping(c)
+            assert c.post("/v1/completions", json=BODY).json()["choices"][0]["text"] == want  # woken by it
+            assert not sleeping(c)
+            c.post("/sleep")
+            assert c.post("/wake_up").json()["status"] == "awake" and not sleeping(c)
+            assert httpx.post(s.url + "/sleep").status_code == 401  # the API key guards it
+    finally:
+        s.stop()
+
+
+def test_sleep_with_a_request_in_flight_is_refused(model_dir, tmp_path):
+    s = started(model_dir, tmp_path)
+    try:
+        with httpx.Client(base_url=s.url, headers=AUTH, timeout=60.0) as c:
+            first = threading.Event()
+
+            def long_stream():
+                with c.stream("POST", "/v1/completions", json=dict(BODY, max_tokens=1500, stream=True,
+                                                                   ignore_eos=True)) as r:
+                    for _ in r.iter_lines():
+                        first.set()
+            t = threading.Thread(target=long_stream)
+            t.start()
+            assert first.wait(60)
+            r = c.post("/sleep")
+            assert r.status_code == 409 and "unfinished" in r.json()["error"]["message"]
+            t.join(120)
+            assert not sleeping(c)
+    finally:
+        s.stop()
+
+
+def test_idle_suspend_sleeps_when_idle_and_wakes_on_a_request(model_dir, tmp_path):
+    s = started(model_dir, tmp_path, ["--idle-suspend", "0.5"])
+    try:
+        with httpx.Client(base_url=s.url, headers=AUTH, timeout=60.0) as c:
+            assert c.post("/v1/completions", json=BODY).status_code == 200
+            deadline = time.monotonic() + 30
+            while not sleeping(c):
+                assert time.monotonic() < deadline, "the idle server never went to sleep"
+                time.sleep(0.1)
+            assert c.post("/v1/completions", json=BODY).status_code == 200
+            assert not sleeping(c)
+    finally:
+        s.stop()
