@@ -12,7 +12,7 @@
 #include "gmlake/config.h"
 #include "gmlake/event_pool.h"
 #include "gmlake/pool.h"
-#include "gmlake/suspend_io.h"
+#include "core/host_copy.h"
 
 namespace glake::gmlake {
 

@@ -1,45 +1,8 @@
 // Suspend and resume: giving the device memory back while every address stays valid, and taking it
 // again (live data copied to host memory and back; the free cache dropped, not copied).
-#include <sys/mman.h>
-
-#include <cerrno>
-#include <cstring>
-
 #include "gmlake/stitch_allocator.h"
 
 namespace glake::gmlake {
-
-namespace {
-
-/// The copier without a copy engine: the driver's synchronous memcpy.
-class DriverCopier final : public HostCopier {
- public:
-  DriverCopier(Driver& driver, int device) : driver_(driver), device_(device) {}
-  void to_host(DevPtr dst, DevPtr src, std::size_t n) override { driver_.memcpy(device_, dst, src, n); }
-  void to_device(DevPtr dst, DevPtr src, std::size_t n) override { driver_.memcpy(device_, dst, src, n); }
-
- private:
-  Driver& driver_;
-  int device_;
-};
-
-}  // namespace
-
-HostBuffer::HostBuffer(std::size_t size) : size_(size) {
-  p_ = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (p_ == MAP_FAILED) {
-    p_ = nullptr;
-    throw OutOfMemoryError("suspend: cannot get " + std::to_string(size) + " bytes of host memory for the device's data (" +
-                           std::strerror(errno) + ")");
-  }
-#ifdef MADV_HUGEPAGE
-  madvise(p_, size, MADV_HUGEPAGE);  // a hint: refused (no THP) changes nothing but the fault count
-#endif
-}
-
-HostBuffer::~HostBuffer() {
-  if (p_) munmap(p_, size_);
-}
 
 bool StitchAllocator::suspended() const {
   std::lock_guard<std::mutex> lock(mutex_);

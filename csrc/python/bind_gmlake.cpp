@@ -15,7 +15,7 @@ namespace gm = glake::gmlake;
 
 /// suspend()'s and resume()'s copies through a multipath engine: pageable host memory staged through
 /// pinned buffers by several threads, instead of the driver's one synchronous memcpy at a time.
-class EngineCopier final : public gm::HostCopier {
+class EngineCopier final : public HostCopier {
  public:
   explicit EngineCopier(std::shared_ptr<multipath::CopyEngine> e) : e_(std::move(e)) {}
   void to_host(DevPtr dst, DevPtr src, std::size_t n) override {

@@ -1,4 +1,5 @@
-// Where suspended bytes live and how they get there: host buffers and the copier interface.
+// Where suspended bytes live and how they get there: host buffers and the copier interface, shared by
+// every layer that suspends (gmlake's allocator, kvcache's manager).
 #pragma once
 
 #include <cstddef>
@@ -6,11 +7,11 @@
 
 #include "driver/driver.h"
 
-namespace glake::gmlake {
+namespace glake {
 
 /// How suspend() and resume() move live data between the device and host memory. Without one the
-/// allocator copies with the driver, one run of chunks at a time; glake.suspend passes multipath's
-/// engine (pageable copies staged through pinned buffers by several threads).
+/// caller copies with the driver (DriverCopier); glake.suspend passes multipath's engine (pageable
+/// copies staged through pinned buffers by several threads).
 class GLAKE_API HostCopier {
  public:
   virtual ~HostCopier() = default;
@@ -20,9 +21,21 @@ class GLAKE_API HostCopier {
   virtual void to_device(DevPtr dst, DevPtr src, std::size_t n) = 0;
 };
 
+/// The copier without a copy engine: the driver's synchronous memcpy, one call at a time.
+class GLAKE_API DriverCopier final : public HostCopier {
+ public:
+  DriverCopier(Driver& driver, int device) : driver_(driver), device_(device) {}
+  void to_host(DevPtr dst, DevPtr src, std::size_t n) override { driver_.memcpy(device_, dst, src, n); }
+  void to_device(DevPtr dst, DevPtr src, std::size_t n) override { driver_.memcpy(device_, dst, src, n); }
+
+ private:
+  Driver& driver_;
+  int device_;
+};
+
 /// Anonymous host memory for suspended data: mmap'd, with transparent huge pages asked for (fewer page
 /// faults while the copy first touches it), unmapped on destruction. Throws OutOfMemoryError.
-class HostBuffer {
+class GLAKE_API HostBuffer {
  public:
   explicit HostBuffer(std::size_t size);
   ~HostBuffer();
@@ -37,4 +50,4 @@ class HostBuffer {
   std::size_t size_ = 0;
 };
 
-}  // namespace glake::gmlake
+}  // namespace glake
