@@ -113,7 +113,7 @@ class Allocator:
         """
         from glake import multipath
 
-        self._impl.suspend(multipath.engine(self.backend, self.device)._e)
+        self._impl.suspend(multipath.engine(self.backend, self.device).handle)
 
     def resume(self) -> None:
         """Take the device memory again at the same addresses and copy the data back (no-op if not suspended).
@@ -125,7 +125,7 @@ class Allocator:
         """
         from glake import multipath
 
-        self._impl.resume(multipath.engine(self.backend, self.device)._e)
+        self._impl.resume(multipath.engine(self.backend, self.device).handle)
 
     @property
     def suspended(self) -> bool:

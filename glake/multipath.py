@@ -168,6 +168,11 @@ class Engine:
                                            labels={"engine": self.stats_name, "backend": self._e.backend})
 
     @property
+    def handle(self) -> Any:
+        """The native engine (``glake._C.MultipathEngine``), for C++ callers such as suspend's copies."""
+        return self._e
+
+    @property
     def backend(self) -> str:
         """``"cuda"`` or ``"host"``."""
         return self._e.backend

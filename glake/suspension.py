@@ -1,19 +1,49 @@
 """Suspend and resume the process's glake-managed device memory (``glake.suspend`` / ``glake.resume``).
 
-Covers the process-wide allocators (the ones ``glake.torch``, ``glake.cupy`` and the C ABI use),
-device by device: their live data goes to host memory, their physical memory back to the driver, and
-every address stays reserved, so tensors and CUDA graphs stay valid across a resume. The copies go
-through the device's multipath engine (``glake.multipath.engine``: pageable host memory staged through
-pinned buffers by several threads), consecutive live chunks in one copy. Private ``glake.Allocator``
-objects have their own ``suspend``/``resume``. Not covered yet: KV caches (``glake.kvcache.KVCache``)
-and multipath's staging buffers keep their memory.
+Covers, device by device, the process-wide allocators (the ones ``glake.torch``, ``glake.cupy`` and the
+C ABI use) and every component that registered itself here (:func:`register`: each
+``glake.kvcache.KVCache`` does). Their live data goes to host memory, their physical memory back to
+the driver, and every address stays reserved, so tensors, KV views and CUDA graphs stay valid across
+a resume. The copies go through the device's multipath engine (``glake.multipath.engine``: pageable
+host memory staged through pinned buffers by several threads). Private ``glake.Allocator`` objects
+have their own ``suspend``/``resume``.
+
+A registered component is any object with ``device`` (int), ``backend`` (str), ``suspended`` (bool),
+``suspend(discard: bool, engine)`` and ``resume(engine)``; the registry holds it weakly.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+import threading
+import weakref
+from typing import Any, Iterable, List, Optional
 
 from glake import _C
+from glake.errors import InvalidArgumentError
+
+_components: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_lock = threading.Lock()
+
+
+def register(component: Any) -> None:
+    """Makes ``component`` part of :func:`suspend` / :func:`resume` for its device, until it is collected."""
+    for name in ("device", "backend", "suspended", "suspend", "resume"):
+        if not hasattr(component, name):
+            raise InvalidArgumentError(f"glake.suspension.register: {type(component).__name__} has no '{name}'")
+    with _lock:
+        _components.add(component)
+
+
+def unregister(component: Any) -> None:
+    """Takes ``component`` out of the registry (a closed KV cache does)."""
+    with _lock:
+        _components.discard(component)
+
+
+def _registered(device: Optional[int]) -> List[Any]:
+    with _lock:
+        found = list(_components)
+    return [c for c in found if device is None or int(c.device) == int(device)]
 
 
 def _devices(device: Optional[int]) -> List[int]:
@@ -22,37 +52,62 @@ def _devices(device: Optional[int]) -> List[int]:
     return [d for d in range(64) if _C.gmlake_global_exists(d)]
 
 
-def _engine(a):
+def _engine(backend: str, device: int):
     from glake import multipath
 
-    return multipath.engine(a.backend, a.device)._e
+    return multipath.engine(backend, device).handle
 
 
-def suspend(device: Optional[int] = None) -> List[int]:
-    """Suspend the process-wide allocator of ``device`` (default: every device that has one).
+def suspend(device: Optional[int] = None, *, discard: Iterable[Any] = ()) -> List[int]:
+    """Suspend glake's memory on ``device`` (default: every device glake manages memory on).
 
-    Returns the devices suspended. Raises what :meth:`glake.Allocator.suspend` raises; devices
-    suspended before a failure stay suspended (``resume()`` brings them back).
+    Registered components (KV caches) go first, then the process-wide allocator of each device. The
+    allocators' free cache is never copied; a component named in ``discard`` (e.g. a KV cache whose
+    contents the caller no longer needs) is not copied either: its memory is given back and its
+    contents are undefined after the resume. Returns the devices on which something was suspended.
+    Raises what the components' and :meth:`glake.Allocator.suspend` raise; what was suspended before
+    a failure stays suspended (``resume()`` brings it back).
     """
-    done = []
+    drop = {id(c) for c in discard}
+    parts = _registered(device)
+    unknown = drop - {id(c) for c in parts}
+    if unknown:
+        raise InvalidArgumentError("glake.suspend: discard= names an object that is not registered for suspension "
+                                   "on this device (a glake.kvcache.KVCache registers itself)")
+    done = set()
+    for c in parts:
+        if not c.suspended:
+            c.suspend(discard=id(c) in drop, engine=_engine(c.backend, int(c.device)))
+            done.add(int(c.device))
     for d in _devices(device):
         a = _C.gmlake_global(d)
         if not a.suspended:
-            a.suspend(_engine(a))
-            done.append(d)
-    return done
+            a.suspend(_engine(a.backend, a.device))
+            done.add(d)
+    return sorted(done)
 
 
 def resume(device: Optional[int] = None) -> List[int]:
-    """Resume the process-wide allocator of ``device`` (default: every suspended one); returns those resumed.
+    """Resume what :func:`suspend` suspended on ``device`` (default: everywhere); returns those devices.
 
-    Raises :class:`glake.OutOfMemoryError` when a device cannot give its memory back yet; that device
+    The allocators come back first, then the registered components. Raises
+    :class:`glake.OutOfMemoryError` when a device cannot give the memory back yet: what is not resumed
     stays suspended and ``resume()`` can be called again.
     """
-    done = []
+    done = set()
     for d in _devices(device):
         a = _C.gmlake_global(d)
         if a.suspended:
-            a.resume(_engine(a))
-            done.append(d)
-    return done
+            a.resume(_engine(a.backend, a.device))
+            done.add(d)
+    for c in _registered(device):
+        if c.suspended:
+            c.resume(engine=_engine(c.backend, int(c.device)))
+            done.add(int(c.device))
+    return sorted(done)
+
+
+def suspended(device: Optional[int] = None) -> bool:
+    """Whether anything glake manages on ``device`` (default: anywhere) is suspended now."""
+    return any(_C.gmlake_global(d).suspended for d in _devices(device)) or \
+        any(c.suspended for c in _registered(device))
