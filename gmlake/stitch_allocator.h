@@ -50,6 +50,7 @@ struct AllocatorStats {
   std::int64_t private_pool_free_bytes = 0;  ///< free bytes held by private pools (reserved, not reusable outside them)
   bool suspended = false;                ///< between suspend() and resume(): no physical memory held
   std::int64_t suspended_host_bytes = 0; ///< bytes of live data suspend() keeps in host memory
+  std::int64_t suspended_file_bytes = 0; ///< of them, bytes in file-backed memory (more than RAM allows)
 };
 
 /// One block as seen by snapshot().

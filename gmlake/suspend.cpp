@@ -46,7 +46,7 @@ void StitchAllocator::suspend(HostCopier* copier) {
   HostCopier& io = copier ? *copier : plain;
   // Copy first, so that a failure (host memory, the driver) leaves the allocator as it was.
   std::map<const Segment*, SavedSegment> saved;
-  std::int64_t host_bytes = 0;
+  std::int64_t host_bytes = 0, file_bytes = 0;
   for (auto& seg : segments_) {
     SavedSegment& s = saved[seg.get()];
     std::size_t run_start = 0, run_end = 0;  // the run of live chunks being gathered: [start, end)
@@ -56,6 +56,7 @@ void StitchAllocator::suspend(HostCopier* copier) {
       SavedRun r{run_start, std::make_unique<HostBuffer>(n)};
       io.to_host(r.bytes->ptr(), seg->range->ptr() + run_start, n);
       host_bytes += static_cast<std::int64_t>(n);
+      if (r.bytes->file_backed()) file_bytes += static_cast<std::int64_t>(n);
       s.runs.push_back(std::move(r));
     };
     for (const Mapping& m : seg->range->mappings()) {
@@ -75,6 +76,7 @@ void StitchAllocator::suspend(HostCopier* copier) {
   }
   saved_ = std::move(saved);
   stats_.suspended_host_bytes = host_bytes;
+  stats_.suspended_file_bytes = file_bytes;
   suspended_ = true;
 }
 
@@ -102,6 +104,7 @@ void StitchAllocator::resume(HostCopier* copier) {
   map_stitches();
   saved_.clear();
   stats_.suspended_host_bytes = 0;
+  stats_.suspended_file_bytes = 0;
   suspended_ = false;
 }
 

@@ -1,25 +1,85 @@
-// HostBuffer: anonymous host memory for suspended device data.
+// HostBuffer: host memory for suspended device data, anonymous or (larger than RAM allows) file-backed.
 #include "core/host_copy.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <string>
 
 #include "common/error.h"
 
 namespace glake {
 
+namespace {
+
+/// A /proc/meminfo figure in bytes (0 when unreadable).
+std::size_t meminfo(const char* key) {
+  std::ifstream f("/proc/meminfo");
+  std::string name;
+  std::size_t kib = 0;
+  std::string unit;
+  while (f >> name >> kib) {
+    std::getline(f, unit);
+    if (name == key) return kib * 1024;
+  }
+  return 0;
+}
+
+/// Whether `size` more bytes should go to a file: $GLAKE_SUSPEND_FILE_OVER (bytes) when set, else when
+/// they would leave less than a tenth of RAM available.
+bool wants_file(std::size_t size) {
+  if (const char* v = std::getenv("GLAKE_SUSPEND_FILE_OVER"); v && *v) return size > std::strtoull(v, nullptr, 10);
+  const std::size_t avail = meminfo("MemAvailable:"), total = meminfo("MemTotal:");
+  return avail && size + total / 10 > avail;
+}
+
+/// An unnamed file of `size` bytes, its blocks allocated (so a full disk fails here, not as a SIGBUS
+/// during the copy), in $GLAKE_SUSPEND_DIR (default /var/tmp: on disk, where /tmp may be RAM).
+int backing_file(std::size_t size) {
+  const char* env = std::getenv("GLAKE_SUSPEND_DIR");
+  const std::string dir = env && *env ? env : "/var/tmp";
+  int fd = open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+  if (fd < 0) {  // no O_TMPFILE on this filesystem: a named file, unlinked at once
+    std::string path = dir + "/glake-suspend-XXXXXX";
+    fd = mkostemp(path.data(), O_CLOEXEC);
+    if (fd >= 0) unlink(path.c_str());
+  }
+  if (fd < 0) {
+    throw OutOfMemoryError("suspend: " + std::to_string(size) + " bytes do not fit in RAM and no file can be made in " + dir +
+                           " (" + std::strerror(errno) + "; set GLAKE_SUSPEND_DIR)");
+  }
+  if (int rc = posix_fallocate(fd, 0, static_cast<off_t>(size)); rc != 0) {
+    close(fd);
+    throw OutOfMemoryError("suspend: cannot reserve " + std::to_string(size) + " bytes in " + dir + " for the device's data (" +
+                           std::strerror(rc) + ")");
+  }
+  return fd;
+}
+
+}  // namespace
+
 HostBuffer::HostBuffer(std::size_t size) : size_(size) {
-  p_ = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  int fd = -1;
+  if (wants_file(size)) {
+    fd = backing_file(size);
+    p_ = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);  // the mapping keeps the file
+    file_backed_ = true;
+  } else {
+    p_ = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  }
   if (p_ == MAP_FAILED) {
     p_ = nullptr;
-    throw OutOfMemoryError("suspend: cannot get " + std::to_string(size) + " bytes of host memory for the device's data (" +
+    throw OutOfMemoryError("suspend: cannot map " + std::to_string(size) + " bytes of host memory for the device's data (" +
                            std::strerror(errno) + ")");
   }
 #ifdef MADV_HUGEPAGE
-  madvise(p_, size, MADV_HUGEPAGE);  // a hint: refused (no THP) changes nothing but the fault count
+  if (!file_backed_) madvise(p_, size, MADV_HUGEPAGE);  // a hint: refused (no THP) changes only the fault count
 #endif
 }
 

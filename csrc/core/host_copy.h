@@ -33,8 +33,11 @@ class GLAKE_API DriverCopier final : public HostCopier {
   int device_;
 };
 
-/// Anonymous host memory for suspended data: mmap'd, with transparent huge pages asked for (fewer page
-/// faults while the copy first touches it), unmapped on destruction. Throws OutOfMemoryError.
+/// Host memory for suspended data, unmapped on destruction: anonymous, with transparent huge pages
+/// asked for (fewer page faults while the copy first touches it); or, when the bytes would leave less
+/// than a tenth of RAM available (or exceed $GLAKE_SUSPEND_FILE_OVER bytes), a shared mapping of an
+/// unnamed, preallocated file in $GLAKE_SUSPEND_DIR (default /var/tmp), so that a suspend larger than
+/// RAM pages out to disk instead of failing. Throws OutOfMemoryError.
 class GLAKE_API HostBuffer {
  public:
   explicit HostBuffer(std::size_t size);
@@ -44,10 +47,13 @@ class GLAKE_API HostBuffer {
   /// First byte, as an address for the driver.
   DevPtr ptr() const { return reinterpret_cast<DevPtr>(p_); }
   std::size_t size() const { return size_; }
+  /// True when a file backs the bytes.
+  bool file_backed() const { return file_backed_; }
 
  private:
   void* p_ = nullptr;
   std::size_t size_ = 0;
+  bool file_backed_ = false;
 };
 
 }  // namespace glake

@@ -91,6 +91,7 @@ py::dict stats_dict(const gm::StitchAllocator& a) {
   d["private_pool_free_bytes"] = s.private_pool_free_bytes;
   d["suspended"] = s.suspended ? 1 : 0;
   d["suspended_host_bytes"] = s.suspended_host_bytes;
+  d["suspended_file_bytes"] = s.suspended_file_bytes;
   d["limit_bytes"] = limit;
   return d;
 }

@@ -113,3 +113,35 @@ def test_glake_suspend_and_resume_cover_the_process_wide_allocator():
         glake.resume()
         g.free(p)
         g.empty_cache()
+
+
+def test_a_suspend_larger_than_ram_allows_goes_to_a_preallocated_file(tmp_path, monkeypatch):
+    # the threshold forced low: every run of live chunks over 4 MiB goes to an unnamed file in tmp_path
+    monkeypatch.setenv("GLAKE_SUSPEND_FILE_OVER", str(4 * MiB))
+    monkeypatch.setenv("GLAKE_SUSPEND_DIR", str(tmp_path))
+    a = glake.Allocator(backend=BACKEND, chunk_bytes="8MiB")
+    small, big = a.malloc(4096), a.malloc(16 * MiB)
+    fill(small, 4096, 1)
+    fill(big, 16 * MiB, 2)
+    a.suspend()
+    st = a.stats()
+    assert st["suspended_file_bytes"] == 16 * MiB, st  # the 2 MiB chunk of the small block stays in RAM
+    assert st["suspended_host_bytes"] > st["suspended_file_bytes"]
+    assert list(tmp_path.iterdir()) == [], "the file has no name: nothing is left behind"
+    a.resume()
+    assert a.stats()["suspended_file_bytes"] == 0
+    assert check(small, 4096, 1) and check(big, 16 * MiB, 2)
+    a.free(small)
+    a.free(big)
+
+
+def test_no_room_for_the_file_fails_cleanly_and_changes_nothing(monkeypatch):
+    monkeypatch.setenv("GLAKE_SUSPEND_FILE_OVER", "0")
+    monkeypatch.setenv("GLAKE_SUSPEND_DIR", "/nonexistent/glake")
+    a = glake.Allocator(backend=BACKEND, chunk_bytes="8MiB")
+    p = a.malloc(3 * MiB)
+    fill(p, 3 * MiB, 5)
+    with pytest.raises(glake.OutOfMemoryError, match="GLAKE_SUSPEND_DIR"):
+        a.suspend()
+    assert not a.suspended and check(p, 3 * MiB, 5)
+    a.free(p)
