@@ -34,7 +34,8 @@ class GLAKE_API DriverCopier final : public HostCopier {
 };
 
 /// Host memory for suspended data, unmapped on destruction: anonymous, with transparent huge pages
-/// asked for (fewer page faults while the copy first touches it); or, when the bytes would leave less
+/// asked for and faulted in by several threads before the copy (a fresh page is zeroed on first touch,
+/// which the copy's own threads paid for before); or, when the bytes would leave less
 /// than a tenth of RAM available (or exceed $GLAKE_SUSPEND_FILE_OVER bytes), a shared mapping of an
 /// unnamed, preallocated file in $GLAKE_SUSPEND_DIR (default /var/tmp), so that a suspend larger than
 /// RAM pages out to disk instead of failing. Throws OutOfMemoryError.

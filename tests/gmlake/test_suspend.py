@@ -145,3 +145,16 @@ def test_no_room_for_the_file_fails_cleanly_and_changes_nothing(monkeypatch):
         a.suspend()
     assert not a.suspended and check(p, 3 * MiB, 5)
     a.free(p)
+
+
+@pytest.mark.parametrize("threads", ["0", "3"])
+def test_prefaulted_host_buffers_hold_the_same_bytes(monkeypatch, threads):
+    # 3 threads over a 200 MiB run: uneven slices, the last one short
+    monkeypatch.setenv("GLAKE_SUSPEND_PREFAULT_THREADS", threads)
+    a = glake.Allocator(backend=BACKEND, chunk_bytes="8MiB")
+    p = a.malloc(200 * MiB)
+    fill(p, 200 * MiB, 7)
+    a.suspend()
+    a.resume()
+    assert check(p, 200 * MiB, 7)
+    a.free(p)
