@@ -155,7 +155,7 @@ def main() -> None:
         from glake.errors import GlakeError
 
         try:
-            BrokerClient(sock, autostart=False).request({"op": "shutdown"})
+            BrokerClient(sock, autostart=False).shutdown()
         except GlakeError:
             pass
     one = next((r["weight_bytes_held"] for r in runs if r["procs"] == 1), 0)

@@ -97,7 +97,8 @@ def _dedupd(args: argparse.Namespace) -> int:
         return broker.main((["--socket", args.socket] if args.socket else []) + ["--idle-exit", str(args.idle_exit)])
     path = args.socket or wire.socket_path()
     try:
-        reply = BrokerClient(path, autostart=False).request({"op": "shutdown" if args.stop else "stats"})[0]
+        broker_client = BrokerClient(path, autostart=False)
+        reply = broker_client.shutdown() if args.stop else broker_client.stats()
     except GlakeError as e:
         print(f"glake dedupd: {e}", file=sys.stderr)
         return 1

@@ -211,6 +211,10 @@ class BrokerClient:
         """The broker's figures: chunks, bytes, holds, clients, pid."""
         return self.request({"op": "stats"})[0]
 
+    def shutdown(self) -> None:
+        """Asks the broker to exit (``glake dedupd --stop``): chunks mapped in processes stay valid."""
+        self.request({"op": "shutdown"})
+
     def _remember(self, key: str, size: int, maker: FdMaker) -> None:
         self._held.setdefault(key, (size, []))[1].append(maker)
 

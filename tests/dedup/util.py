@@ -20,7 +20,7 @@ CHUNKS = 6
 def stop_broker(path: str) -> None:
     """Stops the broker on `path`, if one runs, and waits for its socket to go."""
     try:
-        BrokerClient(path, autostart=False).request({"op": "shutdown"})
+        BrokerClient(path, autostart=False).shutdown()
     except (GlakeError, OSError):
         pass  # none runs (or it went already)
     deadline = time.monotonic() + 10
