@@ -94,3 +94,11 @@ def test_dedup_tiny(tmp_path):
     runs = json.loads((tmp_path / "dedup.json").read_text())["runs"]
     two = runs[1]["workers"]
     assert two[1]["saved_bytes"] == two[1]["shared_bytes"] > 0 and two[0]["chunks_canonical"] > 0
+
+
+def test_shim_trace_host(tmp_path):
+    out = run_benchmark(tmp_path, "shim_trace_host.py", "--seeds", "1", "--steps", "200", "--chunks", "2MiB,32MiB")
+    assert "physical / live" in out
+    runs = json.loads((tmp_path / "shim_trace_host.json").read_text())["runs"]
+    assert [r["chunk_bytes"] for r in runs] == ["2MiB", "32MiB"]
+    assert all(r["peak_physical_bytes"] >= r["peak_live_bytes"] > 0 for r in runs)

@@ -41,7 +41,7 @@ const char* const kAllocCounterNames[] = {
     "allocation.all.peak", "allocation.all.allocated", "allocation.all.freed", "num_alloc_retries", "num_ooms",
     "num_stitches", "num_stitch_reuses", "num_stitch_gc", "stitched_bytes.current", "stitched_bytes.peak",
     "mapped_va_bytes.current", "mapped_va_bytes.peak", "stitched_va_bytes.current", "num_segments_created",
-    "num_segments_released", "num_sync_all_streams", "limit_bytes",
+    "num_segments_released", "num_sync_all_streams", "limit_bytes", "chunk_bytes",
 };
 constexpr std::uint32_t kAllocCounters = sizeof(kAllocCounterNames) / sizeof(kAllocCounterNames[0]);
 static_assert(kShimCounters <= kMaxShimCounters && kAllocCounters <= kMaxAllocCounters, "page too small");
@@ -55,7 +55,7 @@ void alloc_values(const gmlake::StitchAllocator& a, std::int64_t* v) {
       s.num_alloc_retries, s.num_ooms, s.num_stitches, s.num_stitch_reuses, s.num_stitch_gc,
       s.stitched_bytes.current, s.stitched_bytes.peak, s.mapped_va_bytes.current, s.mapped_va_bytes.peak,
       s.stitched_va_cached, s.num_segments_created, s.num_segments_released, s.num_sync_all_streams,
-      static_cast<std::int64_t>(a.limit()),
+      static_cast<std::int64_t>(a.limit()), static_cast<std::int64_t>(a.config().chunk_bytes),
   };
   static_assert(sizeof(values) / sizeof(values[0]) == kAllocCounters, "one value per name");
   std::memcpy(v, values, sizeof(values));

@@ -103,8 +103,10 @@ def wait_for(pred, timeout: float = 10.0):
     raise AssertionError("timed out")
 
 
-def test_stats_of_a_running_program(shim, driver_program, fake_dir, runtime_dir):
-    env = base_env(fake_dir, runtime_dir, GLAKE_REAL_LIBCUDA=str(fake_dir / "libcuda.so.1"), SHIM_TEST_PAUSE="1")
+@pytest.mark.parametrize("conf, chunk", [(None, 2 << 20), ("chunk_bytes:8MiB", 8 << 20)])
+def test_stats_of_a_running_program(shim, driver_program, fake_dir, runtime_dir, conf, chunk):
+    env = base_env(fake_dir, runtime_dir, GLAKE_REAL_LIBCUDA=str(fake_dir / "libcuda.so.1"), SHIM_TEST_PAUSE="1",
+                   **({"GLAKE_ALLOC_CONF": conf} if conf else {}))
     proc = subprocess.Popen([*GLAKE, "run", "--shim", "--", str(driver_program), "basic"], env=env, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -139,6 +141,7 @@ def test_stats_of_a_running_program(shim, driver_program, fake_dir, runtime_dir)
         assert alloc["device"] == 0 and alloc["counters"]["allocation.all.current"] == 19
         assert alloc["counters"]["requested_bytes.all.current"] == shim_sec["counters"]["live_requested_bytes"]
         assert alloc["counters"]["num_stitches"] > 0  # the 20 MiB requests were stitched from the holes
+        assert alloc["counters"]["chunk_bytes"] == chunk  # the shim's default: 2 MiB, for per-buffer programs
         assert page["sections"][1]["counters"]["allocation.all.current"] == 19
         ps = subprocess.run([*GLAKE, "ps", "--json"], env=env, capture_output=True, text=True, timeout=TIMEOUT)
         assert ps.returncode == 0, ps.stderr
