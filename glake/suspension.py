@@ -8,8 +8,8 @@ a resume. The copies go through the device's multipath engine (``glake.multipath
 host memory staged through pinned buffers by several threads). Private ``glake.Allocator`` objects
 have their own ``suspend``/``resume``.
 
-A registered component is any object with ``device`` (int), ``backend`` (str), ``suspended`` (bool),
-``suspend(discard: bool, engine)`` and ``resume(engine)``; the registry holds it weakly.
+A registered component is any object with ``device_index`` (int), ``backend`` (str), ``suspended``
+(bool), ``suspend(discard: bool, engine)`` and ``resume(engine)``; the registry holds it weakly.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _lock = threading.Lock()
 
 def register(component: Any) -> None:
     """Makes ``component`` part of :func:`suspend` / :func:`resume` for its device, until it is collected."""
-    for name in ("device", "backend", "suspended", "suspend", "resume"):
+    for name in ("device_index", "backend", "suspended", "suspend", "resume"):
         if not hasattr(component, name):
             raise InvalidArgumentError(f"glake.suspension.register: {type(component).__name__} has no '{name}'")
     with _lock:
@@ -43,7 +43,7 @@ def unregister(component: Any) -> None:
 def _registered(device: Optional[int]) -> List[Any]:
     with _lock:
         found = list(_components)
-    return [c for c in found if device is None or int(c.device) == int(device)]
+    return [c for c in found if device is None or c.device_index == int(device)]
 
 
 def _devices(device: Optional[int]) -> List[int]:
@@ -77,8 +77,8 @@ def suspend(device: Optional[int] = None, *, discard: Iterable[Any] = ()) -> Lis
     done = set()
     for c in parts:
         if not c.suspended:
-            c.suspend(discard=id(c) in drop, engine=_engine(c.backend, int(c.device)))
-            done.add(int(c.device))
+            c.suspend(discard=id(c) in drop, engine=_engine(c.backend, c.device_index))
+            done.add(c.device_index)
     for d in _devices(device):
         a = _C.gmlake_global(d)
         if not a.suspended:
@@ -102,8 +102,8 @@ def resume(device: Optional[int] = None) -> List[int]:
             done.add(d)
     for c in _registered(device):
         if c.suspended:
-            c.resume(engine=_engine(c.backend, int(c.device)))
-            done.add(int(c.device))
+            c.resume(engine=_engine(c.backend, c.device_index))
+            done.add(c.device_index)
     return sorted(done)
 
 

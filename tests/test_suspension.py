@@ -15,7 +15,7 @@ from glake.errors import InvalidArgumentError, OutOfMemoryError
 
 class Recorder:
     def __init__(self, log, name, device=0, fail_resume=0):
-        self.log, self.name, self.device, self.backend = log, name, device, "host"
+        self.log, self.name, self.device_index, self.backend = log, name, device, "host"
         self.suspended = False
         self.fail_resume = fail_resume
 
@@ -89,7 +89,7 @@ def test_a_failed_resume_leaves_it_suspended_and_a_later_one_succeeds(log):
 
 def test_register_checks_the_interface_and_holds_weakly(log):
     with pytest.raises(InvalidArgumentError, match="no 'resume'"):
-        suspension.register(type("Half", (), {"device": 0, "backend": "host", "suspended": False,
+        suspension.register(type("Half", (), {"device_index": 0, "backend": "host", "suspended": False,
                                               "suspend": lambda self, discard, engine: None})())
     kv = Recorder(log, "gone")
     suspension.register(kv)
