@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "gmlake/registry.h"
+#include "shim/control.h"
 
 #ifndef GLAKE_VERSION_STRING
 #define GLAKE_VERSION_STRING "unknown"
@@ -41,7 +42,8 @@ const char* const kAllocCounterNames[] = {
     "allocation.all.peak", "allocation.all.allocated", "allocation.all.freed", "num_alloc_retries", "num_ooms",
     "num_stitches", "num_stitch_reuses", "num_stitch_gc", "stitched_bytes.current", "stitched_bytes.peak",
     "mapped_va_bytes.current", "mapped_va_bytes.peak", "stitched_va_bytes.current", "num_segments_created",
-    "num_segments_released", "num_sync_all_streams", "limit_bytes", "chunk_bytes",
+    "num_segments_released", "num_sync_all_streams", "limit_bytes", "chunk_bytes", "suspended",
+    "suspended_host_bytes",
 };
 constexpr std::uint32_t kAllocCounters = sizeof(kAllocCounterNames) / sizeof(kAllocCounterNames[0]);
 static_assert(kShimCounters <= kMaxShimCounters && kAllocCounters <= kMaxAllocCounters, "page too small");
@@ -56,6 +58,7 @@ void alloc_values(const gmlake::StitchAllocator& a, std::int64_t* v) {
       s.stitched_bytes.current, s.stitched_bytes.peak, s.mapped_va_bytes.current, s.mapped_va_bytes.peak,
       s.stitched_va_cached, s.num_segments_created, s.num_segments_released, s.num_sync_all_streams,
       static_cast<std::int64_t>(a.limit()), static_cast<std::int64_t>(a.config().chunk_bytes),
+      a.suspended() ? 1 : 0, s.suspended_host_bytes,
   };
   static_assert(sizeof(values) / sizeof(values[0]) == kAllocCounters, "one value per name");
   std::memcpy(v, values, sizeof(values));
@@ -159,9 +162,10 @@ void publisher(int owner) {
     const std::uint64_t now = c.changes.load(std::memory_order_relaxed) +
                               static_cast<std::uint64_t>(c.attribute_answers + c.ipc_refusals + c.passthrough_allocs +
                                                          c.passthrough_frees + c.reentries + state().mode.load());
-    if (now != seen) {
+    Page& p = page();
+    const bool served = serve_control(reinterpret_cast<ControlBlock*>(p.base + kControlOffset));  // glake suspend|resume PID
+    if (now != seen || served) {
       seen = now;
-      Page& p = page();
       std::lock_guard<std::mutex> lock(p.mutex);
       write_locked(p);
     }
@@ -219,7 +223,8 @@ void start_stats_page(const std::string& real_driver) {
   h->alloc_names_offset = h->shim_names_offset + kMaxShimCounters * kNameBytes;
   h->shim_values_offset = h->alloc_names_offset + kMaxAllocCounters * kNameBytes;
   h->alloc_values_offset = h->shim_values_offset + kMaxShimCounters * 8;
-  static_assert(sizeof(PageHeader) <= 4096, "header fits its 4 KiB");
+  static_assert(sizeof(PageHeader) <= kControlOffset && kControlOffset + sizeof(ControlBlock) <= 4096,
+                "header and control block fit the first 4 KiB");
   static_assert(4096 + (kMaxShimCounters + kMaxAllocCounters) * kNameBytes + kMaxShimCounters * 8 +
                     kPageDevices * kMaxAllocCounters * 8 <= kPageBytes, "page fits");
   for (std::uint32_t i = 0; i < kShimCounters; ++i) {

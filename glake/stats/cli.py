@@ -101,8 +101,19 @@ def cmd_suspend_resume(args: argparse.Namespace) -> int:
     from glake.stats.client import StatsClient
     from glake.units import fmt_bytes
 
-    with StatsClient(args.target, timeout=args.timeout) as c:
-        reply = (c.suspend if args.cmd == "suspend" else c.resume)(args.device, timeout=args.timeout)
+    page, has_socket = _shim_stats(args.target)
+    if page is not None and not has_socket:  # a shimmed process without Python: its page's control block
+        from glake.stats import shim_page
+
+        try:
+            reply = shim_page.control(int(args.target), args.cmd, args.device, timeout=args.timeout)
+        except shim_page.ControlError as e:
+            print(f"glake {args.cmd}: {e}" + (" (still suspended: free device memory and retry)"
+                                               if e.out_of_memory else ""), file=sys.stderr)
+            return 1
+    else:
+        with StatsClient(args.target, timeout=args.timeout) as c:
+            reply = (c.suspend if args.cmd == "suspend" else c.resume)(args.device, timeout=args.timeout)
     done = ", ".join(str(d) for d in reply["devices"]) or "none (nothing to do)"
     verb = "suspended" if args.cmd == "suspend" else "resumed"
     print(f"{args.target}: {verb} device(s) {done}; {fmt_bytes(reply['host_bytes'])} of live data in host memory")
@@ -205,7 +216,8 @@ def add_parsers(sub: Any) -> None:
                        ("resume", "give a suspended glake process its device memory again (glake.resume() in it)")):
         sr = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ": its addresses stay "
                             "valid, its live data waits in host memory. Through the process's unix socket (it must "
-                            "publish stats: GLAKE_STATS=1).")
+                            "publish stats: GLAKE_STATS=1), or, for a program under `glake run --shim` without "
+                            "Python, through its stats page. Its program must not touch the GPU while suspended.")
         sr.add_argument("target", help="a pid, a socket path or unix:PATH")
         sr.add_argument("--device", type=int, default=None, help="only this device (default: every device)")
         sr.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")

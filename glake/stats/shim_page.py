@@ -4,11 +4,14 @@ A shimmed process may have no Python, so it cannot serve gRPC: it writes ``<runt
 a small file mapped shared and rewritten by one publisher thread under a seqlock. This module reads
 it into the same shape as a GetStats reply (``{"process": ..., "sections": [...]}``), so ``glake ps``
 and ``glake stats PID`` show a shimmed process like any other. Pages of processes that are gone are
-stale (removed by ``glake ps``, like stale sockets).
+stale (removed by ``glake ps``, like stale sockets). :func:`control` writes a request into the page's
+control block (csrc/shim/control.h) for ``glake suspend|resume PID``.
 """
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
 import re
 import struct
@@ -123,4 +126,53 @@ def read_pid(pid: int) -> Optional[Dict[str, Any]]:
     return read_page(path)
 
 
-__all__ = ["PageError", "page_path", "list_pages", "read_page", "read_pid", "stale_reason"]
+# ControlBlock (csrc/shim/control.h): request_seq, op, device | done_seq, status, reserved, device_mask,
+# host_bytes, message[256]
+CONTROL_OFFSET = 3072
+_REQUEST = struct.Struct("<Qii")
+_ANSWER = struct.Struct("<QiiQq256s")
+_OPS = {"suspend": 1, "resume": 2}
+OK, FAILED, OUT_OF_MEMORY = 0, 1, 2
+
+
+class ControlError(RuntimeError):
+    """A suspend or resume the shimmed process refused or failed: ``out_of_memory`` when the device
+    could not give the memory back yet (the process stays suspended; ask again later)."""
+
+    def __init__(self, message: str, out_of_memory: bool = False) -> None:
+        super().__init__(message)
+        self.out_of_memory = out_of_memory
+
+
+def control(pid: int, op: str, device: Optional[int] = None, timeout: float = 600.0) -> Dict[str, Any]:
+    """Has shimmed process ``pid`` suspend or resume (``op``) its glake memory on ``device`` (None:
+    every device): ``{"devices": [...], "host_bytes": n}``, as the gRPC Suspend/Resume answer.
+
+    The page is this user's (0600 in a 0700 folder): opening it is the permission check. The flock
+    keeps two requests from interleaving; the publisher thread answers within ~50 ms plus the copy.
+    """
+    path = page_path(pid)
+    if not os.path.exists(path) or stale_reason(pid, path) is not None:
+        raise ControlError(f"pid {pid} has no live shim stats page ({path})")
+    with open(path, "r+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        with mmap.mmap(f.fileno(), 4096) as m:
+            seq = _REQUEST.unpack_from(m, CONTROL_OFFSET)[0] + 1
+            m[CONTROL_OFFSET + 8:CONTROL_OFFSET + 16] = struct.pack("<ii", _OPS[op], -1 if device is None else int(device))
+            m[CONTROL_OFFSET:CONTROL_OFFSET + 8] = struct.pack("<Q", seq)  # last: the shim acts on it
+            deadline = time.monotonic() + timeout
+            while True:
+                done, status, _, mask, host_bytes, msg = _ANSWER.unpack_from(m, CONTROL_OFFSET + 16)
+                if done == seq:
+                    break
+                if time.monotonic() > deadline:
+                    raise ControlError(f"pid {pid} did not answer {op} within {timeout:g} s (--timeout)")
+                if stale_reason(pid, path) is not None:
+                    raise ControlError(f"pid {pid} exited before it answered {op}")
+                time.sleep(0.01)
+    if status != OK:
+        raise ControlError(f"{op} in pid {pid}: {_cstr(msg)}", out_of_memory=status == OUT_OF_MEMORY)
+    return {"devices": [d for d in range(64) if mask >> d & 1], "host_bytes": host_bytes}
+
+
+__all__ = ["ControlError", "PageError", "control", "page_path", "list_pages", "read_page", "read_pid", "stale_reason"]

@@ -161,6 +161,48 @@ def test_stats_of_a_running_program(shim, driver_program, fake_dir, runtime_dir,
     assert not (runtime_dir / "glake" / f"{pid}.shim").exists()
 
 
+def test_suspend_and_resume_a_shimmed_program_from_outside(shim, driver_program, fake_dir, runtime_dir):
+    env = base_env(fake_dir, runtime_dir, GLAKE_REAL_LIBCUDA=str(fake_dir / "libcuda.so.1"), SHIM_TEST_PAUSE="1")
+    proc = subprocess.Popen([*GLAKE, "run", "--shim", "--", str(driver_program), "suspend"], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = ""
+        while not line.startswith("PAUSED"):
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+        pid = int(line.split()[1])
+
+        def glake(*cmd):
+            return subprocess.run([*GLAKE, *cmd], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+        def allocator():
+            out = glake("stats", str(pid), "--json")
+            assert out.returncode == 0, out.stderr
+            return next(s for s in json.loads(out.stdout)["sections"] if s["name"] == "allocator")["counters"]
+
+        wait_for(lambda: allocator()["allocation.all.current"] == 6)
+        sus = glake("suspend", str(pid))
+        assert sus.returncode == 0 and "suspended device(s) 0" in sus.stdout, sus.stderr
+        c = wait_for(lambda: (c := allocator())["suspended"] == 1 and c)
+        assert c["suspended_host_bytes"] >= sum((1 + 3 * i) << 20 for i in range(6))
+        again = glake("suspend", str(pid))
+        assert again.returncode == 0 and "none (nothing to do)" in again.stdout  # already suspended
+        res = glake("resume", str(pid))
+        assert res.returncode == 0 and "resumed device(s) 0" in res.stdout, res.stderr
+        wait_for(lambda: allocator()["suspended"] == 0)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, err
+        assert "R kept_ok 1" in out, out  # every byte back at the same addresses
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    gone = subprocess.run([*GLAKE, "suspend", str(pid)], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert gone.returncode != 0
+
+
 def test_cu_get_proc_address_replaces_only_the_shims_names(shim, driver_program, fake_dir, runtime_dir):
     out = run_shim(driver_program, "procaddr", fake_dir, runtime_dir)
     assert out.returncode == 0, out.stderr

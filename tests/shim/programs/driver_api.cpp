@@ -1,6 +1,7 @@
 // A plain CUDA driver-API program for the shim's tests (tests/shim/test_shim.py). Linked with
 // -l:libcuda.so.1, it runs against the fake libcuda alone (the baseline) or under the glake shim.
 //
+//   driver_api suspend   buffers filled, a pause (SHIM_TEST_PAUSE), then read back ("R kept_ok")
 //   driver_api basic     fragmenting alloc/free pattern, contents, cuMemGetInfo, address ranges,
 //                        pointer attributes; pauses on stdin when SHIM_TEST_PAUSE=1 ("PAUSED <pid>")
 //   driver_api procaddr  cuGetProcAddress hands back the shim's replacements, the driver's otherwise
@@ -143,6 +144,35 @@ int basic() {
   return 0;
 }
 
+/// Buffers filled, a pause (the test suspends and resumes the process from outside), then the same
+/// addresses read back: "R kept_ok 1" when every byte survived.
+int suspended() {
+  setup();
+  const size_t MiB = 1 << 20;
+  std::vector<CUdeviceptr> bufs;
+  std::vector<size_t> sizes;
+  for (int i = 0; i < 6; ++i) {
+    size_t n = (1 + 3 * i) * MiB + 777 * i;
+    CUdeviceptr p;
+    CHECK(cuMemAlloc(&p, n));
+    std::vector<unsigned char> in(n);
+    for (size_t k = 0; k < n; ++k) in[k] = static_cast<unsigned char>((k * 13 + i) & 0xff);
+    CHECK(cuMemcpyHtoD(p, in.data(), n));
+    bufs.push_back(p);
+    sizes.push_back(n);
+  }
+  pause_if_asked();
+  int kept = 1;
+  for (size_t i = 0; i < bufs.size(); ++i) {
+    std::vector<unsigned char> out(sizes[i]);
+    CHECK(cuMemcpyDtoH(out.data(), bufs[i], sizes[i]));
+    for (size_t k = 0; k < sizes[i]; ++k) kept &= out[k] == static_cast<unsigned char>((k * 13 + i) & 0xff);
+    CHECK(cuMemFree(bufs[i]));
+  }
+  std::printf("R kept_ok %d\n", kept);
+  return 0;
+}
+
 int procaddr() {
   setup();
   void* h = fake();
@@ -253,6 +283,7 @@ int main(int argc, char** argv) {
   if (mode == "ipc") return ipc();
   if (mode == "fork") return forked();
   if (mode == "threads") return threads();
+  if (mode == "suspend") return suspended();
   std::fprintf(stderr, "unknown mode %s\n", mode.c_str());
   return 2;
 }
