@@ -74,12 +74,16 @@ class Arena:
         self._view = None
         self._scratch: Optional[Any] = None
         self._lock = threading.Lock()
+        self._saved: Optional[Dict[int, Any]] = None  # while suspended: private chunk index -> its bytes
         self.closed = False
         # an arena dropped without close() still gives back its holds on shared chunks
         self._finalizer = weakref.finalize(self, _drop_holds, self._keys)
         with _arenas_lock:
             _arenas.add(self)
         _publish_stats()
+        from glake import suspension
+
+        suspension.register(self)  # glake.suspend() gives its memory back too
 
     @property
     def ptr(self) -> int:
@@ -140,7 +144,9 @@ class Arena:
 
         def new_fd() -> Optional[int]:
             a = ref()
-            return a._chunks[i].export_fd() if a is not None and not a.closed else None
+            if a is None or a.closed or a._chunks[i] is None:  # gone, or suspended
+                return None
+            return a._chunks[i].export_fd()
         return new_fd
 
     def _share_chunk(self, i: int, key: str) -> None:
@@ -205,6 +211,87 @@ class Arena:
     def _check_open(self) -> None:
         if self.closed:
             raise InvalidArgumentError("this dedup Arena is closed")
+        if self._saved is not None:
+            raise InvalidArgumentError("this dedup Arena is suspended: call glake.resume() first")
+
+    # ---- suspension (glake.suspend / glake.resume) -----------------------------------------------
+
+    @property
+    def device_index(self) -> int:
+        """The device ordinal (what glake.suspend matches by)."""
+        return self.device
+
+    @property
+    def suspended(self) -> bool:
+        """True between :meth:`suspend` and :meth:`resume`."""
+        return self._saved is not None
+
+    def suspend(self, discard: bool = False, engine: Any = None) -> None:
+        """Gives the arena's memory back while its addresses stay reserved (``glake.suspend`` calls it).
+
+        Private chunks are copied to host memory (not with ``discard``: they come back zeroed) and
+        released. Shared chunks are unmapped, not copied: this process keeps its hold on each, so the
+        broker keeps the chunk (and other processes keep reading it) until the resume maps it again.
+        The copies are torch's (``engine`` is accepted for glake.suspend's interface, not used: an
+        arena's private part is its few chunks that found no twin). No-op when already suspended.
+        """
+        del engine
+        with self._lock:
+            if self.closed or self._saved is not None:
+                return
+            if self.backend == "cuda":
+                _torch().cuda.synchronize(self.device)
+            view = self.tensor()
+            saved = {i: None if discard else view[i * self.chunk:(i + 1) * self.chunk].to("cpu", copy=True)
+                     for i, st in enumerate(self._state) if st == PRIVATE}
+            for i, c in enumerate(self._chunks):
+                self.range.unmap(i * self.chunk)
+                c.release()  # a shared chunk lives on in the broker's fd and the other processes
+                self._chunks[i] = None
+            self._saved = saved
+
+    def resume(self, engine: Any = None) -> None:
+        """Maps the arena's chunks again at the same addresses: shared ones re-imported from the broker
+        (read-only), private ones made anew with their bytes copied back. Raises (and stays suspended,
+        so it can be called again) when the device has no memory or a shared chunk cannot be had."""
+        del engine
+        with self._lock:
+            if self._saved is None:
+                return
+            made: List[Any] = []
+            try:
+                for i, st in enumerate(self._state):
+                    if st == PRIVATE:
+                        made.append(core.PhysChunk(self.chunk, self.device, self.backend))
+                        continue
+                    fd = client().lookup(self._keys[i][0])
+                    if fd is None:
+                        raise GlakeError(f"dedup Arena.resume: the broker no longer has shared chunk {i} "
+                                         f"({self._keys[i][0]}); it restarted while every holder was suspended")
+                    try:
+                        made.append(core.PhysChunk.import_fd(fd, self.chunk, self.device, self.backend))
+                    finally:
+                        os.close(fd)
+            except BaseException:
+                for c in made:
+                    c.release()
+                raise
+            for i, c in enumerate(made):
+                shared = self._state[i] != PRIVATE
+                self.range.map(i * self.chunk, c, set_access=not shared)
+                if shared:
+                    self.range.set_access(i * self.chunk, self.chunk, read_only=True)
+                self._chunks[i] = c
+            view = self.tensor()
+            for i, data in self._saved.items():
+                part = view[i * self.chunk:(i + 1) * self.chunk]
+                if data is None:
+                    part.zero_()
+                else:
+                    part.copy_(data)
+            if self.backend == "cuda":
+                _torch().cuda.synchronize(self.device)
+            self._saved = None
 
     def close(self) -> None:
         """Unmaps everything and gives back this arena's holds on shared chunks. Idempotent."""
@@ -219,8 +306,10 @@ class Arena:
             if self._scratch is not None:
                 self._scratch.free()
             for c in self._chunks:
-                c.release()
+                if c is not None:  # None: released by a suspend
+                    c.release()
             self._chunks = []
+            self._saved = None
             self._finalizer()
         with _arenas_lock:
             _arenas.discard(self)

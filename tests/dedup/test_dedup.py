@@ -286,3 +286,42 @@ def test_a_drop_asked_for_during_a_round_trip_is_sent_before_the_next_request(so
         assert list(c._drops) and broker(sock)["holds"] == 2  # queued, not sent mid-reply
         c.stats()
         assert not c._drops and broker(sock)["holds"] == 1
+
+
+def test_suspend_releases_the_arenas_chunks_and_resume_maps_them_back(sock):
+    from glake import _C
+
+    g = 2 << 20
+    pattern = (torch.arange(3 * g, dtype=torch.int32) * 7).to(torch.uint8)
+    pattern[torch.arange(3) * g] = torch.arange(3, dtype=torch.uint8)  # three distinct chunks
+    with glake.dedup.Arena(3 * g, backend="host") as a, glake.dedup.Arena(3 * g, backend="host") as b:
+        a.tensor().copy_(pattern)
+        b.tensor().copy_(pattern)
+        a.share(g, 2 * g)   # chunks 1 and 2 canonical in a; chunk 0 private
+        b.share()           # b imports 1 and 2; its chunk 0 becomes canonical
+        a.tensor()[5] = 99  # a's private chunk changes after sharing
+        expect_a, expect_b = a.tensor().clone(), b.tensor().clone()
+        holds = broker(sock)["holds"]
+        before = _C.stats("host")["physical_bytes.current"]
+        assert glake.suspend() == [0]
+        assert a.suspended and b.suspended
+        # every handle of the two arenas is released; the broker's fds keep the shared chunks for the resume
+        assert _C.stats("host")["physical_bytes.current"] == before - 6 * g
+        assert broker(sock)["holds"] == holds
+        with pytest.raises(InvalidArgumentError, match="suspended"):
+            a.share()
+        assert glake.resume() == [0]
+        assert not a.suspended and not b.suspended
+        assert torch.equal(a.tensor(), expect_a) and torch.equal(b.tensor(), expect_b)
+        assert a.stats() == {"shared_bytes": 2 * g, "saved_bytes": 0, "private_bytes": g, "chunks_canonical": 2,
+                             "chunks_imported": 0, "chunks_private": 1}
+        a.tensor()[6] = 42  # the private chunk is writable again
+        assert int(a.tensor()[6]) == 42
+        glake.suspend(discard=[b])
+        glake.resume()
+        assert torch.equal(b.tensor(), expect_b)  # b has no private chunk: nothing was lost by discarding
+        glake.suspend(discard=[a])
+        glake.resume()
+        assert not a.tensor()[:g].any(), "a discarded private chunk comes back zeroed"
+        assert torch.equal(a.tensor()[g:], expect_a[g:])
+    assert broker(sock)["chunks"] == 0
