@@ -9,36 +9,23 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "common/error.h"
+#include "driver/host_driver.h"
 
 namespace glake {
 
 namespace {
 
-/// A /proc/meminfo figure in bytes (0 when unreadable).
-std::size_t meminfo(const char* key) {
-  std::ifstream f("/proc/meminfo");
-  std::string name;
-  std::size_t kib = 0;
-  std::string unit;
-  while (f >> name >> kib) {
-    std::getline(f, unit);
-    if (name == key) return kib * 1024;
-  }
-  return 0;
-}
-
 /// Whether `size` more bytes should go to a file: $GLAKE_SUSPEND_FILE_OVER (bytes) when set, else when
 /// they would leave less than a tenth of RAM available.
 bool wants_file(std::size_t size) {
   if (const char* v = std::getenv("GLAKE_SUSPEND_FILE_OVER"); v && *v) return size > std::strtoull(v, nullptr, 10);
-  const std::size_t avail = meminfo("MemAvailable:"), total = meminfo("MemTotal:");
-  return avail && size + total / 10 > avail;
+  const MemInfo ram = host_memory();
+  return ram.free && size + ram.total / 10 > ram.free;
 }
 
 /// An unnamed file of `size` bytes, its blocks allocated (so a full disk fails here, not as a SIGBUS

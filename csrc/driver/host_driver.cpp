@@ -54,6 +54,10 @@ DevPtr aligned_host_alloc(const char* call, std::size_t size) {
 
 MemInfo HostDriver::mem_info(int device) {
   check_device(device);
+  return host_memory();
+}
+
+MemInfo host_memory() {
   MemInfo info;
   std::ifstream in("/proc/meminfo");
   std::string key;

@@ -15,6 +15,10 @@
 namespace glake {
 
 /// VMM primitives over host memory; one "device", 2 MiB granularity.
+/// This machine's RAM: total, and available (MemAvailable, else free + buffers): the host backend's
+/// "device memory", and what suspend checks before it puts more bytes in RAM.
+GLAKE_API MemInfo host_memory();
+
 class HostDriver final : public Driver {
  public:
   static constexpr std::size_t kGranularity = 2u << 20;

@@ -93,6 +93,19 @@ def test_driver_program_gives_the_same_results_under_the_shim(shim, driver_progr
     assert not list((runtime_dir / "glake").glob("*.shim")), "the page is removed at exit"
 
 
+def start_paused(driver_program, mode: str, env: dict):
+    """The driver-API program in `mode` under `glake run --shim`, once it said "PAUSED <pid>"."""
+    proc = subprocess.Popen([*GLAKE, "run", "--shim", "--", str(driver_program), mode], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line = ""
+    while not line.startswith("PAUSED"):
+        line = proc.stdout.readline()
+        if not line:
+            proc.kill()
+            raise AssertionError(proc.stderr.read())
+    return proc, int(line.split()[1])
+
+
 def wait_for(pred, timeout: float = 10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -107,14 +120,8 @@ def wait_for(pred, timeout: float = 10.0):
 def test_stats_of_a_running_program(shim, driver_program, fake_dir, runtime_dir, conf, chunk):
     env = base_env(fake_dir, runtime_dir, GLAKE_REAL_LIBCUDA=str(fake_dir / "libcuda.so.1"), SHIM_TEST_PAUSE="1",
                    **({"GLAKE_ALLOC_CONF": conf} if conf else {}))
-    proc = subprocess.Popen([*GLAKE, "run", "--shim", "--", str(driver_program), "basic"], env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc, pid = start_paused(driver_program, "basic", env)
     try:
-        line = ""
-        while not line.startswith("PAUSED"):
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read()
-        pid = int(line.split()[1])
         assert pid == proc.pid  # glake run execs the program
         from glake.stats import shim_page
 
@@ -163,14 +170,8 @@ def test_stats_of_a_running_program(shim, driver_program, fake_dir, runtime_dir,
 
 def test_suspend_and_resume_a_shimmed_program_from_outside(shim, driver_program, fake_dir, runtime_dir):
     env = base_env(fake_dir, runtime_dir, GLAKE_REAL_LIBCUDA=str(fake_dir / "libcuda.so.1"), SHIM_TEST_PAUSE="1")
-    proc = subprocess.Popen([*GLAKE, "run", "--shim", "--", str(driver_program), "suspend"], env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc, pid = start_paused(driver_program, "suspend", env)
     try:
-        line = ""
-        while not line.startswith("PAUSED"):
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read()
-        pid = int(line.split()[1])
 
         def glake(*cmd):
             return subprocess.run([*GLAKE, *cmd], env=env, capture_output=True, text=True, timeout=TIMEOUT)
