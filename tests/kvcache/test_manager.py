@@ -169,7 +169,8 @@ def test_running_out_of_slots(make_kv):
         "capacity-unallocated", "release-unallocated", "layer-too-big", "negative-layer", "v-layer", "str-layer",
         "fork-too-long", "fork-unallocated", "swap-too-long", "swap-foreign"])
 def test_bad_arguments_are_invalid_argument_errors(make_kv, call):
-    kv = make_kv()
+    # a budget: without one, stats()["chunks_free"] is the machine's free memory, which other processes move
+    kv = make_kv(memory_budget=64 * CHUNK)
     s = kv.allocate()
     kv.reserve(s, 10)
     before = kv.stats()
