@@ -81,7 +81,7 @@ class DecodeSim:
         self.requests = requests
         self.next_req = 0
         self.rng = np.random.default_rng(seed + 1)
-        dev, dt = kv.device, kv.dtype
+        dev, dt = kv.torch_device, kv.dtype
         L, B, H, D, HQ = args.layers, args.seqs, args.kv_heads, args.head_dim, args.q_heads
         g = torch.Generator(device="cpu").manual_seed(seed)
         self.q = torch.randn(L, B, HQ, D, generator=g).to(device=dev, dtype=dt)
@@ -124,7 +124,7 @@ class DecodeSim:
         live.sort(key=lambda i: self.length[i])
         slots = np.asarray([self.slot[i] for i in live])
         pos = np.asarray([self.length[i] for i in live])
-        idx = torch.from_numpy(np.stack([slots, pos])).to(kv.device)
+        idx = torch.from_numpy(np.stack([slots, pos])).to(kv.torch_device)
         t_slots, t_pos = idx[0], idx[1]
         t_len = t_pos + 1
         bounds = np.linspace(0, len(live), args.buckets + 1).astype(int)
@@ -175,8 +175,8 @@ class DecodeSim:
 
 
 def sync(kv: KVCache) -> None:
-    if kv.device.type == "cuda":
-        torch.cuda.synchronize(kv.device)
+    if kv.torch_device.type == "cuda":
+        torch.cuda.synchronize(kv.torch_device)
 
 
 def profile_steps(sim: "DecodeSim", kv: KVCache, steps: int, top: int = 8) -> List[Dict]:
@@ -184,7 +184,7 @@ def profile_steps(sim: "DecodeSim", kv: KVCache, steps: int, top: int = 8) -> Li
     the host backend), to tell which part of a step a mode slows."""
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = kv.device.type == "cuda"
+    cuda = kv.torch_device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         for _ in range(steps):

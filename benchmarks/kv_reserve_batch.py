@@ -51,11 +51,11 @@ def main() -> None:
             kv.reserve_batch(slots, lens)
             kv.wait_mapper()
             ptr = kv.lengths.data_ptr()
-            stream = torch.cuda.current_stream(kv.device).cuda_stream if kv.device.type == "cuda" else 0
+            stream = torch.cuda.current_stream(kv.torch_device).cuda_stream if kv.torch_device.type == "cuda" else 0
             r = {"C++ reserve_batch": median_us(lambda: kv._m.reserve_batch(slots, lens), args.iters),
                  "publish_lengths": median_us(lambda: kv._m.publish_lengths(ptr, stream), args.iters),
-                 "torch stream lookup": (median_us(lambda: torch.cuda.current_stream(kv.device).cuda_stream, args.iters)
-                                         if kv.device.type == "cuda" else 0.0),
+                 "torch stream lookup": (median_us(lambda: torch.cuda.current_stream(kv.torch_device).cuda_stream, args.iters)
+                                         if kv.torch_device.type == "cuda" else 0.0),
                  "KVCache.reserve_batch": median_us(lambda: kv.reserve_batch(slots, lens), args.iters)}
             cur = lens.copy()
 

@@ -51,7 +51,7 @@ class DecodeGraphs:
         self.model, self.kv, self.pad_slot, self.max_len = model, kv, pad_slot, max_len
         self.buckets = sorted(set(int(b) for b in buckets))
         n = self.buckets[-1]
-        dev = kv.device
+        dev = kv.torch_device
         # rows: token id, position, slot, key count; one pinned staging copy of them per step
         self._host = torch.zeros((4, n), dtype=torch.int64, pin_memory=True)
         self._dev = torch.zeros((4, n), dtype=torch.int64, device=dev)
@@ -74,11 +74,11 @@ class DecodeGraphs:
     def _capture(self, b: int) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         meta = self._meta(b)
         ids, pos = self._dev[0, :b], self._dev[1, :b]
-        stream = torch.cuda.Stream(self.kv.device)
-        stream.wait_stream(torch.cuda.current_stream(self.kv.device))
+        stream = torch.cuda.Stream(self.kv.torch_device)
+        stream.wait_stream(torch.cuda.current_stream(self.kv.torch_device))
         with torch.cuda.stream(stream):  # warm-up off the capture (Triton compiles, cuBLAS picks)
             self.model.compute_logits(self.model(ids, pos, meta, self.kv))
-        torch.cuda.current_stream(self.kv.device).wait_stream(stream)
+        torch.cuda.current_stream(self.kv.torch_device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self.model.compute_logits(self.model(ids, pos, meta, self.kv))

@@ -41,7 +41,7 @@ class ModelRunner:
                  decode_kernel: bool = False, graphs: Optional[DecodeGraphs] = None) -> None:
         self.model = model
         self.kv = kv
-        self.device = kv.device
+        self.device = kv.torch_device
         self.use_flash = use_flash
         self.decode_kernel = decode_kernel
         self.graphs = graphs

@@ -28,7 +28,7 @@ def put(kv, slot: int, start: int, values: Sequence[float]) -> None:
     n = len(values)
     if n == 0:
         return
-    t = torch.as_tensor(np.asarray(values, dtype=np.float32), device=kv.device).to(kv.dtype)[:, None, None]
+    t = torch.as_tensor(np.asarray(values, dtype=np.float32), device=kv.torch_device).to(kv.dtype)[:, None, None]
     for layer in range(kv.layout.num_layers):
         kv.k_cache(layer)[slot, start:start + n] = t + layer
         kv.v_cache(layer)[slot, start:start + n] = -(t + layer)
@@ -70,7 +70,7 @@ def sample_tokens(kv, n: int, extra: int = 16, seed: int = 0) -> np.ndarray:
 
 def get_at(kv, slot: int, tokens: np.ndarray) -> np.ndarray:
     """Like get(), for the given tokens only."""
-    return _read_uniform(kv, slot, torch.as_tensor(tokens, device=kv.device))
+    return _read_uniform(kv, slot, torch.as_tensor(tokens, device=kv.torch_device))
 
 
 def ramp(base: float, start: int, end: int) -> np.ndarray:

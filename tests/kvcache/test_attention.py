@@ -39,12 +39,12 @@ def test_decode_attention_over_views_matches_dense_copies(make_kv, dtype, tol):
     for s, n in zip(slots, lengths):
         kv.reserve(s, n)
         for layer in range(2):
-            kv.k_cache(layer)[s, :n] = torch.randn(n, heads, dim, generator=gen).to(dtype).to(kv.device)
-            kv.v_cache(layer)[s, :n] = torch.randn(n, heads, dim, generator=gen).to(dtype).to(kv.device)
+            kv.k_cache(layer)[s, :n] = torch.randn(n, heads, dim, generator=gen).to(dtype).to(kv.torch_device)
+            kv.v_cache(layer)[s, :n] = torch.randn(n, heads, dim, generator=gen).to(dtype).to(kv.torch_device)
     order = [2, 0, 4, 1]  # a batch in any slot order, not all slots
-    q = torch.randn(len(order), q_heads, dim, generator=gen).to(dtype).to(kv.device)
-    st = torch.tensor([slots[i] for i in order], device=kv.device)
-    ln = torch.tensor([lengths[i] for i in order], device=kv.device)
+    q = torch.randn(len(order), q_heads, dim, generator=gen).to(dtype).to(kv.torch_device)
+    st = torch.tensor([slots[i] for i in order], device=kv.torch_device)
+    ln = torch.tensor([lengths[i] for i in order], device=kv.torch_device)
     for layer in range(2):
         kc, vc = kv.k_cache(layer), kv.v_cache(layer)
         got = decode_attention(q, kc, vc, st, ln, max_len=max(lengths[i] for i in order))
@@ -61,12 +61,12 @@ def test_sdpa_reads_a_strided_slot_view_directly(make_kv):
     s = kv.allocate()
     kv.reserve(s, 70)
     gen = torch.Generator().manual_seed(1)
-    kv.k_cache(1)[s, :70] = torch.randn(70, 2, 32, generator=gen).to(kv.device)
-    kv.v_cache(1)[s, :70] = torch.randn(70, 2, 32, generator=gen).to(kv.device)
+    kv.k_cache(1)[s, :70] = torch.randn(70, 2, 32, generator=gen).to(kv.torch_device)
+    kv.v_cache(1)[s, :70] = torch.randn(70, 2, 32, generator=gen).to(kv.torch_device)
     k = kv.k_cache(1)[s, :70].transpose(0, 1)  # [heads, 70, dim], row stride = the whole row
     v = kv.v_cache(1)[s, :70].transpose(0, 1)
     assert not k.is_contiguous()
-    q = torch.randn(2, 5, 32, generator=gen).to(kv.device)
+    q = torch.randn(2, 5, 32, generator=gen).to(kv.torch_device)
     got = F.scaled_dot_product_attention(q, k, v)
     ref = F.scaled_dot_product_attention(q, k.contiguous(), v.contiguous())
     assert torch.allclose(got, ref, atol=1e-5)

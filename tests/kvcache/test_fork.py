@@ -83,7 +83,7 @@ def test_engine_may_not_write_into_shared_chunks(make_kv):
 
 def torch_zeros(kv, n):
     import torch
-    return torch.zeros(n, kv.layout.num_kv_heads, kv.layout.head_dim, dtype=kv.dtype, device=kv.device)
+    return torch.zeros(n, kv.layout.num_kv_heads, kv.layout.head_dim, dtype=kv.dtype, device=kv.torch_device)
 
 
 def test_fork_of_a_fork_and_release_of_the_source(make_kv):

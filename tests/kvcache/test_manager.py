@@ -25,7 +25,7 @@ def test_writes_land_in_the_slot_chunk_that_backs_them(make_kv, backend):
     assert kv.capacity(b) == 48 and kv.reserved(b) == 40
     ids = kv.chunk_ids(b)
     assert len(ids) == 3 and None not in ids and kv.chunk_ids(a) == []
-    marker = torch.full((lay.num_kv_heads, lay.head_dim), 3.5, device=kv.device)
+    marker = torch.full((lay.num_kv_heads, lay.head_dim), 3.5, device=kv.torch_device)
     kv.v_cache(1)[b, 33] = marker  # token 33 -> chunk 2 of slot b
     off = lay.token_offset(b, 33) + lay.kv_offset(1, 1)
     raw = core.read(kv.base_ptr + off, 4, backend=backend)
@@ -209,7 +209,7 @@ def test_views_are_fixed_strided_tensors(make_kv):
     k0 = kv.k_cache(0)
     assert kv.k_cache(0) is k0  # the same object every call
     lay = kv.layout
-    assert k0.shape == (4, 128, 16, 512) and k0.dtype == torch.float32 and k0.device == kv.device
+    assert k0.shape == (4, 128, 16, 512) and k0.dtype == torch.float32 and k0.device == kv.torch_device
     assert k0.stride() == (lay.slot_bytes // 4, lay.row_bytes // 4, 512, 1)
     assert k0.data_ptr() == kv.base_ptr
     assert kv.v_cache(1).data_ptr() == kv.base_ptr + lay.kv_offset(1, 1)
