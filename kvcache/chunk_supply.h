@@ -57,6 +57,9 @@ class ChunkSupply {
   ChunkPoolStats pool_stats() const { return pool_->stats(); }
   /// Releases the pool's cached chunks to the driver; returns bytes released.
   std::size_t trim_pool() { return pool_->trim(0); }
+  /// `n` chunks straight from the pool, all or none (resume: nothing is mapped to reclaim from);
+  /// OutOfMemoryError at the budget or when the device refuses.
+  std::vector<ChunkPtr> fresh(std::size_t n) { return pool_->acquire_many(n); }
   /// Chunks the pool can still hand out: budget minus chunks in use (free device memory without a budget).
   std::int64_t pool_left() const;
 

@@ -11,7 +11,7 @@ constexpr std::size_t kTrimBatch = 16;  // surplus chunks unmapped from one slot
 void KvManager::background_pass(const std::vector<int>& slots) {
   for (int i : slots) {
     Lock lock(mu_);
-    if (closed_.load()) return;
+    if (closed_.load() || suspended_.load()) return;  // suspended: resume() asks again for what is due
     if (slots_.state(i) != SlotState::Active) continue;
     const std::int64_t want = surplus_start(i);
     bool starved = false;

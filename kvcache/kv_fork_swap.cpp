@@ -9,6 +9,7 @@ ForkResult KvManager::fork(std::int64_t src, std::int64_t prefix_len) {
   return locked_with_fences<ForkResult>([&](std::vector<int>& fenced) -> std::optional<ForkResult> {
     const int s = active_slot(src);
     const std::int64_t p = checked("prefix_len", prefix_len, 0, slots_[s].target.load());
+    check_resident("fork");
     const std::int64_t n_full = layout_.full_chunks_of_prefix(p);
     const std::int64_t tail = p * layout_.row_bytes - n_full * layout_.chunk_bytes;
     std::vector<ChunkPtr> src_chunks;
@@ -84,6 +85,7 @@ void KvManager::check_writable(std::int64_t slot, std::int64_t start, std::int64
   const int i = active_slot(slot);
   const std::int64_t a = checked("start", start, 0, std::nullopt);
   const std::int64_t b = checked("end", end, a, std::nullopt);
+  check_resident("write");
   const std::int64_t cap = slots_[i].capacity.load();
   if (b > cap) {
     throw InvalidArgumentError("tokens [" + std::to_string(a) + ", " + std::to_string(b) + ") of slot " +
@@ -110,6 +112,7 @@ std::int64_t KvManager::first_writable(std::int64_t slot) {
 std::int64_t KvManager::swap_out_length(std::int64_t slot, std::optional<std::int64_t> length) {
   Lock lock(mu_);
   const int i = active_slot(slot);
+  check_resident("swap_out");
   const std::int64_t target = slots_[i].target.load();
   return length ? checked("length", *length, 0, target) : target;
 }
@@ -117,6 +120,7 @@ std::int64_t KvManager::swap_out_length(std::int64_t slot, std::optional<std::in
 void KvManager::swap_out_finish(std::int64_t slot, std::size_t nbytes) {
   locked_with_fences<bool>([&](std::vector<int>& fenced) -> std::optional<bool> {
     const int i = active_slot(slot);
+    check_resident("swap_out");
     if (!fences_.ready(i)) {  // chunks of the slot's previous sequence may still be read
       fenced.push_back(i);
       return std::nullopt;
@@ -133,6 +137,7 @@ void KvManager::swap_out_finish(std::int64_t slot, std::size_t nbytes) {
 int KvManager::swap_in(std::int64_t length, std::size_t nbytes) {
   return locked_with_fences<int>([&](std::vector<int>& fenced) -> std::optional<int> {
     const std::int64_t n = checked("length", length, 0, layout_.max_seq_len);
+    check_resident("swap_in");
     const std::optional<int> slot = take_slot(std::nullopt, fenced);
     if (!slot) return std::nullopt;
     const int i = *slot;

@@ -56,6 +56,8 @@ KvStats KvManager::stats() {
   s.mapper_passes = mapper_ ? mapper_->passes() : 0;
   s.mapper_busy_ns = mapper_ ? mapper_->busy_ns() : 0;
   s.lengths_waits = mirror_.waits();
+  s.suspended = suspended_.load();
+  s.suspended_host_bytes = saved_ ? saved_->host_bytes : 0;
   return s;
 }
 
@@ -78,7 +80,9 @@ std::string KvManager::check_invariants() {
       case SlotState::Active: {
         const std::int64_t cap = s.capacity.load(), target = s.target.load();
         if (cap != layout_.tokens_backed(table_.ready(i))) return at + "stale capacity " + std::to_string(cap);
-        if (target > cap) return at + "reserved " + std::to_string(target) + " > capacity " + std::to_string(cap);
+        if (target > cap && !suspended_.load()) {  // suspended: nothing is backed, resume() backs it again
+          return at + "reserved " + std::to_string(target) + " > capacity " + std::to_string(cap);
+        }
         if (lengths_[i] != target) return at + "lengths[] says " + std::to_string(lengths_[i]);
         std::int64_t last_shared = -1;
         for (auto j : table_.indices(i)) {
@@ -99,7 +103,7 @@ std::string KvManager::check_invariants() {
   }
   const auto budget = supply_.budget_chunks();
   if (budget && static_cast<std::int64_t>(ps.in_use_chunks + ps.cached_chunks) > *budget) return "over the memory budget";
-  return "";
+  return suspended_.load() ? check_suspended() : "";
 }
 
 }  // namespace glake::kvcache

@@ -175,7 +175,7 @@ void KvManager::refresh(int i, bool starved) {
   Slot& s = slots_[i];
   const std::int64_t cap = layout_.tokens_backed(table_.ready(i));
   s.capacity.store(cap);
-  if (!mapper_ || starved || slots_.state(i) != SlotState::Active) {
+  if (!mapper_ || starved || suspended_.load() || slots_.state(i) != SlotState::Active) {
     s.watermark.store(kNever);
     return;
   }
@@ -266,6 +266,7 @@ void KvManager::release(std::int64_t slot, StreamHandle stream) {
       fences_.record(i, stream);  // before any of its chunks is unmapped
       ++n_.fences_recorded;
     }
+    if (saved_) saved_->drop_slot(i);  // suspended: resume() does not map the ended sequence again
     park(i);
     ++n_.releases;
     wake_starved();
@@ -274,7 +275,8 @@ void KvManager::release(std::int64_t slot, StreamHandle stream) {
 }
 
 bool KvManager::reserve_fast(std::int64_t slot, std::int64_t length) {
-  if (slot < 0 || slot >= layout_.max_seqs || length < 0 || length > layout_.max_seq_len || closed_.load()) {
+  if (slot < 0 || slot >= layout_.max_seqs || length < 0 || length > layout_.max_seq_len || closed_.load() ||
+      suspended_.load()) {  // the locked path raises (suspend() runs on this thread: no race)
     return false;
   }
   const int i = static_cast<int>(slot);
@@ -301,6 +303,7 @@ void KvManager::reserve(std::int64_t slot, std::int64_t length) {
   locked_with_fences<bool>([&](std::vector<int>& fenced) -> std::optional<bool> {
     const int i = active_slot(slot);
     const std::int64_t n = checked("length", length, 0, layout_.max_seq_len);
+    check_resident("reserve");
     Slot& s = slots_[i];
     if (n <= s.capacity.load()) {
       if (n > s.target.load()) {
@@ -337,6 +340,7 @@ void KvManager::reserve_batch(const std::int64_t* slots, const std::int64_t* len
   locked_with_fences<bool>([&](std::vector<int>& fenced) -> std::optional<bool> {
     for (auto it = undo.rbegin(); it != undo.rend(); ++it) set_target(it->first, it->second);  // start from scratch
     undo.clear();
+    check_resident("reserve_batch");
     std::map<int, std::int64_t> want_len;  // slot -> the length it will have
     for (std::size_t j = 0; j < n; ++j) {
       const int i = active_slot(slots[j]);
@@ -383,6 +387,7 @@ bool KvManager::can_reserve(std::int64_t slot, std::int64_t length) {
   Lock lock(mu_);
   const int i = active_slot(slot);
   const std::int64_t n = checked("length", length, 0, layout_.max_seq_len);
+  if (suspended_.load()) return false;
   if (n <= slots_[i].capacity.load()) return true;
   const std::int64_t want = layout_.chunks_for(n);
   const auto holes = static_cast<std::int64_t>(table_.holes(i, want).size());
@@ -402,10 +407,11 @@ std::int64_t KvManager::free_tokens() {
 
 void KvManager::prefetch(std::int64_t slot, std::int64_t length) {
   const bool live = slot >= 0 && slot < layout_.max_seqs && slots_.state(static_cast<int>(slot)) == SlotState::Active;
-  if (!live || length < 0 || length > layout_.max_seq_len) {
+  if (!live || length < 0 || length > layout_.max_seq_len || suspended_.load()) {
     Lock lock(mu_);
     active_slot(slot);
     checked("length", length, 0, layout_.max_seq_len);
+    check_resident("prefetch");
   }
   Slot& s = slots_[static_cast<int>(slot)];
   if (length > s.hint.load() && mapper_) {
@@ -439,6 +445,7 @@ void KvManager::close() {
   wait_all(wait);  // kernels that may still read a released slot (unlocked)
   Lock lock(mu_);
   closed_.store(true);
+  saved_.reset();
   table_.free();
   supply_.trim_pool();
   gauge();

@@ -13,6 +13,11 @@
 // the mapper sees the new target and keeps the chunks. Nothing waits on the GPU under the lock:
 // a chunk whose slot has a pending release fence is not unmapped; the mapper retries such work
 // later, and an engine call that cannot go on without it drops the lock, waits, and starts over.
+//
+// Suspension (kv_suspend.cpp): suspend() copies the live chunks to host memory and gives every chunk
+// back to the driver, keeping the range; the mapper stays alive but a pass finds `suspended_` set
+// under the lock and maps nothing, and every engine call that would need backing refuses until
+// resume() has mapped every chunk again at its old places.
 #pragma once
 
 #include <atomic>
@@ -32,6 +37,7 @@
 #include "kvcache/fence.h"
 #include "kvcache/kv_counters.h"
 #include "kvcache/kv_layout.h"
+#include "kvcache/kv_suspension.h"
 #include "kvcache/lengths_mirror.h"
 #include "kvcache/mapper.h"
 #include "kvcache/slot_table.h"
@@ -54,6 +60,8 @@ struct KvStats {
   std::optional<std::int64_t> chunks_budget;
   std::int64_t slots_active = 0, slots_released = 0, slots_free = 0, tokens_reserved = 0, fences_pending = 0;
   std::uint64_t mapper_passes = 0, mapper_busy_ns = 0, lengths_waits = 0;
+  bool suspended = false;
+  std::int64_t suspended_host_bytes = 0;  ///< bytes suspend() copied to host memory (0 when not suspended)
 };
 
 /// Where fork() wants the partial tail chunk's bytes copied (offsets in the range; bytes 0 = none).
@@ -160,6 +168,19 @@ class KvManager {
   void set_unmap_log(bool on);
   std::vector<std::pair<int, std::int64_t>> unmap_log();
 
+  // ---- suspension (kv_suspend.cpp) ----
+  /// Waits for the pending fences and the device, copies every chunk live sequences map to host memory
+  /// through `copier` (null: the driver's memcpy; none with `discard`), then unmaps everything and gives
+  /// every chunk back to the driver; the range stays reserved. Released slots' chunks are dropped, not
+  /// copied (the slots become free). A failed copy changes nothing. InvalidArgumentError when suspended.
+  void suspend(HostCopier* copier, bool discard);
+  /// Maps a new chunk at every place each saved chunk had (a shared one: one chunk, several places) and
+  /// copies the bytes back (none after a discard). OutOfMemoryError when the device cannot give the
+  /// chunks: nothing made is kept and the cache stays suspended. A no-op when not suspended.
+  void resume(HostCopier* copier);
+  /// True between suspend() and resume() (lock-free).
+  bool suspended() const { return suspended_.load(); }
+
   /// Stops the mapper, waits for pending fences (unlocked), unmaps everything, frees the range. Idempotent.
   void close();
   /// True after close().
@@ -169,6 +190,7 @@ class KvManager {
   using Lock = std::unique_lock<std::mutex>;
   template <class T, class Body> T locked_with_fences(Body body);
   void check_open() const;
+  void check_resident(const char* what) const;
   int active_slot(std::int64_t slot) const;
   std::int64_t checked(const char* name, std::int64_t v, std::int64_t lo, std::optional<std::int64_t> hi) const;
   std::optional<int> take_slot(std::optional<std::uint64_t> prefer_chunk0, std::vector<int>& fenced);
@@ -191,6 +213,11 @@ class KvManager {
   void background_pass(const std::vector<int>& slots);
   bool trim_live(int i, std::int64_t keep);
   void record_mapper_error(std::exception_ptr e);
+  // suspension's side (kv_suspend.cpp)
+  std::unique_ptr<Suspension> save_live(HostCopier& io, bool discard);
+  void map_saved(const Suspension& s, HostCopier& io);
+  void unmap_everything();
+  std::string check_suspended() const;
 
   Driver& driver_;
   KvConfig config_;
@@ -205,6 +232,8 @@ class KvManager {
   std::vector<std::int32_t> lengths_;  // engine thread only
   std::set<int> starved_;              // slots whose lookahead the mapper could not back
   std::atomic<bool> closed_{false};
+  std::atomic<bool> suspended_{false};  // set and cleared with the lock held; read lock-free by reserve_fast
+  std::unique_ptr<Suspension> saved_;   // while suspended
   std::atomic<bool> mapper_failed_{false};
   std::atomic<std::int64_t> physical_{0};
   std::atomic<std::uint64_t> sync_waits_{0};

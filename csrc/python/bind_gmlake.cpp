@@ -6,32 +6,13 @@
 
 #include "gmlake/registry.h"
 #include "python/common.h"
-#include "python/engine_handle.h"
+#include "python/engine_copier.h"
 
 namespace glake::py_bind {
 namespace {
 
 namespace gm = glake::gmlake;
 
-/// suspend()'s and resume()'s copies through a multipath engine: pageable host memory staged through
-/// pinned buffers by several threads, instead of the driver's one synchronous memcpy at a time.
-class EngineCopier final : public HostCopier {
- public:
-  explicit EngineCopier(std::shared_ptr<multipath::CopyEngine> e) : e_(std::move(e)) {}
-  void to_host(DevPtr dst, DevPtr src, std::size_t n) override {
-    e_->copy(dst, multipath::MemKind::Pageable, src, multipath::MemKind::Device, n, 0, false);
-  }
-  void to_device(DevPtr dst, DevPtr src, std::size_t n) override {
-    e_->copy(dst, multipath::MemKind::Device, src, multipath::MemKind::Pageable, n, 0, false);
-  }
-
- private:
-  std::shared_ptr<multipath::CopyEngine> e_;
-};
-
-std::unique_ptr<EngineCopier> copier_of(const PyEngine* engine) {
-  return engine ? std::make_unique<EngineCopier>(engine->get()) : nullptr;
-}
 using AllocatorPtr = std::shared_ptr<gm::StitchAllocator>;
 
 /// A pool id as Python sees it: None for "no pool" ({0,0}), else (first, second) as torch's MempoolId.

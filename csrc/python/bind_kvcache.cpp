@@ -6,6 +6,7 @@
 
 #include "kvcache/kv_manager.h"
 #include "python/common.h"
+#include "python/engine_copier.h"
 
 namespace glake::py_bind {
 namespace {
@@ -80,6 +81,8 @@ py::dict stats_dict(kv::KvManager& m) {
       {"mapper_passes", s.mapper_passes}, {"mapper_busy_ns", s.mapper_busy_ns}, {"lengths_waits", s.lengths_waits}};
   for (const auto& [key, value] : counters) d[key] = value;
   d["fences_pending"] = s.fences_pending;
+  d["suspended"] = s.suspended ? 1 : 0;
+  d["suspended_host_bytes"] = s.suspended_host_bytes;
   return d;
 }
 
@@ -203,6 +206,18 @@ void bind_kvcache(py::module_& m) {
       .def("test_release_trim", &kv::KvManager::release_trim, NoGil())
       .def("test_unmap_log", &kv::KvManager::set_unmap_log, py::arg("on"), NoGil())
       .def_property_readonly("test_unmaps", &kv::KvManager::unmap_log)
+      .def("suspend", [](kv::KvManager& k, bool discard, const PyEngine* engine) {
+             auto copier = copier_of(engine);
+             py::gil_scoped_release nogil;
+             k.suspend(copier.get(), discard);
+           }, py::arg("discard") = false, py::arg("engine") = nullptr,
+           "Gives the device memory back (live chunks to host memory unless discard, through `engine` when given).")
+      .def("resume", [](kv::KvManager& k, const PyEngine* engine) {
+             auto copier = copier_of(engine);
+             py::gil_scoped_release nogil;
+             k.resume(copier.get());
+           }, py::arg("engine") = nullptr, "Maps every saved place again and copies the bytes back.")
+      .def_property_readonly("suspended", &kv::KvManager::suspended, "True between suspend() and resume().")
       .def("close", &kv::KvManager::close, NoGil())
       .def_property_readonly("closed", &kv::KvManager::closed);
 }

@@ -4,8 +4,8 @@ One address range holds every slot's KV rows (see :mod:`glake.kvcache.layout`); 
 ``v_cache(l)`` are fixed strided torch tensors over it. The mechanism is ``glake._C.KvManager``: the
 slot table, chunk accounting and memory budget, the background mapper thread (no GIL), trimming and
 reclamation, fork bookkeeping, release fences (driver events, polled, never waited for under its
-lock) and the lengths array. This layer keeps the torch parts: the views, the fork tail copy, the
-swap copies, the stream handles, and the device ``lengths`` tensor.
+lock), the lengths array and suspension. This layer keeps the torch parts: the views, the fork tail
+copy, the swap copies, the stream handles, and the device ``lengths`` tensor.
 
 Threading contract: one engine thread calls the methods; the C++ mapper thread is the only other one.
 """
@@ -69,6 +69,11 @@ def _as_device_index(device: Union[None, int, str, torch.device], backend: str) 
     return checked_index("device", device, 0, None)
 
 
+def _engine_handle(engine):
+    """The ``_C.MultipathEngine`` of ``engine``: None, the handle itself, or a ``glake.multipath.Engine``."""
+    return getattr(engine, "_e", engine)
+
+
 class KVCache:
     """Virtually contiguous KV cache for ``max_seqs`` sequences of up to ``max_seq_len`` tokens.
 
@@ -91,6 +96,13 @@ class KVCache:
     lookahead_tokens
         The mapper keeps each growing sequence backed this many tokens past its reserved length;
         0 = no background thread, every mapping is synchronous.
+
+    Attributes
+    ----------
+    device : torch.device
+        Where the views and :attr:`lengths` live (``cuda:N``, or ``cpu`` on the host backend).
+    device_index : int
+        The device ordinal (what ``glake.suspend`` matches the cache by).
 
     Raises
     ------
@@ -128,6 +140,9 @@ class KVCache:
         self._stats_key = register_section(  # glake stats / top show it while it is open
             "kvcache", self, device=self.device_index,
             labels={"cache": str(next_serial()), "backend": self.backend, "layers": str(self.layout.num_layers)})
+        from glake import suspension
+
+        suspension.register(self)  # glake.suspend() gives its memory back too
 
     # ---- views -----------------------------------------------------------------------------------
 
@@ -277,7 +292,8 @@ class KVCache:
         InvalidArgumentError
             ``slot`` is not a live sequence, or ``length`` is outside ``[0, max_seq_len]``.
         GlakeError
-            The background mapper failed since the last call (raised once; the cache stays usable).
+            The background mapper failed since the last call (raised once; the cache stays usable),
+            or the cache is suspended (:meth:`suspend`).
         """
         if not self._m.reserve(slot, length):
             self._raise_mapper_error()
@@ -459,7 +475,9 @@ class KVCache:
         (:meth:`num_free_chunks`), ``chunks_budget`` (None without a budget),
         ``pool_cached_chunks``, ``slots_active|released|free``, ``tokens_reserved`` (sum over live
         sequences), ``tokens_mapped`` (physical bytes mapped / row), ``utilisation`` (their
-        ratio; above 1 when forks share chunks) and ``fences_pending`` (slots behind a release fence).
+        ratio; above 1 when forks share chunks), ``fences_pending`` (slots behind a release fence),
+        ``suspended`` (1 between :meth:`suspend` and :meth:`resume`) and ``suspended_host_bytes``
+        (host memory the suspended bytes take; 0 after a discard or when not suspended).
 
         Counters: ``maps`` (chunks mapped, one driver map each) = ``maps_background`` +
         ``maps_sync`` + ``maps_shared`` (fork prefixes); ``unmaps``; ``reclaimed_released`` /
@@ -487,6 +505,62 @@ class KVCache:
         cause = _ERRORS.get(kind, RuntimeError)(msg)
         raise GlakeError(f"KVCache: the background mapper failed: {kind}: {msg}") from cause
 
+    # ---- suspension ------------------------------------------------------------------------------
+
+    def suspend(self, discard: bool = False, engine=None) -> None:
+        """Gives the cache's device memory back to the driver; every address (every view) stays reserved.
+
+        Waits for the pending release fences and synchronises the device, copies every physical chunk
+        a live sequence maps to host memory (a fork's shared prefix chunk once; consecutive chunks in
+        one copy), then unmaps everything and releases every chunk, the pool's cached ones too.
+        Released slots' kept chunks are dropped, not copied (the slots become free). Nothing is
+        unmapped before every copy succeeded: a failure leaves the cache as it was.
+
+        While suspended, the views must not be touched (nothing is backed: an illegal address, SIGSEGV
+        on the host backend), and every call that needs backing raises :class:`GlakeError` ("the KV
+        cache is suspended ... call resume() first"): ``reserve``, ``reserve_batch``, ``prefetch``,
+        ``fork``, ``write``/``check_writable``, ``swap_out``, ``swap_in``. ``can_reserve`` is False.
+        What works: ``stats``, ``capacity`` (0: nothing is backed), ``reserved`` and :attr:`lengths`
+        (sequences keep their lengths), ``chunk_ids`` (empty lists), ``allocate`` (a slot with nothing
+        mapped), ``release`` (the sequence's places are forgotten: ``resume`` does not map them
+        again), ``trim``, ``close``. The background mapper stays alive but maps nothing.
+
+        Parameters
+        ----------
+        discard
+            Copy nothing: after :meth:`resume` every sequence has its chunks at the same places
+            (shared prefixes shared again) and keeps its length, but the contents are undefined.
+        engine
+            A multipath engine for the copies (``glake.multipath.engine(backend, device)``, or its
+            ``._e``), as :func:`glake.suspend` passes; None = the driver's memcpy.
+
+        Raises
+        ------
+        InvalidArgumentError
+            Already suspended, or the cache is closed.
+        OutOfMemoryError
+            No host memory for the copy; nothing changed.
+        """
+        self._m.suspend(bool(discard), _engine_handle(engine))
+
+    def resume(self, engine=None) -> None:
+        """Takes the memory again: every saved chunk is created first, then mapped at every place it had
+        (a fork prefix: one chunk mapped in both slots again) and its bytes copied back (none after
+        ``suspend(discard=True)``: the contents are then undefined). A no-op when not suspended.
+
+        Raises
+        ------
+        OutOfMemoryError
+            The device (or the budget) cannot give the chunks: nothing is kept, the cache stays
+            suspended and ``resume()`` can be called again.
+        """
+        self._m.resume(_engine_handle(engine))
+
+    @property
+    def suspended(self) -> bool:
+        """True between :meth:`suspend` and a successful :meth:`resume`."""
+        return self._m.suspended
+
     # ---- closing ---------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -497,6 +571,9 @@ class KVCache:
         if self._closed:
             return
         unregister(self._stats_key)
+        from glake import suspension
+
+        suspension.unregister(self)
         if self._on_cuda:
             torch.cuda.synchronize(self.device)
         self._closed = True

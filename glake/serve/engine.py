@@ -272,11 +272,11 @@ class LLMEngine:
     def sleep(self, level: int = 1) -> Dict[str, Any]:
         """Gives device memory back while idle (vLLM's sleep mode, level 1).
 
-        The KV cache's contents are discarded: the prefix cache is emptied and every chunk that no
-        live sequence holds goes back to the driver (``KVCache.trim``). Then glake's process-wide
-        allocators are suspended (:func:`glake.suspend`): whatever torch allocated through glake
-        (``glake run``, ``glake.torch.install``) — the weights among it — goes to host memory at the
-        same addresses. Weights in torch's own allocator stay on the device. The next request, or
+        The KV cache's contents are discarded: the prefix cache is emptied and the cache is suspended
+        with ``discard`` (every chunk back to the driver, nothing copied; its views keep their
+        addresses, so the CUDA graphs stay valid). With it :func:`glake.suspend` suspends glake's
+        process-wide allocators: whatever torch allocated through glake (``glake run``,
+        ``glake.torch.install``) — the weights among it — goes to host memory at the same addresses. Weights in torch's own allocator stay on the device. The next request, or
         :meth:`wake_up`, brings everything back. Returns ``{"kv_bytes_freed", "devices_suspended"}``.
 
         Raises
@@ -296,12 +296,10 @@ class LLMEngine:
             return {"kv_bytes_freed": 0, "devices_suspended": []}
         if self.scheduler.prefix_cache is not None:
             self.scheduler.prefix_cache.clear()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the last steps' release fences, so trim() can unmap
-        freed = self.kv.trim()
+        freed = self.kv.stats()["chunks_physical"] * self.kv.layout.chunk_bytes
         import glake
 
-        devices = glake.suspend(self.device.index if self.device.type == "cuda" else None)
+        devices = glake.suspend(self.kv.device_index, discard=[self.kv])
         self.sleeping = True
         return {"kv_bytes_freed": int(freed), "devices_suspended": devices}
 

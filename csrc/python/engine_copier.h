@@ -1,0 +1,33 @@
+// The HostCopier of the bindings that suspend (gmlake's allocator, kvcache's manager): their copies go
+// through a multipath engine when Python passes one.
+#pragma once
+
+#include <memory>
+
+#include "core/host_copy.h"
+#include "python/engine_handle.h"
+
+namespace glake::py_bind {
+
+/// suspend()'s and resume()'s copies through a multipath engine: pageable host memory staged through
+/// pinned buffers by several threads, instead of the driver's one synchronous memcpy at a time.
+class EngineCopier final : public HostCopier {
+ public:
+  explicit EngineCopier(std::shared_ptr<multipath::CopyEngine> e) : e_(std::move(e)) {}
+  void to_host(DevPtr dst, DevPtr src, std::size_t n) override {
+    e_->copy(dst, multipath::MemKind::Pageable, src, multipath::MemKind::Device, n, 0, false);
+  }
+  void to_device(DevPtr dst, DevPtr src, std::size_t n) override {
+    e_->copy(dst, multipath::MemKind::Device, src, multipath::MemKind::Pageable, n, 0, false);
+  }
+
+ private:
+  std::shared_ptr<multipath::CopyEngine> e_;
+};
+
+/// The copier for an optional engine argument (null: the caller's default, the driver's memcpy).
+inline std::unique_ptr<EngineCopier> copier_of(const PyEngine* engine) {
+  return engine ? std::make_unique<EngineCopier>(engine->get()) : nullptr;
+}
+
+}  // namespace glake::py_bind
