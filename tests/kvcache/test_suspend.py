@@ -62,7 +62,7 @@ def test_suspend_gives_every_chunk_back_and_resume_restores_bytes_addresses_and_
     base = physical(backend)
     kv = make_kv()
     (a, b, f), vals = three_sequences(kv)
-    assert kv.device == 0 and kv.chunk_ids(f)[:3] == kv.chunk_ids(a)[:3] and kv.stats()["chunks_shared"] == 3
+    assert kv.device_index == 0 and kv.chunk_ids(f)[:3] == kv.chunk_ids(a)[:3] and kv.stats()["chunks_shared"] == 3
     live_chunks = len({c for s in (a, b, f) for c in kv.chunk_ids(s)})  # 5 of a, 3 of b, 1 tail of f
     assert live_chunks == 9 and kv.stats()["chunks_physical"] == 11  # and the released slot's 2
     before = dict(views=views(kv), sharing=sharing(kv, (a, b, f)), caps=[kv.capacity(s) for s in (a, b, f)],
@@ -281,3 +281,19 @@ def test_suspend_waits_for_a_pending_release_fence_without_the_lock(make_host_kv
     kv.check_invariants()
     kv.resume()
     assert np.array_equal(get(kv, a, 0, 20), ramp(4, 0, 20))
+
+
+def test_glake_suspend_takes_every_registered_cache_and_discard_skips_the_copy(make_host_kv):
+    kept, dropped = make_host_kv(), make_host_kv()
+    for kv in (kept, dropped):
+        s = kv.allocate()
+        kv.reserve(s, 40)
+        kv.k_cache(0)[s, :40] = 3.0
+    assert glake.suspend(discard=[dropped]) == [0]
+    assert kept.suspended and dropped.suspended
+    assert kept.stats()["suspended_host_bytes"] > 0 and dropped.stats()["suspended_host_bytes"] == 0
+    assert glake.resume() == [0]
+    assert not kept.suspended and not dropped.suspended
+    assert bool((kept.k_cache(0)[0, :40] == 3.0).all())
+    dropped.close()  # a closed cache leaves the registry
+    assert dropped not in glake.suspension._registered(None)
