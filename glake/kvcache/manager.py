@@ -71,7 +71,7 @@ def _as_device_index(device: Union[None, int, str, torch.device], backend: str) 
 
 def _engine_handle(engine):
     """The ``_C.MultipathEngine`` of ``engine``: None, the handle itself, or a ``glake.multipath.Engine``."""
-    return getattr(engine, "_e", engine)
+    return getattr(engine, "handle", engine)
 
 
 class KVCache:
@@ -532,7 +532,7 @@ class KVCache:
             (shared prefixes shared again) and keeps its length, but the contents are undefined.
         engine
             A multipath engine for the copies (``glake.multipath.engine(backend, device)``, or its
-            ``._e``), as :func:`glake.suspend` passes; None = the driver's memcpy.
+            ``.handle``), as :func:`glake.suspend` passes; None = the driver's memcpy.
 
         Raises
         ------

@@ -50,12 +50,12 @@ def suspend_resume_retry():
     tokens(m, f, 32, 48)[:] = pattern(16 * ROW, 2)
     assert m.stats()["chunks_shared"] == 2 and fake.fake_live_vmm_handles() == handles + 4
     engine = glake.multipath.engine("cuda", 0)
-    m.suspend(False, engine._e)
+    m.suspend(False, engine.handle)
     assert m.suspended and fake.fake_live_vmm_handles() == handles, "every chunk went back to the driver"
     assert m.stats()["suspended_host_bytes"] == 4 * 2 * MiB
     os.environ["FAKE_CUDA_MAX_CHUNK"] = str(MiB)  # no 2 MiB chunk to be had now
     try:
-        m.resume(engine._e)
+        m.resume(engine.handle)
         raise AssertionError("resume succeeded without memory")
     except glake.OutOfMemoryError as e:
         assert "still suspended" in str(e), e
