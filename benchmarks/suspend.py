@@ -2,31 +2,137 @@
 
 For each size, a fresh process installs glake.torch, fills that many bytes of tensors (1 GiB each,
 random data), and times glake.suspend() and glake.resume() (device synchronised around each), reads
-cudaMemGetInfo before, while suspended and after, and checks one tensor's checksum across the pair.
+cudaMemGetInfo before, while suspended and after, checks one tensor's checksum across the pair, and
+reads the driver's time in unmap/release (suspend) and create/map/set_access (resume).
 Targets (issue 16): >= 40 GB/s each way, device memory left <= 0.1 GiB plus what glake does not manage
-(the CUDA context, torch's kernels).
+(the CUDA context, torch's kernels); first token after a server's wake <= 2x the time to copy its weights
+back.
 
-    python3 benchmarks/suspend.py [--sizes-gib 1,16,80]
+``--probe`` adds, per size, where suspend's time can go on this machine, each part measured alone in
+the same process: the transparent-huge-page setting; faulting in fresh anonymous memory with 8
+threads (what the suspend buffers' prefault does); multipath's device-to-pageable copy into memory
+already faulted in and into fresh memory; allocating pinned memory and copying into it; and the
+suspend again with the prefault off (GLAKE_SUSPEND_PREFAULT_THREADS=0).
+
+``--serve`` measures glake's LLM engine (a random Llama-3-8B-shaped model in bf16, weights through
+glake) going to sleep (level 1) and answering its next request: first-token latency awake and right
+after the wake, against the time of a pinned host-to-device copy of the weights' bytes (same run),
+and whether the greedy tokens after the wake equal those before.
+
+    python3 benchmarks/suspend.py [--sizes-gib 1,16,80] [--probe] [--serve]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 from _common import print_table, write_json  # noqa: E402
 
 GiB = 1 << 30
+MADV_HUGEPAGE, MADV_POPULATE_WRITE = 14, 23
+PREFAULT_THREADS = 8
 
 
-def worker(gib: int) -> dict:
+def _driver_ms(before: Dict[str, int], after: Dict[str, int], *ops: str) -> float:
+    return sum(after[f"time_ns.{op}"] - before[f"time_ns.{op}"] for op in ops) / 1e6
+
+
+def _thp() -> Dict[str, str]:
+    out = {}
+    for name in ("enabled", "defrag"):
+        try:
+            out[name] = Path(f"/sys/kernel/mm/transparent_hugepage/{name}").read_text().strip()
+        except OSError as e:
+            out[name] = f"unreadable ({e.strerror})"
+    return out
+
+
+class _Anon:
+    """Fresh anonymous host memory (as the suspend buffers are), optionally faulted in by threads."""
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.ptr = self.libc.mmap(None, n, 3, 0x22 | 0x4000, -1, 0)  # RW, private|anonymous|noreserve
+        if self.ptr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap failed")
+        self.libc.madvise(self.ptr, n, MADV_HUGEPAGE)
+
+    def populate(self, threads: int) -> float:
+        """Faults every page in with ``threads`` threads (MADV_POPULATE_WRITE); returns seconds."""
+        per = (self.n // threads + 4095) // 4096 * 4096
+        errors: List[int] = []
+
+        def work(lo: int) -> None:
+            size = min(per, self.n - lo)
+            if size > 0 and self.libc.madvise(self.ptr + lo, size, MADV_POPULATE_WRITE) != 0:
+                errors.append(ctypes.get_errno())
+
+        pool = [threading.Thread(target=work, args=(t * per,)) for t in range(threads)]
+        t0 = time.perf_counter()
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
+        if errors:
+            raise OSError(errors[0], "MADV_POPULATE_WRITE failed (kernel before 5.14?)")
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.libc.munmap(self.ptr, self.n)
+
+
+def probe(torch, xs) -> Dict[str, float]:
+    """The parts of a suspend of ``xs`` (1 GiB tensors), each timed alone."""
+    from glake import multipath
+
+    n = len(xs) * GiB
+    eng = multipath.engine("cuda", torch.cuda.current_device())
+    gbs = lambda s: n / s / 1e9  # noqa: E731
+
+    def copy_into(base: int, kind: str) -> float:
+        t0 = time.perf_counter()
+        for i, x in enumerate(xs):
+            eng.copy_raw(base + i * GiB, x.data_ptr(), GiB, kind)
+        return time.perf_counter() - t0
+
+    out: Dict[str, float] = {}
+    warm = _Anon(n)
+    out["prefault_gbs"] = gbs(warm.populate(PREFAULT_THREADS))
+    out["d2h_faulted_gbs"] = gbs(copy_into(warm.ptr, "device_to_pageable"))
+    warm.close()
+    fresh = _Anon(n)
+    out["d2h_fresh_gbs"] = gbs(copy_into(fresh.ptr, "device_to_pageable"))
+    fresh.close()
+    t0 = time.perf_counter()
+    pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    out["pinned_alloc_gbs"] = gbs(time.perf_counter() - t0)
+    out["d2h_pinned_gbs"] = gbs(copy_into(pinned.data_ptr(), "device_to_pinned"))
+    del pinned
+    return out
+
+
+def worker(gib: int, with_probe: bool) -> dict:
     import glake
     import glake.torch
+    from glake import core
 
     glake.torch.install()
     import torch
@@ -36,44 +142,164 @@ def worker(gib: int) -> dict:
     want = float(xs[-1].double().sum())
     torch.cuda.synchronize()
     held_free, _ = torch.cuda.mem_get_info()
+    c0 = core.stats("cuda")
     t0 = time.perf_counter()
     glake.suspend()
     t1 = time.perf_counter()
+    c1 = core.stats("cuda")
     suspended_free, _ = torch.cuda.mem_get_info()
     t2 = time.perf_counter()
     glake.resume()
     torch.cuda.synchronize()
     t3 = time.perf_counter()
+    c2 = core.stats("cuda")
     got = float(xs[-1].double().sum())
-    return {"gib": gib, "suspend_s": t1 - t0, "resume_s": t3 - t2, "base_free": base_free, "held_free": held_free,
-            "suspended_free": suspended_free, "total": total, "intact": got == want}
+    r = {"gib": gib, "suspend_s": t1 - t0, "resume_s": t3 - t2, "base_free": base_free, "held_free": held_free,
+         "suspended_free": suspended_free, "total": total, "intact": got == want,
+         "prefault_threads": os.environ.get("GLAKE_SUSPEND_PREFAULT_THREADS", str(PREFAULT_THREADS)),
+         "suspend_driver_ms": _driver_ms(c0, c1, "unmap", "release"),
+         "resume_driver_ms": _driver_ms(c1, c2, "create", "map", "set_access")}
+    if with_probe:
+        r["probe"] = probe(torch, xs)
+    return r
+
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def serve_worker(prompt_tokens: int) -> dict:
+    import glake.torch
+
+    glake.torch.install()
+    import torch
+    from transformers import LlamaConfig
+
+    from glake.serve.engine import LLMEngine
+    from glake.serve.models import random_model
+    from glake.serve.sampling_params import SamplingParams
+
+    config = LlamaConfig(**LLAMA3_8B)
+    engine = LLMEngine(random_model(config, "cuda", torch.bfloat16), device="cuda", dtype=torch.bfloat16,
+                       max_num_seqs=16, max_model_len=4096)
+    prompt = [(7 * i + 3) % config.vocab_size for i in range(prompt_tokens)]
+
+    def first_token():
+        t0 = time.perf_counter()
+        seqs = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        t_first = None
+        while engine.has_unfinished():
+            engine.step()
+            if t_first is None and len(seqs[0].token_ids) > len(prompt):
+                t_first = time.perf_counter() - t0
+        return t_first, seqs[0].token_ids[len(prompt):]
+
+    for _ in range(3):
+        first_token()
+    awake = [first_token() for _ in range(5)]
+    awake_s = statistics.median(t for t, _ in awake)
+    tokens_before = awake[-1][1]
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    free_awake, _ = torch.cuda.mem_get_info()
+    t0 = time.perf_counter()
+    engine.sleep()
+    sleep_s = time.perf_counter() - t0
+    free_asleep, _ = torch.cuda.mem_get_info()
+    after_wake_s, tokens_after = first_token()
+    engine.sleep()
+    t0 = time.perf_counter()
+    engine.wake_up()
+    torch.cuda.synchronize()
+    wake_s = time.perf_counter() - t0
+    engine.close()
+    # the anchor: the weights' bytes from pinned host memory to the device, plain torch, same process
+    host = torch.empty(weight_bytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(weight_bytes, dtype=torch.uint8, device="cuda")
+    copies = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        copies.append(time.perf_counter() - t0)
+    return {"weight_bytes": weight_bytes, "prompt_tokens": prompt_tokens, "ttft_awake_s": awake_s,
+            "ttft_after_wake_s": after_wake_s, "sleep_s": sleep_s, "wake_s": wake_s,
+            "weights_copy_s": statistics.median(copies), "freed_by_sleep": free_asleep - free_awake,
+            "same_tokens": tokens_after == tokens_before}
+
+
+def run_worker(args: List[str], env=None) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, **(env or {})})
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        raise RuntimeError(f"worker {' '.join(args)} failed:\n{(proc.stderr or proc.stdout)[-3000:]}")
+    return json.loads(line[-1][7:])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-gib", default="1,16,80")
+    ap.add_argument("--probe", action="store_true", help="time the parts of a suspend alone, and with no prefault")
+    ap.add_argument("--serve", action="store_true", help="an LLM engine's first token after a wake")
+    ap.add_argument("--prompt-tokens", type=int, default=512, help="the --serve request's prompt")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--serve-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker)))
+        print("RESULT " + json.dumps(worker(args.worker, args.probe)))
         return
-    rows, results = [], []
+    if args.serve_worker:
+        print("RESULT " + json.dumps(serve_worker(args.prompt_tokens)))
+        return
+    rows, probes, results = [], [], []
+    variants = [("8 threads", None)] + ([("off", {"GLAKE_SUSPEND_PREFAULT_THREADS": "0"})] if args.probe else [])
     for gib in (int(x) for x in args.sizes_gib.split(",") if x):
-        proc = subprocess.run([sys.executable, __file__, "--worker", str(gib)], capture_output=True, text=True,
-                              timeout=1200)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            rows.append([gib, "error", "", "", "", "", ""])
-            print(f"{gib} GiB failed:\n{(proc.stderr or proc.stdout)[-2000:]}")
-            continue
-        r = json.loads(line[0][7:])
-        results.append(r)
-        left = (r["base_free"] - r["suspended_free"]) / GiB  # what the process still holds beyond its start
-        rows.append([gib, round(r["suspend_s"], 3), round(gib * GiB / r["suspend_s"] / 1e9, 1), round(r["resume_s"], 3),
-                     round(gib * GiB / r["resume_s"] / 1e9, 1), round(left, 3), r["intact"]])
+        for label, env in variants:
+            try:
+                r = run_worker(["--worker", str(gib)] + (["--probe"] if args.probe and env is None else []), env)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                rows.append([gib, label, "error", "", "", "", "", "", ""])
+                print(e)
+                continue
+            results.append(r)
+            left = (r["base_free"] - r["suspended_free"]) / GiB  # what the process still holds beyond its start
+            rows.append([gib, label, round(r["suspend_s"], 3), round(gib * GiB / r["suspend_s"] / 1e9, 1),
+                         round(r["suspend_driver_ms"]), round(r["resume_s"], 3),
+                         round(gib * GiB / r["resume_s"] / 1e9, 1), round(left, 3), r["intact"]])
+            if "probe" in r:
+                p = r["probe"]
+                probes.append([gib, round(p["prefault_gbs"], 1), round(p["d2h_faulted_gbs"], 1),
+                               round(p["d2h_fresh_gbs"], 1), round(p["pinned_alloc_gbs"], 1),
+                               round(p["d2h_pinned_gbs"], 1)])
+            print(f"  {gib} GiB, prefault {label}: suspend {r['suspend_s']:.3f} s, resume {r['resume_s']:.3f} s", flush=True)
     print_table("glake.suspend / glake.resume (device synchronised around each)",
-                ["GiB", "suspend s", "suspend GB/s", "resume s", "resume GB/s", "GiB left vs start", "data intact"], rows)
-    write_json("suspend", {"args": vars(args), "results": results})
+                ["GiB", "prefault", "suspend s", "suspend GB/s", "of it unmap+release ms", "resume s", "resume GB/s",
+                 "GiB left vs start", "data intact"], rows)
+    payload: Dict[str, object] = {"args": vars(args), "results": results}
+    if probes:
+        payload["thp"] = _thp()
+        print(f"transparent huge pages: {payload['thp']}")
+        print_table(f"The parts of a suspend, each alone (GB/s; prefault = {PREFAULT_THREADS} threads, MADV_POPULATE_WRITE)",
+                    ["GiB", "prefault fresh memory", "d2h into faulted pageable", "d2h into fresh pageable",
+                     "pinned alloc", "d2h into pinned"], probes)
+    if args.serve:
+        try:
+            s = run_worker(["--serve-worker", "--prompt-tokens", str(args.prompt_tokens)])
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            print(e)
+        else:
+            payload["serve"] = s
+            ratio = s["ttft_after_wake_s"] / s["weights_copy_s"]
+            print_table(f"LLM engine sleep / wake (Llama-3-8B shape, {s['weight_bytes'] / 1e9:.2f} GB of weights, "
+                        f"{s['prompt_tokens']}-token prompt; target: first token after a wake <= 2x the weights' copy)",
+                        ["TTFT awake ms", "sleep s", "GiB freed", "TTFT after wake ms", "wake alone ms",
+                         "weights pinned->GPU ms", "after wake / copy", "same tokens"],
+                        [[round(s["ttft_awake_s"] * 1e3, 1), round(s["sleep_s"], 2), round(s["freed_by_sleep"] / GiB, 1),
+                          round(s["ttft_after_wake_s"] * 1e3, 1), round(s["wake_s"] * 1e3, 1),
+                          round(s["weights_copy_s"] * 1e3, 1), round(ratio, 2), s["same_tokens"]]])
+    write_json("suspend", payload)
 
 
 if __name__ == "__main__":

@@ -106,3 +106,23 @@ def test_8b_wide_logits_within_bf16_tolerance_of_hf():
     ours = max(abs(lp[t] - ref32[t].item()) for t in common)
     theirs = max(abs(ref16[t].item() - ref32[t].item()) for t in common)
     assert ours <= 2 * theirs + 0.02, (ours, theirs)
+
+
+def test_greedy_outputs_after_a_wake_equal_those_before():
+    """Sleep (level 1) gives the KV cache's chunks back on the GPU; the next requests, CUDA graphs
+    replayed over the same KV views, give the same greedy tokens as before the sleep."""
+    hf = tiny_llama(5)
+    params = SamplingParams(temperature=0, max_tokens=MAX)
+    with LLM(hf, device="cuda", dtype=torch.float16, max_num_seqs=4, max_model_len=128) as llm:
+        engine = llm.engine
+        before = [o.token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        assert engine.kv.stats()["chunks_physical"] > 0
+        free_awake, _ = torch.cuda.mem_get_info()
+        slept = engine.sleep()
+        assert engine.sleeping and slept["kv_bytes_freed"] > 0
+        assert engine.kv.stats()["chunks_physical"] == 0
+        assert torch.cuda.mem_get_info()[0] > free_awake
+        after = [o.token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]  # wakes the engine
+        assert not engine.sleeping
+        assert engine.runner.graphs is not None
+    assert after == before
