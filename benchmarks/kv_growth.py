@@ -249,6 +249,7 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             "peak_chunks": s1["chunks_physical"],
             "reserve_batch_us_p50": statistics.median(sim.batch_us) if sim.batch_us else 0.0,
             "top_ops": top,
+            "step_ms_each": [round(t * 1e3, 2) for t in times],  # in order: when a mode slows down
         }
     finally:
         kv.close()
