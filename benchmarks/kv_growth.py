@@ -174,6 +174,15 @@ class DecodeSim:
         return sum(self.length) - sum(self.length[i] for i, *_ in self.pending)
 
 
+def torch_memory(kv: KVCache) -> Dict[str, int]:
+    """torch's caching-allocator counters that tell whether its cache ran into the device's limit."""
+    if kv.device.type != "cuda":
+        return {}
+    m = torch.cuda.memory_stats(kv.device)
+    keys = ["num_alloc_retries", "num_device_alloc", "num_device_free", "reserved_bytes.all.peak"]
+    return {k: int(m.get(k, 0)) for k in keys}
+
+
 def sync(kv: KVCache) -> None:
     if kv.device.type == "cuda":
         torch.cuda.synchronize(kv.device)
@@ -212,7 +221,7 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             sim.step()
         sync(kv)
         kv.wait_mapper()
-        s0, c0 = kv.stats(), core.stats(backend)
+        s0, c0, t0_mem = kv.stats(), core.stats(backend), torch_memory(kv)
         times, waiting_steps, used, mapped, ideal = [], 0, 0, 0, 0
         sim.batch_us.clear()
         for _ in range(args.steps):
@@ -226,7 +235,7 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             ideal += sim.fewest_chunks(lookahead or 0)
             if kv.sync_waits > w0:
                 waiting_steps += 1
-        s1, c1 = kv.stats(), core.stats(backend)
+        s1, c1, t1_mem = kv.stats(), core.stats(backend), torch_memory(kv)
         top = profile_steps(sim, kv, args.profile_steps) if args.profile_steps else []
         row = kv.layout.row_bytes
         chunk_tokens = kv.layout.chunk_bytes / row
@@ -250,6 +259,9 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             "reserve_batch_us_p50": statistics.median(sim.batch_us) if sim.batch_us else 0.0,
             "top_ops": top,
             "step_ms_each": [round(t * 1e3, 2) for t in times],  # in order: when a mode slows down
+            # torch's own caching allocator over the measured steps (the step's temporaries live there,
+            # beside the KV cache): a retry is a cudaMalloc that failed, then torch freed its cache
+            "torch_alloc": {k: t1_mem[k] - t0_mem[k] if k.startswith("num_") else t1_mem[k] for k in t1_mem},
         }
     finally:
         kv.close()
@@ -337,7 +349,8 @@ def main() -> None:
     for r in range(args.repeats):
         for name, la in (modes if r % 2 == 0 else modes[::-1]):
             results[name].append(run_mode(name, la, args, requests, backend))
-            print(f"  {name}: {results[name][-1]['step_ms_mean']:.3f} ms/step", flush=True)
+            r = results[name][-1]
+            print(f"  {name}: {r['step_ms_mean']:.3f} ms/step; torch's allocator: {r['torch_alloc']}", flush=True)
 
     def pooled(rs: List[Dict], key: str) -> float:
         return statistics.fmean(r[key] for r in rs)
