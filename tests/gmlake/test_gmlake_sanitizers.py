@@ -15,7 +15,8 @@ import pytest
 from tests.sanitizer_util import ROOT, SANITIZERS, run_under_sanitizer
 
 SOURCES = sorted(str(p) for p in (ROOT / "gmlake").glob("*.cpp")) + [
-    str(ROOT / "csrc" / "core" / name) for name in ("phys_chunk.cpp", "virtual_range.cpp", "chunk_pool.cpp")] + [
+    str(ROOT / "csrc" / "core" / name)
+    for name in ("phys_chunk.cpp", "virtual_range.cpp", "chunk_pool.cpp", "host_copy.cpp")] + [
     str(ROOT / "csrc" / "driver" / "driver.cpp"), str(ROOT / "csrc" / "driver" / "host_driver.cpp"),
     str(ROOT / "csrc" / "common" / "error.cpp")]
 
