@@ -225,6 +225,9 @@ void capturer(StreamHandle stream, std::atomic<bool>& done, int& cycles) {
       a->end_allocate_to_pool(id);
       a->release_pool(id);
       ++cycles;
+      // Pending record_stream frees are processed only while no pool is allocated to: without a
+      // gap they pile up until every worker's malloc fails (and the stress stops stitching).
+      std::this_thread::sleep_for(std::chrono::microseconds(600));
     }
   } catch (const std::exception& e) {
     fail(std::string("capturer: ") + e.what());
