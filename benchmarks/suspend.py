@@ -12,12 +12,15 @@ back.
 the same process: the transparent-huge-page setting; faulting in fresh anonymous memory with 8
 threads (what the suspend buffers' prefault does); multipath's device-to-pageable copy into memory
 already faulted in and into fresh memory; allocating pinned memory and copying into it; and the
-suspend again with the prefault off (GLAKE_SUSPEND_PREFAULT_THREADS=0).
+suspend again with the buffers prefaulted by 8 threads (GLAKE_SUSPEND_PREFAULT_THREADS=8; the default
+is 0, no prefault).
 
 ``--serve`` measures glake's LLM engine (a random Llama-3-8B-shaped model in bf16, weights through
 glake) going to sleep (level 1) and answering its next request: first-token latency awake and right
 after the wake, against the time of a pinned host-to-device copy of the weights' bytes (same run),
-and whether the greedy tokens after the wake equal those before.
+and whether the greedy tokens after the wake equal those before. The wake's time is split into
+the multipath engine's copies (its busy time and number of copies) and the driver's create/map/
+set_access time.
 
     python3 benchmarks/suspend.py [--sizes-gib 1,16,80] [--probe] [--serve]
 """
@@ -156,7 +159,7 @@ def worker(gib: int, with_probe: bool) -> dict:
     got = float(xs[-1].double().sum())
     r = {"gib": gib, "suspend_s": t1 - t0, "resume_s": t3 - t2, "base_free": base_free, "held_free": held_free,
          "suspended_free": suspended_free, "total": total, "intact": got == want,
-         "prefault_threads": os.environ.get("GLAKE_SUSPEND_PREFAULT_THREADS", str(PREFAULT_THREADS)),
+         "prefault_threads": os.environ.get("GLAKE_SUSPEND_PREFAULT_THREADS", "0"),
          "suspend_driver_ms": _driver_ms(c0, c1, "unmap", "release"),
          "resume_driver_ms": _driver_ms(c1, c2, "create", "map", "set_access")}
     if with_probe:
@@ -171,6 +174,7 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
 
 def serve_worker(prompt_tokens: int) -> dict:
     import glake.torch
+    from glake import core, multipath
 
     glake.torch.install()
     import torch
@@ -208,10 +212,16 @@ def serve_worker(prompt_tokens: int) -> dict:
     free_asleep, _ = torch.cuda.mem_get_info()
     after_wake_s, tokens_after = first_token()
     engine.sleep()
+    copier = multipath.engine("cuda", 0)  # the engine glake.resume copies through
+    e0, c0 = copier.stats(), core.stats("cuda")
     t0 = time.perf_counter()
     engine.wake_up()
     torch.cuda.synchronize()
     wake_s = time.perf_counter() - t0
+    e1, c1 = copier.stats(), core.stats("cuda")
+    wake_parts = {"copy_ms": (e1["busy_ns"] - e0["busy_ns"]) / 1e6,
+                  "copies": sum(e1[k] - e0[k] for k in e1 if k.startswith("calls.")),
+                  "driver_ms": _driver_ms(c0, c1, "create", "map", "set_access")}
     engine.close()
     # the anchor: the weights' bytes from pinned host memory to the device, plain torch, same process
     host = torch.empty(weight_bytes, dtype=torch.uint8, pin_memory=True)
@@ -225,7 +235,7 @@ def serve_worker(prompt_tokens: int) -> dict:
         copies.append(time.perf_counter() - t0)
     return {"weight_bytes": weight_bytes, "prompt_tokens": prompt_tokens, "ttft_awake_s": awake_s,
             "ttft_after_wake_s": after_wake_s, "sleep_s": sleep_s, "wake_s": wake_s,
-            "weights_copy_s": statistics.median(copies), "freed_by_sleep": free_asleep - free_awake,
+            "weights_copy_s": statistics.median(copies), "freed_by_sleep": free_asleep - free_awake, "wake": wake_parts,
             "same_tokens": tokens_after == tokens_before}
 
 
@@ -254,7 +264,9 @@ def main() -> None:
         print("RESULT " + json.dumps(serve_worker(args.prompt_tokens)))
         return
     rows, probes, results = [], [], []
-    variants = [("8 threads", None)] + ([("off", {"GLAKE_SUSPEND_PREFAULT_THREADS": "0"})] if args.probe else [])
+    # the default is no prefault; --probe also runs the prefaulted variant
+    variants = [("off", None)] + ([(f"{PREFAULT_THREADS} threads", {"GLAKE_SUSPEND_PREFAULT_THREADS": str(PREFAULT_THREADS)})]
+                                  if args.probe else [])
     for gib in (int(x) for x in args.sizes_gib.split(",") if x):
         for label, env in variants:
             try:
@@ -295,9 +307,11 @@ def main() -> None:
             print_table(f"LLM engine sleep / wake (Llama-3-8B shape, {s['weight_bytes'] / 1e9:.2f} GB of weights, "
                         f"{s['prompt_tokens']}-token prompt; target: first token after a wake <= 2x the weights' copy)",
                         ["TTFT awake ms", "sleep s", "GiB freed", "TTFT after wake ms", "wake alone ms",
-                         "weights pinned->GPU ms", "after wake / copy", "same tokens"],
+                         "of it copies ms (n)", "of it driver ms", "weights pinned->GPU ms", "after wake / copy",
+                         "same tokens"],
                         [[round(s["ttft_awake_s"] * 1e3, 1), round(s["sleep_s"], 2), round(s["freed_by_sleep"] / GiB, 1),
                           round(s["ttft_after_wake_s"] * 1e3, 1), round(s["wake_s"] * 1e3, 1),
+                          f"{s['wake']['copy_ms']:.0f} ({s['wake']['copies']})", round(s["wake"]["driver_ms"]),
                           round(s["weights_copy_s"] * 1e3, 1), round(ratio, 2), s["same_tokens"]]])
     write_json("suspend", payload)
 

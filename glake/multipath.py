@@ -42,7 +42,7 @@ from __future__ import annotations
 import atexit
 import threading
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from glake import _C
 from glake.errors import GlakeWarning, InvalidArgumentError
@@ -225,6 +225,17 @@ class Engine:
         """
         dk, sk = _kind_pair(kind)
         self._e.copy(dst_ptr, src_ptr, nbytes, dk, sk, stream, non_blocking)
+
+    def copy_many_raw(self, items: Sequence[Tuple[int, int, int]], kind: str, stream: int = 0,
+                      non_blocking: bool = False) -> None:
+        """Copy each ``(dst_ptr, src_ptr, nbytes)`` of ``items``, all in one direction (``kind`` as in
+        :meth:`copy_raw`), as :meth:`copy_raw` would one after another; but the pageable ones go
+        through staging as one pipeline, so many runs of a few MiB move at the speed of one large
+        copy (suspend and resume copy this way). The items must not overlap each other. Every item
+        is validated before any byte moves.
+        """
+        dk, sk = _kind_pair(kind)
+        self._e.copy_many([(int(d), int(s), int(n)) for d, s, n in items], dk, sk, stream, non_blocking)
 
     def copy_(self, dst, src, non_blocking: bool = False):
         """Copy tensor ``src`` into tensor ``dst`` (any mix of pageable, pinned and cuda); returns ``dst``.

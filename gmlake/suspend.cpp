@@ -44,19 +44,21 @@ void StitchAllocator::suspend(HostCopier* copier) {
   if (!quiesce(0)) throw InvalidArgumentError(where + ": a stream is capturing a CUDA graph");
   DriverCopier plain(driver_, device_);
   HostCopier& io = copier ? *copier : plain;
-  // Copy first, so that a failure (host memory, the driver) leaves the allocator as it was.
+  // Copy first, so that a failure (host memory, the driver) leaves the allocator as it was. Every
+  // segment's runs of live chunks are gathered, each given a host buffer, then copied as one batch.
   std::map<const Segment*, SavedSegment> saved;
-  std::int64_t host_bytes = 0, file_bytes = 0;
+  std::vector<HostCopy> copies;
+  std::size_t host_bytes = 0, file_bytes = 0;
   for (auto& seg : segments_) {
     SavedSegment& s = saved[seg.get()];
     std::size_t run_start = 0, run_end = 0;  // the run of live chunks being gathered: [start, end)
     auto flush = [&] {
       if (run_end == run_start) return;
       const std::size_t n = run_end - run_start;
-      SavedRun r{run_start, std::make_unique<HostBuffer>(n)};
-      io.to_host(r.bytes->ptr(), seg->range->ptr() + run_start, n);
-      host_bytes += static_cast<std::int64_t>(n);
-      if (r.bytes->file_backed()) file_bytes += static_cast<std::int64_t>(n);
+      SavedRun r{run_start, std::make_unique<HostBuffer>(n, host_bytes - file_bytes)};
+      copies.push_back(HostCopy{r.bytes->ptr(), seg->range->ptr() + run_start, n});
+      host_bytes += n;
+      if (r.bytes->file_backed()) file_bytes += n;
       s.runs.push_back(std::move(r));
     };
     for (const Mapping& m : seg->range->mappings()) {
@@ -70,13 +72,14 @@ void StitchAllocator::suspend(HostCopier* copier) {
     }
     flush();
   }
+  io.to_host(copies);
   unmap_stitches();  // then each chunk's last mapping is its segment's: unmapping it releases it
   for (auto& seg : segments_) {
     for (const Mapping& m : seg->range->mappings()) seg->range->unmap(m.offset);
   }
   saved_ = std::move(saved);
-  stats_.suspended_host_bytes = host_bytes;
-  stats_.suspended_file_bytes = file_bytes;
+  stats_.suspended_host_bytes = static_cast<std::int64_t>(host_bytes);
+  stats_.suspended_file_bytes = static_cast<std::int64_t>(file_bytes);
   suspended_ = true;
 }
 
@@ -95,12 +98,14 @@ void StitchAllocator::resume(HostCopier* copier) {
   }
   DriverCopier plain(driver_, device_);
   HostCopier& io = copier ? *copier : plain;
+  std::vector<HostCopy> copies;
   for (auto& seg : segments_) {
     seg->range->map_many(0, made[seg.get()]);
     for (const SavedRun& r : saved_[seg.get()].runs) {
-      io.to_device(seg->range->ptr() + r.offset, r.bytes->ptr(), r.bytes->size());
+      copies.push_back(HostCopy{seg->range->ptr() + r.offset, r.bytes->ptr(), r.bytes->size()});
     }
   }
+  io.to_device(copies);  // every segment's runs in one batch
   map_stitches();
   saved_.clear();
   stats_.suspended_host_bytes = 0;

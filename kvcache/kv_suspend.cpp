@@ -59,13 +59,17 @@ std::unique_ptr<Suspension> KvManager::save_live(HostCopier& io, bool discard) {
   if (discard) return s;
   const auto cb = static_cast<std::size_t>(layout_.chunk_bytes);
   const DevPtr base = table_.range()->ptr();
+  std::vector<HostCopy> copies;
+  std::size_t pending = 0;  // host bytes of this batch not yet written
   for (const Run& r : runs_of(first, nullptr, cb)) {
-    auto buf = std::make_unique<HostBuffer>(r.count * cb);
-    io.to_host(buf->ptr(), base + first[r.first], r.count * cb);
+    auto buf = std::make_unique<HostBuffer>(r.count * cb, pending);
+    copies.push_back(HostCopy{buf->ptr(), base + first[r.first], r.count * cb});
     for (std::size_t k = 0; k < r.count; ++k) s->chunks[r.first + k].host = buf->ptr() + k * cb;
     s->host_bytes += static_cast<std::int64_t>(r.count * cb);
+    if (!buf->file_backed()) pending += r.count * cb;
     s->buffers.push_back(std::move(buf));
   }
+  io.to_host(copies);  // every run in one batch
   return s;
 }
 
@@ -143,7 +147,9 @@ void KvManager::map_saved(const Suspension& s, HostCopier& io) {
       }
       const auto cb = static_cast<std::size_t>(layout_.chunk_bytes);
       const DevPtr base = table_.range()->ptr();
-      for (const Run& r : runs_of(dst, &src, cb)) io.to_device(base + dst[r.first], src[r.first], r.count * cb);
+      std::vector<HostCopy> copies;
+      for (const Run& r : runs_of(dst, &src, cb)) copies.push_back(HostCopy{base + dst[r.first], src[r.first], r.count * cb});
+      io.to_device(copies);
     }
   } catch (...) {  // a driver or copy failure: undo the maps, keep the saved state for another resume()
     unmap_everything();

@@ -148,7 +148,7 @@ CopyEngine::Resolved CopyEngine::resolve(DevPtr dst, MemKind dst_kind, DevPtr sr
   return r;
 }
 
-CopyPath CopyEngine::choose(const Resolved& r, std::size_t n) const {
+CopyPath CopyEngine::choose(const Resolved& r, std::size_t n, bool batched) const {
   if (n == 0 || r.managed || (r.dst == MemKind::Device && r.src == MemKind::Device)) return CopyPath::Plain;
   const bool h2d = r.dst == MemKind::Device;
   const MemKind host = h2d ? r.src : r.dst;
@@ -157,7 +157,9 @@ CopyPath CopyEngine::choose(const Resolved& r, std::size_t n) const {
     if (config_.pinned_streams > 1 && n >= config_.pinned_split_min_bytes) return CopyPath::PinnedSplit;
     return CopyPath::Plain;
   }
-  if (n < config_.small_copy_bytes) return CopyPath::Plain;
+  // Alone, a small pageable copy is faster through the driver than through a pipeline it cannot
+  // fill; in a batch it joins the pipeline that the others fill.
+  if (n < config_.small_copy_bytes && !batched) return CopyPath::Plain;
   return h2d ? CopyPath::StagedH2D : CopyPath::StagedD2H;
 }
 
@@ -174,6 +176,18 @@ void CopyEngine::ensure_staging() {
   if (!pool_) pool_ = std::make_unique<WorkerPool>(config_.effective_threads());
 }
 
+void CopyEngine::check_not_capturing(StreamHandle stream) {
+  if (!on_host_ && driver_.stream_is_capturing(device_, stream)) {
+    throw InvalidArgumentError("stream " + hex(stream) + " is capturing a CUDA graph: multipath copies wait on the "
+                               "host and cannot be captured; copy with torch inside graphs");
+  }
+}
+
+void CopyEngine::count(CopyPath path, std::size_t n) {
+  calls_[static_cast<int>(path)]++;
+  bytes_[static_cast<int>(path)] += n;
+}
+
 void CopyEngine::copy(DevPtr dst, MemKind dst_kind, DevPtr src, MemKind src_kind, std::size_t n, StreamHandle stream,
                       bool non_blocking) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -182,49 +196,89 @@ void CopyEngine::copy(DevPtr dst, MemKind dst_kind, DevPtr src, MemKind src_kind
     calls_[static_cast<int>(CopyPath::Plain)]++;
     return;
   }
-  if (!on_host_ && driver_.stream_is_capturing(device_, stream)) {
-    throw InvalidArgumentError("stream " + hex(stream) + " is capturing a CUDA graph: multipath copies wait on the "
-                               "host and cannot be captured; copy with torch inside graphs");
-  }
+  check_not_capturing(stream);
   std::lock_guard<std::mutex> lock(mu_);
   const CopyPath path = choose(r, n);
   try {
-    switch (path) {
-      case CopyPath::Plain:
-        copy_plain(dst, src, n, stream, non_blocking);
-        break;
-      case CopyPath::PinnedSplit:
-        copy_split(dst, src, n, stream, non_blocking);
-        break;
-      case CopyPath::Peer:
-        copy_peers(dst, src, n, stream, non_blocking);
-        break;
-      case CopyPath::StagedH2D:
-      case CopyPath::StagedD2H: {
-        ensure_lanes();
-        ensure_staging();
-        const bool h2d = path == CopyPath::StagedH2D;
-        lanes_->order_after(stream);
-        run_staged(h2d ? StagedDirection::HostToDevice : StagedDirection::DeviceToHost, h2d ? dst : src,
-                   h2d ? src : dst, n, *staging_, *lanes_, *pool_,
-                   StagedParams{config_.effective_piece_bytes(), config_.streams}, staged_);
-        if (h2d) {  // D2H data has landed already; H2D lane copies may still run
-          lanes_->order_before(stream);
-          if (!non_blocking) lanes_->synchronize();
-        }
-        break;
-      }
-      default:
-        throw Error("multipath: no such copy path");
+    if (path == CopyPath::StagedH2D || path == CopyPath::StagedD2H) {
+      const bool h2d = path == CopyPath::StagedH2D;
+      copy_staged(h2d, {StagedExtent{h2d ? dst : src, h2d ? src : dst, n}}, stream, non_blocking);
+    } else {
+      copy_unstaged(path, dst, src, n, stream, non_blocking);
     }
   } catch (...) {
     errors_++;
     throw;
   }
-  calls_[static_cast<int>(path)]++;
-  bytes_[static_cast<int>(path)] += n;
+  count(path, n);
   busy_ns_ += static_cast<std::uint64_t>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+}
+
+void CopyEngine::copy_many(const std::vector<CopyItem>& items, MemKind dst_kind, MemKind src_kind, StreamHandle stream,
+                           bool non_blocking) {
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<CopyPath> paths;
+  std::vector<StagedExtent> to_device, to_host;
+  for (const CopyItem& it : items) {  // every item is checked before any byte moves
+    const Resolved r = resolve(it.dst, dst_kind, it.src, src_kind, it.n);
+    paths.push_back(choose(r, it.n, true));
+    if (paths.back() == CopyPath::StagedH2D) to_device.push_back(StagedExtent{it.dst, it.src, it.n});
+    if (paths.back() == CopyPath::StagedD2H) to_host.push_back(StagedExtent{it.src, it.dst, it.n});
+  }
+  check_not_capturing(stream);
+  std::lock_guard<std::mutex> lock(mu_);
+  try {
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      const CopyPath path = paths[i];
+      if (path != CopyPath::StagedH2D && path != CopyPath::StagedD2H && items[i].n > 0) {
+        copy_unstaged(path, items[i].dst, items[i].src, items[i].n, stream, true);
+      }
+    }
+    if (!to_host.empty()) copy_staged(false, to_host, stream, true);
+    if (!to_device.empty()) copy_staged(true, to_device, stream, true);
+    if (!non_blocking) {  // the plain copies ran on the caller's stream, the others on the lanes
+      if (lanes_) lanes_->synchronize();
+      if (peers_) peers_->synchronize();
+      if (!on_host_) driver_.stream_synchronize(device_, stream);
+    }
+  } catch (...) {
+    errors_++;
+    throw;
+  }
+  for (std::size_t i = 0; i < items.size(); ++i) count(paths[i], items[i].n);
+  busy_ns_ += static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+}
+
+void CopyEngine::copy_unstaged(CopyPath path, DevPtr dst, DevPtr src, std::size_t n, StreamHandle stream,
+                               bool non_blocking) {
+  switch (path) {
+    case CopyPath::Plain:
+      copy_plain(dst, src, n, stream, non_blocking);
+      return;
+    case CopyPath::PinnedSplit:
+      copy_split(dst, src, n, stream, non_blocking);
+      return;
+    case CopyPath::Peer:
+      copy_peers(dst, src, n, stream, non_blocking);
+      return;
+    default:
+      throw Error("multipath: no such copy path");
+  }
+}
+
+void CopyEngine::copy_staged(bool h2d, const std::vector<StagedExtent>& extents, StreamHandle stream,
+                             bool non_blocking) {
+  ensure_lanes();
+  ensure_staging();
+  lanes_->order_after(stream);
+  run_staged(h2d ? StagedDirection::HostToDevice : StagedDirection::DeviceToHost, extents, *staging_, *lanes_, *pool_,
+             StagedParams{config_.effective_piece_bytes(), config_.streams}, staged_);
+  if (h2d) {  // D2H data has landed already; H2D lane copies may still run
+    lanes_->order_before(stream);
+    if (!non_blocking) lanes_->synchronize();
+  }
 }
 
 void CopyEngine::copy_plain(DevPtr dst, DevPtr src, std::size_t n, StreamHandle stream, bool non_blocking) {

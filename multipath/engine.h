@@ -50,6 +50,12 @@ struct EngineStats {
   std::uint64_t errors = 0;       ///< copies that failed after validation
 };
 
+/// One copy of a batch (CopyEngine::copy_many): `n` bytes from `src` to `dst`.
+struct CopyItem {
+  DevPtr dst, src;
+  std::size_t n;
+};
+
 /// One device's copy engine: staging buffers, worker threads, copy lanes and peer paths.
 /// copy() is thread-safe; copies on one engine run one at a time.
 class GLAKE_API CopyEngine {
@@ -69,6 +75,12 @@ class GLAKE_API CopyEngine {
   /// return. Bad arguments throw InvalidArgumentError before any byte moves.
   void copy(DevPtr dst, MemKind dst_kind, DevPtr src, MemKind src_kind, std::size_t n, StreamHandle stream,
             bool non_blocking);
+  /// Copies every item, all of one direction (`dst_kind` and `src_kind` apply to each), as copy()
+  /// would one after another, but the pageable ones flow through staging as one pipeline: many
+  /// runs of a few MiB then move at the speed of one large copy. The items must not overlap each
+  /// other. Every item is validated before any byte moves. Blocking returns when all have landed.
+  void copy_many(const std::vector<CopyItem>& items, MemKind dst_kind, MemKind src_kind, StreamHandle stream,
+                 bool non_blocking);
   /// What a copy with these arguments would do: the path name, after validating like copy().
   std::string plan(DevPtr dst, MemKind dst_kind, DevPtr src, MemKind src_kind, std::size_t n);
   /// Blocks until every copy submitted so far is complete (host backend: the only way to wait for
@@ -96,9 +108,13 @@ class GLAKE_API CopyEngine {
   };
   Resolved resolve(DevPtr dst, MemKind dst_kind, DevPtr src, MemKind src_kind, std::size_t n);
   MemKind resolve_one(const char* side, DevPtr ptr, MemKind kind, bool& managed);
-  CopyPath choose(const Resolved& r, std::size_t n) const;
+  CopyPath choose(const Resolved& r, std::size_t n, bool batched = false) const;
   void ensure_lanes();
   void ensure_staging();
+  void check_not_capturing(StreamHandle stream);
+  void count(CopyPath path, std::size_t n);
+  void copy_unstaged(CopyPath path, DevPtr dst, DevPtr src, std::size_t n, StreamHandle stream, bool non_blocking);
+  void copy_staged(bool h2d, const std::vector<StagedExtent>& extents, StreamHandle stream, bool non_blocking);
   void copy_plain(DevPtr dst, DevPtr src, std::size_t n, StreamHandle stream, bool non_blocking);
   void copy_split(DevPtr dst, DevPtr src, std::size_t n, StreamHandle stream, bool non_blocking);
   void copy_peers(DevPtr dst, DevPtr src, std::size_t n, StreamHandle stream, bool non_blocking);

@@ -37,29 +37,41 @@ std::uint64_t ns_since(Clock::time_point t0) {
   return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
 }
 
+/// One staging buffer's worth of an extent: `len` bytes at `device` and `host`.
+struct Chunk {
+  DevPtr device, host;
+  std::size_t len;
+};
+
 /// One piece of CPU work: bytes [offset, offset + len) of chunk `chunk`.
 struct Piece {
   std::size_t chunk, offset, len;
 };
 
-/// The shared state of one staged copy. Pieces are handed out in order (chunk by chunk), so every
-/// piece of chunk c - B was handed out before any piece of chunk c: waiting for chunk c - B never
-/// waits for work that has not started, and the pipeline cannot deadlock.
+/// The shared state of one staged copy. Pieces are handed out in order (chunk by chunk, the
+/// extents' chunks one after another), so every piece of chunk c - B was handed out before any
+/// piece of chunk c: waiting for chunk c - B never waits for work that has not started, and the
+/// pipeline cannot deadlock.
 class StagedJob {
  public:
-  StagedJob(StagedDirection dir, DevPtr device_ptr, DevPtr host, std::size_t n, StagingBuffers& staging,
-            CopyLanes& lanes, const StagedParams& params)
-      : h2d_(dir == StagedDirection::HostToDevice), dev_(device_ptr), host_(host), n_(n), staging_(staging),
-        lanes_(lanes), chunk_(staging.bytes()), piece_(std::clamp<std::size_t>(params.piece_bytes, 1, chunk_)),
+  StagedJob(StagedDirection dir, const std::vector<StagedExtent>& extents, StagingBuffers& staging, CopyLanes& lanes,
+            const StagedParams& params)
+      : h2d_(dir == StagedDirection::HostToDevice), staging_(staging), lanes_(lanes), chunk_(staging.bytes()),
+        piece_(std::clamp<std::size_t>(params.piece_bytes, 1, chunk_)),
         nbuf_(static_cast<std::size_t>(staging.count())), nlanes_(params.lanes) {
-    nchunks_ = (n_ + chunk_ - 1) / chunk_;
-    ppc_ = (chunk_ + piece_ - 1) / piece_;
-    const std::size_t last_len = n_ - (nchunks_ - 1) * chunk_;
-    npieces_ = (nchunks_ - 1) * ppc_ + (last_len + piece_ - 1) / piece_;
+    for (const StagedExtent& x : extents) {
+      for (std::size_t off = 0; off < x.n; off += chunk_) {
+        const std::size_t len = std::min(chunk_, x.n - off);
+        first_piece_.push_back(npieces_);
+        npieces_ += (len + piece_ - 1) / piece_;
+        chunks_.push_back(Chunk{x.device + off, x.host + off, len});
+      }
+    }
+    nchunks_ = chunks_.size();
     remaining_ = std::make_unique<std::atomic<std::size_t>[]>(nchunks_);
     submitted_ = std::make_unique<std::atomic<bool>[]>(nchunks_);
     for (std::size_t c = 0; c < nchunks_; ++c) {
-      remaining_[c] = (chunk_len(c) + piece_ - 1) / piece_;
+      remaining_[c] = (chunks_[c].len + piece_ - 1) / piece_;
       submitted_[c] = false;
     }
     tickets_.assign(nchunks_, Ticket{});
@@ -85,7 +97,7 @@ class StagedJob {
         const Piece pc = piece_at(p);
         const std::size_t c = pc.chunk;
         const DevPtr buf = staging_.buffer(static_cast<int>(c % nbuf_)) + pc.offset;
-        const DevPtr host = host_ + c * chunk_ + pc.offset;
+        const DevPtr host = chunks_[c].host + pc.offset;
         auto t0 = Clock::now();
         if (!(h2d_ ? wait_buffer_free(c) : wait_chunk_landed(c))) break;
         auto t1 = Clock::now();
@@ -134,20 +146,19 @@ class StagedJob {
   std::size_t chunks() const { return nchunks_; }
 
  private:
-  std::size_t chunk_len(std::size_t c) const { return std::min(chunk_, n_ - c * chunk_); }
-
   Piece piece_at(std::size_t p) const {
-    const std::size_t c = p / ppc_;
-    const std::size_t off = (p % ppc_) * piece_;
-    return Piece{c, off, std::min(piece_, chunk_len(c) - off)};
+    const auto after = std::upper_bound(first_piece_.begin(), first_piece_.end(), p);
+    const auto c = static_cast<std::size_t>(after - first_piece_.begin()) - 1;
+    const std::size_t off = (p - first_piece_[c]) * piece_;
+    return Piece{c, off, std::min(piece_, chunks_[c].len - off)};
   }
 
   /// Starts chunk c's lane copy (between its buffer and the device) and tells the waiting threads.
   void submit(std::size_t c) {
     const DevPtr buf = staging_.buffer(static_cast<int>(c % nbuf_));
-    const DevPtr dev = dev_ + c * chunk_;
+    const Chunk& ch = chunks_[c];
     const int lane = static_cast<int>(c % static_cast<std::size_t>(nlanes_));
-    const Ticket t = h2d_ ? lanes_.submit(lane, dev, buf, chunk_len(c)) : lanes_.submit(lane, buf, dev, chunk_len(c));
+    const Ticket t = h2d_ ? lanes_.submit(lane, ch.device, buf, ch.len) : lanes_.submit(lane, buf, ch.device, ch.len);
     {
       std::lock_guard<std::mutex> lock(mu_);
       tickets_[c] = t;
@@ -184,13 +195,13 @@ class StagedJob {
   }
 
   const bool h2d_;
-  const DevPtr dev_, host_;
-  const std::size_t n_;
   StagingBuffers& staging_;
   CopyLanes& lanes_;
   const std::size_t chunk_, piece_, nbuf_;
   const int nlanes_;
-  std::size_t nchunks_ = 0, ppc_ = 0, npieces_ = 0;
+  std::vector<Chunk> chunks_;             // every extent's chunks, in order
+  std::vector<std::size_t> first_piece_;  // index of each chunk's first piece
+  std::size_t nchunks_ = 0, npieces_ = 0;
   std::vector<Ticket> prior_;  // each buffer's last use before this copy
   std::unique_ptr<std::atomic<std::size_t>[]> remaining_;  // pieces of each chunk not yet copied
   std::unique_ptr<std::atomic<bool>[]> submitted_;         // chunk's lane copy submitted
@@ -203,14 +214,14 @@ class StagedJob {
 
 }  // namespace
 
-void run_staged(StagedDirection dir, DevPtr device_ptr, DevPtr host, std::size_t n, StagingBuffers& staging,
+void run_staged(StagedDirection dir, const std::vector<StagedExtent>& extents, StagingBuffers& staging,
                 CopyLanes& lanes, WorkerPool& pool, const StagedParams& params, StagedCounters& counters) {
-  if (n == 0) return;
   if (params.lanes < 1 || params.lanes > lanes.count()) {
     throw InvalidArgumentError("staged copy: lanes=" + std::to_string(params.lanes) + " but the engine has " +
                                std::to_string(lanes.count()));
   }
-  StagedJob job(dir, device_ptr, host, n, staging, lanes, params);
+  StagedJob job(dir, extents, staging, lanes, params);
+  if (job.chunks() == 0) return;
   try {
     job.prime();
     pool.run([&](int) { job.work(counters); });

@@ -55,13 +55,21 @@ struct StagedParams {
   int lanes;                ///< chunks go to lanes 0..lanes-1, round robin
 };
 
-/// Copies `n` bytes between pageable `host` memory and `device_ptr` through `staging`.
-/// HostToDevice returns once every byte of `host` has been read and every chunk's lane copy is
-/// submitted (the lanes may still be copying: order or synchronize them). DeviceToHost returns
-/// once every byte has landed in `host`. Lane copies start in the lanes' current order (the caller
-/// calls lanes.order_after first). On error the first exception is rethrown after all threads stop;
-/// staging.last_use() still covers every submitted copy.
-void run_staged(StagedDirection dir, DevPtr device_ptr, DevPtr host, std::size_t n, StagingBuffers& staging,
+/// One contiguous run of a staged copy: `n` bytes between device address `device` and pageable
+/// host memory at `host`.
+struct StagedExtent {
+  DevPtr device, host;
+  std::size_t n;
+};
+
+/// Copies every extent between pageable host memory and the device through `staging`, as one
+/// pipeline: the chunks of all extents flow through the buffers back to back, so many runs cost
+/// one pipeline fill and drain, not one each. HostToDevice returns once every host byte has been
+/// read and every chunk's lane copy is submitted (the lanes may still be copying: order or
+/// synchronize them). DeviceToHost returns once every byte has landed. Lane copies start in the
+/// lanes' current order (the caller calls lanes.order_after first). On error the first exception
+/// is rethrown after all threads stop; staging.last_use() still covers every submitted copy.
+void run_staged(StagedDirection dir, const std::vector<StagedExtent>& extents, StagingBuffers& staging,
                 CopyLanes& lanes, WorkerPool& pool, const StagedParams& params, StagedCounters& counters);
 
 }  // namespace glake::multipath

@@ -4,44 +4,57 @@
 
 #include <cstddef>
 #include <memory>
+#include <vector>
 
 #include "driver/driver.h"
 
 namespace glake {
 
-/// How suspend() and resume() move live data between the device and host memory. Without one the
+/// One copy of a suspend's or resume's batch: `n` bytes from `src` to `dst`.
+struct HostCopy {
+  DevPtr dst, src;
+  std::size_t n;
+};
+
+/// How suspend() and resume() move live data between the device and host memory: a whole batch per
+/// call, so a copier can pipeline many runs (the copies must not overlap each other). Without one the
 /// caller copies with the driver (DriverCopier); glake.suspend passes multipath's engine (pageable
-/// copies staged through pinned buffers by several threads).
+/// copies staged through pinned buffers by several threads, every run of a batch in one pipeline).
 class GLAKE_API HostCopier {
  public:
   virtual ~HostCopier() = default;
-  /// Copies `n` bytes from device address `src` to pageable host memory at `dst`; returns when landed.
-  virtual void to_host(DevPtr dst, DevPtr src, std::size_t n) = 0;
-  /// Copies `n` bytes from pageable host memory at `src` to device address `dst`; returns when landed.
-  virtual void to_device(DevPtr dst, DevPtr src, std::size_t n) = 0;
+  /// Copies each item from device memory to pageable host memory; returns when all have landed.
+  virtual void to_host(const std::vector<HostCopy>& items) = 0;
+  /// Copies each item from pageable host memory to device memory; returns when all have landed.
+  virtual void to_device(const std::vector<HostCopy>& items) = 0;
 };
 
 /// The copier without a copy engine: the driver's synchronous memcpy, one call at a time.
 class GLAKE_API DriverCopier final : public HostCopier {
  public:
   DriverCopier(Driver& driver, int device) : driver_(driver), device_(device) {}
-  void to_host(DevPtr dst, DevPtr src, std::size_t n) override { driver_.memcpy(device_, dst, src, n); }
-  void to_device(DevPtr dst, DevPtr src, std::size_t n) override { driver_.memcpy(device_, dst, src, n); }
+  void to_host(const std::vector<HostCopy>& items) override { copy(items); }
+  void to_device(const std::vector<HostCopy>& items) override { copy(items); }
 
  private:
+  void copy(const std::vector<HostCopy>& items) {
+    for (const HostCopy& c : items) driver_.memcpy(device_, c.dst, c.src, c.n);
+  }
   Driver& driver_;
   int device_;
 };
 
 /// Host memory for suspended data, unmapped on destruction: anonymous, with transparent huge pages
-/// asked for and faulted in by several threads before the copy (a fresh page is zeroed on first touch,
-/// which the copy's own threads paid for before); or, when the bytes would leave less
-/// than a tenth of RAM available (or exceed $GLAKE_SUSPEND_FILE_OVER bytes), a shared mapping of an
-/// unnamed, preallocated file in $GLAKE_SUSPEND_DIR (default /var/tmp), so that a suspend larger than
-/// RAM pages out to disk instead of failing. Throws OutOfMemoryError.
+/// asked for (faulted in by the copy that fills it, or first by $GLAKE_SUSPEND_PREFAULT_THREADS
+/// threads when set: on an H200 host the copy's own faulting was the faster); or, when the bytes
+/// would leave less than a tenth of RAM available (or exceed $GLAKE_SUSPEND_FILE_OVER bytes), a
+/// shared mapping of an unnamed, preallocated file in $GLAKE_SUSPEND_DIR (default /var/tmp), so that
+/// a suspend larger than RAM pages out to disk instead of failing. `pending`: bytes of other buffers
+/// made for the same batch and not yet written (free RAM does not show them yet). Throws
+/// OutOfMemoryError.
 class GLAKE_API HostBuffer {
  public:
-  explicit HostBuffer(std::size_t size);
+  explicit HostBuffer(std::size_t size, std::size_t pending = 0);
   ~HostBuffer();
   HostBuffer(const HostBuffer&) = delete;
   HostBuffer& operator=(const HostBuffer&) = delete;

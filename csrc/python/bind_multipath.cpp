@@ -2,6 +2,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/conf.h"
@@ -107,6 +108,18 @@ void bind_multipath(py::module_& m) {
            }, py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("dst_kind"), py::arg("src_kind"),
            py::arg("stream") = 0, py::arg("non_blocking") = false,
            "Copies nbytes from src to dst; kinds are auto, host, pageable, pinned or device.")
+      .def("copy_many", [](const PyEngine& pe, const std::vector<std::tuple<std::uintptr_t, std::uintptr_t, long long>>& items,
+                           const std::string& dst_kind, const std::string& src_kind, std::uintptr_t stream, bool non_blocking) {
+             std::shared_ptr<CopyEngine> e = pe.get();
+             std::vector<multipath::CopyItem> batch;
+             for (const auto& [dst, src, n] : items) batch.push_back(multipath::CopyItem{dst, src, to_size(n, "nbytes", true)});
+             const auto dk = multipath::parse_mem_kind(dst_kind);
+             const auto sk = multipath::parse_mem_kind(src_kind);
+             py::gil_scoped_release nogil;
+             e->copy_many(batch, dk, sk, stream, non_blocking);
+           }, py::arg("items"), py::arg("dst_kind"), py::arg("src_kind"), py::arg("stream") = 0,
+           py::arg("non_blocking") = false,
+           "Copies each (dst, src, nbytes) of one direction; pageable ones share one staging pipeline.")
       .def("plan", [](const PyEngine& pe, std::uintptr_t dst, std::uintptr_t src, long long n, const std::string& dst_kind,
                       const std::string& src_kind) {
              std::shared_ptr<CopyEngine> e = pe.get();

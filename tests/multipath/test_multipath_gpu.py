@@ -271,3 +271,27 @@ def test_peer_paths_exact():
         torch.cuda.current_stream(0).synchronize()
         assert torch.equal(back, src)
         assert e.stats()["calls.peer"] == 2
+
+
+@pytest.mark.parametrize("pinned", [False, True], ids=["pageable", "pinned"])
+def test_copy_many_scatters_and_gathers_exactly(eng, pinned):
+    # runs below, at and across the 1 MiB staging chunk, at odd offsets of one device buffer
+    sizes = [1, 4097, MIB, 3 * MIB + 5, 7, 2 * MIB - 1]
+    gap = 11
+    base = torch.full((sum(sizes) + gap * (len(sizes) + 1),), 0xA5, dtype=torch.uint8, device="cuda")
+    srcs = [host_bytes(n, pinned, seed=i, offset=i % 3) for i, n in enumerate(sizes)]
+    backs = [empty_host(n, pinned, 0x5A) for n in sizes]
+    offs, at = [], gap
+    for n in sizes:
+        offs.append(at)
+        at += n + gap
+    d0 = base.data_ptr()
+    eng.copy_many_raw([(d0 + o, s.data_ptr(), n) for o, s, n in zip(offs, srcs, sizes)],
+                      "pinned_to_device" if pinned else "pageable_to_device")
+    eng.copy_many_raw([(b.data_ptr(), d0 + o, n) for o, b, n in zip(offs, backs, sizes)],
+                      "device_to_pinned" if pinned else "device_to_pageable")
+    mask = torch.ones(base.numel(), dtype=torch.bool, device="cuda")
+    for o, s, b, n in zip(offs, srcs, backs, sizes):
+        assert torch.equal(base[o:o + n].cpu(), s) and torch.equal(b, s)
+        mask[o:o + n] = False
+    assert bool((base[mask] == 0xA5).all()), "a byte between the runs was written"

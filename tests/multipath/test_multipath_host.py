@@ -178,6 +178,43 @@ def test_small_copies_take_plain_path():
         assert np.array_equal(dst, src) and e.stats()["calls.plain"] == 1
 
 
+@pytest.mark.parametrize("conf", [SMALL, dict(SMALL, threads=1, buffers=1), dict(SMALL, small_copy_bytes=MIB)])
+def test_copy_many_moves_every_run_through_one_pipeline(conf):
+    # runs of odd sizes (some below one chunk, some across several), scattered in one "device" array,
+    # with gaps between them that must stay untouched; both directions; small ones join the pipeline
+    sizes = [1, 4096, 64 * KIB - 1, 64 * KIB, 200 * KIB + 3, 7, 3 * 64 * KIB + 5, 0, 1 * MIB + 11]
+    gap = 13
+    dev = np.full(sum(sizes) + gap * (len(sizes) + 1), 0xA5, np.uint8)
+    srcs = [rand_bytes(n, seed=i) for i, n in enumerate(sizes)]
+    backs = [np.full(n, 0x5A, np.uint8) for n in sizes]
+    at, offs = gap, []
+    for n in sizes:
+        offs.append(at)
+        at += n + gap
+    with mp.Engine("host", **conf) as e:
+        e.copy_many_raw([(addr(dev, o), addr(a), n) for o, a, n in zip(offs, srcs, sizes)], "pageable_to_device")
+        s = e.stats()
+        assert s["calls.staged_h2d"] == len([n for n in sizes if n]) and s["bytes.staged_h2d"] == sum(sizes), s
+        chunk = conf["chunk_bytes"]
+        assert s["chunks"] == sum((n + chunk - 1) // chunk for n in sizes), s  # each run chunked on its own
+        e.copy_many_raw([(addr(b), addr(dev, o), n) for o, b, n in zip(offs, backs, sizes)], "device_to_pageable")
+    mask = np.ones(dev.size, bool)
+    for o, a, b, n in zip(offs, srcs, backs, sizes):
+        assert np.array_equal(dev[o:o + n], a) and np.array_equal(b, a)
+        mask[o:o + n] = False
+    assert (dev[mask] == 0xA5).all(), "a byte between the runs was written"
+
+
+def test_copy_many_validates_every_item_before_copying(eng):
+    src, dst = rand_bytes(MIB), np.zeros(MIB, np.uint8)
+    with pytest.raises(glake.InvalidArgumentError, match="null pointer"):
+        eng.copy_many_raw([(addr(dst), addr(src), 1000), (0, addr(src), 10)], "h2d")
+    assert not dst.any(), "the first item was copied although the second is bad"
+    with pytest.raises(glake.InvalidArgumentError, match="unknown copy kind"):
+        eng.copy_many_raw([(addr(dst), addr(src), 10)], "sideways")
+    eng.copy_many_raw([], "h2d")  # nothing to do
+
+
 def test_concurrent_copies_one_engine(eng):
     n, k = 700 * KIB + 11, 6
     srcs = [rand_bytes(n, 100 + i) for i in range(k)]
