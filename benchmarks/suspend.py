@@ -15,6 +15,9 @@ already faulted in and into fresh memory; allocating pinned memory and copying i
 suspend again with the buffers prefaulted by 8 threads (GLAKE_SUSPEND_PREFAULT_THREADS=8; the default
 is 0, no prefault).
 
+``--keep-host`` adds, per size, two suspend/resume cycles with GLAKE_SUSPEND_KEEP_HOST=1 and shows the
+second: its suspend copies into the host buffers the first resume kept (resident memory).
+
 ``--serve`` measures glake's LLM engine (a random Llama-3-8B-shaped model in bf16, weights through
 glake) going to sleep (level 1) and answering its next request: first-token latency awake and right
 after the wake, against the time of a pinned host-to-device copy of the weights' bytes (same run),
@@ -22,7 +25,7 @@ and whether the greedy tokens after the wake equal those before. The wake's time
 the multipath engine's copies (its busy time and number of copies) and the driver's create/map/
 set_access time.
 
-    python3 benchmarks/suspend.py [--sizes-gib 1,16,80] [--probe] [--serve]
+    python3 benchmarks/suspend.py [--sizes-gib 1,16,80] [--probe] [--keep-host] [--serve]
 """
 
 from __future__ import annotations
@@ -132,10 +135,10 @@ def probe(torch, xs) -> Dict[str, float]:
     return out
 
 
-def worker(gib: int, with_probe: bool) -> dict:
+def worker(gib: int, with_probe: bool, cycles: int) -> dict:
     import glake
     import glake.torch
-    from glake import core
+    from glake import _C, core
 
     glake.torch.install()
     import torch
@@ -145,21 +148,27 @@ def worker(gib: int, with_probe: bool) -> dict:
     want = float(xs[-1].double().sum())
     torch.cuda.synchronize()
     held_free, _ = torch.cuda.mem_get_info()
-    c0 = core.stats("cuda")
-    t0 = time.perf_counter()
-    glake.suspend()
-    t1 = time.perf_counter()
-    c1 = core.stats("cuda")
-    suspended_free, _ = torch.cuda.mem_get_info()
-    t2 = time.perf_counter()
-    glake.resume()
-    torch.cuda.synchronize()
-    t3 = time.perf_counter()
-    c2 = core.stats("cuda")
+    suspend_s, resume_s = [], []
+    for _ in range(cycles):  # each cycle timed; the table shows the last
+        c0 = core.stats("cuda")
+        t0 = time.perf_counter()
+        glake.suspend()
+        t1 = time.perf_counter()
+        c1 = core.stats("cuda")
+        suspended_free, _ = torch.cuda.mem_get_info()
+        t2 = time.perf_counter()
+        glake.resume()
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        c2 = core.stats("cuda")
+        suspend_s.append(t1 - t0)
+        resume_s.append(t3 - t2)
     got = float(xs[-1].double().sum())
-    r = {"gib": gib, "suspend_s": t1 - t0, "resume_s": t3 - t2, "base_free": base_free, "held_free": held_free,
+    r = {"gib": gib, "suspend_s": suspend_s[-1], "resume_s": resume_s[-1], "suspend_s_cycles": suspend_s,
+         "resume_s_cycles": resume_s, "base_free": base_free, "held_free": held_free,
          "suspended_free": suspended_free, "total": total, "intact": got == want,
          "prefault_threads": os.environ.get("GLAKE_SUSPEND_PREFAULT_THREADS", "0"),
+         "keep_host": os.environ.get("GLAKE_SUSPEND_KEEP_HOST", "0"), "host_kept_bytes": _C.host_reserve_bytes(),
          "suspend_driver_ms": _driver_ms(c0, c1, "unmap", "release"),
          "resume_driver_ms": _driver_ms(c1, c2, "create", "map", "set_access")}
     if with_probe:
@@ -254,23 +263,33 @@ def main() -> None:
     ap.add_argument("--probe", action="store_true", help="time the parts of a suspend alone, and with no prefault")
     ap.add_argument("--serve", action="store_true", help="an LLM engine's first token after a wake")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="the --serve request's prompt")
+    ap.add_argument("--keep-host", action="store_true",
+                    help="also two suspend/resume cycles with GLAKE_SUSPEND_KEEP_HOST=1 (the second suspend reuses "
+                         "the first's host buffers)")
+    ap.add_argument("--cycles", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--serve-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.probe)))
+        print("RESULT " + json.dumps(worker(args.worker, args.probe, args.cycles)))
         return
     if args.serve_worker:
         print("RESULT " + json.dumps(serve_worker(args.prompt_tokens)))
         return
     rows, probes, results = [], [], []
-    # the default is no prefault; --probe also runs the prefaulted variant
-    variants = [("off", None)] + ([(f"{PREFAULT_THREADS} threads", {"GLAKE_SUSPEND_PREFAULT_THREADS": str(PREFAULT_THREADS)})]
-                                  if args.probe else [])
+    # the default: fresh host memory, no prefault; --probe adds the prefaulted variant, --keep-host the
+    # second of two cycles that keep their host buffers
+    variants = [("fresh", None, 1)]
+    if args.probe:
+        variants.append((f"fresh, {PREFAULT_THREADS}-thread prefault",
+                         {"GLAKE_SUSPEND_PREFAULT_THREADS": str(PREFAULT_THREADS)}, 1))
+    if args.keep_host:
+        variants.append(("kept (2nd cycle)", {"GLAKE_SUSPEND_KEEP_HOST": "1"}, 2))
     for gib in (int(x) for x in args.sizes_gib.split(",") if x):
-        for label, env in variants:
+        for label, env, cycles in variants:
             try:
-                r = run_worker(["--worker", str(gib)] + (["--probe"] if args.probe and env is None else []), env)
+                r = run_worker(["--worker", str(gib), "--cycles", str(cycles)] +
+                               (["--probe"] if args.probe and env is None else []), env)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 rows.append([gib, label, "error", "", "", "", "", "", ""])
                 print(e)
@@ -285,9 +304,9 @@ def main() -> None:
                 probes.append([gib, round(p["prefault_gbs"], 1), round(p["d2h_faulted_gbs"], 1),
                                round(p["d2h_fresh_gbs"], 1), round(p["pinned_alloc_gbs"], 1),
                                round(p["d2h_pinned_gbs"], 1)])
-            print(f"  {gib} GiB, prefault {label}: suspend {r['suspend_s']:.3f} s, resume {r['resume_s']:.3f} s", flush=True)
+            print(f"  {gib} GiB, {label}: suspend {r['suspend_s']:.3f} s, resume {r['resume_s']:.3f} s", flush=True)
     print_table("glake.suspend / glake.resume (device synchronised around each)",
-                ["GiB", "prefault", "suspend s", "suspend GB/s", "of it unmap+release ms", "resume s", "resume GB/s",
+                ["GiB", "host memory", "suspend s", "suspend GB/s", "of it unmap+release ms", "resume s", "resume GB/s",
                  "GiB left vs start", "data intact"], rows)
     payload: Dict[str, object] = {"args": vars(args), "results": results}
     if probes:

@@ -5,8 +5,13 @@ C ABI use) and every component that registered itself here (:func:`register`: ea
 ``glake.kvcache.KVCache`` does). Their live data goes to host memory, their physical memory back to
 the driver, and every address stays reserved, so tensors, KV views and CUDA graphs stay valid across
 a resume. The copies go through the device's multipath engine (``glake.multipath.engine``: pageable
-host memory staged through pinned buffers by several threads). Private ``glake.Allocator`` objects
-have their own ``suspend``/``resume``.
+host memory staged through pinned buffers by several threads, a component's runs in one pipeline).
+Private ``glake.Allocator`` objects have their own ``suspend``/``resume``.
+
+With ``GLAKE_SUSPEND_KEEP_HOST=1`` a resume keeps its host buffers mapped, and the next suspend's
+buffers of the same sizes reuse them: its copies land in memory already faulted in (twice as fast
+on an H200 host) at the price of that much host RAM held while awake. What a suspend does not reuse
+is unmapped when it ends; ``glake._C.host_reserve_bytes()`` says how much is kept.
 
 A registered component is any object with ``device_index`` (int), ``backend`` (str), ``suspended``
 (bool), ``suspend(discard: bool, engine)`` and ``resume(engine)``; the registry holds it weakly.
@@ -75,15 +80,18 @@ def suspend(device: Optional[int] = None, *, discard: Iterable[Any] = ()) -> Lis
         raise InvalidArgumentError("glake.suspend: discard= names an object that is not registered for suspension "
                                    "on this device (a glake.kvcache.KVCache registers itself)")
     done = set()
-    for c in parts:
-        if not c.suspended:
-            c.suspend(discard=id(c) in drop, engine=_engine(c.backend, c.device_index))
-            done.add(c.device_index)
-    for d in _devices(device):
-        a = _C.gmlake_global(d)
-        if not a.suspended:
-            a.suspend(_engine(a.backend, a.device))
-            done.add(d)
+    try:
+        for c in parts:
+            if not c.suspended:
+                c.suspend(discard=id(c) in drop, engine=_engine(c.backend, c.device_index))
+                done.add(c.device_index)
+        for d in _devices(device):
+            a = _C.gmlake_global(d)
+            if not a.suspended:
+                a.suspend(_engine(a.backend, a.device))
+                done.add(d)
+    finally:
+        _C.host_reserve_trim()  # GLAKE_SUSPEND_KEEP_HOST=1: what the last resume kept and this suspend did not take
     return sorted(done)
 
 

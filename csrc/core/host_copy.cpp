@@ -82,7 +82,55 @@ void prefault(void* p, std::size_t size) {
 
 }  // namespace
 
+HostReserve& HostReserve::instance() {
+  static HostReserve* r = new HostReserve;  // never destroyed: buffers may outlive static destruction
+  return *r;
+}
+
+bool HostReserve::keeping() {
+  const char* v = std::getenv("GLAKE_SUSPEND_KEEP_HOST");
+  return v && std::strcmp(v, "1") == 0;
+}
+
+void* HostReserve::take(std::size_t size) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = kept_.find(size);
+  if (it == kept_.end()) return nullptr;
+  void* p = it->second;
+  kept_.erase(it);
+  bytes_ -= size;
+  return p;
+}
+
+void HostReserve::put(void* p, std::size_t size) {
+  std::lock_guard<std::mutex> lock(mu_);
+  kept_.emplace(size, p);
+  bytes_ += size;
+}
+
+std::size_t HostReserve::trim() {
+  std::multimap<std::size_t, void*> drop;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    drop.swap(kept_);
+    bytes_ = 0;
+  }
+  std::size_t n = 0;
+  for (const auto& [size, p] : drop) {
+    munmap(p, size);
+    n += size;
+  }
+  return n;
+}
+
+std::size_t HostReserve::bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return bytes_;
+}
+
 HostBuffer::HostBuffer(std::size_t size, std::size_t pending) : size_(size) {
+  keep_ = HostReserve::keeping();
+  if (keep_ && (p_ = HostReserve::instance().take(size))) return;  // resident already: no fault, no file
   int fd = -1;
   if (wants_file(size, pending)) {
     fd = backing_file(size);
@@ -106,7 +154,12 @@ HostBuffer::HostBuffer(std::size_t size, std::size_t pending) : size_(size) {
 }
 
 HostBuffer::~HostBuffer() {
-  if (p_) munmap(p_, size_);
+  if (!p_) return;
+  if (keep_ && !file_backed_ && HostReserve::keeping()) {
+    HostReserve::instance().put(p_, size_);
+  } else {
+    munmap(p_, size_);
+  }
 }
 
 }  // namespace glake

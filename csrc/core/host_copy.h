@@ -3,7 +3,9 @@
 #pragma once
 
 #include <cstddef>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "driver/driver.h"
@@ -44,7 +46,35 @@ class GLAKE_API DriverCopier final : public HostCopier {
   int device_;
 };
 
-/// Host memory for suspended data, unmapped on destruction: anonymous, with transparent huge pages
+/// Host memory that suspends keep for the next suspend, when $GLAKE_SUSPEND_KEEP_HOST=1: a resume's
+/// buffers stay mapped (their pages faulted in), and the next suspend's buffers of the same sizes
+/// take them, so that its copies land in resident memory (on an H200 host 50 GB/s, against 24 GB/s
+/// into fresh memory, which the kernel must fault in and zero page by page). The price is host RAM
+/// held while the process is awake: as much as the last suspend took. Thread-safe.
+class GLAKE_API HostReserve {
+ public:
+  /// The process's reserve.
+  static HostReserve& instance();
+  /// Whether buffers are kept ($GLAKE_SUSPEND_KEEP_HOST=1, read at each call).
+  static bool keeping();
+  /// A kept mapping of `size` bytes (exactly), or null.
+  void* take(std::size_t size);
+  /// Keeps `p` (`size` bytes, anonymous) for a later take().
+  void put(void* p, std::size_t size);
+  /// Unmaps every kept mapping no suspend has taken; returns the bytes given back. A suspend calls
+  /// it once all its buffers are made, so the reserve never holds more than the last suspend used.
+  std::size_t trim();
+  /// Bytes kept now.
+  std::size_t bytes() const;
+
+ private:
+  HostReserve() = default;
+  mutable std::mutex mu_;
+  std::multimap<std::size_t, void*> kept_;
+  std::size_t bytes_ = 0;
+};
+
+/// Host memory for suspended data, unmapped on destruction (or kept, see HostReserve): anonymous, with transparent huge pages
 /// asked for (faulted in by the copy that fills it, or first by $GLAKE_SUSPEND_PREFAULT_THREADS
 /// threads when set: on an H200 host the copy's own faulting was the faster); or, when the bytes
 /// would leave less than a tenth of RAM available (or exceed $GLAKE_SUSPEND_FILE_OVER bytes), a
@@ -68,6 +98,7 @@ class GLAKE_API HostBuffer {
   void* p_ = nullptr;
   std::size_t size_ = 0;
   bool file_backed_ = false;
+  bool keep_ = false;  // anonymous: goes to the HostReserve when destroyed, if keeping
 };
 
 }  // namespace glake

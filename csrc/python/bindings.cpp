@@ -8,6 +8,7 @@
 #include "python/common.h"
 
 #include "core/chunk_pool.h"
+#include "core/host_copy.h"
 #include "core/virtual_range.h"
 #include "common/conf.h"
 #include "driver/driver.h"
@@ -123,6 +124,10 @@ PYBIND11_MODULE(_C, m) {
         NoGil(), "Test hook: completes every held host event; returns how many.");
   m.def("host_held_events", [] { return dynamic_cast<HostDriver&>(get_driver("host")).held_events(); }, NoGil(),
         "Test hook: host events recorded while held and not yet completed.");
+  m.def("host_reserve_trim", [] { return HostReserve::instance().trim(); }, NoGil(),
+        "Unmaps the host memory suspends kept ($GLAKE_SUSPEND_KEEP_HOST=1) and no suspend took since; returns its bytes.");
+  m.def("host_reserve_bytes", [] { return HostReserve::instance().bytes(); },
+        "Bytes of host memory kept for the next suspend ($GLAKE_SUSPEND_KEEP_HOST=1).");
   m.def("cuda_backend_built", &cuda_backend_built, "Whether this build contains the cuda backend.");
   m.def("cuda_unavailable_reason", &cuda_unavailable_reason, NoGil(),
         "Why the cuda backend cannot be used here, or '' when it can.");

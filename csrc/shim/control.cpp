@@ -5,6 +5,7 @@
 #include <string>
 
 #include "common/error.h"
+#include "core/host_copy.h"
 #include "gmlake/registry.h"
 #include "shim/shim_state.h"
 #include "shim/stats_page.h"
@@ -54,6 +55,7 @@ bool serve_control(ControlBlock* b) {
       }
       mask |= std::uint64_t{1} << d;
     }
+    if (op == ControlOp::Suspend) HostReserve::instance().trim();  // kept buffers this suspend did not take
   } catch (const OutOfMemoryError& e) {
     answer(b, seq, ControlStatus::OutOfMemory, mask, e.what());
     return true;

@@ -158,3 +158,37 @@ def test_prefaulted_host_buffers_hold_the_same_bytes(monkeypatch, threads):
     a.resume()
     assert check(p, 200 * MiB, 7)
     a.free(p)
+
+
+def test_kept_host_buffers_serve_the_next_suspend_and_stale_ones_are_unmapped(monkeypatch):
+    # GLAKE_SUSPEND_KEEP_HOST=1: a resume keeps its buffers, the next suspend of the same layout takes
+    # them all; once the layout changes, what no suspend took is unmapped when glake.suspend() ends
+    monkeypatch.setenv("GLAKE_SUSPEND_KEEP_HOST", "1")
+    assert _C.host_reserve_trim() == 0 and _C.host_reserve_bytes() == 0
+    g = _C.gmlake_global(0)
+    p = g.malloc(6 * MiB, 0)
+    try:
+        for cycle in range(3):
+            fill(p, 6 * MiB, cycle)
+            assert glake.suspend() == [0]
+            saved = g.stats()["suspended_host_bytes"]
+            assert saved > 0 and _C.host_reserve_bytes() == 0, "this suspend took every kept buffer"
+            assert glake.resume() == [0] and check(p, 6 * MiB, cycle)
+            assert _C.host_reserve_bytes() == saved, "the resume kept its buffers"
+        g.free(p)
+        g.empty_cache()
+        p = g.malloc(40 * MiB, 0)  # another layout: its run has another size, the kept one goes stale
+        fill(p, 40 * MiB, 9)
+        glake.suspend()
+        assert _C.host_reserve_bytes() == 0, "the stale buffer was unmapped"
+        glake.resume()
+        assert check(p, 40 * MiB, 9) and _C.host_reserve_bytes() == g.stats()["reserved_bytes.all.current"]
+        monkeypatch.delenv("GLAKE_SUSPEND_KEEP_HOST")
+        glake.suspend()
+        glake.resume()
+        assert _C.host_reserve_bytes() == 0, "not keeping: a resume unmaps its buffers"
+    finally:
+        glake.resume()
+        _C.host_reserve_trim()
+        g.free(p)
+        g.empty_cache()
