@@ -48,17 +48,18 @@ void StitchAllocator::suspend(HostCopier* copier) {
   // segment's runs of live chunks are gathered, each given a host buffer, then copied as one batch.
   std::map<const Segment*, SavedSegment> saved;
   std::vector<HostCopy> copies;
-  std::size_t host_bytes = 0, file_bytes = 0;
+  std::size_t host_bytes = 0, file_bytes = 0, pending = 0;  // pending: new RAM the batch will fault in
   for (auto& seg : segments_) {
     SavedSegment& s = saved[seg.get()];
     std::size_t run_start = 0, run_end = 0;  // the run of live chunks being gathered: [start, end)
     auto flush = [&] {
       if (run_end == run_start) return;
       const std::size_t n = run_end - run_start;
-      SavedRun r{run_start, std::make_unique<HostBuffer>(n, host_bytes - file_bytes)};
+      SavedRun r{run_start, std::make_unique<HostBuffer>(n, pending)};
       copies.push_back(HostCopy{r.bytes->ptr(), seg->range->ptr() + run_start, n});
       host_bytes += n;
       if (r.bytes->file_backed()) file_bytes += n;
+      if (!r.bytes->file_backed() && !r.bytes->reused()) pending += n;
       s.runs.push_back(std::move(r));
     };
     for (const Mapping& m : seg->range->mappings()) {

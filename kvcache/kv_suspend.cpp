@@ -60,13 +60,13 @@ std::unique_ptr<Suspension> KvManager::save_live(HostCopier& io, bool discard) {
   const auto cb = static_cast<std::size_t>(layout_.chunk_bytes);
   const DevPtr base = table_.range()->ptr();
   std::vector<HostCopy> copies;
-  std::size_t pending = 0;  // host bytes of this batch not yet written
+  std::size_t pending = 0;  // new RAM this batch will fault in
   for (const Run& r : runs_of(first, nullptr, cb)) {
     auto buf = std::make_unique<HostBuffer>(r.count * cb, pending);
     copies.push_back(HostCopy{buf->ptr(), base + first[r.first], r.count * cb});
     for (std::size_t k = 0; k < r.count; ++k) s->chunks[r.first + k].host = buf->ptr() + k * cb;
     s->host_bytes += static_cast<std::int64_t>(r.count * cb);
-    if (!buf->file_backed()) pending += r.count * cb;
+    if (!buf->file_backed() && !buf->reused()) pending += r.count * cb;
     s->buffers.push_back(std::move(buf));
   }
   io.to_host(copies);  // every run in one batch

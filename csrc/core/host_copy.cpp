@@ -130,7 +130,10 @@ std::size_t HostReserve::bytes() const {
 
 HostBuffer::HostBuffer(std::size_t size, std::size_t pending) : size_(size) {
   keep_ = HostReserve::keeping();
-  if (keep_ && (p_ = HostReserve::instance().take(size))) return;  // resident already: no fault, no file
+  if (keep_ && (p_ = HostReserve::instance().take(size))) {  // resident already: no fault, no file
+    reused_ = true;
+    return;
+  }
   int fd = -1;
   if (wants_file(size, pending)) {
     fd = backing_file(size);

@@ -80,8 +80,8 @@ class GLAKE_API HostReserve {
 /// would leave less than a tenth of RAM available (or exceed $GLAKE_SUSPEND_FILE_OVER bytes), a
 /// shared mapping of an unnamed, preallocated file in $GLAKE_SUSPEND_DIR (default /var/tmp), so that
 /// a suspend larger than RAM pages out to disk instead of failing. `pending`: bytes of other buffers
-/// made for the same batch and not yet written (free RAM does not show them yet). Throws
-/// OutOfMemoryError.
+/// made for the same batch and not yet written (free RAM does not show them yet; reused ones do not
+/// count). Throws OutOfMemoryError.
 class GLAKE_API HostBuffer {
  public:
   explicit HostBuffer(std::size_t size, std::size_t pending = 0);
@@ -93,12 +93,15 @@ class GLAKE_API HostBuffer {
   std::size_t size() const { return size_; }
   /// True when a file backs the bytes.
   bool file_backed() const { return file_backed_; }
+  /// True when taken from the HostReserve: resident already, so writing it takes no more RAM.
+  bool reused() const { return reused_; }
 
  private:
   void* p_ = nullptr;
   std::size_t size_ = 0;
   bool file_backed_ = false;
-  bool keep_ = false;  // anonymous: goes to the HostReserve when destroyed, if keeping
+  bool keep_ = false;    // anonymous: goes to the HostReserve when destroyed, if keeping
+  bool reused_ = false;  // taken from the HostReserve
 };
 
 }  // namespace glake
