@@ -91,6 +91,7 @@ class DecodeSim:
         self.length: List[int] = []   # tokens cached (the next token is written at this position)
         self.left: List[int] = []     # tokens still to generate
         self.batch_us: List[float] = []  # host time of each step's one reserve_batch of all sequences
+        self.last_batch = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # the last step's (slots, lengths)
         self.pending: List[tuple] = []  # (batch position, slot, prompt, output) admitted next step
         for _ in range(B):           # start in steady state: each slot part-way through a request
             p, o = self.take_request()
@@ -121,6 +122,7 @@ class DecodeSim:
         t0 = time.perf_counter_ns()
         kv.reserve_batch(batch_slots, batch_lens)  # the hot path: one call per step for all sequences
         self.batch_us.append((time.perf_counter_ns() - t0) / 1e3)
+        self.last_batch = (batch_slots, batch_lens)
         live.sort(key=lambda i: self.length[i])
         slots = np.asarray([self.slot[i] for i in live])
         pos = np.asarray([self.length[i] for i in live])
@@ -205,6 +207,28 @@ def profile_steps(sim: "DecodeSim", kv: KVCache, steps: int, top: int = 8) -> Li
             for e in events[:top]]
 
 
+def idle_batch_parts(kv: KVCache, slots: np.ndarray, lengths: np.ndarray, calls: int = 500) -> Dict[str, float]:
+    """Host µs (median) of the step API's parts with the device idle, on the last step's batch (every
+    sequence already backed, so the C++ fast path): the whole reserve_batch, its binding and C++ loop
+    alone, publish_lengths alone, and the stream lookup publish makes."""
+    sync(kv)
+
+    def median_us(fn) -> float:
+        xs = []
+        for _ in range(calls):
+            t0 = time.perf_counter_ns()
+            fn()
+            xs.append((time.perf_counter_ns() - t0) / 1e3)
+        return statistics.median(xs)
+
+    out = {"reserve_batch": median_us(lambda: kv.reserve_batch(slots, lengths)),
+           "binding_and_cpp": median_us(lambda: kv._m.reserve_batch(slots, lengths)),
+           "publish_lengths": median_us(kv.publish_lengths),
+           "stream_lookup": median_us(kv._stream)}
+    sync(kv)
+    return out
+
+
 def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, backend: str) -> Dict:
     kv = KVCache(args.layers, args.kv_heads, args.head_dim, args.dtype, max_seqs=args.seqs,
                  max_seq_len=args.max_seq_len, backend=backend, lookahead_tokens=lookahead or 0)
@@ -236,6 +260,7 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             if kv.sync_waits > w0:
                 waiting_steps += 1
         s1, c1, t1_mem = kv.stats(), core.stats(backend), torch_memory(kv)
+        idle = idle_batch_parts(kv, *sim.last_batch)
         top = profile_steps(sim, kv, args.profile_steps) if args.profile_steps else []
         row = kv.layout.row_bytes
         chunk_tokens = kv.layout.chunk_bytes / row
@@ -257,6 +282,7 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             "utilisation_bound": used / (ideal * chunk_tokens) if ideal else 0.0,
             "peak_chunks": s1["chunks_physical"],
             "reserve_batch_us_p50": statistics.median(sim.batch_us) if sim.batch_us else 0.0,
+            "idle_batch_us": idle,
             "top_ops": top,
             "step_ms_each": [round(t * 1e3, 2) for t in times],  # in order: when a mode slows down
             # torch's own caching allocator over the measured steps (the step's temporaries live there,
@@ -383,6 +409,11 @@ def main() -> None:
     print_table(f"KV growth, backend={backend}, {args.seqs} sequences, {shape}, {args.steps} steps x {args.repeats}",
                 ["mode", "step ms", "p99 ms", "vs premapped", "steps waiting", "wait ms/step", "maps bg",
                  "maps sync", "KV util", "util bound", "reserve_batch us"], rows)
+    print_table("reserve_batch's parts with the device idle (host µs, median of 500 calls on the last step's batch)",
+                ["mode", "reserve_batch", "binding + C++ loop", "publish_lengths", "stream lookup"],
+                [[name, *[round(statistics.median(r["idle_batch_us"][k] for r in results[name]), 1)
+                          for k in ("reserve_batch", "binding_and_cpp", "publish_lengths", "stream_lookup")]]
+                 for name, _ in modes])
     if args.profile_steps:
         top_rows = [[name, t["op"][:60], round(t["ms_per_step"], 3), round(t["calls_per_step"], 1)]
                     for name, _ in modes for t in results[name][0]["top_ops"]]
