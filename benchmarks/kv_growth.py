@@ -92,6 +92,7 @@ class DecodeSim:
         self.left: List[int] = []     # tokens still to generate
         self.batch_us: List[float] = []  # host time of each step's one reserve_batch of all sequences
         self.last_batch = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # the last step's (slots, lengths)
+        self.phase_ms: Dict[str, List[float]] = {k: [] for k in PHASES}  # host ms of each step's phases
         self.pending: List[tuple] = []  # (batch position, slot, prompt, output) admitted next step
         for _ in range(B):           # start in steady state: each slot part-way through a request
             p, o = self.take_request()
@@ -121,7 +122,8 @@ class DecodeSim:
         batch_lens = np.fromiter((self.length[i] + 1 for i in live), np.int64, len(live))
         t0 = time.perf_counter_ns()
         kv.reserve_batch(batch_slots, batch_lens)  # the hot path: one call per step for all sequences
-        self.batch_us.append((time.perf_counter_ns() - t0) / 1e3)
+        t_reserved = time.perf_counter_ns()
+        self.batch_us.append((t_reserved - t0) / 1e3)
         self.last_batch = (batch_slots, batch_lens)
         live.sort(key=lambda i: self.length[i])
         slots = np.asarray([self.slot[i] for i in live])
@@ -134,6 +136,7 @@ class DecodeSim:
                  for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         if args.emulate_step_ms:
             time.sleep(args.emulate_step_ms / 1e3)
+        t_planned = time.perf_counter_ns()
         n = len(live)
         for layer in range(args.layers if args.attention else 0):
             kc, vc = kv.k_cache(layer), kv.v_cache(layer)
@@ -141,6 +144,7 @@ class DecodeSim:
             vc[t_slots, t_pos] = self.v_new[layer, :n]
             for a, b, plan in plans:
                 attend(self.q[layer, a:b], kc, vc, plan)
+        t_launched = time.perf_counter_ns()
         for i in live:
             self.length[i] += 1
             self.left[i] -= 1
@@ -159,6 +163,10 @@ class DecodeSim:
                 s = kv.allocate()
                 kv.prefetch(s, p)
                 self.pending.append((i, s, p, o))
+        t_end = time.perf_counter_ns()
+        for k, a, b in (("reserve_batch", t0, t_reserved), ("plan", t_reserved, t_planned),
+                        ("launch", t_planned, t_launched), ("admit", t_launched, t_end)):
+            self.phase_ms[k].append((b - a) / 1e6)
 
     def fewest_chunks(self, lookahead: int) -> int:
         """Chunks an ideal manager with this lookahead would hold now: each live sequence backed up to
@@ -174,6 +182,10 @@ class DecodeSim:
         """Tokens held by live sequences (those that just ended do not count; their successor's prompt
         is not written yet)."""
         return sum(self.length) - sum(self.length[i] for i, *_ in self.pending)
+
+
+# the host phases of a step (DecodeSim.step) and the device wait after it (run_mode)
+PHASES = ("reserve_batch", "plan", "launch", "admit", "sync")
 
 
 def torch_memory(kv: KVCache) -> Dict[str, int]:
@@ -248,12 +260,16 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
         s0, c0, t0_mem = kv.stats(), core.stats(backend), torch_memory(kv)
         times, waiting_steps, used, mapped, ideal = [], 0, 0, 0, 0
         sim.batch_us.clear()
+        for v in sim.phase_ms.values():
+            v.clear()
         for _ in range(args.steps):
             w0 = kv.sync_waits
             t0 = time.perf_counter()
             sim.step()
+            t_host = time.perf_counter()
             sync(kv)
             times.append(time.perf_counter() - t0)
+            sim.phase_ms["sync"].append((times[-1] - (t_host - t0)) * 1e3)
             used += sim.tokens_in_use()
             mapped += kv.physical_chunks
             ideal += sim.fewest_chunks(lookahead or 0)
@@ -285,6 +301,8 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             "idle_batch_us": idle,
             "top_ops": top,
             "step_ms_each": [round(t * 1e3, 2) for t in times],  # in order: when a mode slows down
+            # each step's host phases and its device wait, in order: which part a slow step spends in
+            "phase_ms_each": {k: [round(x, 3) for x in v] for k, v in sim.phase_ms.items()},
             # torch's own caching allocator over the measured steps (the step's temporaries live there,
             # beside the KV cache): a retry is a cudaMalloc that failed, then torch freed its cache
             "torch_alloc": {k: t1_mem[k] - t0_mem[k] if k.startswith("num_") else t1_mem[k] for k in t1_mem},
@@ -409,6 +427,13 @@ def main() -> None:
     print_table(f"KV growth, backend={backend}, {args.seqs} sequences, {shape}, {args.steps} steps x {args.repeats}",
                 ["mode", "step ms", "p99 ms", "vs premapped", "steps waiting", "wait ms/step", "maps bg",
                  "maps sync", "KV util", "util bound", "reserve_batch us"], rows)
+    half = lambda xs, first: xs[:len(xs) // 2] if first else xs[len(xs) // 2:]  # noqa: E731
+    print_table("Where a step's time goes (ms per step: host phases, then the device wait), first and second half",
+                ["mode", "half", *PHASES, "step"],
+                [[name, h, *[round(statistics.fmean(half(results[name][0]["phase_ms_each"][k], h == "1st")), 2)
+                             for k in PHASES],
+                  round(statistics.fmean(half(results[name][0]["step_ms_each"], h == "1st")), 2)]
+                 for name, _ in modes for h in ("1st", "2nd") if results[name][0]["step_ms_each"]])
     print_table("reserve_batch's parts with the device idle (host µs, median of 500 calls on the last step's batch)",
                 ["mode", "reserve_batch", "binding + C++ loop", "publish_lengths", "stream lookup"],
                 [[name, *[round(statistics.median(r["idle_batch_us"][k] for r in results[name]), 1)
