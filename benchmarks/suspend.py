@@ -260,7 +260,7 @@ def run_worker(args: List[str], env=None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-gib", default="1,16,80")
-    ap.add_argument("--probe", action="store_true", help="time the parts of a suspend alone, and with no prefault")
+    ap.add_argument("--probe", action="store_true", help="time the parts of a suspend alone, and the suspend with an 8-thread prefault")
     ap.add_argument("--serve", action="store_true", help="an LLM engine's first token after a wake")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="the --serve request's prompt")
     ap.add_argument("--keep-host", action="store_true",
