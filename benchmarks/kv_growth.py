@@ -58,6 +58,7 @@ sys.path.insert(1, str(HERE.parent))  # the repository's glake when run from a c
 import torch  # noqa: E402
 
 from _common import print_table, write_json  # noqa: E402
+from kv_reserve_batch import reserve_batch_parts  # noqa: E402
 
 from glake import core  # noqa: E402
 from glake.kvcache import KVCache, attend, gather_index  # noqa: E402
@@ -219,28 +220,6 @@ def profile_steps(sim: "DecodeSim", kv: KVCache, steps: int, top: int = 8) -> Li
             for e in events[:top]]
 
 
-def idle_batch_parts(kv: KVCache, slots: np.ndarray, lengths: np.ndarray, calls: int = 500) -> Dict[str, float]:
-    """Host µs (median) of the step API's parts with the device idle, on the last step's batch (every
-    sequence already backed, so the C++ fast path): the whole reserve_batch, its binding and C++ loop
-    alone, publish_lengths alone, and the stream lookup publish makes."""
-    sync(kv)
-
-    def median_us(fn) -> float:
-        xs = []
-        for _ in range(calls):
-            t0 = time.perf_counter_ns()
-            fn()
-            xs.append((time.perf_counter_ns() - t0) / 1e3)
-        return statistics.median(xs)
-
-    out = {"reserve_batch": median_us(lambda: kv.reserve_batch(slots, lengths)),
-           "binding_and_cpp": median_us(lambda: kv._m.reserve_batch(slots, lengths)),
-           "publish_lengths": median_us(kv.publish_lengths),
-           "stream_lookup": median_us(kv._stream)}
-    sync(kv)
-    return out
-
-
 def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, backend: str) -> Dict:
     kv = KVCache(args.layers, args.kv_heads, args.head_dim, args.dtype, max_seqs=args.seqs,
                  max_seq_len=args.max_seq_len, backend=backend, lookahead_tokens=lookahead or 0)
@@ -276,7 +255,8 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             if kv.sync_waits > w0:
                 waiting_steps += 1
         s1, c1, t1_mem = kv.stats(), core.stats(backend), torch_memory(kv)
-        idle = idle_batch_parts(kv, *sim.last_batch)
+        sync(kv)  # reserve_batch's parts with the device idle, on the last step's batch
+        idle = reserve_batch_parts(kv, *sim.last_batch, iters=500)
         top = profile_steps(sim, kv, args.profile_steps) if args.profile_steps else []
         row = kv.layout.row_bytes
         chunk_tokens = kv.layout.chunk_bytes / row
@@ -435,10 +415,9 @@ def main() -> None:
                   round(statistics.fmean(half(results[name][0]["step_ms_each"], h == "1st")), 2)]
                  for name, _ in modes for h in ("1st", "2nd") if results[name][0]["step_ms_each"]])
     print_table("reserve_batch's parts with the device idle (host µs, median of 500 calls on the last step's batch)",
-                ["mode", "reserve_batch", "binding + C++ loop", "publish_lengths", "stream lookup"],
+                ["mode", *results[modes[0][0]][0]["idle_batch_us"]],
                 [[name, *[round(statistics.median(r["idle_batch_us"][k] for r in results[name]), 1)
-                          for k in ("reserve_batch", "binding_and_cpp", "publish_lengths", "stream_lookup")]]
-                 for name, _ in modes])
+                          for k in results[name][0]["idle_batch_us"]]] for name, _ in modes])
     if args.profile_steps:
         top_rows = [[name, t["op"][:60], round(t["ms_per_step"], 3), round(t["calls_per_step"], 1)]
                     for name, _ in modes for t in results[name][0]["top_ops"]]

@@ -1,5 +1,5 @@
 """Host time of KVCache.reserve_batch for --seqs already-backed sequences, by part: the C++ loop,
-publish_lengths (the pinned copy to kv.lengths), the torch stream lookup, the whole Python call; and
+publish_lengths (the pinned copy to kv.lengths), the stream lookup it makes, the whole Python call; and
 growing every sequence by one token per call (a decode step), without and with the background mapper.
 Median of --iters calls after a warm-up, nothing else running.
 
@@ -12,9 +12,9 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Dict
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
@@ -31,6 +31,16 @@ def median_us(fn, n: int) -> float:
         fn()
         ts.append(time.perf_counter_ns() - t0)
     return float(np.median(ts)) / 1e3
+
+
+def reserve_batch_parts(kv: KVCache, slots: np.ndarray, lens: np.ndarray, iters: int) -> Dict[str, float]:
+    """Host µs (median of ``iters`` calls) of ``kv.reserve_batch(slots, lens)`` for sequences already
+    backed that far (the C++ fast path), and of its parts: the binding and C++ loop, publish_lengths
+    (the pinned copy to kv.lengths) and the stream lookup publish makes."""
+    return {"KVCache.reserve_batch": median_us(lambda: kv.reserve_batch(slots, lens), iters),
+            "C++ reserve_batch": median_us(lambda: kv._m.reserve_batch(slots, lens), iters),
+            "publish_lengths": median_us(kv.publish_lengths, iters),
+            "stream lookup": median_us(kv._stream, iters)}
 
 
 def main() -> None:
@@ -50,13 +60,7 @@ def main() -> None:
             lens = np.full(args.seqs, args.tokens, np.int64)
             kv.reserve_batch(slots, lens)
             kv.wait_mapper()
-            ptr = kv.lengths.data_ptr()
-            stream = torch.cuda.current_stream(kv.device).cuda_stream if kv.device.type == "cuda" else 0
-            r = {"C++ reserve_batch": median_us(lambda: kv._m.reserve_batch(slots, lens), args.iters),
-                 "publish_lengths": median_us(lambda: kv._m.publish_lengths(ptr, stream), args.iters),
-                 "torch stream lookup": (median_us(lambda: torch.cuda.current_stream(kv.device).cuda_stream, args.iters)
-                                         if kv.device.type == "cuda" else 0.0),
-                 "KVCache.reserve_batch": median_us(lambda: kv.reserve_batch(slots, lens), args.iters)}
+            r = reserve_batch_parts(kv, slots, lens, args.iters)
             cur = lens.copy()
 
             def grow():
