@@ -9,6 +9,7 @@ AllocatorStats StitchAllocator::stats() const {
   s.num_events_created = static_cast<std::int64_t>(events_.created());
   s.private_pools = static_cast<std::int64_t>(pools_.size());
   s.suspended = suspended_;
+  s.kept_host_bytes = static_cast<std::int64_t>(host_reserve_.bytes());
   for (const auto& [id, pool] : pools_) {
     for (const FreeSet* set : {&pool->free.small, &pool->free.large, &pool->free.stitched}) {
       for (const Block* b : *set) s.private_pool_free_bytes += static_cast<std::int64_t>(b->size);

@@ -51,6 +51,8 @@ struct AllocatorStats {
   bool suspended = false;                ///< between suspend() and resume(): no physical memory held
   std::int64_t suspended_host_bytes = 0; ///< bytes of live data suspend() keeps in host memory
   std::int64_t suspended_file_bytes = 0; ///< of them, bytes in file-backed memory (more than RAM allows)
+  std::int64_t suspended_reused_bytes = 0; ///< of them, bytes written into host memory kept from the last resume
+  std::int64_t kept_host_bytes = 0;      ///< host memory a resume kept for the next suspend ($GLAKE_SUSPEND_KEEP_HOST=1)
 };
 
 /// One block as seen by snapshot().
@@ -244,7 +246,7 @@ class GLAKE_API StitchAllocator {
   /// Consecutive chunks of a segment that held live data, copied to host memory as one.
   struct SavedRun {
     std::size_t offset = 0;
-    std::unique_ptr<HostBuffer> bytes;
+    HostBufferPtr bytes;
   };
   /// What suspend() gave back of one segment: its chunks' sizes (back to back from offset 0, to be
   /// recreated) and the runs of live data (chunks holding none are not copied, never zero-filled).
@@ -253,6 +255,7 @@ class GLAKE_API StitchAllocator {
     std::vector<SavedRun> runs;
   };
   std::map<const Segment*, SavedSegment> saved_;  ///< while suspended
+  HostReserve host_reserve_;                      ///< suspend's host buffers, kept between cycles if asked
   bool suspended_ = false;
 };
 

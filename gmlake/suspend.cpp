@@ -45,22 +45,18 @@ void StitchAllocator::suspend(HostCopier* copier) {
   DriverCopier plain(driver_, device_);
   HostCopier& io = copier ? *copier : plain;
   // Copy first, so that a failure (host memory, the driver) leaves the allocator as it was. Every
-  // segment's runs of live chunks are gathered, each given a host buffer, then copied as one batch.
+  // segment's runs of live chunks are gathered, given host buffers together, then copied as one batch.
+  struct Run {
+    Segment* seg;
+    std::size_t offset, size;
+  };
+  std::vector<Run> runs;
   std::map<const Segment*, SavedSegment> saved;
-  std::vector<HostCopy> copies;
-  std::size_t host_bytes = 0, file_bytes = 0, pending = 0;  // pending: new RAM the batch will fault in
   for (auto& seg : segments_) {
     SavedSegment& s = saved[seg.get()];
     std::size_t run_start = 0, run_end = 0;  // the run of live chunks being gathered: [start, end)
     auto flush = [&] {
-      if (run_end == run_start) return;
-      const std::size_t n = run_end - run_start;
-      SavedRun r{run_start, std::make_unique<HostBuffer>(n, pending)};
-      copies.push_back(HostCopy{r.bytes->ptr(), seg->range->ptr() + run_start, n});
-      host_bytes += n;
-      if (r.bytes->file_backed()) file_bytes += n;
-      if (!r.bytes->file_backed() && !r.bytes->reused()) pending += n;
-      s.runs.push_back(std::move(r));
+      if (run_end > run_start) runs.push_back(Run{seg.get(), run_start, run_end - run_start});
     };
     for (const Mapping& m : seg->range->mappings()) {
       s.chunk_sizes.push_back(m.chunk->size());
@@ -73,6 +69,18 @@ void StitchAllocator::suspend(HostCopier* copier) {
     }
     flush();
   }
+  std::vector<std::size_t> sizes;
+  for (const Run& r : runs) sizes.push_back(r.size);
+  std::size_t host_bytes = 0, file_bytes = 0, reused = 0;
+  std::vector<HostBufferPtr> buffers = host_reserve_.take(sizes, &reused);
+  std::vector<HostCopy> copies;
+  for (std::size_t i = 0; i < runs.size(); ++i) {
+    const Run& r = runs[i];
+    copies.push_back(HostCopy{buffers[i]->ptr(), r.seg->range->ptr() + r.offset, r.size});
+    host_bytes += r.size;
+    if (buffers[i]->file_backed()) file_bytes += r.size;
+    saved[r.seg].runs.push_back(SavedRun{r.offset, std::move(buffers[i])});
+  }
   io.to_host(copies);
   unmap_stitches();  // then each chunk's last mapping is its segment's: unmapping it releases it
   for (auto& seg : segments_) {
@@ -81,6 +89,7 @@ void StitchAllocator::suspend(HostCopier* copier) {
   saved_ = std::move(saved);
   stats_.suspended_host_bytes = static_cast<std::int64_t>(host_bytes);
   stats_.suspended_file_bytes = static_cast<std::int64_t>(file_bytes);
+  stats_.suspended_reused_bytes = static_cast<std::int64_t>(reused);
   suspended_ = true;
 }
 
@@ -108,9 +117,15 @@ void StitchAllocator::resume(HostCopier* copier) {
   }
   io.to_device(copies);  // every segment's runs in one batch
   map_stitches();
+  std::vector<HostBufferPtr> done;
+  for (auto& [seg, s] : saved_) {
+    for (SavedRun& r : s.runs) done.push_back(std::move(r.bytes));
+  }
+  host_reserve_.give_back(std::move(done));
   saved_.clear();
   stats_.suspended_host_bytes = 0;
   stats_.suspended_file_bytes = 0;
+  stats_.suspended_reused_bytes = 0;
   suspended_ = false;
 }
 

@@ -58,6 +58,8 @@ KvStats KvManager::stats() {
   s.lengths_waits = mirror_.waits();
   s.suspended = suspended_.load();
   s.suspended_host_bytes = saved_ ? saved_->host_bytes : 0;
+  s.suspended_reused_bytes = saved_ ? static_cast<std::int64_t>(saved_->reused_bytes) : 0;
+  s.kept_host_bytes = static_cast<std::int64_t>(host_reserve_.bytes());
   return s;
 }
 

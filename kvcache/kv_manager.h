@@ -62,6 +62,8 @@ struct KvStats {
   std::uint64_t mapper_passes = 0, mapper_busy_ns = 0, lengths_waits = 0;
   bool suspended = false;
   std::int64_t suspended_host_bytes = 0;  ///< bytes suspend() copied to host memory (0 when not suspended)
+  std::int64_t suspended_reused_bytes = 0; ///< of them, bytes written into host memory kept from the last resume
+  std::int64_t kept_host_bytes = 0;       ///< host memory a resume kept for the next suspend ($GLAKE_SUSPEND_KEEP_HOST=1)
 };
 
 /// Where fork() wants the partial tail chunk's bytes copied (offsets in the range; bytes 0 = none).
@@ -234,6 +236,7 @@ class KvManager {
   std::atomic<bool> closed_{false};
   std::atomic<bool> suspended_{false};  // set and cleared with the lock held; read lock-free by reserve_fast
   std::unique_ptr<Suspension> saved_;   // while suspended
+  HostReserve host_reserve_;            // suspend's host buffers, kept between cycles if asked
   std::atomic<bool> mapper_failed_{false};
   std::atomic<std::int64_t> physical_{0};
   std::atomic<std::uint64_t> sync_waits_{0};

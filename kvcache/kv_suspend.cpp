@@ -56,18 +56,23 @@ std::unique_ptr<Suspension> KvManager::save_live(HostCopier& io, bool discard) {
       s->chunks[it->second].places.push_back({i, j});  // a shared chunk: copied once, every place kept
     }
   }
-  if (discard) return s;
+  if (discard) {
+    host_reserve_.drop();  // nothing to copy: kept buffers from an earlier cycle go too
+    return s;
+  }
   const auto cb = static_cast<std::size_t>(layout_.chunk_bytes);
   const DevPtr base = table_.range()->ptr();
+  const std::vector<Run> runs = runs_of(first, nullptr, cb);
+  std::vector<std::size_t> sizes;
+  for (const Run& r : runs) sizes.push_back(r.count * cb);
+  s->buffers = host_reserve_.take(sizes, &s->reused_bytes);
   std::vector<HostCopy> copies;
-  std::size_t pending = 0;  // new RAM this batch will fault in
-  for (const Run& r : runs_of(first, nullptr, cb)) {
-    auto buf = std::make_unique<HostBuffer>(r.count * cb, pending);
-    copies.push_back(HostCopy{buf->ptr(), base + first[r.first], r.count * cb});
-    for (std::size_t k = 0; k < r.count; ++k) s->chunks[r.first + k].host = buf->ptr() + k * cb;
-    s->host_bytes += static_cast<std::int64_t>(r.count * cb);
-    if (!buf->file_backed() && !buf->reused()) pending += r.count * cb;
-    s->buffers.push_back(std::move(buf));
+  for (std::size_t i = 0; i < runs.size(); ++i) {
+    const Run& r = runs[i];
+    const DevPtr host = s->buffers[i]->ptr();
+    copies.push_back(HostCopy{host, base + first[r.first], sizes[i]});
+    for (std::size_t k = 0; k < r.count; ++k) s->chunks[r.first + k].host = host + k * cb;
+    s->host_bytes += static_cast<std::int64_t>(sizes[i]);
   }
   io.to_host(copies);  // every run in one batch
   return s;
@@ -167,6 +172,7 @@ void KvManager::resume(HostCopier* copier) {
   ++n_.locked_engine_calls;
   DriverCopier plain(driver_, config_.device);
   map_saved(*saved_, copier ? *copier : plain);
+  host_reserve_.give_back(std::move(saved_->buffers));
   saved_.reset();
   suspended_.store(false);
   for (int i : slots_.active()) refresh(i);  // capacities back; the mapper tops up lookahead again

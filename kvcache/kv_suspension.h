@@ -26,8 +26,9 @@ struct SavedChunk {
 /// The saved state of a suspended cache (the manager's lock guards it).
 struct Suspension {
   std::vector<SavedChunk> chunks;
-  std::vector<std::unique_ptr<HostBuffer>> buffers;  ///< one per run of chunks copied together
+  std::vector<HostBufferPtr> buffers;  ///< one per run of chunks copied together
   std::int64_t host_bytes = 0;
+  std::size_t reused_bytes = 0;  ///< of host_bytes, written into host memory kept from the last resume
   bool discarded = false;  ///< suspend(discard=true): nothing was copied
 
   /// Forgets `slot`'s places: its sequence ended while suspended, resume() leaves it unmapped.

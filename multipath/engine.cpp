@@ -237,18 +237,27 @@ void CopyEngine::copy_many(const std::vector<CopyItem>& items, MemKind dst_kind,
     }
     if (!to_host.empty()) copy_staged(false, to_host, stream, true);
     if (!to_device.empty()) copy_staged(true, to_device, stream, true);
-    if (!non_blocking) {  // the plain copies ran on the caller's stream, the others on the lanes
-      if (lanes_) lanes_->synchronize();
-      if (peers_) peers_->synchronize();
-      if (!on_host_) driver_.stream_synchronize(device_, stream);
-    }
+    if (!non_blocking) drain(stream);
   } catch (...) {
     errors_++;
+    // Copies of earlier items may still be running into or out of the caller's buffers, which it
+    // frees once this throws: wait for them (their own failure changes nothing now).
+    try {
+      drain(stream);
+    } catch (...) {
+    }
     throw;
   }
   for (std::size_t i = 0; i < items.size(); ++i) count(paths[i], items[i].n);
   busy_ns_ += static_cast<std::uint64_t>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+}
+
+void CopyEngine::drain(StreamHandle stream) {
+  // The plain copies run on the caller's stream, the others on the lanes and the peers' streams.
+  if (lanes_) lanes_->synchronize();
+  if (peers_) peers_->synchronize();
+  if (!on_host_) driver_.stream_synchronize(device_, stream);
 }
 
 void CopyEngine::copy_unstaged(CopyPath path, DevPtr dst, DevPtr src, std::size_t n, StreamHandle stream,

@@ -113,6 +113,8 @@ class GLAKE_API CopyEngine {
   void ensure_staging();
   void check_not_capturing(StreamHandle stream);
   void count(CopyPath path, std::size_t n);
+  /// Waits for every copy this engine started on `stream`, the lanes and the peers.
+  void drain(StreamHandle stream);
   void copy_unstaged(CopyPath path, DevPtr dst, DevPtr src, std::size_t n, StreamHandle stream, bool non_blocking);
   void copy_staged(bool h2d, const std::vector<StagedExtent>& extents, StreamHandle stream, bool non_blocking);
   void copy_plain(DevPtr dst, DevPtr src, std::size_t n, StreamHandle stream, bool non_blocking);

@@ -1,4 +1,5 @@
-// HostBuffer: host memory for suspended device data, anonymous or (larger than RAM allows) file-backed.
+// HostBuffer: host memory for suspended device data, anonymous or (larger than RAM allows) file-backed;
+// HostReserve: one suspending object's buffers, kept between a resume and the next suspend if asked.
 #include "core/host_copy.h"
 
 #include <fcntl.h>
@@ -6,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -82,58 +84,7 @@ void prefault(void* p, std::size_t size) {
 
 }  // namespace
 
-HostReserve& HostReserve::instance() {
-  static HostReserve* r = new HostReserve;  // never destroyed: buffers may outlive static destruction
-  return *r;
-}
-
-bool HostReserve::keeping() {
-  const char* v = std::getenv("GLAKE_SUSPEND_KEEP_HOST");
-  return v && std::strcmp(v, "1") == 0;
-}
-
-void* HostReserve::take(std::size_t size) {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto it = kept_.find(size);
-  if (it == kept_.end()) return nullptr;
-  void* p = it->second;
-  kept_.erase(it);
-  bytes_ -= size;
-  return p;
-}
-
-void HostReserve::put(void* p, std::size_t size) {
-  std::lock_guard<std::mutex> lock(mu_);
-  kept_.emplace(size, p);
-  bytes_ += size;
-}
-
-std::size_t HostReserve::trim() {
-  std::multimap<std::size_t, void*> drop;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    drop.swap(kept_);
-    bytes_ = 0;
-  }
-  std::size_t n = 0;
-  for (const auto& [size, p] : drop) {
-    munmap(p, size);
-    n += size;
-  }
-  return n;
-}
-
-std::size_t HostReserve::bytes() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return bytes_;
-}
-
 HostBuffer::HostBuffer(std::size_t size, std::size_t pending) : size_(size) {
-  keep_ = HostReserve::keeping();
-  if (keep_ && (p_ = HostReserve::instance().take(size))) {  // resident already: no fault, no file
-    reused_ = true;
-    return;
-  }
   int fd = -1;
   if (wants_file(size, pending)) {
     fd = backing_file(size);
@@ -157,12 +108,56 @@ HostBuffer::HostBuffer(std::size_t size, std::size_t pending) : size_(size) {
 }
 
 HostBuffer::~HostBuffer() {
-  if (!p_) return;
-  if (keep_ && !file_backed_ && HostReserve::keeping()) {
-    HostReserve::instance().put(p_, size_);
-  } else {
-    munmap(p_, size_);
+  if (p_) munmap(p_, size_);
+}
+
+namespace {
+std::atomic<std::size_t> g_kept_bytes{0};  // every HostReserve's bytes
+}
+
+HostReserve::~HostReserve() { drop(); }
+
+std::vector<HostBufferPtr> HostReserve::take(const std::vector<std::size_t>& sizes, std::size_t* reused) {
+  std::vector<HostBufferPtr> out(sizes.size());
+  for (std::size_t i = 0; i < sizes.size(); ++i) {  // resident already: no fault, no file, no new RAM
+    auto it = kept_.find(sizes[i]);
+    if (it == kept_.end()) continue;
+    out[i] = std::move(it->second);
+    kept_.erase(it);
+    *reused += sizes[i];
+    bytes_ -= sizes[i];
+    g_kept_bytes -= sizes[i];
+  }
+  drop();  // another layout's leftovers go before any new buffer counts free RAM
+  std::size_t pending = 0;  // new RAM this batch will fault in
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    if (out[i]) continue;
+    out[i] = std::make_unique<HostBuffer>(sizes[i], pending);
+    if (!out[i]->file_backed()) pending += sizes[i];
+  }
+  return out;
+}
+
+void HostReserve::give_back(std::vector<HostBufferPtr> buffers) {
+  const char* v = std::getenv("GLAKE_SUSPEND_KEEP_HOST");
+  if (!v || std::strcmp(v, "1") != 0) return;  // `buffers` unmap as they go
+  for (HostBufferPtr& b : buffers) {
+    if (!b || b->file_backed()) continue;
+    const std::size_t n = b->size();
+    kept_.emplace(n, std::move(b));
+    bytes_ += n;
+    g_kept_bytes += n;
   }
 }
+
+std::size_t HostReserve::drop() {
+  const std::size_t n = bytes_;
+  kept_.clear();
+  bytes_ = 0;
+  g_kept_bytes -= n;
+  return n;
+}
+
+std::size_t HostReserve::process_bytes() { return g_kept_bytes.load(); }
 
 }  // namespace glake

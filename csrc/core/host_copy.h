@@ -5,7 +5,6 @@
 #include <cstddef>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #include "driver/driver.h"
@@ -46,42 +45,14 @@ class GLAKE_API DriverCopier final : public HostCopier {
   int device_;
 };
 
-/// Host memory that suspends keep for the next suspend, when $GLAKE_SUSPEND_KEEP_HOST=1: a resume's
-/// buffers stay mapped (their pages faulted in), and the next suspend's buffers of the same sizes
-/// take them, so that its copies land in resident memory (on an H200 host 50 GB/s, against 24 GB/s
-/// into fresh memory, which the kernel must fault in and zero page by page). The price is host RAM
-/// held while the process is awake: as much as the last suspend took. Thread-safe.
-class GLAKE_API HostReserve {
- public:
-  /// The process's reserve.
-  static HostReserve& instance();
-  /// Whether buffers are kept ($GLAKE_SUSPEND_KEEP_HOST=1, read at each call).
-  static bool keeping();
-  /// A kept mapping of `size` bytes (exactly), or null.
-  void* take(std::size_t size);
-  /// Keeps `p` (`size` bytes, anonymous) for a later take().
-  void put(void* p, std::size_t size);
-  /// Unmaps every kept mapping no suspend has taken; returns the bytes given back. A suspend calls
-  /// it once all its buffers are made, so the reserve never holds more than the last suspend used.
-  std::size_t trim();
-  /// Bytes kept now.
-  std::size_t bytes() const;
-
- private:
-  HostReserve() = default;
-  mutable std::mutex mu_;
-  std::multimap<std::size_t, void*> kept_;
-  std::size_t bytes_ = 0;
-};
-
-/// Host memory for suspended data, unmapped on destruction (or kept, see HostReserve): anonymous, with transparent huge pages
+/// Host memory for suspended data, unmapped on destruction: anonymous, with transparent huge pages
 /// asked for (faulted in by the copy that fills it, or first by $GLAKE_SUSPEND_PREFAULT_THREADS
 /// threads when set: on an H200 host the copy's own faulting was the faster); or, when the bytes
 /// would leave less than a tenth of RAM available (or exceed $GLAKE_SUSPEND_FILE_OVER bytes), a
 /// shared mapping of an unnamed, preallocated file in $GLAKE_SUSPEND_DIR (default /var/tmp), so that
 /// a suspend larger than RAM pages out to disk instead of failing. `pending`: bytes of other buffers
-/// made for the same batch and not yet written (free RAM does not show them yet; reused ones do not
-/// count). Throws OutOfMemoryError.
+/// made for the same batch and not yet written (free RAM does not show them yet). Throws
+/// OutOfMemoryError.
 class GLAKE_API HostBuffer {
  public:
   explicit HostBuffer(std::size_t size, std::size_t pending = 0);
@@ -93,15 +64,45 @@ class GLAKE_API HostBuffer {
   std::size_t size() const { return size_; }
   /// True when a file backs the bytes.
   bool file_backed() const { return file_backed_; }
-  /// True when taken from the HostReserve: resident already, so writing it takes no more RAM.
-  bool reused() const { return reused_; }
 
  private:
   void* p_ = nullptr;
   std::size_t size_ = 0;
   bool file_backed_ = false;
-  bool keep_ = false;    // anonymous: goes to the HostReserve when destroyed, if keeping
-  bool reused_ = false;  // taken from the HostReserve
+};
+
+using HostBufferPtr = std::unique_ptr<HostBuffer>;
+
+/// The host buffers of one suspending object (an allocator, a KV cache), which owns its reserve and
+/// guards it with its own lock. suspend() asks it for one buffer per run to copy; resume() hands the
+/// buffers back. With $GLAKE_SUSPEND_KEEP_HOST=1 (read at each give_back) they stay mapped, their
+/// pages resident, and the next suspend takes those of exactly the sizes it needs, so that its
+/// copies do not wait for the kernel to fault in and zero fresh memory page by page (H200 host:
+/// 45.8 GB/s into kept memory against 7.8-15.7 GB/s into fresh). A suspend unmaps the kept buffers
+/// it does not take before it makes any new one. The price is host RAM held while the object is
+/// awake: as much as its last suspend took. File-backed buffers are never kept.
+class GLAKE_API HostReserve {
+ public:
+  HostReserve() = default;
+  ~HostReserve();
+  HostReserve(const HostReserve&) = delete;
+  HostReserve& operator=(const HostReserve&) = delete;
+  /// One buffer per entry of `sizes`, in order: a kept one of exactly that size where there is one
+  /// (their bytes added to `*reused`), else a new HostBuffer. Kept buffers left over are unmapped
+  /// first. Throws OutOfMemoryError (the buffers made so far are unmapped; the reserve is then empty).
+  std::vector<HostBufferPtr> take(const std::vector<std::size_t>& sizes, std::size_t* reused);
+  /// A resume's buffers, its data copied back: kept when $GLAKE_SUSPEND_KEEP_HOST=1, else unmapped.
+  void give_back(std::vector<HostBufferPtr> buffers);
+  /// Unmaps every kept buffer; returns the bytes given back.
+  std::size_t drop();
+  /// Bytes kept by this reserve.
+  std::size_t bytes() const { return bytes_; }
+  /// Bytes kept by every reserve of the process.
+  static std::size_t process_bytes();
+
+ private:
+  std::multimap<std::size_t, HostBufferPtr> kept_;
+  std::size_t bytes_ = 0;
 };
 
 }  // namespace glake

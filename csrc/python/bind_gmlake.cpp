@@ -73,6 +73,8 @@ py::dict stats_dict(const gm::StitchAllocator& a) {
   d["suspended"] = s.suspended ? 1 : 0;
   d["suspended_host_bytes"] = s.suspended_host_bytes;
   d["suspended_file_bytes"] = s.suspended_file_bytes;
+  d["suspended_reused_bytes"] = s.suspended_reused_bytes;
+  d["kept_host_bytes"] = s.kept_host_bytes;
   d["limit_bytes"] = limit;
   return d;
 }

@@ -83,6 +83,8 @@ py::dict stats_dict(kv::KvManager& m) {
   d["fences_pending"] = s.fences_pending;
   d["suspended"] = s.suspended ? 1 : 0;
   d["suspended_host_bytes"] = s.suspended_host_bytes;
+  d["suspended_reused_bytes"] = s.suspended_reused_bytes;
+  d["kept_host_bytes"] = s.kept_host_bytes;
   return d;
 }
 

@@ -124,10 +124,9 @@ PYBIND11_MODULE(_C, m) {
         NoGil(), "Test hook: completes every held host event; returns how many.");
   m.def("host_held_events", [] { return dynamic_cast<HostDriver&>(get_driver("host")).held_events(); }, NoGil(),
         "Test hook: host events recorded while held and not yet completed.");
-  m.def("host_reserve_trim", [] { return HostReserve::instance().trim(); }, NoGil(),
-        "Unmaps the host memory suspends kept ($GLAKE_SUSPEND_KEEP_HOST=1) and no suspend took since; returns its bytes.");
-  m.def("host_reserve_bytes", [] { return HostReserve::instance().bytes(); },
-        "Bytes of host memory kept for the next suspend ($GLAKE_SUSPEND_KEEP_HOST=1).");
+  m.def("host_reserve_bytes", &HostReserve::process_bytes,
+        "Bytes of host memory the process's allocators and KV caches keep for their next suspend "
+        "($GLAKE_SUSPEND_KEEP_HOST=1); each one's own is its stats()['kept_host_bytes'].");
   m.def("cuda_backend_built", &cuda_backend_built, "Whether this build contains the cuda backend.");
   m.def("cuda_unavailable_reason", &cuda_unavailable_reason, NoGil(),
         "Why the cuda backend cannot be used here, or '' when it can.");

@@ -55,7 +55,6 @@ bool serve_control(ControlBlock* b) {
       }
       mask |= std::uint64_t{1} << d;
     }
-    if (op == ControlOp::Suspend) HostReserve::instance().trim();  // kept buffers this suspend did not take
   } catch (const OutOfMemoryError& e) {
     answer(b, seq, ControlStatus::OutOfMemory, mask, e.what());
     return true;

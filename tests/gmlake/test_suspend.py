@@ -170,10 +170,8 @@ def test_prefaulted_host_buffers_hold_the_same_bytes(monkeypatch, threads):
 
 def test_kept_host_buffers_serve_the_next_suspend(monkeypatch):
     # GLAKE_SUSPEND_KEEP_HOST=1: a resume keeps its buffers and the next suspend of the same layout
-    # takes them. A private allocator's suspend does not trim the reserve, so what it did not take
-    # would still be there: the reserve is empty while suspended only if every buffer was reused.
+    # writes into them (suspended_reused_bytes), the first suspend into fresh memory.
     monkeypatch.setenv("GLAKE_SUSPEND_KEEP_HOST", "1")
-    assert _C.host_reserve_trim() == 0 and _C.host_reserve_bytes() == 0
     a = glake.Allocator(backend=BACKEND, chunk_bytes="8MiB")
     p, q = a.malloc(6 * MiB), a.malloc(20 * MiB)
     try:
@@ -181,43 +179,75 @@ def test_kept_host_buffers_serve_the_next_suspend(monkeypatch):
             fill(p, 6 * MiB, cycle)
             fill(q, 20 * MiB, cycle + 10)
             a.suspend()
-            saved = a.stats()["suspended_host_bytes"]
-            assert saved > 0 and _C.host_reserve_bytes() == 0, "a kept buffer was not reused"
+            st = a.stats()
+            assert st["suspended_host_bytes"] > 0 and st["kept_host_bytes"] == 0
+            assert st["suspended_reused_bytes"] == (0 if cycle == 0 else st["suspended_host_bytes"])
             a.resume()
             assert check(p, 6 * MiB, cycle) and check(q, 20 * MiB, cycle + 10)
-            assert _C.host_reserve_bytes() == saved, "the resume kept its buffers"
+            assert a.stats()["kept_host_bytes"] == st["suspended_host_bytes"], "the resume kept its buffers"
+        assert _C.host_reserve_bytes() >= a.stats()["kept_host_bytes"]
+        monkeypatch.delenv("GLAKE_SUSPEND_KEEP_HOST")
+        a.suspend()
+        a.resume()
+        assert a.stats()["kept_host_bytes"] == 0, "not keeping: a resume unmaps its buffers"
     finally:
         a.resume()
-        _C.host_reserve_trim()
         a.free(p)
         a.free(q)
 
 
-def test_glake_suspend_unmaps_the_kept_buffers_it_did_not_take(monkeypatch):
+def test_a_suspend_unmaps_the_kept_buffers_it_does_not_take_and_leaves_other_allocators_alone(monkeypatch):
+    monkeypatch.setenv("GLAKE_SUSPEND_KEEP_HOST", "1")
+    base = _C.host_reserve_bytes()  # what other objects of this process keep
+    a = glake.Allocator(backend=BACKEND, chunk_bytes="8MiB")
+    b = glake.Allocator(backend=BACKEND, chunk_bytes="8MiB")
+    p, other = a.malloc(6 * MiB), b.malloc(4 * MiB)
+    fill(other, 4 * MiB, 3)
+    b.suspend()
+    b.resume()
+    b_kept = b.stats()["kept_host_bytes"]
+    fill(p, 6 * MiB, 1)
+    a.suspend()
+    a.resume()
+    assert a.stats()["kept_host_bytes"] > 0 and b_kept > 0
+    a.free(p)
+    a.empty_cache()
+    p = a.malloc(40 * MiB)  # another layout: its run has another size, the kept one goes stale
+    fill(p, 40 * MiB, 9)
+    a.suspend()
+    st = a.stats()
+    assert st["suspended_reused_bytes"] == 0 and st["kept_host_bytes"] == 0, "the stale buffer is still kept"
+    assert b.stats()["kept_host_bytes"] == b_kept, "another allocator's kept buffers went too"
+    a.resume()
+    assert check(p, 40 * MiB, 9) and a.stats()["kept_host_bytes"] == st["suspended_host_bytes"]
+    b.suspend()
+    assert b.stats()["suspended_reused_bytes"] == b_kept
+    b.resume()
+    assert check(other, 4 * MiB, 3)
+    a.free(p)
+    b.free(other)
+    assert _C.host_reserve_bytes() == base + a.stats()["kept_host_bytes"] + b.stats()["kept_host_bytes"]
+    del a, b  # an allocator's kept buffers go with it
+    assert _C.host_reserve_bytes() == base
+
+
+def test_glake_suspend_keeps_and_reuses_the_global_allocators_buffers(monkeypatch):
     monkeypatch.setenv("GLAKE_SUSPEND_KEEP_HOST", "1")
     g = host_global_allocator()
-    assert _C.host_reserve_trim() == 0
     p = g.malloc(6 * MiB, 0)
     try:
         fill(p, 6 * MiB, 1)
-        glake.suspend()
-        glake.resume()
-        kept = _C.host_reserve_bytes()
-        assert kept > 0
-        g.free(p)
-        g.empty_cache()
-        p = g.malloc(40 * MiB, 0)  # another layout: its run has another size, the kept one goes stale
-        fill(p, 40 * MiB, 9)
-        glake.suspend()
-        assert _C.host_reserve_bytes() == 0, "the stale buffer is still kept"
-        glake.resume()
-        assert check(p, 40 * MiB, 9) and _C.host_reserve_bytes() == g.stats()["reserved_bytes.all.current"]
-        monkeypatch.delenv("GLAKE_SUSPEND_KEEP_HOST")
-        glake.suspend()
-        glake.resume()
-        assert _C.host_reserve_bytes() == 0, "not keeping: a resume unmaps its buffers"
+        for cycle in range(2):
+            glake.suspend()
+            st = g.stats()
+            assert st["suspended_reused_bytes"] == (0 if cycle == 0 else st["suspended_host_bytes"])
+            glake.resume()
+            assert check(p, 6 * MiB, 1) and g.stats()["kept_host_bytes"] == st["suspended_host_bytes"]
     finally:
+        monkeypatch.delenv("GLAKE_SUSPEND_KEEP_HOST")
         glake.resume()
-        _C.host_reserve_trim()
+        glake.suspend()  # not keeping: this cycle gives the kept memory back
+        glake.resume()
+        assert g.stats()["kept_host_bytes"] == 0
         g.free(p)
         g.empty_cache()

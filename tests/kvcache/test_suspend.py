@@ -297,3 +297,21 @@ def test_glake_suspend_takes_every_registered_cache_and_discard_skips_the_copy(m
     assert bool((kept.k_cache(0)[0, :40] == 3.0).all())
     dropped.close()  # a closed cache leaves the registry
     assert dropped not in glake.suspension._registered(None)
+
+
+def test_kept_host_buffers_serve_the_caches_next_suspend_and_a_discard_drops_them(make_host_kv, monkeypatch):
+    monkeypatch.setenv("GLAKE_SUSPEND_KEEP_HOST", "1")
+    kv = make_host_kv()
+    (a, b, f), vals = three_sequences(kv)
+    for cycle in range(2):
+        kv.suspend()
+        st = kv.stats()
+        assert st["kept_host_bytes"] == 0
+        assert st["suspended_reused_bytes"] == (0 if cycle == 0 else st["suspended_host_bytes"])
+        kv.resume()
+        for s, v in vals.items():
+            assert np.array_equal(get(kv, s, 0, len(v)), v)
+        assert kv.stats()["kept_host_bytes"] == st["suspended_host_bytes"] > 0
+    kv.suspend(discard=True)  # nothing copied: the kept buffers are not needed
+    assert kv.stats()["kept_host_bytes"] == 0 and kv.stats()["suspended_host_bytes"] == 0
+    kv.resume()
