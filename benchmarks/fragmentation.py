@@ -14,7 +14,11 @@ under the same memory cap.
 
     python benchmarks/fragmentation.py [--steps 30] [--batch 8] [--seq-min 128 --seq-max 2048]
                                        [--workloads full,lora,trace] [--allocators native,expandable,glake]
-                                       [--repeats 3] [--max-batch --cap-gb 40]
+                                       [--repeats 3 | --lockstep] [--max-batch --cap-gb 40]
+With --lockstep (full, lora) every allocator's process is resident at once and the parent has
+them train one step each in turn, on the same CPUs, so that the host's speed, which drifts over
+time on a shared machine and decides a host-bound step (lora: the GPU is busy 158 ms of a 270-420 ms
+step), is the same for all; the ratios are then paired step by step.
 With --repeats N every allocator runs N times in its own process, the order alternating between
 rounds (native, expandable, glake, then glake, expandable, native, ...), and the step time shown is
 the median of the runs' medians with the runs' range beside it: the spread between processes on one
@@ -162,49 +166,77 @@ def seq_lengths(steps: int, lo: int, hi: int, seed: int = 0):
     return [rng.randrange(lo, hi + 1, 64) for _ in range(steps)]
 
 
-def train_worker(kind: str, args) -> dict:
-    torch = setup_allocator(kind, args.cap)
-    torch.manual_seed(0)
-    dims = dict(dim=args.dim, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, ffn=args.ffn, vocab=args.vocab)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):  # built in place: no fp32 copy, no host-side init
-        model = build_model(torch, **dims, lora_rank=16 if args.workload == "lora" else 0)
-    torch.set_default_dtype(torch.float32)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    lens = seq_lengths(args.steps, args.seq_min, args.seq_max)
-    if args.record_trace:
-        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
-    times, losses = [], []
-    profile = GlakeProfile() if kind in GLAKE_CONF else None
-    for step, t in enumerate(lens):
-        if profile and step == min(3, len(lens) - 1):  # steady state: the first steps build the cache
-            profile.start()
-        tokens = torch.randint(0, args.vocab, (args.batch, t + 1), device="cuda")
+class Trainer:
+    """One allocator's training run: the model, the optimizer and the step lengths, a step at a time."""
+
+    def __init__(self, kind: str, args) -> None:
+        self.torch = torch = setup_allocator(kind, args.cap)
+        self.kind, self.args = kind, args
+        torch.manual_seed(0)
+        dims = dict(dim=args.dim, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, ffn=args.ffn, vocab=args.vocab)
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):  # built in place: no fp32 copy, no host-side init
+            self.model = build_model(torch, **dims, lora_rank=16 if args.workload == "lora" else 0)
+        torch.set_default_dtype(torch.float32)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
+        self.lens = seq_lengths(args.steps, args.seq_min, args.seq_max)
+        self.warm = min(3, len(self.lens) - 1)  # steady state: the first steps build the cache
+        self.profile = GlakeProfile() if kind in GLAKE_CONF else None
+        self.losses = []
+        if args.record_trace:
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+
+    def step(self, i: int) -> float:
+        """Trains step `i`; returns its time in seconds (device synchronised before and after)."""
+        torch, args = self.torch, self.args
+        if self.profile and i == self.warm:
+            self.profile.start()
+        tokens = torch.randint(0, args.vocab, (args.batch, self.lens[i] + 1), device="cuda")
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        logits = model(tokens[:, :-1])
+        logits = self.model(tokens[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, args.vocab), tokens[:, 1:].reshape(-1))
         del logits
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    warm = min(3, len(times) - 1)  # as for the profile: a short max-batch trial keeps its last step
-    out = {"median_step_s": statistics.median(times[warm:]), "losses": losses[:3], **peaks(torch, kind),
-           "params": sum(p.numel() for p in model.parameters())}
-    if profile:
-        out["per_step"] = profile.per_step(len(lens) - warm)
-    if args.record_trace:
-        snap = torch.cuda.memory._snapshot()
-        events = [(e["action"], e["addr"], e["size"]) for e in snap["device_traces"][0]
-                  if e["action"] in ("alloc", "free_completed")]
-        torch.cuda.memory._record_memory_history(enabled=None)
-        Path(args.record_trace).write_text(json.dumps(events))
-        out["trace_events"] = len(events)
-    return out
+        elapsed = time.perf_counter() - t0
+        self.losses.append(loss.item())
+        return elapsed
+
+    def result(self, times: list) -> dict:
+        torch, args = self.torch, self.args
+        out = {"median_step_s": statistics.median(times[self.warm:]), "step_s": times, "losses": self.losses[:3],
+               **peaks(torch, self.kind), "params": sum(p.numel() for p in self.model.parameters())}
+        if self.profile:
+            out["per_step"] = self.profile.per_step(len(times) - self.warm)
+        if args.record_trace:
+            snap = torch.cuda.memory._snapshot()
+            events = [(e["action"], e["addr"], e["size"]) for e in snap["device_traces"][0]
+                      if e["action"] in ("alloc", "free_completed")]
+            torch.cuda.memory._record_memory_history(enabled=None)
+            Path(args.record_trace).write_text(json.dumps(events))
+            out["trace_events"] = len(events)
+        return out
+
+
+def train_worker(kind: str, args) -> dict:
+    trainer = Trainer(kind, args)
+    return trainer.result([trainer.step(i) for i in range(len(trainer.lens))])
+
+
+def lockstep_worker(kind: str, args) -> None:
+    """Trains one step per ``STEP i`` line on stdin (answering its seconds); ``DONE`` answers the result."""
+    trainer = Trainer(kind, args)
+    times = []
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.startswith("DONE"):
+            print("RESULT " + json.dumps(trainer.result(times)), flush=True)
+            return
+        times.append(trainer.step(int(line.split()[1])))
+        print(f"RESULT {times[-1]}", flush=True)
 
 
 def trace_worker(kind: str, args) -> dict:
@@ -233,17 +265,70 @@ def trace_worker(kind: str, args) -> dict:
 
 
 # ---------------------------------------------------------------------------------- orchestration
+def worker_cmd(kind: str, workload: str, extra: list, args) -> list:
+    return [sys.executable, __file__, "--worker", kind, "--workload", workload, *extra,
+            "--steps", str(args.steps), "--batch", str(args.batch), "--seq-min", str(args.seq_min),
+            "--seq-max", str(args.seq_max), "--dim", str(args.dim), "--layers", str(args.layers),
+            "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--ffn", str(args.ffn),
+            "--vocab", str(args.vocab), "--cap", str(args.cap)]
+
+
 def run_worker(kind: str, workload: str, extra: list, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--workload", workload, *extra,
-           "--steps", str(args.steps), "--batch", str(args.batch), "--seq-min", str(args.seq_min),
-           "--seq-max", str(args.seq_max), "--dim", str(args.dim), "--layers", str(args.layers),
-           "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--ffn", str(args.ffn),
-           "--vocab", str(args.vocab), "--cap", str(args.cap)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(worker_cmd(kind, workload, extra, args), capture_output=True, text=True, timeout=1800)
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not line:
         return {"error": (proc.stderr or proc.stdout)[-1500:]}
     return json.loads(line[0][7:])
+
+
+class Stepper:
+    """One allocator's lockstep worker process, asked for one step at a time."""
+
+    def __init__(self, kind: str, workload: str, args, cpus: set) -> None:
+        self.kind = kind
+        self.log = tempfile.TemporaryFile(mode="w+")  # not a pipe: a chatty worker never blocks on it
+        self.proc = subprocess.Popen(worker_cmd(kind, workload, ["--lockstep-worker"], args), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+        self.answer("READY")
+
+    def answer(self, prefix: str) -> str:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line or line.startswith(prefix):
+                break
+        if not line:
+            self.proc.kill()
+            self.log.seek(0)
+            raise SystemExit(f"{self.kind} lockstep worker failed:\n{self.log.read()[-3000:]}")
+        return line[len(prefix):].strip()
+
+    def ask(self, request: str):
+        self.proc.stdin.write(request + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.answer("RESULT "))
+
+
+def lockstep(workload: str, kinds: list, args) -> dict:
+    """Every allocator's process trains the same steps, one step each in turn (the order alternating),
+    all on the same CPUs: the host's speed, which changes over time on a shared machine and decides a
+    host-bound step (lora), is then the same for all. Each result gains ``paired``: per step, its time
+    over every other allocator's time of the same step (median over the measured steps)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = set(allowed[-min(4, len(allowed)):])
+    workers = [Stepper(kind, workload, args, cpus) for kind in kinds]  # all resident: memory for every one
+    for i in range(args.steps):
+        for w in workers if i % 2 == 0 else workers[::-1]:
+            w.ask(f"STEP {i}")
+    results = {w.kind: w.ask("DONE") for w in workers}
+    for w in workers:
+        w.proc.stdin.close()
+        w.proc.wait(timeout=120)
+    warm = min(3, args.steps - 1)
+    for kind, r in results.items():
+        r["paired"] = {other: statistics.median(a / b for a, b in zip(r["step_s"][warm:], results[other]["step_s"][warm:]))
+                       for other in kinds if other != kind}
+    return results
 
 
 def repeated(rounds: list) -> dict:
@@ -293,12 +378,18 @@ def main() -> None:
     ap.add_argument("--allocators", default=",".join(ALLOCATORS), help="which of " + ", ".join(ALLOCATORS))
     ap.add_argument("--repeats", type=int, default=1, help="processes per allocator and workload, order alternating")
     ap.add_argument("--max-batch-steps", type=int, default=6, help="steps each max-batch trial must survive")
+    ap.add_argument("--lockstep", action="store_true",
+                    help="full/lora: every allocator's process resident at once, one step each in turn, on the same CPUs")
+    ap.add_argument("--lockstep-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=ALLOCATORS, help=argparse.SUPPRESS)
     ap.add_argument("--workload", default="full", help=argparse.SUPPRESS)
     ap.add_argument("--record-trace", default="", help=argparse.SUPPRESS)
     ap.add_argument("--trace", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.worker and args.lockstep_worker:
+        lockstep_worker(args.worker, args)
+        return
     if args.worker:
         fn = trace_worker if args.workload == "trace" else train_worker
         print("RESULT " + json.dumps(fn(args.worker, args)))
@@ -318,6 +409,10 @@ def main() -> None:
             if "error" in rec:
                 raise SystemExit(f"recording the trace failed: {rec['error']}")
             extra = ["--trace", trace_file]
+        if args.lockstep and workload != "trace":
+            print(f"running {workload} / {', '.join(kinds)} in lockstep ...", flush=True)
+            results[workload] = lockstep(workload, kinds, args)
+            continue
         rounds: dict = {k: [] for k in kinds}
         for r in range(args.repeats):
             for kind in kinds if r % 2 == 0 else kinds[::-1]:
@@ -325,26 +420,35 @@ def main() -> None:
                       flush=True)
                 rounds[kind].append(run_worker(kind, workload, extra, args))
         results[workload] = {k: repeated(rounds[k]) for k in kinds}
+    def ratio(r: dict, workload: str, other: str):
+        """Step time over `other`'s: paired step by step in lockstep, else the ratio of the medians."""
+        if other == r.get("kind"):
+            return 1
+        if "paired" in r:
+            return round(r["paired"][other], 3) if other in r["paired"] else ""
+        base = results[workload].get(other, {}).get("median_step_s")
+        return round(r["median_step_s"] / base, 3) if base else ""
+
     rows = []
     for workload in workloads:
-        base = results[workload].get("native", {}).get("median_step_s")
         for kind in kinds:
-            r = results[workload][kind]
+            r = {**results[workload][kind], "kind": kind}
             if "error" in r:
-                rows.append([workload, kind, "error", "", "", "", "", "", "", ""])
+                rows.append([workload, kind, "error", "", "", "", "", "", "", "", ""])
                 print(f"{workload}/{kind} failed:\n{r['error']}")
                 continue
             res, req, alloc = r["reserved_bytes.all.peak"], r["requested_bytes.all.peak"], r["allocated_bytes.all.peak"]
             runs = r.get("step_s_runs", [r["median_step_s"]])
             rows.append([workload, kind, round(alloc / GiB, 2), round(req / GiB, 2), round(res / GiB, 2),
                          round(req / res, 3), round(alloc / res, 3), round(r["median_step_s"] * 1e3, 1),
-                         f"{min(runs) * 1e3:.0f}-{max(runs) * 1e3:.0f}", round(r["median_step_s"] / base, 3) if base else ""])
+                         f"{min(runs) * 1e3:.0f}-{max(runs) * 1e3:.0f}", ratio(r, workload, "native"),
+                         ratio(r, workload, "expandable")])
     if rows:
-        print_table(f"Fragmentation: batch {args.batch}, seq {args.seq_min}-{args.seq_max}, {args.steps} steps, "
-                    f"{args.repeats} process(es) per allocator",
+        how = "lockstep, ratios paired by step" if args.lockstep else f"{args.repeats} process(es) per allocator"
+        print_table(f"Fragmentation: batch {args.batch}, seq {args.seq_min}-{args.seq_max}, {args.steps} steps, {how}",
                     ["workload", "allocator", "peak alloc GiB", "peak requested GiB", "peak reserved GiB",
                      "requested/reserved", "alloc/reserved", "median step ms (trace: total)", "runs' range ms",
-                     "time / native"], rows)
+                     "time / native", "time / expandable"], rows)
     profiled = [(f"{w} / {k}", results[w][k]["per_step"]) for w in workloads for k in kinds
                 if "per_step" in results[w].get(k, {})]
     if profiled:
