@@ -25,7 +25,7 @@ release_on_oom      true      on failure, free cached memory and retry before ra
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from glake import _C
 from glake.stats.sources import register_allocator
@@ -98,22 +98,25 @@ class Allocator:
         """Release cached memory: idle stitched ranges and fully free segments."""
         self._impl.empty_cache()
 
-    def suspend(self) -> None:
+    def suspend(self, discard: Iterable[int] = ()) -> None:
         """Give this allocator's device memory back, keeping every address valid.
 
         Waits for the device, drops the free cache, copies the physical chunks that hold live data to
         host memory (through the device's :func:`glake.multipath.engine`) and releases every chunk; the virtual ranges stay reserved, so pointers (tensors,
         CUDA graphs) stay valid for :meth:`resume`. Until then :meth:`malloc` raises ``GlakeError``;
         ``free``, ``stats`` and ``snapshot`` work (``stats()["suspended_host_bytes"]`` is the copy's size).
+        ``discard``: base addresses of allocations whose contents need not survive; a chunk holding
+        only those is not copied, and their bytes are undefined after :meth:`resume`.
 
         Raises
         ------
         InvalidArgumentError
-            Already suspended, or a private pool is being allocated to (a graph may be capturing).
+            Already suspended, a private pool is being allocated to (a graph may be capturing), or
+            ``discard`` names an address that is not a live allocation's base.
         """
         from glake import multipath
 
-        self._impl.suspend(multipath.engine(self.backend, self.device).handle)
+        self._impl.suspend(multipath.engine(self.backend, self.device).handle, sorted(int(p) for p in discard))
 
     def resume(self) -> None:
         """Take the device memory again at the same addresses and copy the data back (no-op if not suspended).

@@ -69,18 +69,27 @@ def suspend(device: Optional[int] = None, *, discard: Iterable[Any] = ()) -> Lis
     """Suspend glake's memory on ``device`` (default: every device glake manages memory on).
 
     Registered components (KV caches) go first, then the process-wide allocator of each device. The
-    allocators' free cache is never copied; a component named in ``discard`` (e.g. a KV cache whose
-    contents the caller no longer needs) is not copied either: its memory is given back and its
-    contents are undefined after the resume. Returns the devices on which something was suspended.
+    allocators' free cache is never copied. What ``discard`` names is not copied either: its memory
+    is given back and its contents are undefined after the resume. It takes registered components
+    (a KV cache whose contents the caller no longer needs) and torch tensors in memory of glake's
+    process-wide allocator (an LLM server's weights it reloads from disk; a chunk is skipped only
+    when every allocation in it is discarded). Returns the devices on which something was suspended.
     Raises what the components' and :meth:`glake.Allocator.suspend` raise; what was suspended before
     a failure stays suspended (``resume()`` brings it back).
     """
-    drop = {id(c) for c in discard}
+    discard = list(discard)
+    tensors = [t for t in discard if hasattr(t, "untyped_storage")]
+    drop = {id(c) for c in discard if not hasattr(c, "untyped_storage")}
     parts = _registered(device)
     unknown = drop - {id(c) for c in parts}
     if unknown:
-        raise InvalidArgumentError("glake.suspend: discard= names an object that is not registered for suspension "
-                                   "on this device (a glake.kvcache.KVCache registers itself)")
+        raise InvalidArgumentError("glake.suspend: discard= names an object that is not a tensor and not registered "
+                                   "for suspension on this device (a glake.kvcache.KVCache registers itself)")
+    by_device = _storages_by_device(tensors)
+    elsewhere = sorted(set(by_device) - set(_devices(device)))
+    if elsewhere:
+        raise InvalidArgumentError(f"glake.suspend: discard= names tensors on cuda:{elsewhere[0]}, where this call "
+                                   "suspends nothing of glake's allocator")
     done = set()
     for c in parts:
         if not c.suspended:
@@ -89,9 +98,21 @@ def suspend(device: Optional[int] = None, *, discard: Iterable[Any] = ()) -> Lis
     for d in _devices(device):
         a = _C.gmlake_global(d)
         if not a.suspended:
-            a.suspend(_engine(a.backend, a.device))
+            a.suspend(_engine(a.backend, a.device), sorted(by_device.pop(d, ())))
             done.add(d)
     return sorted(done)
+
+
+def _storages_by_device(tensors: List[Any]) -> dict:
+    """The base addresses of the tensors' storages (each an allocation of glake's allocator), by device."""
+    out: dict = {}
+    for t in tensors:
+        if t.device.type != "cuda":
+            raise InvalidArgumentError(f"glake.suspend: discard= names a tensor on {t.device}, not in glake's device memory")
+        storage = t.untyped_storage()
+        if storage.nbytes():
+            out.setdefault(t.device.index, set()).add(storage.data_ptr())
+    return out
 
 
 def resume(device: Optional[int] = None) -> List[int]:

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <map>
+#include <set>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -106,7 +107,11 @@ class GLAKE_API StitchAllocator {
   /// resume(), malloc throws; free, record_stream, stats and snapshot work. Throws
   /// InvalidArgumentError when already suspended or while a private pool is allocated to. `copier`
   /// moves the bytes (null: the driver's memcpy), consecutive live chunks of a segment in one copy.
-  void suspend(HostCopier* copier = nullptr);
+  /// `discard`: base addresses of allocations whose contents need not survive (an LLM server's
+  /// weights it reloads from disk): a chunk holding only those is not copied, and their bytes are
+  /// undefined after resume(). An address that is not a live allocation's base throws
+  /// InvalidArgumentError before anything changes.
+  void suspend(HostCopier* copier = nullptr, const std::vector<DevPtr>& discard = {});
   /// Recreates every chunk, maps it at its old address (stitched ranges too) and copies the saved
   /// data back. All or nothing: an OutOfMemoryError leaves the allocator suspended, to be retried.
   /// No-op when not suspended. `copier` as for suspend().
@@ -209,7 +214,7 @@ class GLAKE_API StitchAllocator {
   void retire_freeable_pools();
   void retire_pool(PrivatePool* pool);
   // ---- suspend and resume (suspend.cpp)
-  bool holds_live_data(const Segment& seg, std::size_t offset, std::size_t size) const;
+  bool holds_live_data(const Segment& seg, std::size_t offset, std::size_t size, const std::set<DevPtr>& discard) const;
   void unmap_stitches();
   void map_stitches();
   // ---- OOM report (oom_report.cpp)

@@ -9,11 +9,13 @@ bool StitchAllocator::suspended() const {
   return suspended_;
 }
 
-bool StitchAllocator::holds_live_data(const Segment& seg, std::size_t offset, std::size_t size) const {
-  // Allocated blocks include those lent to a stitch (their bytes are the stitch's).
+bool StitchAllocator::holds_live_data(const Segment& seg, std::size_t offset, std::size_t size,
+                                      const std::set<DevPtr>& discard) const {
+  // Allocated blocks include those lent to a stitch (their bytes are the stitch's, never discarded:
+  // a discarded stitched allocation is copied like any other, only its contents were not needed).
   const DevPtr lo = seg.range->ptr() + offset, hi = lo + size;
   for (const Block* b = seg.head; b && b->ptr < hi; b = b->next) {
-    if (b->allocated && b->ptr + b->size > lo) return true;
+    if (b->allocated && b->ptr + b->size > lo && !discard.count(b->ptr)) return true;
   }
   return false;
 }
@@ -32,12 +34,19 @@ void StitchAllocator::map_stitches() {
   }
 }
 
-void StitchAllocator::suspend(HostCopier* copier) {
+void StitchAllocator::suspend(HostCopier* copier, const std::vector<DevPtr>& discard) {
   std::lock_guard<std::mutex> lock(mutex_);
   const std::string where = "suspend of the allocator of device " + std::to_string(device_);
   if (suspended_) throw InvalidArgumentError(where + ": already suspended");
   if (any_routing()) {
     throw InvalidArgumentError(where + ": a private pool is being allocated to (a CUDA graph may be capturing)");
+  }
+  const std::set<DevPtr> dropped(discard.begin(), discard.end());
+  for (DevPtr p : dropped) {
+    const Block* b = live_block_containing(p);
+    if (!b || b->ptr != p) {
+      throw InvalidArgumentError(where + ": discard names " + std::to_string(p) + ", not the base of a live allocation");
+    }
   }
   process_deferred(true);  // record_stream frees: free once their streams are done
   release_cached(0);       // the free cache is not worth copying: idle stitches and free segments go
@@ -60,7 +69,7 @@ void StitchAllocator::suspend(HostCopier* copier) {
     };
     for (const Mapping& m : seg->range->mappings()) {
       s.chunk_sizes.push_back(m.chunk->size());
-      if (!holds_live_data(*seg, m.offset, m.chunk->size())) continue;
+      if (!holds_live_data(*seg, m.offset, m.chunk->size(), dropped)) continue;
       if (m.offset != run_end) {
         flush();
         run_start = m.offset;

@@ -101,7 +101,10 @@ HostBuffer::HostBuffer(std::size_t size, std::size_t pending) : size_(size) {
   }
   if (!file_backed_) {
 #ifdef MADV_HUGEPAGE
-    madvise(p_, size, MADV_HUGEPAGE);  // a hint: refused (no THP) changes only the fault count
+    // A hint: refused (no THP) changes only the fault count. $GLAKE_SUSPEND_THP=0 leaves the
+    // kernel's default (with THP "madvise" and defrag "madvise", a madvised fault may compact).
+    const char* thp = std::getenv("GLAKE_SUSPEND_THP");
+    if (!thp || std::strcmp(thp, "0") != 0) madvise(p_, size, MADV_HUGEPAGE);
 #endif
     prefault(p_, size);
   }

@@ -135,12 +135,13 @@ void bind_gmlake(py::module_& m) {
       .def("record_stream", &gm::StitchAllocator::record_stream, py::arg("ptr"), py::arg("stream"), NoGil(),
            "Marks an allocation as used on another stream too.")
       .def("empty_cache", &gm::StitchAllocator::empty_cache, NoGil(), "Releases idle stitched ranges and free segments.")
-      .def("suspend", [](gm::StitchAllocator& a, const PyEngine* engine) {
+      .def("suspend", [](gm::StitchAllocator& a, const PyEngine* engine, const std::vector<DevPtr>& discard) {
              auto copier = copier_of(engine);
              py::gil_scoped_release nogil;
-             a.suspend(copier.get());
-           }, py::arg("engine") = nullptr,
-           "Gives the device memory back (live data to host memory, through `engine` when given), keeping every address.")
+             a.suspend(copier.get(), discard);
+           }, py::arg("engine") = nullptr, py::arg("discard") = std::vector<DevPtr>{},
+           "Gives the device memory back (live data to host memory, through `engine` when given), keeping every "
+           "address; the allocations whose base addresses are in `discard` are not copied (undefined after resume).")
       .def("resume", [](gm::StitchAllocator& a, const PyEngine* engine) {
              auto copier = copier_of(engine);
              py::gil_scoped_release nogil;

@@ -128,6 +128,9 @@ class LLMEngine:
                  cuda_graphs: Optional[bool] = None, overlap_steps: Optional[bool] = None,
                  enable_prefix_caching: bool = False, dedup: bool = False) -> None:
         self.device = torch.device(device) if device is not None else _default_device()
+        # what a level-2 sleep reloads the weights from: a checkpoint directory or a transformers model
+        hf_module = isinstance(model, torch.nn.Module) and hasattr(model, "config")  # glake's own models have none
+        self._weights_source = model if isinstance(model, (str, os.PathLike)) or hf_module else None
         loaded = load_model(model, self.device, dtype)
         self.model, self.config = loaded.model, loaded.config
         self.shared_weights = None
@@ -192,6 +195,7 @@ class LLMEngine:
         self.stop_checker = StopChecker(self.eos_token_ids, _decoder(self.tokenizer))
         self._request_ids = itertools.count()
         self.sleeping = False
+        self._sleep_level = 0
 
     def add_eos_token_ids(self, ids: Seq[int]) -> None:
         """More tokens that end every request (unless ``ignore_eos``), e.g. a chat model's end-of-turn
@@ -270,38 +274,62 @@ class LLMEngine:
     # ---- sleep -----------------------------------------------------------------------------------
 
     def sleep(self, level: int = 1) -> Dict[str, Any]:
-        """Gives device memory back while idle (vLLM's sleep mode, level 1).
+        """Gives device memory back while idle (vLLM's sleep mode, levels 1 and 2).
 
-        The KV cache's contents are discarded: the prefix cache is emptied and the cache is suspended
-        with ``discard`` (every chunk back to the driver, nothing copied; its views keep their
-        addresses, so the CUDA graphs stay valid). With it :func:`glake.suspend` suspends glake's
-        process-wide allocators: whatever torch allocated through glake (``glake run``,
-        ``glake.torch.install``) — the weights among it — goes to host memory at the same addresses. Weights in torch's own allocator stay on the device. The next request, or
-        :meth:`wake_up`, brings everything back. Returns ``{"kv_bytes_freed", "devices_suspended"}``.
+        Level 1: the KV cache's contents are discarded: the prefix cache is emptied and the cache is
+        suspended with ``discard`` (every chunk back to the driver, nothing copied; its views keep
+        their addresses, so the CUDA graphs stay valid). With it :func:`glake.suspend` suspends
+        glake's process-wide allocators: whatever torch allocated through glake (``glake run``,
+        ``glake.torch.install``) — the weights among it — goes to host memory at the same addresses.
+        Weights in torch's own allocator stay on the device.
+        Level 2: as level 1, but the weights are not copied either: their memory is given back and
+        the wake reloads them from the checkpoint into the same tensors (so the CUDA graphs stay
+        valid), costing host RAM only while it reloads. The next request, or :meth:`wake_up`, brings
+        everything back. Returns ``{"kv_bytes_freed", "devices_suspended", "level"}``.
 
         Raises
         ------
         InvalidArgumentError
-            A level other than 1 (level 2, which would drop the weights and reload them, is not
-            implemented), or requests still unfinished (abort them, or sleep when idle).
+            A level other than 1 or 2; level 2 for a model with no checkpoint to reload from (built
+            from glake's own model object) or with deduplicated (read-only) weights; or requests
+            still unfinished (abort them, or sleep when idle).
         """
-        if level != 1:
-            raise InvalidArgumentError(f"sleep level {level}: only level 1 (discard the KV cache, suspend glake's "
-                                       "memory to the host) is implemented")
+        why = self.sleep_refusal(level)
+        if why:
+            raise InvalidArgumentError(why)
         self.drain()
         if self.has_unfinished():
             n = len(self.scheduler.running) + len(self.scheduler.waiting) + len(self.scheduler.swapped)
             raise InvalidArgumentError(f"cannot sleep with {n} request(s) unfinished: wait for them or abort them")
         if self.sleeping:
-            return {"kv_bytes_freed": 0, "devices_suspended": []}
+            return {"kv_bytes_freed": 0, "devices_suspended": [], "level": self._sleep_level}
+        import glake
+
+        weights = list(self.model.parameters()) if level == 2 and self.device.type == "cuda" else []
         if self.scheduler.prefix_cache is not None:
             self.scheduler.prefix_cache.clear()
         freed = self.kv.stats()["chunks_physical"] * self.kv.layout.chunk_bytes
-        import glake
+        devices = glake.suspend(self.kv.device_index, discard=[self.kv, *weights])
+        self.sleeping, self._sleep_level = True, level
+        return {"kv_bytes_freed": int(freed), "devices_suspended": devices, "level": level}
 
-        devices = glake.suspend(self.kv.device_index, discard=[self.kv])
-        self.sleeping = True
-        return {"kv_bytes_freed": int(freed), "devices_suspended": devices}
+    def sleep_refusal(self, level: int) -> Optional[str]:
+        """Why this engine cannot sleep at ``level`` whatever its requests (None: it can)."""
+        if level not in (1, 2):
+            return (f"sleep level {level}: levels are 1 (discard the KV cache, suspend glake's memory to the host) "
+                    "and 2 (discard the weights too, reload them on wake)")
+        if level == 2 and self._weights_source is None:
+            return ("sleep level 2 reloads the weights on wake, but this engine's model was given as a loaded glake "
+                    "model: build the engine from a checkpoint directory or a transformers model, or use level 1")
+        if level == 2 and self.shared_weights is not None:
+            return "sleep level 2 cannot reload deduplicated weights (shared read-only with other processes): use level 1"
+        if level == 2 and self.device.type == "cuda":
+            import glake.torch
+
+            if not glake.torch.is_installed():
+                return ("sleep level 2 gives the weights' memory back through glake's allocator, but they are in "
+                        "torch's own (run under `glake run` or call glake.torch.install())")
+        return None
 
     def wake_up(self) -> List[int]:
         """Takes the memory :meth:`sleep` gave back (a no-op when awake); returns the devices resumed.
@@ -316,8 +344,22 @@ class LLMEngine:
         import glake
 
         devices = glake.resume(self.device.index if self.device.type == "cuda" else None)
+        if self._sleep_level == 2:
+            self._reload_weights()  # raises: still asleep, and the next wake_up reloads again
         self.sleeping = False
         return devices
+
+    def _reload_weights(self) -> None:
+        """After a level-2 sleep: the checkpoint's weights into the model's own tensors (same addresses)."""
+        dtype = next(self.model.parameters()).dtype
+        fresh = load_model(self._weights_source, torch.device("cpu"), dtype).model
+        mine, theirs = dict(self.model.named_parameters()), dict(fresh.named_parameters())
+        if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+            raise InvalidArgumentError("wake_up after sleep level 2: the checkpoint no longer matches the model "
+                                       "(its weights changed shape); the engine's weights are undefined")
+        with torch.no_grad():
+            for name, p in mine.items():
+                p.copy_(theirs[name], non_blocking=False)
 
     # ---- the step --------------------------------------------------------------------------------
 

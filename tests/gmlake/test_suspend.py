@@ -251,3 +251,31 @@ def test_glake_suspend_keeps_and_reuses_the_global_allocators_buffers(monkeypatc
         assert g.stats()["kept_host_bytes"] == 0
         g.free(p)
         g.empty_cache()
+
+
+def test_discarded_allocations_are_not_copied_and_the_others_survive():
+    a = glake.Allocator(backend=BACKEND, chunk_bytes="8MiB")
+    weights, live = a.malloc(16 * MiB), a.malloc(8 * MiB)  # each its own 8 MiB chunks
+    fill(weights, 16 * MiB, 1)
+    fill(live, 8 * MiB, 2)
+    with pytest.raises(glake.InvalidArgumentError, match="not the base of a live allocation"):
+        a.suspend(discard=[weights + 4096])
+    assert not a.suspended, "a bad discard changes nothing"
+    a.suspend()
+    everything = a.stats()["suspended_host_bytes"]
+    a.resume()
+    a.suspend(discard=[weights])
+    assert a.stats()["suspended_host_bytes"] == everything - 16 * MiB
+    a.resume()
+    assert check(live, 8 * MiB, 2)
+    a.free(weights)
+    a.free(live)
+
+
+def test_glake_suspend_refuses_to_discard_a_tensor_outside_glakes_device_memory():
+    import torch
+
+    with pytest.raises(glake.InvalidArgumentError, match="not in glake's device memory"):
+        glake.suspend(discard=[torch.zeros(4)])
+    with pytest.raises(glake.InvalidArgumentError, match="not a tensor and not registered"):
+        glake.suspend(discard=[object()])

@@ -40,7 +40,8 @@ def test_sleep_frees_the_kv_cache_and_a_request_wakes_the_server(model_dir, tmp_
         with httpx.Client(base_url=s.url, headers=AUTH, timeout=60.0) as c:
             want = c.post("/v1/completions", json=BODY).json()["choices"][0]["text"]
             assert not sleeping(c)
-            assert c.post("/sleep", params={"level": 2}).status_code == 400
+            bad = c.post("/sleep", params={"level": 3})
+            assert bad.status_code == 400 and "levels are 1" in bad.json()["error"]["message"]
             r = c.post("/sleep", params={"level": 1})
             assert r.status_code == 200 and r.json()["status"] == "sleeping"
             assert r.json()["kv_bytes_freed"] > 0  # the finished request's slot kept its chunks until now
@@ -49,6 +50,9 @@ def test_sleep_frees_the_kv_cache_and_a_request_wakes_the_server(model_dir, tmp_
             assert not sleeping(c)
             c.post("/sleep")
             assert c.post("/wake_up").json()["status"] == "awake" and not sleeping(c)
+            r = c.post("/sleep", params={"level": 2})  # the weights reloaded from the model's directory on wake
+            assert r.status_code == 200 and r.json()["level"] == 2 and sleeping(c)
+            assert c.post("/v1/completions", json=BODY).json()["choices"][0]["text"] == want
             assert httpx.post(s.url + "/sleep").status_code == 401  # the API key guards it
     finally:
         s.stop()

@@ -164,6 +164,10 @@ class AsyncEngine:
             raise first.error
         return RequestHandle(rid, len(prompt_token_ids), out)
 
+    def sleep_refusal(self, level: int) -> Optional[str]:
+        """:meth:`LLMEngine.sleep_refusal` (reads only what the engine fixed when it was built)."""
+        return self._engine.sleep_refusal(level)
+
     async def sleep(self, level: int = 1) -> dict:
         """:meth:`LLMEngine.sleep` on the engine thread; raises what it raises."""
         return await self._call("sleep", level)

@@ -121,9 +121,9 @@ def create_app(serving: OpenAIServing, api_key: Optional[str] = None) -> FastAPI
 
     @app.post("/sleep", dependencies=[Depends(check_key)])
     async def sleep(level: int = 1) -> Any:
-        if level != 1:
-            raise APIError(400, f"sleep level {level}: only level 1 (discard the KV cache, suspend glake's memory "
-                                "to the host) is implemented", param="level")
+        why = serving.engine.sleep_refusal(level)
+        if why:
+            raise APIError(400, why, param="level")
         try:
             done = await serving.engine.sleep(level)
         except InvalidArgumentError as e:
