@@ -101,10 +101,10 @@ HostBuffer::HostBuffer(std::size_t size, std::size_t pending) : size_(size) {
   }
   if (!file_backed_) {
 #ifdef MADV_HUGEPAGE
-    // A hint: refused (no THP) changes only the fault count. $GLAKE_SUSPEND_THP=0 leaves the
-    // kernel's default (with THP "madvise" and defrag "madvise", a madvised fault may compact).
-    const char* thp = std::getenv("GLAKE_SUSPEND_THP");
-    if (!thp || std::strcmp(thp, "0") != 0) madvise(p_, size, MADV_HUGEPAGE);
+    // A hint: refused (no THP) changes only the fault count. On the H200 host (THP "madvise"),
+    // 8 threads fault 16 GiB in at 35 GB/s with it and at 14 GB/s without (a 16 GiB suspend:
+    // 0.78 s against 0.88 s, its resume 0.43 s against 0.89 s).
+    madvise(p_, size, MADV_HUGEPAGE);
 #endif
     prefault(p_, size);
   }
