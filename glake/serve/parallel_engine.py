@@ -437,3 +437,23 @@ class ParallelEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def create_engine(model: Any, tokenizer: Any = None, *, tensor_parallel_size: int = 1,
+                  pipeline_parallel_size: int = 1, **engine_args: Any) -> Union[LLMEngine, ParallelEngine]:
+    """An :class:`LLMEngine` in this process when ``tensor_parallel_size * pipeline_parallel_size == 1``,
+    else a :class:`ParallelEngine` over that many ranks (what :class:`~glake.serve.LLM` and ``glake serve``
+    build).
+
+    Raises
+    ------
+    InvalidArgumentError
+        See :class:`LLMEngine` and :class:`ParallelEngine`.
+    """
+    tp, pp = int(tensor_parallel_size), int(pipeline_parallel_size)
+    if tp < 1 or pp < 1:
+        raise InvalidArgumentError(f"tensor_parallel_size={tensor_parallel_size}, pipeline_parallel_size="
+                                   f"{pipeline_parallel_size}: both must be >= 1")
+    if tp * pp == 1:
+        return LLMEngine(model, tokenizer, **engine_args)
+    return ParallelEngine(model, tokenizer, tensor_parallel_size=tp, pipeline_parallel_size=pp, **engine_args)
