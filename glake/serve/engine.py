@@ -74,7 +74,9 @@ class LLMEngine:
     Parameters
     ----------
     model
-        A local HF model directory or an in-memory ``transformers`` model (see :func:`load_model`).
+        A local HF model directory, an in-memory ``transformers`` model, or an already loaded
+        :class:`~glake.serve.models.LoadedModel` (see :func:`load_model`; the parallel engine passes
+        each rank's shard this way).
     tokenizer
         Anything with ``encode(text) -> ids`` and ``decode(ids) -> text`` (a HF tokenizer); None =
         the directory's tokenizer, if any (token-id prompts and no stop strings otherwise).
@@ -190,7 +192,7 @@ class LLMEngine:
         self.overlap_steps = self.device.type == "cuda" if overlap_steps is None else bool(overlap_steps)
         self._inflight: Optional[_Step] = None
         self.sampler = Sampler()
-        gen = getattr(model, "generation_config", None)
+        gen = loaded.generation_config
         self.eos_token_ids = _eos_ids(self.config, gen, self.tokenizer)
         self.stop_checker = StopChecker(self.eos_token_ids, _decoder(self.tokenizer))
         self._request_ids = itertools.count()

@@ -10,6 +10,7 @@ import torch
 
 from glake.errors import InvalidArgumentError
 from glake.serve.engine import LLMEngine
+from glake.serve.parallel_engine import ParallelEngine, create_engine
 from glake.serve.sampling_params import SamplingParams
 from glake.serve.sequence import Sequence
 
@@ -77,6 +78,10 @@ class LLM:
         A local HF directory (config.json + safetensors) or an in-memory ``transformers`` model.
     tokenizer
         Optional tokenizer (``encode``/``decode``); default: the directory's.
+    tensor_parallel_size, pipeline_parallel_size
+        Above 1: the model is split over ``tensor_parallel_size * pipeline_parallel_size`` ranks (this
+        process and spawned ones; :class:`glake.serve.parallel_engine.ParallelEngine`): heads, MLP width
+        and vocabulary over the tensor ranks, layers over the pipeline stages. Both together work.
     **engine_args
         :class:`glake.serve.engine.LLMEngine`'s keyword arguments (``max_num_seqs``,
         ``max_num_batched_tokens``, ``kv_memory_budget``, ``preemption_mode``, ...).
@@ -88,8 +93,11 @@ class LLM:
     ...     print(out[0].text)
     """
 
-    def __init__(self, model: Union[str, os.PathLike, torch.nn.Module], tokenizer: Any = None, **engine_args: Any):
-        self.engine = LLMEngine(model, tokenizer, **engine_args)
+    def __init__(self, model: Union[str, os.PathLike, torch.nn.Module], tokenizer: Any = None, *,
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, **engine_args: Any):
+        self.engine: Union[LLMEngine, ParallelEngine] = create_engine(
+            model, tokenizer, tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size, **engine_args)
 
     def generate(self, prompts: Union[Prompt, Seq[Prompt]],
                  sampling_params: Union[None, SamplingParams, Seq[SamplingParams]] = None,

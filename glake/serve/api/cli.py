@@ -27,15 +27,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preemption-mode", choices=["auto", "swap", "recompute"], default="auto")
     p.add_argument("--enable-prefix-caching", action="store_true", help="fork cached prompt prefixes")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split heads, MLP and vocabulary over N ranks (one GPU each; gloo ranks on cpu)")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="M",
+                   help="split the layers over M pipeline stages (tp * pp ranks in all)")
     p.add_argument("--dedup", action="store_true", help="share identical weight chunks with this user's other "
                    "glake processes (glake.dedup; the weights become read-only)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """``LLMEngine`` keyword arguments from the parsed options."""
+    """:func:`~glake.serve.parallel_engine.create_engine` keyword arguments from the parsed options (``LLMEngine``'s,
+    and the parallel sizes)."""
     kw: Dict[str, Any] = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               preemption_mode=args.preemption_mode, enable_prefix_caching=args.enable_prefix_caching,
-                              dedup=args.dedup)
+                              dedup=args.dedup, tensor_parallel_size=args.tensor_parallel_size,
+                              pipeline_parallel_size=args.pipeline_parallel_size)
     if args.device:
         kw["device"] = args.device
     if args.dtype:
@@ -60,7 +66,7 @@ def make_engine_factory(args: argparse.Namespace, command: str):
         No ``--model`` and the default model's package is not installed (status 2, with what to do).
     """
     from glake.serve.api import default_model
-    from glake.serve.engine import LLMEngine
+    from glake.serve.parallel_engine import create_engine
 
     kw = engine_kwargs(args)
     if args.model:
@@ -69,7 +75,7 @@ def make_engine_factory(args: argparse.Namespace, command: str):
             print(f"glake {command}: --model {path}: not a directory (a local HF model directory is needed)",
                   file=sys.stderr)
             raise SystemExit(2)
-        return (lambda: LLMEngine(path, **kw)), os.path.basename(os.path.normpath(path))
+        return (lambda: create_engine(path, **kw)), os.path.basename(os.path.normpath(path))
     if not default_model.available():
         print(f"glake {command}: no --model given and the default model is not installed: "
               f"{default_model.INSTALL_HINT}", file=sys.stderr)

@@ -53,12 +53,12 @@ def build_engine(**engine_args: Any):
         raise InvalidArgumentError(f"the default model is not installed: {INSTALL_HINT}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from glake.serve.engine import LLMEngine
+    from glake.serve.parallel_engine import create_engine
 
     folder, name = os.path.split(path)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
-    engine = LLMEngine(model, tok, **engine_args)
+    engine = create_engine(model, tok, **engine_args)
     end = tok.convert_tokens_to_ids(END_OF_TURN)
     if isinstance(end, int) and end != tok.unk_token_id:
         engine.add_eos_token_ids([end])

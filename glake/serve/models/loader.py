@@ -29,11 +29,13 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints carry RoPE buffe
 
 @dataclass
 class LoadedModel:
-    """What :func:`load_model` returns: the model, the HF config and the tokenizer (None if none was found)."""
+    """What :func:`load_model` returns: the model, the HF config, the tokenizer (None if none was found) and
+    an in-memory model's ``generation_config`` (its EOS tokens; None for a directory)."""
 
     model: LlamaForCausalLM
     config: Any
     tokenizer: Optional[Any]
+    generation_config: Optional[Any] = None
 
 
 def _safetensors_dir(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -131,7 +133,7 @@ def load_model(model: Union[str, os.PathLike, torch.nn.Module, LoadedModel], dev
         An unsupported architecture, a missing/unexpected/misshapen weight, or a directory without weights.
     """
     device = torch.device(device)
-    tokenizer = None
+    tokenizer = generation_config = None
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, torch.nn.Module):
@@ -139,6 +141,7 @@ def load_model(model: Union[str, os.PathLike, torch.nn.Module, LoadedModel], dev
         if config is None:
             raise InvalidArgumentError(f"{type(model).__name__} has no HF .config: pass a transformers model")
         weights = iter(model.state_dict().items())
+        generation_config = getattr(model, "generation_config", None)
         where = f"in-memory {type(model).__name__}"
     else:
         path = os.fspath(model)
@@ -162,4 +165,4 @@ def load_model(model: Union[str, os.PathLike, torch.nn.Module, LoadedModel], dev
     _fill(m, weights, where)
     m.fuse_projections()
     m.eval()
-    return LoadedModel(m, config, tokenizer)
+    return LoadedModel(m, config, tokenizer, generation_config)
