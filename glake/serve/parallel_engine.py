@@ -347,8 +347,18 @@ class ParallelEngine:
         """See :meth:`LLMEngine.drain`."""
         return self._local_then_broadcast(("drain",))
 
+    def sleep_refusal(self, level: int) -> Optional[str]:
+        """See :meth:`LLMEngine.sleep_refusal`; level 2 is not built for parallel engines."""
+        if level == 2:
+            return ("sleep level 2 is not built for tensor or pipeline parallelism (each rank would reload and "
+                    "re-shard its checkpoint): use level 1")
+        return self.engine.sleep_refusal(level)
+
     def sleep(self, level: int = 1) -> Dict[str, Any]:
         """See :meth:`LLMEngine.sleep` (every rank sleeps; rank 0's figures are returned)."""
+        why = self.sleep_refusal(level)
+        if why:
+            raise InvalidArgumentError(why)
         return self._local_then_broadcast(("sleep", level))
 
     def wake_up(self) -> List[int]:

@@ -86,6 +86,13 @@ def test_pipeline_parallel_2_matches_one_rank(hf, reference):
         assert eng.model.args.num_layers == 2 and eng.kv.layout.num_layers == 2  # rank 0 = stage 0: layers 0, 1
         assert run(eng, PROMPTS, [GREEDY] * len(PROMPTS)) == greedy
         assert run(eng, PROMPTS, [SAMPLED] * len(PROMPTS)) == sampled
+        assert "not built for tensor or pipeline parallelism" in eng.sleep_refusal(2)
+        with pytest.raises(InvalidArgumentError, match="not built for tensor or pipeline"):
+            eng.sleep(2)
+        assert eng.sleep(1)["level"] == 1 and eng.sleeping  # every rank sleeps (level 1) and wakes
+        eng.wake_up()
+        assert not eng.sleeping
+        assert run(eng, PROMPTS, [GREEDY] * len(PROMPTS)) == greedy
 
 
 def test_tensor_and_pipeline_parallel_together(hf, reference):
