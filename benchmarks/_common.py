@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -25,6 +26,39 @@ def machine() -> Dict[str, Any]:
     except (OSError, subprocess.TimeoutExpired):
         pass
     return info
+
+
+class LineWorker:
+    """A measuring subprocess driven one line at a time, pinned to ``cpus``: once set up it prints
+    ``READY``, then answers each request line with ``RESULT <json>`` (other output lines are skipped).
+    Its stderr goes to a file, not a pipe, so that a chatty worker never blocks on it."""
+
+    def __init__(self, name: str, cmd: List[str], cpus: set) -> None:
+        self.name = name
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+        self._expect("READY")
+
+    def _expect(self, prefix: str) -> str:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.kill()
+                self.log.seek(0)
+                raise SystemExit(f"{self.name} worker failed:\n{self.log.read()[-4000:]}")
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+
+    def ask(self, request: str) -> Any:
+        """Sends one request line; returns its answer, parsed."""
+        self.proc.stdin.write(request + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._expect("RESULT "))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
 
 
 def print_table(title: str, header: Sequence[str], rows: List[Sequence[Any]]) -> None:

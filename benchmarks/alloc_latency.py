@@ -20,13 +20,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_json  # noqa: E402
+from _common import LineWorker, print_table, write_json  # noqa: E402
 
 SIZES = [512, 4 << 10, 64 << 10, 1 << 20, 4 << 20, 32 << 20, 256 << 20, 1 << 30]
 KINDS = ("native", "glake")
@@ -66,33 +65,6 @@ def worker(kind: str) -> None:
         print(f"RESULT {(time.perf_counter() - t0) / iters * 1e6}", flush=True)
 
 
-class Worker:
-    """One allocator's measuring process, driven line by line."""
-
-    def __init__(self, kind: str, cpu: int) -> None:
-        self.kind = kind
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", kind], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
-        self._expect("READY")
-
-    def _expect(self, prefix: str) -> str:
-        line = self.proc.stdout.readline()
-        if not line.startswith(prefix):
-            self.proc.kill()
-            raise SystemExit(f"{self.kind} worker failed (said {line!r}):\n{self.proc.stderr.read()[-4000:]}")
-        return line[len(prefix):].strip()
-
-    def ask(self, request: str):
-        self.proc.stdin.write(request + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self._expect("RESULT "))
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=2000, help="pairs per batch")
@@ -104,7 +76,7 @@ def main() -> None:
         worker(args.worker)
         return
     cpu = args.cpu if args.cpu >= 0 else max(os.sched_getaffinity(0))
-    workers = {kind: Worker(kind, cpu) for kind in KINDS}
+    workers = {kind: LineWorker(kind, [sys.executable, __file__, "--worker", kind], {cpu}) for kind in KINDS}
     batches = {kind: {size: [] for size in SIZES} for kind in KINDS}
     ratios = {size: [] for size in SIZES}
     for size in SIZES:

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_json  # noqa: E402
+from _common import LineWorker, print_table, write_json  # noqa: E402
 
 ALLOCATORS = ["native", "expandable", "glake", "glake-2mib"]
 GLAKE_CONF = {"glake": {}, "glake-2mib": {"chunk_bytes": "2MiB"}}  # glake-2mib: GMLake's 2 MiB physical chunks
@@ -281,34 +281,6 @@ def run_worker(kind: str, workload: str, extra: list, args) -> dict:
     return json.loads(line[0][7:])
 
 
-class Stepper:
-    """One allocator's lockstep worker process, asked for one step at a time."""
-
-    def __init__(self, kind: str, workload: str, args, cpus: set) -> None:
-        self.kind = kind
-        self.log = tempfile.TemporaryFile(mode="w+")  # not a pipe: a chatty worker never blocks on it
-        self.proc = subprocess.Popen(worker_cmd(kind, workload, ["--lockstep-worker"], args), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     preexec_fn=lambda: os.sched_setaffinity(0, cpus))
-        self.answer("READY")
-
-    def answer(self, prefix: str) -> str:
-        while True:
-            line = self.proc.stdout.readline()
-            if not line or line.startswith(prefix):
-                break
-        if not line:
-            self.proc.kill()
-            self.log.seek(0)
-            raise SystemExit(f"{self.kind} lockstep worker failed:\n{self.log.read()[-3000:]}")
-        return line[len(prefix):].strip()
-
-    def ask(self, request: str):
-        self.proc.stdin.write(request + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.answer("RESULT "))
-
-
 def lockstep(workload: str, kinds: list, args) -> dict:
     """Every allocator's process trains the same steps, one step each in turn (the order alternating),
     all on the same CPUs: the host's speed, which changes over time on a shared machine and decides a
@@ -316,14 +288,14 @@ def lockstep(workload: str, kinds: list, args) -> dict:
     over every other allocator's time of the same step (median over the measured steps)."""
     allowed = sorted(os.sched_getaffinity(0))
     cpus = set(allowed[-min(4, len(allowed)):])
-    workers = [Stepper(kind, workload, args, cpus) for kind in kinds]  # all resident: memory for every one
+    workers = [LineWorker(kind, worker_cmd(kind, workload, ["--lockstep-worker"], args), cpus)
+               for kind in kinds]  # all resident: memory for every one
     for i in range(args.steps):
         for w in workers if i % 2 == 0 else workers[::-1]:
             w.ask(f"STEP {i}")
-    results = {w.kind: w.ask("DONE") for w in workers}
+    results = {w.name: w.ask("DONE") for w in workers}
     for w in workers:
-        w.proc.stdin.close()
-        w.proc.wait(timeout=120)
+        w.close()
     warm = min(3, args.steps - 1)
     for kind, r in results.items():
         r["paired"] = {other: statistics.median(a / b for a, b in zip(r["step_s"][warm:], results[other]["step_s"][warm:]))
@@ -420,9 +392,10 @@ def main() -> None:
                       flush=True)
                 rounds[kind].append(run_worker(kind, workload, extra, args))
         results[workload] = {k: repeated(rounds[k]) for k in kinds}
-    def ratio(r: dict, workload: str, other: str):
-        """Step time over `other`'s: paired step by step in lockstep, else the ratio of the medians."""
-        if other == r.get("kind"):
+    def ratio(workload: str, kind: str, other: str):
+        """`kind`'s step time over `other`'s: paired step by step in lockstep, else the ratio of the medians."""
+        r = results[workload][kind]
+        if other == kind:
             return 1
         if "paired" in r:
             return round(r["paired"][other], 3) if other in r["paired"] else ""
@@ -432,7 +405,7 @@ def main() -> None:
     rows = []
     for workload in workloads:
         for kind in kinds:
-            r = {**results[workload][kind], "kind": kind}
+            r = results[workload][kind]
             if "error" in r:
                 rows.append([workload, kind, "error", "", "", "", "", "", "", "", ""])
                 print(f"{workload}/{kind} failed:\n{r['error']}")
@@ -441,8 +414,8 @@ def main() -> None:
             runs = r.get("step_s_runs", [r["median_step_s"]])
             rows.append([workload, kind, round(alloc / GiB, 2), round(req / GiB, 2), round(res / GiB, 2),
                          round(req / res, 3), round(alloc / res, 3), round(r["median_step_s"] * 1e3, 1),
-                         f"{min(runs) * 1e3:.0f}-{max(runs) * 1e3:.0f}", ratio(r, workload, "native"),
-                         ratio(r, workload, "expandable")])
+                         f"{min(runs) * 1e3:.0f}-{max(runs) * 1e3:.0f}", ratio(workload, kind, "native"),
+                         ratio(workload, kind, "expandable")])
     if rows:
         how = "lockstep, ratios paired by step" if args.lockstep else f"{args.repeats} process(es) per allocator"
         print_table(f"Fragmentation: batch {args.batch}, seq {args.seq_min}-{args.seq_max}, {args.steps} steps, {how}",
