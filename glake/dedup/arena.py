@@ -9,7 +9,7 @@ import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 from glake import core
-from glake.dedup import content
+from glake.dedup import content, wire
 from glake.dedup.client import client
 from glake.errors import GlakeError, InvalidArgumentError
 
@@ -72,7 +72,8 @@ class Arena:
         self._state = [PRIVATE] * n
         self._keys: List[Optional[Tuple[str, Any]]] = [None] * n  # (key, fd maker) of each shared chunk
         self._view = None
-        self._scratch: Optional[Any] = None
+        self._scratch: Optional[Any] = None  # where chunks found in the broker are compared with ours
+        self._scratch_view: Any = None
         self._lock = threading.Lock()
         self._saved: Optional[Dict[int, Any]] = None  # while suspended: private chunk index -> its bytes
         self.closed = False
@@ -133,8 +134,9 @@ class Arena:
                 _totals["hash_ns"] += time.perf_counter_ns() - t0
                 _totals["hash_bytes"] += len(todo) * self.chunk
                 where = _device_key(self.backend, self.device)
-                for i, h in zip(todo, hashes):
-                    self._share_chunk(i, f"{where}:{self.chunk}:{h}")
+                keys = [f"{where}:{self.chunk}:{h}" for h in hashes]
+                for at in range(0, len(todo), wire.MAX_FDS):
+                    self._share_batch(todo[at:at + wire.MAX_FDS], keys[at:at + wire.MAX_FDS])
             return sum(self.chunk for s in self._state if s != PRIVATE)
 
     def _fd_maker(self, i: int):
@@ -149,53 +151,93 @@ class Arena:
             return a._chunks[i].export_fd()
         return new_fd
 
-    def _share_chunk(self, i: int, key: str) -> None:
-        broker, mine, maker = client(), self._chunks[i], self._fd_maker(i)
+    def _share_batch(self, idx: List[int], keys: List[str]) -> None:
+        """Shares chunks `idx` (at most wire.MAX_FDS of them) under their content `keys`, in a few round
+        trips for all of them: look the keys up, publish those nobody has (ours become canonical), compare
+        the chunks found with ours in one pass, hold the equal ones and map them in place of ours."""
+        broker, makers = client(), [self._fd_maker(i) for i in idx]
+        fds: List[Optional[int]] = []
         try:
-            fd = broker.lookup(key)
-            if fd is None:
-                fd = broker.publish(key, self.chunk, maker)
-                if fd is None:  # ours is the canonical chunk now: nobody may write it any more
-                    self.range.set_access(i * self.chunk, self.chunk, read_only=True)
-                    self._state[i], self._keys[i] = CANONICAL, (key, maker)
-                    return
-        except GlakeError as e:  # the broker refused (e.g. out of fds): this chunk stays private
+            fds = broker.lookup(keys)
+            new = [j for j, fd in enumerate(fds) if fd is None]
+            if new:
+                others = broker.publish([keys[j] for j in new], self.chunk, [makers[j] for j in new])
+                for j, other in zip(new, others):
+                    fds[j] = other
+                    if other is None:  # ours is the canonical chunk now: nobody may write it any more
+                        self._state[idx[j]], self._keys[idx[j]] = CANONICAL, (keys[j], makers[j])
+                self._read_only([idx[j] for j, other in zip(new, others) if other is None])
+            found = [j for j, fd in enumerate(fds) if fd is not None]
+            theirs: List[Any] = []
+            try:
+                for j in found:
+                    theirs.append(core.PhysChunk.import_fd(fds[j], self.chunk, self.device, self.backend))
+            except BaseException:
+                for c in theirs:
+                    c.release()
+                raise
+        except GlakeError as e:  # the broker refused (e.g. out of fds): these chunks stay private
             return _broker_refused(e)
-        try:
-            theirs = core.PhysChunk.import_fd(fd, self.chunk, self.device, self.backend)
         finally:
-            os.close(fd)
-        if not self._same_bytes(i, theirs):
-            theirs.release()  # a hash collision: this chunk stays private
-            _totals["mismatches"] += 1
+            for fd in fds:
+                if fd is not None:
+                    os.close(fd)
+        same_js, same_chunks = [], []
+        for j, c, same in zip(found, theirs, self._same_bytes([idx[j] for j in found], theirs)):
+            if not same:
+                c.release()  # a hash collision: this chunk stays private
+                _totals["mismatches"] += 1
+            else:
+                same_js.append(j)
+                same_chunks.append(c)
+        if not same_js:
             return
         try:
-            held = broker.hold(key, maker, self.chunk)
+            held = broker.hold([keys[j] for j in same_js], [makers[j] for j in same_js], self.chunk)
         except GlakeError as e:
-            theirs.release()
+            for c in same_chunks:
+                c.release()
             return _broker_refused(e)
-        if not held:
-            theirs.release()  # its last holder let go meanwhile: offer ours instead
-            return self._share_chunk(i, key)
-        self.range.unmap(i * self.chunk)
-        mine.release()  # freed: this process now reads the canonical chunk there
-        self.range.map(i * self.chunk, theirs, set_access=False)
-        self.range.set_access(i * self.chunk, self.chunk, read_only=True)
-        self._chunks[i], self._state[i], self._keys[i] = theirs, IMPORTED, (key, maker)
+        again = []
+        for j, c, ok in zip(same_js, same_chunks, held):
+            if not ok:
+                c.release()  # its last holder let go meanwhile: offer ours instead
+                again.append(j)
+                continue
+            i = idx[j]
+            self.range.unmap(i * self.chunk)
+            self._chunks[i].release()  # freed: this process now reads the canonical chunk there
+            self.range.map(i * self.chunk, c, set_access=False)
+            self._chunks[i], self._state[i], self._keys[i] = c, IMPORTED, (keys[j], makers[j])
+        self._read_only([idx[j] for j, ok in zip(same_js, held) if ok])
+        if again:
+            self._share_batch([idx[j] for j in again], [keys[j] for j in again])
 
-    def _same_bytes(self, i: int, theirs: Any) -> bool:
+    def _read_only(self, idx: List[int]) -> None:
+        """Makes chunks `idx` (ascending) readable only, one driver call per run of adjacent chunks."""
+        for first, count in _runs(idx):
+            self.range.set_access(first * self.chunk, count * self.chunk, read_only=True)
+
+    def _same_bytes(self, idx: List[int], theirs: List[Any]) -> List[bool]:
+        """Whether each chunk of `theirs` holds the bytes of this arena's chunk idx[n]: mapped read-only
+        side by side in a scratch range and compared in one pass."""
+        if not theirs:
+            return []
         if self._scratch is None:
-            self._scratch = core.VirtualRange(self.chunk, self.device, self.backend)
-        self._scratch.map(0, theirs, set_access=False)
+            self._scratch = core.VirtualRange(wire.MAX_FDS * self.chunk, self.device, self.backend)
+            self._scratch_view = self._byte_view(self._scratch)
+        for n, c in enumerate(theirs):
+            self._scratch.map(n * self.chunk, c, set_access=False)
         try:
-            self._scratch.set_access(0, self.chunk, read_only=True)
+            self._scratch.set_access(0, len(theirs) * self.chunk, read_only=True)
             t0 = time.perf_counter_ns()
-            ok = content.equal(self.tensor()[i * self.chunk:(i + 1) * self.chunk], self._byte_view(self._scratch))
+            same = content.equal_chunks(self.tensor(), idx, self._scratch_view, self.chunk)
             _totals["compare_ns"] += time.perf_counter_ns() - t0
-            _totals["compare_bytes"] += self.chunk
-            return ok
+            _totals["compare_bytes"] += len(theirs) * self.chunk
+            return same
         finally:
-            self._scratch.unmap(0)
+            for n in range(len(theirs)):
+                self._scratch.unmap(n * self.chunk)
 
     # ---- figures and end -----------------------------------------------------------------------
 
@@ -264,7 +306,7 @@ class Arena:
                     if st == PRIVATE:
                         made.append(core.PhysChunk(self.chunk, self.device, self.backend))
                         continue
-                    fd = client().lookup(self._keys[i][0])
+                    fd = client().lookup([self._keys[i][0]])[0]
                     if fd is None:
                         raise GlakeError(f"dedup Arena.resume: the broker no longer has shared chunk {i} "
                                          f"({self._keys[i][0]}); it restarted while every holder was suspended")
@@ -329,6 +371,17 @@ class Arena:
 def _broker_refused(e: Exception) -> None:
     _totals["broker_errors"] += 1
     _totals["last_broker_error"] = str(e)
+
+
+def _runs(idx: List[int]) -> List[Tuple[int, int]]:
+    """(first, count) of each run of consecutive numbers in ascending `idx`."""
+    out: List[Tuple[int, int]] = []
+    for i in idx:
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out
 
 
 def _drop_holds(keys: List[Optional[Tuple[str, Any]]]) -> None:

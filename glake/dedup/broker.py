@@ -5,8 +5,9 @@ cuMemCreate allocation on cuda: holding it keeps the physical memory alive), key
 the processes compute (backend, device, size, hash), and counts which connected process holds which
 chunk. It never maps, reads or writes chunk memory and never calls a driver.
 
-- A process *looks up* a key and gets the canonical chunk's fd (it compares the bytes itself before it
-  maps the chunk, and then *holds* it), or *publishes* its own chunk as the canonical one.
+- A process *looks up* keys and gets the canonical chunks' fds (it compares the bytes itself before it
+  maps a chunk, and then *holds* it), or *publishes* its own chunks as the canonical ones; each request
+  carries up to 64 keys, so a process shares 128 MiB per round trip.
 - A chunk stays with the broker while any connected process holds it; when the last holder drops it
   or dies (its connection closes), the broker closes its fd. Processes that mapped the chunk keep
   their own handles, so their memory stays valid whoever dies first, the broker included; a restarted
@@ -158,67 +159,80 @@ class Broker:
             self._disconnect(conn)
             return
         try:
-            reply, fd = self.handle(conn.fileno(), msg, fds)
+            reply, out = self.handle(conn.fileno(), msg, fds)
         except Exception as e:  # noqa: BLE001  (a bad request is answered; the broker serves on)
             for f in fds:  # handle() stored none of them when it raised
                 os.close(f)
-            reply, fd = {"error": f"bad request {repr(msg)[:200]}: {type(e).__name__}: {str(e)[:200]}"}, None
-        self._reply(conn, reply, fd)
+            reply, out = {"error": f"bad request {repr(msg)[:200]}: {type(e).__name__}: {str(e)[:200]}"}, []
+        self._reply(conn, reply, out)
 
-    def _reply(self, conn: socket.socket, reply: dict, fd=None) -> None:
+    def _reply(self, conn: socket.socket, reply: dict, fds=()) -> None:
         try:
-            wire.send(conn, reply, fd)
+            wire.send(conn, reply, fds)
         except OSError:
             self._disconnect(conn)
 
     # ---- requests ------------------------------------------------------------------------------
 
     def handle(self, cid: int, msg: dict, fds: List[int]):
-        """The reply (and the fd to send with it) to one request of connection `cid`. On success it owns
-        `fds` (stored or closed); when it raises it has kept none of them (the caller closes them)."""
+        """The reply (and the fds to send with it) to one request of connection `cid`. On success it owns
+        `fds` (stored or closed); when it raises it has kept none of them (the caller closes them).
+
+        ``lookup``, ``publish`` and ``hold`` take a list of ``keys`` (up to :data:`wire.MAX_FDS`) and answer
+        one entry per key, with the fds of the chunks they hand out in the order of their keys."""
         op = msg["op"]
         if op != "publish" and fds:
             raise ValueError(f"{op} carries no fd")
         if op == "hello":
-            return {"ok": True, "pid": os.getpid()}, None
+            return {"ok": True, "pid": os.getpid()}, []
+        if op in ("lookup", "publish", "hold"):
+            keys = [str(k) for k in msg["keys"]]
+            if len(keys) > wire.MAX_FDS:
+                raise ValueError(f"{op} of {len(keys)} keys: at most {wire.MAX_FDS} per request")
         if op == "lookup":
-            e = self.entries.get(str(msg["key"]))
-            return ({"found": True, "size": e.size}, e.fd) if e else ({"found": False}, None)
+            found = [self.entries.get(k) for k in keys]
+            return {"found": [e is not None for e in found]}, [e.fd for e in found if e is not None]
         if op == "publish":
-            key, size = str(msg["key"]), int(msg["size"])
-            if len(fds) != 1:
-                raise ValueError("publish carries exactly one fd")
-            e = self.entries.get(key)
-            if e is not None:  # someone was first: the caller compares with that one
-                os.close(fds[0])
-                return {"canonical": False, "size": e.size}, e.fd
-            e = self.entries[key] = Entry(fds[0], size)
-            e.holders[cid] += 1
-            return {"canonical": True}, None
+            size = int(msg["size"])
+            if len(fds) != len(keys):
+                raise ValueError(f"publish carries one fd per key: {len(keys)} keys, {len(fds)} fds")
+            canonical, others = [], []
+            for key, fd in zip(keys, fds):
+                e = self.entries.get(key)
+                canonical.append(e is None)
+                if e is not None:  # someone was first: the caller compares with that one
+                    os.close(fd)
+                    others.append(e.fd)
+                else:
+                    self.entries[key] = Entry(fd, size)
+                    self.entries[key].holders[cid] += 1
+            return {"canonical": canonical}, others
         if op == "hold":
-            e = self.entries.get(str(msg["key"]))
-            if e is None:
-                return {"ok": False}, None
-            e.holders[cid] += 1
-            return {"ok": True}, None
+            ok = []
+            for key in keys:
+                e = self.entries.get(key)
+                if e is not None:
+                    e.holders[cid] += 1
+                ok.append(e is not None)
+            return {"ok": ok}, []
         if op == "drop":
             key = str(msg["key"])
             e = self.entries.get(key)
             if e is None or e.holders[cid] <= 0:
-                return {"ok": False}, None
+                return {"ok": False}, []
             e.holders[cid] -= 1
             if e.holders[cid] == 0:
                 del e.holders[cid]
             self._drop_if_unheld(key)
-            return {"ok": True}, None
+            return {"ok": True}, []
         if op == "stats":
             return {"pid": os.getpid(), "chunks": len(self.entries),
                     "bytes": sum(e.size for e in self.entries.values()),
                     "holds": sum(sum(e.holders.values()) for e in self.entries.values()),
-                    "clients": len(self.clients)}, None
+                    "clients": len(self.clients)}, []
         if op == "shutdown":
             self.running = False
-            return {"ok": True}, None
+            return {"ok": True}, []
         raise ValueError(f"unknown op {op!r}")
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from glake.dedup import wire
 from glake.errors import GlakeError
@@ -102,46 +102,44 @@ class BrokerClient:
                 del self._held[key]
                 continue
             try:
-                _reply, other = self._roundtrip({"op": "publish", "key": key, "size": size}, fd)
+                _reply, others = self._roundtrip({"op": "publish", "keys": [key], "size": size}, [fd])
             finally:
                 os.close(fd)
-            if other is not None:
+            for other in others:
                 os.close(other)  # another holder published it first: the same bytes, hold that one
-                self._roundtrip({"op": "hold", "key": key})
+                self._roundtrip({"op": "hold", "keys": [key]})
             for _ in live[1:]:
-                self._roundtrip({"op": "hold", "key": key})
+                self._roundtrip({"op": "hold", "keys": [key]})
             self._held[key] = (size, live)
 
-    def _roundtrip(self, msg: dict, fd: Optional[int] = None) -> Tuple[dict, Optional[int]]:
+    def _roundtrip(self, msg: dict, fds: Sequence[int] = ()) -> Tuple[dict, List[int]]:
         self._busy_thread = threading.get_ident()
         try:
-            wire.send(self._sock, msg, fd)
-            reply, fds = wire.recv(self._sock)
+            wire.send(self._sock, msg, fds)
+            reply, got = wire.recv(self._sock)
         finally:
             self._busy_thread = None
         if reply is None:
             raise ConnectionResetError("the dedup broker closed the connection")
-        for extra in fds[1:]:
-            os.close(extra)
         if "error" in reply:
-            if fds:
-                os.close(fds[0])
+            for fd in got:
+                os.close(fd)
             raise GlakeError(f"dedup broker: {reply['error']}")
-        return reply, (fds[0] if fds else None)
+        return reply, got
 
     def _flush_drops(self) -> None:
         while self._drops:
             key, maker = self._drops.popleft()
             self._drop_now(key, maker)
 
-    def request(self, msg: dict, fd: Optional[int] = None) -> Tuple[dict, Optional[int]]:
-        """One request and its reply (with the fd it carried, now the caller's). Reconnects once."""
+    def request(self, msg: dict, fds: Sequence[int] = ()) -> Tuple[dict, List[int]]:
+        """One request and its reply (with the fds it carried, now the caller's). Reconnects once."""
         with self._lock:
             for attempt in (0, 1):
                 try:
                     self._ensure()
                     self._flush_drops()
-                    return self._roundtrip(msg, fd)
+                    return self._roundtrip(msg, fds)
                 except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError):
                     self.close()
                     if attempt:
@@ -156,34 +154,45 @@ class BrokerClient:
 
     # ---- the operations ------------------------------------------------------------------------
 
-    def lookup(self, key: str) -> Optional[int]:
-        """An fd of the canonical chunk of `key` (the caller's to close), or None."""
-        _reply, fd = self.request({"op": "lookup", "key": key})
-        return fd
+    def lookup(self, keys: Sequence[str]) -> List[Optional[int]]:
+        """For each key, an fd of its canonical chunk (the caller's to close), or None."""
+        reply, fds = self.request({"op": "lookup", "keys": list(keys)})
+        it = iter(fds)
+        return [next(it) if found else None for found in reply["found"]]
 
-    def publish(self, key: str, size: int, maker: FdMaker) -> Optional[int]:
-        """Offers this process's chunk (``maker()`` exports it) as the canonical one of `key`. None: it
-        is canonical now, held once by this process; else an fd of the chunk someone published first."""
+    def publish(self, keys: Sequence[str], size: int, makers: Sequence[FdMaker]) -> List[Optional[int]]:
+        """Offers this process's chunks (``makers[i]()`` exports the one of ``keys[i]``) as the canonical
+        ones. For each key, None: it is canonical now, held once by this process; else an fd of the chunk
+        someone published first (the caller's to close)."""
         with self._lock:
-            fd = maker()
-            if fd is None:
-                raise GlakeError("dedup: the chunk to publish is gone")
+            mine: List[int] = []
             try:
-                reply, other = self.request({"op": "publish", "key": key, "size": size}, fd)
+                for m in makers:
+                    fd = m()
+                    if fd is None:
+                        raise GlakeError("dedup: a chunk to publish is gone")
+                    mine.append(fd)
+                reply, others = self.request({"op": "publish", "keys": list(keys), "size": size}, mine)
             finally:
-                os.close(fd)
-            if reply.get("canonical"):
-                self._remember(key, size, maker)
-                return None
-            return other
+                for fd in mine:
+                    os.close(fd)
+            it = iter(others)
+            out: List[Optional[int]] = []
+            for key, maker, canonical in zip(keys, makers, reply["canonical"]):
+                if canonical:
+                    self._remember(key, size, maker)
+                out.append(None if canonical else next(it))
+            return out
 
-    def hold(self, key: str, maker: FdMaker, size: int) -> bool:
-        """Counts one more hold of this process on `key` (after it compared the bytes and mapped them);
-        ``maker`` exports the holder's chunk should the broker need it again."""
+    def hold(self, keys: Sequence[str], makers: Sequence[FdMaker], size: int) -> List[bool]:
+        """Counts one more hold of this process on each key (after it compared the bytes and mapped
+        them); ``makers[i]`` exports that holder's chunk should the broker need it again. False where the
+        chunk is gone (its last holder let go meanwhile)."""
         with self._lock:
-            ok = bool(self.request({"op": "hold", "key": key})[0].get("ok"))
-            if ok:
-                self._remember(key, size, maker)
+            ok = [bool(x) for x in self.request({"op": "hold", "keys": list(keys)})[0]["ok"]]
+            for key, maker, held in zip(keys, makers, ok):
+                if held:
+                    self._remember(key, size, maker)
             return ok
 
     def drop(self, key: str, maker: FdMaker) -> None:

@@ -1,7 +1,7 @@
 """What dedup computes about chunk contents: a digest of each chunk (where the data is: torch kernels on
 the GPU for cuda, BLAKE2b on the host) and a byte-for-byte comparison of two chunks.
 
-The digest only nominates candidates; two chunks are shared only after :func:`equal` said their bytes
+The digest only nominates candidates; two chunks are shared only after :func:`equal_chunks` said their bytes
 are the same. ``GLAKE_DEDUP_TEST_COLLIDE=1`` makes every digest the same (a test hook: a forced
 collision must never lead to sharing unequal bytes).
 """
@@ -48,10 +48,18 @@ def digests(view: Any, offsets: Sequence[int], chunk: int) -> List[str]:
     return out
 
 
-def equal(a: Any, b: Any) -> bool:
-    """Whether two uint8 tensors of one device hold the same bytes."""
-    if a.device.type != "cuda":
-        return bool((a.numpy() == b.numpy()).all())
+def equal_chunks(view: Any, idx: Sequence[int], theirs: Any, chunk: int) -> List[bool]:
+    """Whether chunk idx[n] of `view` holds the same bytes as the n-th chunk of `theirs` (uint8 tensors
+    of one device), for every n: on cuda in one pass over all of them, with one wait for the answer."""
+    k = len(idx)
+    if view.device.type != "cuda":
+        a, b = view.numpy(), theirs.numpy()
+        return [bool((a[i * chunk:(i + 1) * chunk] == b[n * chunk:(n + 1) * chunk]).all()) for n, i in enumerate(idx)]
     import torch
 
-    return bool(torch.equal(a, b))
+    if list(idx) == list(range(idx[0], idx[0] + k)):  # one run of chunks: no gather
+        mine = view[idx[0] * chunk:(idx[0] + k) * chunk].view(k, chunk)
+    else:
+        mine = view.view(-1, chunk).index_select(0, torch.tensor(list(idx), device=view.device))
+    differs = (mine.view(torch.int64) != theirs[:k * chunk].view(k, chunk).view(torch.int64)).any(1)
+    return [not d for d in differs.tolist()]

@@ -1,14 +1,15 @@
-"""The dedup broker's messages: one JSON object per SOCK_SEQPACKET datagram, a chunk's fd riding along
-(SCM_RIGHTS)."""
+"""The dedup broker's messages: one JSON object per SOCK_SEQPACKET datagram, the fds of up to
+:data:`MAX_FDS` chunks riding along (SCM_RIGHTS), in the order of the keys they answer."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 MAX_MESSAGE = 1 << 16
+MAX_FDS = 64  # chunks per request (the kernel allows 253 fds per message)
 SOCKET_ENV = "GLAKE_DEDUP_SOCKET"  # overrides the socket path (tests, several brokers)
 
 
@@ -19,17 +20,19 @@ def socket_path() -> str:
     return os.environ.get(SOCKET_ENV) or os.path.join(runtime_dir(), "dedup.sock")
 
 
-def send(sock: socket.socket, msg: dict, fd: Optional[int] = None) -> None:
-    """Sends one message (and `fd`, which stays the caller's)."""
+def send(sock: socket.socket, msg: dict, fds: Sequence[int] = ()) -> None:
+    """Sends one message (and `fds`, which stay the caller's)."""
     data = json.dumps(msg, separators=(",", ":")).encode()
     if len(data) > MAX_MESSAGE:
         raise ValueError(f"dedup message of {len(data)} bytes exceeds {MAX_MESSAGE}")
-    socket.send_fds(sock, [data], [fd] if fd is not None else [])
+    if len(fds) > MAX_FDS:
+        raise ValueError(f"dedup message with {len(fds)} fds exceeds {MAX_FDS}")
+    socket.send_fds(sock, [data], list(fds))
 
 
 def recv(sock: socket.socket) -> Tuple[Optional[dict], List[int]]:
     """One message and the fds it carried (now the caller's); (None, []) when the peer closed."""
-    data, fds, flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 4)
+    data, fds, flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
     if flags & socket.MSG_CTRUNC:  # the kernel dropped fds: this process is at its open-files limit
         for fd in fds:
             os.close(fd)

@@ -189,7 +189,30 @@ def test_the_broker_answers_bad_requests_with_errors(tmp_path):
     with pytest.raises(ValueError, match="carries no fd"):
         b.handle(1, {"op": "lookup", "key": "k"}, [r])
     os.close(r)  # handle() kept none of the fds it raised on: they are the caller's
-    assert b.handle(1, {"op": "drop", "key": "k"}, []) == ({"ok": False}, None)
+    assert b.handle(1, {"op": "drop", "key": "k"}, []) == ({"ok": False}, [])
+    with pytest.raises(ValueError, match="at most 64"):
+        b.handle(1, {"op": "lookup", "keys": [str(i) for i in range(65)]}, [])
+    with pytest.raises(ValueError, match="one fd per key"):
+        b.handle(1, {"op": "publish", "keys": ["a", "b"], "size": 1}, [])
+
+
+def test_the_broker_answers_a_batch_key_by_key_with_fds_in_key_order(tmp_path):
+    b = Broker(str(tmp_path / "s.sock"))
+    pipes = [os.pipe() for _ in range(3)]
+    try:
+        reply, fds = b.handle(1, {"op": "publish", "keys": ["a", "b"], "size": 8}, [pipes[0][0], pipes[1][0]])
+        assert reply == {"canonical": [True, True]} and fds == []
+        # "a" is known: the fd offered for it is closed and the canonical one comes back; "c" is new
+        reply, fds = b.handle(2, {"op": "publish", "keys": ["c", "a"], "size": 8}, [pipes[2][0], os.dup(pipes[0][1])])
+        assert reply == {"canonical": [True, False]} and fds == [pipes[0][0]]
+        reply, fds = b.handle(2, {"op": "lookup", "keys": ["x", "b", "c"]}, [])
+        assert reply == {"found": [False, True, True]} and fds == [pipes[1][0], pipes[2][0]]
+        assert b.handle(2, {"op": "hold", "keys": ["b", "x", "a"]}, []) == ({"ok": [True, False, True]}, [])
+        assert dict(b.entries["a"].holders) == {1: 1, 2: 1} and dict(b.entries["c"].holders) == {2: 1}
+    finally:
+        b.close()  # closes the fds it kept (the read ends)
+        for _r, w in pipes:
+            os.close(w)
 
 
 def test_a_second_broker_on_the_same_socket_steps_aside(tmp_path):
@@ -243,7 +266,7 @@ def test_a_bad_message_with_fds_is_answered_and_the_broker_serves_on(sock, worke
     s.connect(sock)
     r, x = os.pipe()
     try:
-        wire.send(s, {"op": "lookup", "key": "k"}, r)  # an fd where none belongs
+        wire.send(s, {"op": "lookup", "keys": ["k"]}, [r])  # an fd where none belongs
         reply, fds = wire.recv(s)
         assert "carries no fd" in reply["error"] and fds == []
         s.send(b'{"op": "' + b"x" * 70000 + b'"}')  # longer than a message may be: cut, unreadable
@@ -261,7 +284,7 @@ def test_a_broker_refusal_keeps_the_chunk_private(sock, monkeypatch):
     from glake.dedup import client as client_mod
     from glake.errors import GlakeError
 
-    def refuse(self, key, size, maker):
+    def refuse(self, keys, size, makers):
         raise GlakeError("dedup broker: a file descriptor was dropped on the way (MSG_CTRUNC)")
     monkeypatch.setattr(client_mod.BrokerClient, "publish", refuse)
     with glake.dedup.Arena(2 << 20, backend="host") as a:
@@ -278,7 +301,7 @@ def test_a_drop_asked_for_during_a_round_trip_is_sent_before_the_next_request(so
         a.tensor()[:] = 4
         a.share()
         key, maker = a._keys[0]
-        c.hold(key, maker, a.chunk)
+        assert c.hold([key], [maker], a.chunk) == [True]
         assert broker(sock)["holds"] == 2
         c._busy_thread = threading.get_ident()  # as if a GC finalizer ran inside a round trip
         c.drop(key, maker)
