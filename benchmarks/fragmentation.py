@@ -298,9 +298,21 @@ def lockstep(workload: str, kinds: list, args) -> dict:
         w.close()
     warm = min(3, args.steps - 1)
     for kind, r in results.items():
-        r["paired"] = {other: statistics.median(a / b for a, b in zip(r["step_s"][warm:], results[other]["step_s"][warm:]))
-                       for other in kinds if other != kind}
+        r["paired"], r["paired_quartiles"] = {}, {}
+        for other in kinds:
+            if other != kind:
+                ratios = [a / b for a, b in zip(r["step_s"][warm:], results[other]["step_s"][warm:])]
+                r["paired"][other] = statistics.median(ratios)
+                r["paired_quartiles"][other] = quartiles(ratios)
     return results
+
+
+def quartiles(xs: list) -> tuple:
+    """First and third quartile of `xs` (the value itself for one)."""
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4)
+    return q[0], q[2]
 
 
 def repeated(rounds: list) -> dict:
@@ -397,8 +409,11 @@ def main() -> None:
         r = results[workload][kind]
         if other == kind:
             return 1
-        if "paired" in r:
-            return round(r["paired"][other], 3) if other in r["paired"] else ""
+        if "paired" in r:  # with the middle half of the per-step ratios: how far the host's noise reaches
+            if other not in r["paired"]:
+                return ""
+            q1, q3 = r["paired_quartiles"][other]
+            return f"{r['paired'][other]:.3f} ({q1:.2f}-{q3:.2f})"
         base = results[workload].get(other, {}).get("median_step_s")
         return round(r["median_step_s"] / base, 3) if base else ""
 
@@ -412,6 +427,8 @@ def main() -> None:
                 continue
             res, req, alloc = r["reserved_bytes.all.peak"], r["requested_bytes.all.peak"], r["allocated_bytes.all.peak"]
             runs = r.get("step_s_runs", [r["median_step_s"]])
+            if "paired" in r:  # lockstep: the middle half of this allocator's step times instead
+                runs = list(quartiles(r["step_s"][min(3, len(r["step_s"]) - 1):]))
             rows.append([workload, kind, round(alloc / GiB, 2), round(req / GiB, 2), round(res / GiB, 2),
                          round(req / res, 3), round(alloc / res, 3), round(r["median_step_s"] * 1e3, 1),
                          f"{min(runs) * 1e3:.0f}-{max(runs) * 1e3:.0f}", ratio(workload, kind, "native"),
@@ -420,7 +437,7 @@ def main() -> None:
         how = "lockstep, ratios paired by step" if args.lockstep else f"{args.repeats} process(es) per allocator"
         print_table(f"Fragmentation: batch {args.batch}, seq {args.seq_min}-{args.seq_max}, {args.steps} steps, {how}",
                     ["workload", "allocator", "peak alloc GiB", "peak requested GiB", "peak reserved GiB",
-                     "requested/reserved", "alloc/reserved", "median step ms (trace: total)", "runs' range ms",
+                     "requested/reserved", "alloc/reserved", "median step ms (trace: total)", "runs' range ms (lockstep: steps' middle half)",
                      "time / native", "time / expandable"], rows)
     profiled = [(f"{w} / {k}", results[w][k]["per_step"]) for w in workloads for k in kinds
                 if "per_step" in results[w].get(k, {})]
