@@ -86,7 +86,8 @@ def suspend(device: Optional[int] = None, *, discard: Iterable[Any] = ()) -> Lis
         raise InvalidArgumentError("glake.suspend: discard= names an object that is not a tensor and not registered "
                                    "for suspension on this device (a glake.kvcache.KVCache registers itself)")
     by_device = _storages_by_device(tensors)
-    elsewhere = sorted(set(by_device) - set(_devices(device)))
+    devices = _devices(device)
+    elsewhere = sorted(set(by_device) - set(devices))
     if elsewhere:
         raise InvalidArgumentError(f"glake.suspend: discard= names tensors on cuda:{elsewhere[0]}, where this call "
                                    "suspends nothing of glake's allocator")
@@ -95,7 +96,7 @@ def suspend(device: Optional[int] = None, *, discard: Iterable[Any] = ()) -> Lis
         if not c.suspended:
             c.suspend(discard=id(c) in drop, engine=_engine(c.backend, c.device_index))
             done.add(c.device_index)
-    for d in _devices(device):
+    for d in devices:
         a = _C.gmlake_global(d)
         if not a.suspended:
             a.suspend(_engine(a.backend, a.device), sorted(by_device.pop(d, ())))

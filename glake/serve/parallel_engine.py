@@ -465,5 +465,6 @@ def create_engine(model: Any, tokenizer: Any = None, *, tensor_parallel_size: in
         raise InvalidArgumentError(f"tensor_parallel_size={tensor_parallel_size}, pipeline_parallel_size="
                                    f"{pipeline_parallel_size}: both must be >= 1")
     if tp * pp == 1:
+        engine_args.pop("timeout_s", None)  # the ranks' timeout: nothing to wait for in one process
         return LLMEngine(model, tokenizer, **engine_args)
     return ParallelEngine(model, tokenizer, tensor_parallel_size=tp, pipeline_parallel_size=pp, **engine_args)

@@ -57,6 +57,14 @@ def test_split_layers():
         split_layers(3, 4)
 
 
+def test_one_rank_takes_the_ranks_timeout_and_builds_the_one_process_engine(hf, reference):
+    from glake.serve.parallel_engine import create_engine
+
+    with create_engine(hf, tensor_parallel_size=1, pipeline_parallel_size=1, timeout_s=5, **KW) as eng:
+        assert isinstance(eng, LLMEngine)
+        assert run(eng, PROMPTS[:1], [GREEDY]) == reference[0][:1]
+
+
 def test_tensor_parallel_2_matches_one_rank(hf, reference):
     greedy, sampled, forked = reference
     with ParallelEngine(hf, tensor_parallel_size=2, timeout_s=60, **KW) as eng:
