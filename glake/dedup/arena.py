@@ -300,30 +300,33 @@ class Arena:
         with self._lock:
             if self._saved is None:
                 return
-            made: List[Any] = []
+            made: Dict[int, Any] = {}
+            shared = [i for i, st in enumerate(self._state) if st != PRIVATE]
             try:
                 for i, st in enumerate(self._state):
                     if st == PRIVATE:
-                        made.append(core.PhysChunk(self.chunk, self.device, self.backend))
-                        continue
-                    fd = client().lookup([self._keys[i][0]])[0]
-                    if fd is None:
-                        raise GlakeError(f"dedup Arena.resume: the broker no longer has shared chunk {i} "
-                                         f"({self._keys[i][0]}); it restarted while every holder was suspended")
+                        made[i] = core.PhysChunk(self.chunk, self.device, self.backend)
+                for at in range(0, len(shared), wire.MAX_FDS):  # the shared ones, 64 per round trip
+                    batch = shared[at:at + wire.MAX_FDS]
+                    fds = client().lookup([self._keys[i][0] for i in batch])
                     try:
-                        made.append(core.PhysChunk.import_fd(fd, self.chunk, self.device, self.backend))
+                        for i, fd in zip(batch, fds):
+                            if fd is None:
+                                raise GlakeError(f"dedup Arena.resume: the broker no longer has shared chunk {i} "
+                                                 f"({self._keys[i][0]}); it restarted while every holder was suspended")
+                            made[i] = core.PhysChunk.import_fd(fd, self.chunk, self.device, self.backend)
                     finally:
-                        os.close(fd)
+                        for fd in fds:
+                            if fd is not None:
+                                os.close(fd)
             except BaseException:
-                for c in made:
+                for c in made.values():
                     c.release()
                 raise
-            for i, c in enumerate(made):
-                shared = self._state[i] != PRIVATE
-                self.range.map(i * self.chunk, c, set_access=not shared)
-                if shared:
-                    self.range.set_access(i * self.chunk, self.chunk, read_only=True)
-                self._chunks[i] = c
+            for i in range(len(self._state)):
+                self.range.map(i * self.chunk, made[i], set_access=self._state[i] == PRIVATE)
+                self._chunks[i] = made[i]
+            self._read_only(shared)
             view = self.tensor()
             for i, data in self._saved.items():
                 part = view[i * self.chunk:(i + 1) * self.chunk]

@@ -348,3 +348,20 @@ def test_suspend_releases_the_arenas_chunks_and_resume_maps_them_back(sock):
         assert not a.tensor()[:g].any(), "a discarded private chunk comes back zeroed"
         assert torch.equal(a.tensor()[g:], expect_a[g:])
     assert broker(sock)["chunks"] == 0
+
+
+def test_a_resume_whose_shared_chunk_is_gone_raises_stays_suspended_and_keeps_nothing(sock):
+    from glake import _C
+    from glake.errors import GlakeError
+
+    g = 2 << 20
+    with glake.dedup.Arena(2 * g, backend="host") as a:
+        a.tensor()[:g] = 1
+        a.tensor()[g:] = 2
+        a.share(0, g)  # chunk 0 shared (canonical), chunk 1 private
+        a.suspend()
+        suspended = _C.stats("host")["physical_bytes.current"]
+        BrokerClient(sock).shutdown()  # its only holder is suspended: the broker's fd was the last handle
+        with pytest.raises(GlakeError, match="no longer has shared chunk 0"):
+            a.resume()
+        assert a.suspended and _C.stats("host")["physical_bytes.current"] == suspended  # nothing made is kept
