@@ -1,7 +1,9 @@
 """Host time of KVCache.reserve_batch for --seqs already-backed sequences, by part: the C++ loop,
 publish_lengths (the pinned copy to kv.lengths), the stream lookup it makes, the whole Python call; and
 growing every sequence by one token per call (a decode step), without and with the background mapper.
-Median of --iters calls after a warm-up, nothing else running.
+Median of --iters calls after a warm-up, nothing else running; then the same calls each made right
+after waiting for --after-sync-ms of device work (as a scheduler's first call of a step is), beside
+calls that do nothing (a trivial binding, an empty lambda) as the anchors of what that wait alone costs.
 
     python3 benchmarks/kv_reserve_batch.py [--seqs 256] [--backend cuda]
 """
@@ -33,6 +35,25 @@ def median_us(fn, n: int) -> float:
     return float(np.median(ts)) / 1e3
 
 
+def after_sync_us(fn, n: int, busy_ms: float) -> float:
+    """Host µs of one ``fn()`` made right after waiting for ~busy_ms of device work (median of n), as
+    a scheduler's first call of a step is; on the host backend a sleep stands in for the work."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    ts = []
+    for _ in range(n):
+        if cuda:
+            torch.cuda._sleep(int(busy_ms * 1.5e6))  # ~1.5 GHz cycles per ms: about busy_ms of GPU time
+            torch.cuda.synchronize()
+        else:
+            time.sleep(busy_ms / 1e3)
+        t0 = time.perf_counter_ns()
+        fn()
+        ts.append(time.perf_counter_ns() - t0)
+    return float(np.median(ts)) / 1e3
+
+
 def reserve_batch_parts(kv: KVCache, slots: np.ndarray, lens: np.ndarray, iters: int) -> Dict[str, float]:
     """Host µs (median of ``iters`` calls) of ``kv.reserve_batch(slots, lens)`` for sequences already
     backed that far (the C++ fast path), and of its parts: the binding and C++ loop, publish_lengths
@@ -50,6 +71,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--backend", default=None)
+    ap.add_argument("--after-sync-ms", type=float, default=20.0, help="device work waited for before each 'after a sync' call")
+    ap.add_argument("--after-sync-iters", type=int, default=40)
     args = ap.parse_args()
     rows, out = [], {}
     for lookahead in (0, 2):
@@ -68,6 +91,14 @@ def main() -> None:
                 kv.reserve_batch(slots, cur)
 
             r["KVCache.reserve_batch, +1 token each"] = median_us(grow, min(args.iters, 400))
+            # the same calls, each the first after a wait for the device (as in kv_growth's step), and
+            # calls that do nothing as the anchors of what that wait alone costs a call
+            n, ms = args.after_sync_iters, args.after_sync_ms
+            r["after a sync: reserve_batch"] = after_sync_us(lambda: kv.reserve_batch(slots, cur), n, ms)
+            r["after a sync: C++ reserve_batch"] = after_sync_us(lambda: kv._m.reserve_batch(slots, cur), n, ms)
+            r["after a sync: publish_lengths"] = after_sync_us(kv.publish_lengths, n, ms)
+            r["after a sync: a binding that does nothing"] = after_sync_us(lambda: kv._m.suspended, n, ms)
+            r["after a sync: Python that does nothing"] = after_sync_us(lambda: None, n, ms)
         finally:
             kv.close()
         out[f"lookahead={lookahead}"] = r
