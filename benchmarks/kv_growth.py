@@ -348,6 +348,8 @@ def main() -> None:
     ap.add_argument("--lookahead", default="2,8", help="comma-separated lookahead_tokens values to run")
     ap.add_argument("--buckets", type=int, default=4, help="length buckets of the batch attention")
     ap.add_argument("--repeats", type=int, default=1, help="run every mode this many times (pooled)")
+    ap.add_argument("--reversed", action="store_true",
+                    help="start with the last mode (premapped last, then first again with --repeats 2)")
     ap.add_argument("--fork-seqs", type=int, default=64)
     ap.add_argument("--system-prompt", type=int, default=1000, help="shared prefix tokens of the fork workload")
     ap.add_argument("--no-attention", dest="attention", action="store_false",
@@ -371,7 +373,7 @@ def main() -> None:
     warm = argparse.Namespace(**{**vars(args), "steps": args.warmup * 3})
     run_mode("warm-up", 0, warm, requests, backend)
     for r in range(args.repeats):
-        for name, la in (modes if r % 2 == 0 else modes[::-1]):
+        for name, la in (modes if (r % 2 == 0) != args.reversed else modes[::-1]):
             results[name].append(run_mode(name, la, args, requests, backend))
             r = results[name][-1]
             print(f"  {name}: {r['step_ms_mean']:.3f} ms/step; torch's allocator: {r['torch_alloc']}", flush=True)
