@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="The broker through which this user's processes share identical read-only "
                                     "chunks (glake.dedup). It starts on demand; run it yourself to watch its log, "
                                     "or ask a running one for its figures or to stop.")
-    dd.add_argument("--socket", help="socket path (default: $GLAKE_DEDUP_SOCKET, else dedup.sock in the per-user "
+    dd.add_argument("--socket", help="socket path (default: $GLAKE_DEDUP_SOCKET, else dedup-v2.sock in the per-user "
                                      "runtime folder)")
     dd.add_argument("--idle-exit", type=float, default=300.0,
                     help="exit after this many seconds with no client and no chunk (0: never)")

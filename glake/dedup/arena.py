@@ -182,9 +182,15 @@ class Arena:
             for fd in fds:
                 if fd is not None:
                     os.close(fd)
+        try:
+            same = self._same_bytes([idx[j] for j in found], theirs)
+        except BaseException:
+            for c in theirs:
+                c.release()
+            raise
         same_js, same_chunks = [], []
-        for j, c, same in zip(found, theirs, self._same_bytes([idx[j] for j in found], theirs)):
-            if not same:
+        for j, c, ok in zip(found, theirs, same):
+            if not ok:
                 c.release()  # a hash collision: this chunk stays private
                 _totals["mismatches"] += 1
             else:
@@ -198,24 +204,43 @@ class Arena:
             for c in same_chunks:
                 c.release()
             return _broker_refused(e)
-        again = []
+        again = [j for j, c, ok in zip(same_js, same_chunks, held) if not ok]
         for j, c, ok in zip(same_js, same_chunks, held):
             if not ok:
                 c.release()  # its last holder let go meanwhile: offer ours instead
-                again.append(j)
-                continue
-            i = idx[j]
-            self.range.unmap(i * self.chunk)
-            self._chunks[i].release()  # freed: this process now reads the canonical chunk there
-            self.range.map(i * self.chunk, c, set_access=False)
-            self._chunks[i], self._state[i], self._keys[i] = c, IMPORTED, (keys[j], makers[j])
-        self._read_only([idx[j] for j, ok in zip(same_js, held) if ok])
+        swaps = [(j, c) for j, c, ok in zip(same_js, same_chunks, held) if ok]
+        for n, (j, c) in enumerate(swaps):
+            try:
+                self._swap_in(idx[j], c, keys[j], makers[j])
+            except BaseException:  # this chunk and the ones after it stay ours: give their holds back
+                for j2, c2 in swaps[n:]:
+                    c2.release()
+                    broker.drop(keys[j2], makers[j2])
+                raise
         if again:
             self._share_batch([idx[j] for j in again], [keys[j] for j in again])
 
+    def _swap_in(self, i: int, theirs: Any, key: str, maker: Any) -> None:
+        """Maps `theirs` read-only at chunk `i` in place of ours and frees ours; when the driver fails,
+        ours is mapped back (read-write, as it was) and the error raised."""
+        at = i * self.chunk
+        self.range.unmap(at)
+        try:
+            self.range.map(at, theirs, set_access=False)
+            try:
+                self.range.set_access(at, self.chunk, read_only=True)
+            except BaseException:
+                self.range.unmap(at)
+                raise
+        except BaseException:
+            self.range.map(at, self._chunks[i])
+            raise
+        self._chunks[i].release()  # freed: this process now reads the canonical chunk there
+        self._chunks[i], self._state[i], self._keys[i] = theirs, IMPORTED, (key, maker)
+
     def _read_only(self, idx: List[int]) -> None:
         """Makes chunks `idx` (ascending) readable only, one driver call per run of adjacent chunks."""
-        for first, count in _runs(idx):
+        for first, count in content.runs(idx):
             self.range.set_access(first * self.chunk, count * self.chunk, read_only=True)
 
     def _same_bytes(self, idx: List[int], theirs: List[Any]) -> List[bool]:
@@ -226,9 +251,11 @@ class Arena:
         if self._scratch is None:
             self._scratch = core.VirtualRange(wire.MAX_FDS * self.chunk, self.device, self.backend)
             self._scratch_view = self._byte_view(self._scratch)
-        for n, c in enumerate(theirs):
-            self._scratch.map(n * self.chunk, c, set_access=False)
+        mapped = 0
         try:
+            for n, c in enumerate(theirs):
+                self._scratch.map(n * self.chunk, c, set_access=False)
+                mapped += 1
             self._scratch.set_access(0, len(theirs) * self.chunk, read_only=True)
             t0 = time.perf_counter_ns()
             same = content.equal_chunks(self.tensor(), idx, self._scratch_view, self.chunk)
@@ -236,7 +263,7 @@ class Arena:
             _totals["compare_bytes"] += len(theirs) * self.chunk
             return same
         finally:
-            for n in range(len(theirs)):
+            for n in range(mapped):
                 self._scratch.unmap(n * self.chunk)
 
     # ---- figures and end -----------------------------------------------------------------------
@@ -374,17 +401,6 @@ class Arena:
 def _broker_refused(e: Exception) -> None:
     _totals["broker_errors"] += 1
     _totals["last_broker_error"] = str(e)
-
-
-def _runs(idx: List[int]) -> List[Tuple[int, int]]:
-    """(first, count) of each run of consecutive numbers in ascending `idx`."""
-    out: List[Tuple[int, int]] = []
-    for i in idx:
-        if out and out[-1][0] + out[-1][1] == i:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((i, 1))
-    return out
 
 
 def _drop_holds(keys: List[Optional[Tuple[str, Any]]]) -> None:

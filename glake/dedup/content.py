@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 COLLIDE_ENV = "GLAKE_DEDUP_TEST_COLLIDE"
 _BATCH_CHUNKS = 16  # cuda: chunks hashed per kernel launch (a 2 MiB int64 temporary each)
@@ -48,18 +48,30 @@ def digests(view: Any, offsets: Sequence[int], chunk: int) -> List[str]:
     return out
 
 
+def runs(idx: Sequence[int]) -> List[Tuple[int, int]]:
+    """(first, count) of each run of consecutive numbers in ascending `idx`."""
+    out: List[Tuple[int, int]] = []
+    for i in idx:
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out
+
+
 def equal_chunks(view: Any, idx: Sequence[int], theirs: Any, chunk: int) -> List[bool]:
-    """Whether chunk idx[n] of `view` holds the same bytes as the n-th chunk of `theirs` (uint8 tensors
-    of one device), for every n: on cuda in one pass over all of them, with one wait for the answer."""
-    k = len(idx)
+    """Whether chunk idx[n] of `view` (ascending idx) holds the same bytes as the n-th chunk of `theirs`
+    (uint8 tensors of one device), for every n: on cuda one comparison per run of adjacent chunks, in
+    place, and one wait for all the answers."""
     if view.device.type != "cuda":
         a, b = view.numpy(), theirs.numpy()
         return [bool((a[i * chunk:(i + 1) * chunk] == b[n * chunk:(n + 1) * chunk]).all()) for n, i in enumerate(idx)]
     import torch
 
-    if list(idx) == list(range(idx[0], idx[0] + k)):  # one run of chunks: no gather
-        mine = view[idx[0] * chunk:(idx[0] + k) * chunk].view(k, chunk)
-    else:
-        mine = view.view(-1, chunk).index_select(0, torch.tensor(list(idx), device=view.device))
-    differs = (mine.view(torch.int64) != theirs[:k * chunk].view(k, chunk).view(torch.int64)).any(1)
-    return [not d for d in differs.tolist()]
+    differs, at = [], 0
+    for first, count in runs(idx):
+        mine = view[first * chunk:(first + count) * chunk].view(count, chunk).view(torch.int64)
+        other = theirs[at * chunk:(at + count) * chunk].view(count, chunk).view(torch.int64)
+        differs.append((mine != other).any(1))
+        at += count
+    return [not d for d in torch.cat(differs).tolist()]

@@ -10,14 +10,18 @@ from typing import List, Optional, Sequence, Tuple
 
 MAX_MESSAGE = 1 << 16
 MAX_FDS = 64  # chunks per request (the kernel allows 253 fds per message)
+#: The protocol's version, in the default socket's name: a broker of another glake version, still
+#: serving the holds of its processes, keeps its own socket instead of refusing every request.
+PROTOCOL = 2
 SOCKET_ENV = "GLAKE_DEDUP_SOCKET"  # overrides the socket path (tests, several brokers)
 
 
 def socket_path() -> str:
-    """The broker's socket: ``$GLAKE_DEDUP_SOCKET``, else ``dedup.sock`` in the per-user runtime folder."""
+    """The broker's socket: ``$GLAKE_DEDUP_SOCKET``, else ``dedup-v2.sock`` (the protocol's version) in the
+    per-user runtime folder."""
     from glake._runtime import runtime_dir
 
-    return os.environ.get(SOCKET_ENV) or os.path.join(runtime_dir(), "dedup.sock")
+    return os.environ.get(SOCKET_ENV) or os.path.join(runtime_dir(), f"dedup-v{PROTOCOL}.sock")
 
 
 def send(sock: socket.socket, msg: dict, fds: Sequence[int] = ()) -> None:

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import glake.dedup  # noqa: E402
-from glake import InvalidArgumentError  # noqa: E402
+from glake import InvalidArgumentError, core  # noqa: E402
 from glake._runtime import runtime_dir  # noqa: E402
 from glake.dedup import wire  # noqa: E402
 from glake.dedup.broker import Broker  # noqa: E402
@@ -365,3 +365,45 @@ def test_a_resume_whose_shared_chunk_is_gone_raises_stays_suspended_and_keeps_no
         with pytest.raises(GlakeError, match="no longer has shared chunk 0"):
             a.resume()
         assert a.suspended and _C.stats("host")["physical_bytes.current"] == suspended  # nothing made is kept
+
+
+class _FailingMaps:
+    """A VirtualRange whose `fail_at`-th map raises as a driver out of memory would."""
+
+    def __init__(self, real, fail_at: int) -> None:
+        self.real, self.fail_at, self.maps = real, fail_at, 0
+
+    def map(self, offset, chunk, set_access=True):
+        self.maps += 1
+        if self.maps == self.fail_at:
+            raise glake.OutOfMemoryError("cuMemMap failed (injected)")
+        return self.real.map(offset, chunk, set_access=set_access)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("where", ["scratch", "swap"])
+def test_a_map_failing_mid_batch_leaves_every_chunk_readable_and_no_hold_behind(sock, where):
+    g = 2 << 20
+    with glake.dedup.Arena(3 * g, backend="host") as a:
+        for i in range(3):
+            a.tensor()[i * g:(i + 1) * g] = i + 1
+        a.share()
+        b = glake.dedup.Arena(3 * g, backend="host")
+        b.tensor().copy_(a.tensor())
+        if where == "scratch":  # the 2nd of the 3 chunks found fails to map where they are compared
+            b._scratch = core.VirtualRange(64 * g, 0, "host")
+            b._scratch_view = b._byte_view(b._scratch)
+            b._scratch = _FailingMaps(b._scratch, 2)
+        else:  # the 2nd of the 3 confirmed chunks fails to map in place of ours
+            b.range = _FailingMaps(b.range, 2)
+        with pytest.raises(glake.OutOfMemoryError, match="injected"):
+            b.share()
+        b.range = getattr(b.range, "real", b.range)
+        b._scratch = getattr(b._scratch, "real", b._scratch)
+        assert torch.equal(b.tensor(), a.tensor())  # every chunk mapped and readable, shared or not
+        assert broker(sock)["holds"] == 3 + b._state.count("imported")
+        assert b.share() == 3 * g  # and it can share again
+        b.close()
+        assert broker(sock)["holds"] == 3
