@@ -304,6 +304,7 @@ def lockstep(workload: str, kinds: list, args) -> dict:
                 ratios = [a / b for a, b in zip(r["step_s"][warm:], results[other]["step_s"][warm:])]
                 r["paired"][other] = statistics.median(ratios)
                 r["paired_quartiles"][other] = quartiles(ratios)
+        r["step_quartiles"] = quartiles(r["step_s"][warm:])
     return results
 
 
@@ -427,8 +428,8 @@ def main() -> None:
                 continue
             res, req, alloc = r["reserved_bytes.all.peak"], r["requested_bytes.all.peak"], r["allocated_bytes.all.peak"]
             runs = r.get("step_s_runs", [r["median_step_s"]])
-            if "paired" in r:  # lockstep: the middle half of this allocator's step times instead
-                runs = list(quartiles(r["step_s"][min(3, len(r["step_s"]) - 1):]))
+            if "step_quartiles" in r:  # lockstep: the middle half of this allocator's step times instead
+                runs = list(r["step_quartiles"])
             rows.append([workload, kind, round(alloc / GiB, 2), round(req / GiB, 2), round(res / GiB, 2),
                          round(req / res, 3), round(alloc / res, 3), round(r["median_step_s"] * 1e3, 1),
                          f"{min(runs) * 1e3:.0f}-{max(runs) * 1e3:.0f}", ratio(workload, kind, "native"),

@@ -369,11 +369,9 @@ def main() -> None:
     modes = [("premapped", None), ("sync", 0)] + [(f"lookahead={n}", int(n)) for n in args.lookahead.split(",") if n]
     results: Dict[str, List[Dict]] = {name: [] for name, _ in modes}
     # A discarded run first, as long as a measured one, so that whichever mode runs first does not pay
-    # for the process's first kernels, cuBLAS/SDPA set-up and torch's own cache growth. Measured on an
-    # H200 (docs/results.md): after a 60-step warm-up, the first measured run's kernel launches slowed
-    # 3-8x from about its 60th step on, whichever mode it was (premapped first: 113 ms/step, premapped
-    # last in the same process: 56.1; lookahead=2 first: 120, last: 56.2), with torch's allocator
-    # growing (12 device allocations) in that run only.
+    # for the process's first kernels, cuBLAS/SDPA set-up and torch's own cache growth (after a shorter
+    # warm-up the first measured run slowed 2x, whichever mode it was: docs/results.md, "the premapped
+    # anomaly explained").
     warm = argparse.Namespace(**{**vars(args), "steps": args.steps})
     run_mode("warm-up", 0, warm, requests, backend)
     for r in range(args.repeats):
