@@ -54,6 +54,37 @@ def after_sync_us(fn, n: int, busy_ms: float) -> float:
     return float(np.median(ts)) / 1e3
 
 
+def after_sync_split_us(kv: KVCache, slots: np.ndarray, lens: np.ndarray, n: int, busy_ms: float,
+                        publish_first: bool = False) -> Dict[str, float]:
+    """The two calls KVCache.reserve_batch makes (the C++ loop, then publish_lengths), made back to back
+    right after a device wait, each timed on its own (median of n): which of the pair is slow when they
+    follow each other; ``publish_first`` swaps them."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    first, second = [], []
+    calls = [lambda: kv._m.reserve_batch(slots, lens), kv.publish_lengths]
+    if publish_first:
+        calls.reverse()
+    for _ in range(n):
+        if cuda:
+            torch.cuda._sleep(int(busy_ms * 1.5e6))
+            torch.cuda.synchronize()
+        else:
+            time.sleep(busy_ms / 1e3)
+        t0 = time.perf_counter_ns()
+        calls[0]()
+        t1 = time.perf_counter_ns()
+        calls[1]()
+        t2 = time.perf_counter_ns()
+        first.append(t1 - t0)
+        second.append(t2 - t1)
+    names = ("publish_lengths", "C++ reserve_batch") if publish_first else ("C++ reserve_batch", "publish_lengths")
+    tag = "publish first" if publish_first else "in order"
+    return {f"after a sync, pair {tag}: {names[0]}": float(np.median(first)) / 1e3,
+            f"after a sync, pair {tag}: {names[1]}": float(np.median(second)) / 1e3}
+
+
 def reserve_batch_parts(kv: KVCache, slots: np.ndarray, lens: np.ndarray, iters: int) -> Dict[str, float]:
     """Host µs (median of ``iters`` calls) of ``kv.reserve_batch(slots, lens)`` for sequences already
     backed that far (the C++ fast path), and of its parts: the binding and C++ loop, publish_lengths
@@ -74,7 +105,7 @@ def main() -> None:
     ap.add_argument("--after-sync-ms", type=float, default=20.0, help="device work waited for before each 'after a sync' call")
     ap.add_argument("--after-sync-iters", type=int, default=40)
     args = ap.parse_args()
-    rows, out = [], {}
+    out: Dict[str, Dict[str, float]] = {}
     for lookahead in (0, 2):
         kv = KVCache(args.layers, 8, 128, "bfloat16", max_seqs=args.seqs, max_seq_len=2048, backend=args.backend,
                      lookahead_tokens=lookahead)
@@ -99,12 +130,16 @@ def main() -> None:
             r["after a sync: publish_lengths"] = after_sync_us(kv.publish_lengths, n, ms)
             r["after a sync: a binding that does nothing"] = after_sync_us(lambda: kv._m.suspended, n, ms)
             r["after a sync: Python that does nothing"] = after_sync_us(lambda: None, n, ms)
+            r.update(after_sync_split_us(kv, slots, cur, n, ms))
+            r.update(after_sync_split_us(kv, slots, cur, n, ms, publish_first=True))
+            r["after a sync: reserve_batch, measured again last"] = after_sync_us(
+                lambda: kv.reserve_batch(slots, cur), n, ms)
         finally:
             kv.close()
         out[f"lookahead={lookahead}"] = r
-        rows.append([f"lookahead={lookahead}", *[round(v, 1) for v in r.values()]])
-    print_table(f"reserve_batch host time, {args.seqs} sequences, microseconds (median)",
-                ["mapper", *out["lookahead=0"].keys()], rows)
+    modes = list(out)
+    rows = [[call, *[round(out[m][call], 1) for m in modes]] for call in out[modes[0]]]
+    print_table(f"reserve_batch host time, {args.seqs} sequences, microseconds (median)", ["call", *modes], rows)
     write_json("kv_reserve_batch", {"args": vars(args), "results": out})
 
 

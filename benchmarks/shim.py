@@ -3,8 +3,11 @@
 1. cuMemAlloc + cuMemFree latency by size (benchmarks/shim_bench.cpp, median of 200 pairs);
 2. device memory in use at the peak of a fragmenting allocation trace (same program, cuMemGetInfo
    after every allocation) against the peak of the live bytes;
-3. a JAX training step under XLA's platform allocator (XLA_PYTHON_CLIENT_ALLOCATOR=platform: every
-   buffer is a cuMemAlloc/cuMemFree), its median time and the peak device memory in use (sampled).
+3. JAX training steps under XLA's platform allocator (XLA_PYTHON_CLIENT_ALLOCATOR=platform: every
+   buffer is a cuMemAlloc/cuMemFree), their median time and the peak device memory in use (sampled):
+   `mlp`, 4 wide layers with SGD, where the GEMMs dominate and few buffers are made; `adam`, 32 layers
+   of 1024 with Adam, where each step makes about 200 output buffers (parameters and both moments)
+   and frees the last step's, as the optimizer step of a real model does.
 
 Targets (issue 14): malloc/free >= 10x faster than the driver's at >= 2 MiB; the trace's peak
 <= 1.05x plain cudaMalloc's; the JAX platform step >= 2x faster than without the shim.
@@ -61,25 +64,49 @@ def loss(params, x, y):
     w, b = params[-1]
     return jnp.mean((x @ w + b - y) ** 2)
 
-@jax.jit
-def step(params, x, y):
-    l, g = jax.value_and_grad(loss)(params, x, y)
-    return [(w - 1e-3 * gw, b - 1e-3 * gb) for (w, b), (gw, gb) in zip(params, g)], l
+MODEL = "MODEL_NAME"
+if MODEL == "mlp":  # few, large buffers: 4 layers of 2048-4096, batch 4096, SGD (the GEMMs dominate)
+    sizes, batch = [2048, 4096, 4096, 4096, 1024], 4096
 
-sizes = [2048, 4096, 4096, 4096, 1024]
-params = init(jax.random.PRNGKey(0), sizes)
-x = jax.random.normal(jax.random.PRNGKey(1), (4096, sizes[0]))
-y = jax.random.normal(jax.random.PRNGKey(2), (4096, sizes[-1]))
-base = None
+    @jax.jit
+    def step(state, x, y):
+        params = state
+        l, g = jax.value_and_grad(loss)(params, x, y)
+        return [(w - 1e-3 * gw, b - 1e-3 * gb) for (w, b), (gw, gb) in zip(params, g)], l
+
+    def start(params):
+        return params
+else:  # "adam": many buffers, as a real model has: 32 layers of 1024, batch 512, Adam (params, m, v)
+    sizes, batch = [1024] * 33, 512
+    b1, b2, lr, eps = 0.9, 0.999, 1e-3, 1e-8
+
+    @jax.jit
+    def step(state, x, y):
+        params, m, v, t = state
+        l, g = jax.value_and_grad(loss)(params, x, y)
+        t = t + 1
+        m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, m, g)
+        v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, v, g)
+        corr = lr * jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        params = jax.tree_util.tree_map(lambda p, m, v: p - corr * m / (jnp.sqrt(v) + eps), params, m, v)
+        return (params, m, v, t), l
+
+    def start(params):
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        return params, zeros, jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros((), jnp.float32)
+
+state = start(init(jax.random.PRNGKey(0), sizes))
+x = jax.random.normal(jax.random.PRNGKey(1), (batch, sizes[0]))
+y = jax.random.normal(jax.random.PRNGKey(2), (batch, sizes[-1]))
 t = threading.Thread(target=sample, daemon=True)
 for i in range(3):
-    params, l = step(params, x, y)
+    state, l = step(state, x, y)
 l.block_until_ready()
 t.start()
 times = []
 for i in range(STEPS):
     t0 = time.perf_counter()
-    params, l = step(params, x, y)
+    state, l = step(state, x, y)
     l.block_until_ready()
     times.append(time.perf_counter() - t0)
 stop.set()
@@ -120,45 +147,57 @@ def main() -> None:
     ap.add_argument("--trace-seeds", default="0,1,2")
     ap.add_argument("--jax-steps", type=int, default=20)
     ap.add_argument("--no-jax", action="store_true")
+    ap.add_argument("--jax-models", default="mlp,adam",
+                    help="mlp: 4 wide layers, SGD (the GEMMs dominate); adam: 32 layers of 1024 with Adam "
+                         "(about 200 buffers a step, as a real model's optimizer makes)")
+    ap.add_argument("--only-jax", action="store_true", help="skip the latency and trace parts")
     args = ap.parse_args()
+    unknown = set(args.jax_models.split(",")) - {"mlp", "adam"}
+    if unknown:
+        ap.error(f"--jax-models: unknown {', '.join(sorted(unknown))} (mlp, adam)")
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLAKE_ALLOC_CONF")}
     results: Dict[str, object] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        exe = build(tmp)
-        rows = []
-        for size in SIZES:
-            us = {}
-            for shim in (False, True):
-                line = run([exe, "latency", str(size), str(args.pairs)], shim, env).split()
-                us[shim] = float(line[2])
-            rows.append([size, us[False], us[True], us[False] / us[True]])
-        results["latency"] = [dict(zip(["bytes", "driver_us", "shim_us", "speedup"], r)) for r in rows]
-        print_table("cuMemAlloc + cuMemFree, median us per pair", ["bytes", "driver", "shim", "driver / shim"],
-                    [[r[0], round(r[1], 2), round(r[2], 2), round(r[3], 1)] for r in rows])
-        rows = []
-        for seed in args.trace_seeds.split(","):
-            peak = {}
-            for shim in (False, True):
-                _, used, live = run([exe, "trace", seed, str(args.trace_steps)], shim, env).split()
-                peak[shim] = int(used)
-            rows.append([int(seed), int(live) / MiB, peak[False] / MiB, peak[True] / MiB,
-                         peak[True] / max(peak[False], 1)])
-        results["trace"] = [dict(zip(["seed", "peak_live_mib", "driver_peak_mib", "shim_peak_mib", "ratio"], r))
-                            for r in rows]
-        print_table(f"Fragmenting trace ({args.trace_steps} frees+allocs): peak device memory in use, MiB",
-                    ["seed", "peak live", "driver", "shim", "shim / driver"],
-                    [[r[0], round(r[1]), round(r[2]), round(r[3]), round(r[4], 3)] for r in rows])
+    if not args.only_jax:
+        with tempfile.TemporaryDirectory() as tmp:
+            exe = build(tmp)
+            rows = []
+            for size in SIZES:
+                us = {}
+                for shim in (False, True):
+                    line = run([exe, "latency", str(size), str(args.pairs)], shim, env).split()
+                    us[shim] = float(line[2])
+                rows.append([size, us[False], us[True], us[False] / us[True]])
+            results["latency"] = [dict(zip(["bytes", "driver_us", "shim_us", "speedup"], r)) for r in rows]
+            print_table("cuMemAlloc + cuMemFree, median us per pair", ["bytes", "driver", "shim", "driver / shim"],
+                        [[r[0], round(r[1], 2), round(r[2], 2), round(r[3], 1)] for r in rows])
+            rows = []
+            for seed in args.trace_seeds.split(","):
+                peak = {}
+                for shim in (False, True):
+                    _, used, live = run([exe, "trace", seed, str(args.trace_steps)], shim, env).split()
+                    peak[shim] = int(used)
+                rows.append([int(seed), int(live) / MiB, peak[False] / MiB, peak[True] / MiB,
+                             peak[True] / max(peak[False], 1)])
+            results["trace"] = [dict(zip(["seed", "peak_live_mib", "driver_peak_mib", "shim_peak_mib", "ratio"], r))
+                                for r in rows]
+            print_table(f"Fragmenting trace ({args.trace_steps} frees+allocs): peak device memory in use, MiB",
+                        ["seed", "peak live", "driver", "shim", "shim / driver"],
+                        [[r[0], round(r[1]), round(r[2]), round(r[3]), round(r[4], 3)] for r in rows])
     if not args.no_jax:
         jenv = dict(env, XLA_PYTHON_CLIENT_ALLOCATOR="platform", XLA_PYTHON_CLIENT_PREALLOCATE="false")
-        code = JAX_STEP.replace("STEPS", str(args.jax_steps))
-        res = {shim: json.loads(run([sys.executable, "-c", code], shim, jenv).splitlines()[-1])
-               for shim in (False, True)}
-        results["jax"] = {"driver": res[False], "shim": res[True], "speedup": res[False]["step_ms"] / res[True]["step_ms"]}
-        print_table("JAX MLP training step, XLA_PYTHON_CLIENT_ALLOCATOR=platform (median of steps)",
-                    ["", "step ms", "peak in use MiB", "loss"],
-                    [[name, round(r["step_ms"], 2), round(r["peak_used"] / MiB), round(r["loss"], 6)]
-                     for name, r in (("driver", res[False]), ("shim", res[True]))])
-        print(f"\nshim speed-up of the platform-allocator step: {results['jax']['speedup']:.2f}x")
+        results["jax"], rows = {}, []
+        for model in args.jax_models.split(","):
+            code = JAX_STEP.replace("STEPS", str(args.jax_steps)).replace("MODEL_NAME", model)
+            res = {shim: json.loads(run([sys.executable, "-c", code], shim, jenv).splitlines()[-1])
+                   for shim in (False, True)}
+            speedup = res[False]["step_ms"] / res[True]["step_ms"]
+            results["jax"][model] = {"driver": res[False], "shim": res[True], "speedup": speedup}
+            rows.append([model, round(res[False]["step_ms"], 2), round(res[True]["step_ms"], 2), round(speedup, 2),
+                         round(res[False]["peak_used"] / MiB), round(res[True]["peak_used"] / MiB),
+                         round(res[False]["loss"], 6), round(res[True]["loss"], 6)])
+        print_table("JAX training step, XLA_PYTHON_CLIENT_ALLOCATOR=platform (median of steps)",
+                    ["model", "driver ms", "shim ms", "speed-up", "driver peak MiB", "shim peak MiB",
+                     "driver loss", "shim loss"], rows)
     write_json("shim", {"args": vars(args), "results": results})
 
 
