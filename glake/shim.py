@@ -15,6 +15,8 @@ import subprocess
 from typing import Dict, List, Optional
 
 REAL_ENV = "GLAKE_REAL_LIBCUDA"
+FREE_ENV = "GLAKE_SHIM_FREE"  # "defer" (the default) or "sync": what cuMemFree of glake memory waits for
+FREE_MODES = ("defer", "sync")
 USUAL_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib/aarch64-linux-gnu", "/usr/lib",
               "/usr/local/nvidia/lib64", "/usr/lib/wsl/lib", "/usr/local/cuda/compat")
 _LDCONFIG_ARCH = {"x86_64": "x86-64", "aarch64": "AArch64", "ppc64le": "ppc64le"}
@@ -95,6 +97,9 @@ def link_dir(shim: str) -> str:
 
 def shim_env(env: Dict[str, str]) -> Dict[str, str]:
     """``env`` with the shim preloaded and the real driver named; raises ShimError."""
+    if env.get(FREE_ENV, "defer") not in FREE_MODES:
+        raise ShimError(f"{FREE_ENV}={env[FREE_ENV]!r}: use defer (frees wait for events, the default) or sync "
+                        "(every free synchronises the context first)")
     shim = shim_library()
     out = dict(env)
     saved = os.environ.get(REAL_ENV)
@@ -112,4 +117,4 @@ def shim_env(env: Dict[str, str]) -> Dict[str, str]:
     return out
 
 
-__all__ = ["ShimError", "shim_library", "ldconfig_candidates", "find_real_libcuda", "link_dir", "shim_env"]
+__all__ = ["FREE_ENV", "FREE_MODES", "ShimError", "shim_library", "ldconfig_candidates", "find_real_libcuda", "link_dir", "shim_env"]

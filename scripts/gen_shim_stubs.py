@@ -9,7 +9,8 @@ libcuda under each name a program can be linked against: the names cuda.h's macr
 the C preprocessor in each of those modes and the union of the declarations becomes one stub each:
 a typed function that calls the real driver's symbol of the same name (resolved once, lazily).
 
-Names the shim implements itself (csrc/shim/proc_address.cpp, replaced_mem.cpp) are left out.
+Names the shim implements itself (csrc/shim/proc_address.cpp, replaced_mem.cpp, replaced_streams.cpp)
+are left out.
 
     python scripts/gen_shim_stubs.py --cc g++ --include /usr/local/cuda/include --out build/shim_stubs.cpp
     python scripts/gen_shim_stubs.py --include DIR --list     # the exported names, one a line
@@ -30,6 +31,7 @@ HANDWRITTEN = {
     "cuGetProcAddress", "cuGetProcAddress_v2",
     "cuMemAlloc_v2", "cuMemFree_v2", "cuMemAllocPitch_v2", "cuMemGetAddressRange_v2",
     "cuPointerGetAttribute", "cuPointerGetAttributes", "cuIpcGetMemHandle",
+    "cuStreamCreate", "cuStreamCreateWithPriority", "cuStreamDestroy", "cuStreamDestroy_v2",
 }
 MODES = ([], ["-DCUDA_API_PER_THREAD_DEFAULT_STREAM"], ["-D__CUDA_API_VERSION_INTERNAL"])
 HEADERS = ("cuda.h", "cudaProfiler.h")

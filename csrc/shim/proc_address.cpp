@@ -11,9 +11,11 @@
 #include "shim/shim_state.h"
 
 #undef cuGetProcAddress  // cuda.h maps it to cuGetProcAddress_v2; the legacy 4-argument one is exported too
+#undef cuStreamDestroy   // likewise cuStreamDestroy_v2 (replaced_streams.cpp)
 
 extern "C" {
 GLAKE_SHIM_EXPORT CUresult CUDAAPI cuGetProcAddress(const char* symbol, void** pfn, int cudaVersion, cuuint64_t flags);
+GLAKE_SHIM_EXPORT CUresult CUDAAPI cuStreamDestroy(CUstream hStream);
 }
 
 namespace glake::shim {
@@ -37,6 +39,11 @@ const Replacement kReplacements[] = {
     GLAKE_REPLACED(cuPointerGetAttribute, 4000, cuPointerGetAttribute),
     GLAKE_REPLACED(cuPointerGetAttributes, 7000, cuPointerGetAttributes),
     GLAKE_REPLACED(cuIpcGetMemHandle, 4010, cuIpcGetMemHandle),
+    GLAKE_REPLACED(cuStreamCreate, 2000, cuStreamCreate),
+    GLAKE_REPLACED(cuStreamCreateWithPriority, 5050, cuStreamCreateWithPriority),
+    // the 2000 signature is the 4000 one (its typedef exists only in the driver's own build)
+    Replacement{"cuStreamDestroy", 2000, reinterpret_cast<void*>(static_cast<PFN_cuStreamDestroy_v4000>(&cuStreamDestroy))},
+    GLAKE_REPLACED(cuStreamDestroy, 4000, cuStreamDestroy_v2),
     GLAKE_REPLACED(cuGetProcAddress, 11030, cuGetProcAddress),
     GLAKE_REPLACED(cuGetProcAddress, 12000, cuGetProcAddress_v2),
 };

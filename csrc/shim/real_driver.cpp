@@ -88,6 +88,16 @@ bool open_real(RealDriver& d, const std::string& path) {
   GLAKE_SHIM_RESOLVE(cuPointerGetAttribute, "cuPointerGetAttribute", 4000)
   GLAKE_SHIM_RESOLVE(cuPointerGetAttributes, "cuPointerGetAttributes", 7000)
   GLAKE_SHIM_RESOLVE(cuIpcGetMemHandle, "cuIpcGetMemHandle", 4010)
+  GLAKE_SHIM_RESOLVE(cuStreamCreate, "cuStreamCreate", 2000)
+  GLAKE_SHIM_RESOLVE(cuStreamCreateWithPriority, "cuStreamCreateWithPriority", 5050)
+  GLAKE_SHIM_RESOLVE(cuStreamDestroy_v2, "cuStreamDestroy", 4000)
+  GLAKE_SHIM_RESOLVE(cuStreamIsCapturing, "cuStreamIsCapturing", 10000)
+  GLAKE_SHIM_RESOLVE(cuThreadExchangeStreamCaptureMode, "cuThreadExchangeStreamCaptureMode", 10010)
+  GLAKE_SHIM_RESOLVE(cuEventCreate, "cuEventCreate", 2000)
+  GLAKE_SHIM_RESOLVE(cuEventRecord, "cuEventRecord", 2000)
+  GLAKE_SHIM_RESOLVE(cuEventQuery, "cuEventQuery", 2000)
+  GLAKE_SHIM_RESOLVE(cuEventSynchronize, "cuEventSynchronize", 2000)
+  GLAKE_SHIM_RESOLVE(cuEventDestroy, "cuEventDestroy", 4000)
 #undef GLAKE_SHIM_RESOLVE
   return true;
 }

@@ -28,6 +28,17 @@ struct RealApi {
   PFN_cuPointerGetAttribute_v4000 cuPointerGetAttribute = nullptr;
   PFN_cuPointerGetAttributes_v7000 cuPointerGetAttributes = nullptr;
   PFN_cuIpcGetMemHandle_v4010 cuIpcGetMemHandle = nullptr;
+  // streams and events, for deferred frees (free_queue.h)
+  PFN_cuStreamCreate_v2000 cuStreamCreate = nullptr;
+  PFN_cuStreamCreateWithPriority_v5050 cuStreamCreateWithPriority = nullptr;
+  PFN_cuStreamDestroy_v4000 cuStreamDestroy_v2 = nullptr;  // named as cuda.h renames it
+  PFN_cuStreamIsCapturing_v10000 cuStreamIsCapturing = nullptr;
+  PFN_cuThreadExchangeStreamCaptureMode_v10010 cuThreadExchangeStreamCaptureMode = nullptr;
+  PFN_cuEventCreate_v2000 cuEventCreate = nullptr;
+  PFN_cuEventRecord_v2000 cuEventRecord = nullptr;
+  PFN_cuEventQuery_v2000 cuEventQuery = nullptr;
+  PFN_cuEventSynchronize_v2000 cuEventSynchronize = nullptr;
+  PFN_cuEventDestroy_v4000 cuEventDestroy = nullptr;
 };
 
 /// The loaded real driver: its dlopen handle, path and entry points.

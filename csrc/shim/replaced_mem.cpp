@@ -3,9 +3,11 @@
 // glake's allocations; cuIpcGetMemHandle refuses glake memory. Anything glake did not allocate, and
 // every call made while glake cannot run, goes to the real driver unchanged.
 //
-// cuMemFree keeps cudaFree's implicit synchronisation: it synchronises the current context
-// (cuCtxSynchronize of the real driver) before the block goes back to glake's cache, so no work
-// queued before the free can touch memory a later allocation reuses.
+// cuMemFree returns at once: the block goes back to glake's cache once events recorded at the free
+// on every stream of the context have completed (free_queue.h), so no work queued before the free
+// can touch memory a later allocation reuses. Where that cannot be done (a capture under way), and
+// with GLAKE_SHIM_FREE=sync, it synchronises the context first (cuCtxSynchronize), as cudaFree is
+// said to.
 #include <cuda.h>
 
 #include <cstdio>
@@ -27,15 +29,34 @@ std::string hex(std::uintptr_t v) {
   return buf;
 }
 
-/// The device of the calling thread's current context; CUDA's error when there is none.
-CUresult current_device(const RealDriver& d, int* device) {
+/// The calling thread's current context and its device; CUDA's error when there is none.
+CUresult current_device(const RealDriver& d, int* device, CUcontext* context = nullptr) {
   CUcontext ctx = nullptr;
   if (CUresult r = d.api.cuCtxGetCurrent(&ctx)) return r;
   if (!ctx) return CUDA_ERROR_INVALID_CONTEXT;
   CUdevice dev = 0;
   if (CUresult r = d.api.cuCtxGetDevice(&dev)) return r;
   *device = static_cast<int>(dev);
+  if (context) *context = ctx;
   return CUDA_SUCCESS;
+}
+
+/// Gives a freed allocation's memory back to glake's allocator; false (said once) if glake refused.
+bool give_back(const ShimAllocation& a) {
+  try {
+    GlakeScope scope;
+    gmlake::device_allocator(a.device).free(static_cast<DevPtr>(a.base));
+  } catch (const std::exception& e) {
+    warn_once(std::string("free") + e.what(), "cuMemFree(" + hex(a.base) + ") failed in glake: " + e.what());
+    return false;
+  }
+  state().counters.changes.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+/// Gives back the deferred frees of `ctx` whose work is done (all of them, waiting, with `wait`).
+void reap(CUcontext ctx, bool wait) {
+  for (const ShimAllocation& a : state().frees.take_done(ctx, real_driver().api, wait)) give_back(a);
 }
 
 /// Whether glake serves this thread's calls now (false inside glake's core: those reach the driver).
@@ -59,7 +80,7 @@ CUresult glake_malloc(CUdeviceptr* dptr, std::size_t bytes, int device, const ch
   DevPtr p = 0;
   try {
     GlakeScope scope;
-    p = gmlake::device_allocator(device).malloc(bytes, 0);  // stream 0: frees synchronise, so order is moot
+    p = gmlake::device_allocator(device).malloc(bytes, 0);  // stream 0: a free is given back only after every stream's work before it
   } catch (const OutOfMemoryError&) {
     s.counters.alloc_failures.fetch_add(1, std::memory_order_relaxed);
     s.counters.changes.fetch_add(1, std::memory_order_relaxed);
@@ -108,11 +129,22 @@ CUresult CUDAAPI cuMemAlloc_v2(CUdeviceptr* dptr, size_t bytesize) {
   const glake::shim::RealDriver& d = real_driver();
   if (!d.handle || !d.api.cuMemAlloc) return CUDA_ERROR_NOT_INITIALIZED;
   int device = -1;  // asked before glake starts: no context (or no cuInit) is the driver's own error
-  if (!dptr || bytesize == 0 || glake::shim::current_device(d, &device) || !glake::shim::glake_serves()) {
+  CUcontext ctx = nullptr;
+  if (!dptr || bytesize == 0 || glake::shim::current_device(d, &device, &ctx) || !glake::shim::glake_serves()) {
     if (dptr && bytesize) state().counters.passthrough_allocs.fetch_add(1, std::memory_order_relaxed);
     return d.api.cuMemAlloc(dptr, bytesize);  // the driver's answer, errors included
   }
-  return glake::shim::glake_malloc(dptr, bytesize, device, "cuMemAlloc");
+  glake::shim::reap(ctx, false);
+  CUresult r = glake::shim::glake_malloc(dptr, bytesize, device, "cuMemAlloc");
+  if (r == CUDA_ERROR_OUT_OF_MEMORY) {  // frees still waiting for the GPU: wait for them, then try again
+    std::int64_t pending = 0, bytes = 0;
+    state().frees.totals(&pending, &bytes);
+    if (pending) {
+      glake::shim::reap(ctx, true);
+      r = glake::shim::glake_malloc(dptr, bytesize, device, "cuMemAlloc");
+    }
+  }
+  return r;
 }
 
 CUresult CUDAAPI cuMemAllocPitch_v2(CUdeviceptr* dptr, size_t* pPitch, size_t WidthInBytes, size_t Height,
@@ -122,10 +154,12 @@ CUresult CUDAAPI cuMemAllocPitch_v2(CUdeviceptr* dptr, size_t* pPitch, size_t Wi
   const bool valid = dptr && pPitch && WidthInBytes && Height &&
                      (ElementSizeBytes == 4 || ElementSizeBytes == 8 || ElementSizeBytes == 16);
   int device = -1;
-  if (!valid || glake::shim::current_device(d, &device) || !glake::shim::glake_serves()) {
+  CUcontext ctx = nullptr;
+  if (!valid || glake::shim::current_device(d, &device, &ctx) || !glake::shim::glake_serves()) {
     if (valid) state().counters.passthrough_allocs.fetch_add(1, std::memory_order_relaxed);
     return d.api.cuMemAllocPitch(dptr, pPitch, WidthInBytes, Height, ElementSizeBytes);
   }
+  glake::shim::reap(ctx, false);
   // Rows padded to 512 bytes: a multiple of every GPU's texture pitch alignment, as cuMemAllocPitch gives.
   const size_t pitch = (WidthInBytes + 511) / 512 * 512;
   CUresult r = glake::shim::glake_malloc(dptr, pitch * Height, device, "cuMemAllocPitch");
@@ -142,19 +176,22 @@ CUresult CUDAAPI cuMemFree_v2(CUdeviceptr dptr) {
     return d.api.cuMemFree(dptr);
   }
   if (a.base != static_cast<std::uintptr_t>(dptr)) return CUDA_ERROR_INVALID_VALUE;  // interior pointer, as CUDA
-  // cudaFree's implicit synchronisation: nothing queued before the free may see the memory reused.
-  if (CUresult r = d.api.cuCtxSynchronize()) return r;  // e.g. during a capture: refused, nothing freed
   glake::shim::ShimState& s = state();
-  s.counters.free_syncs.fetch_add(1, std::memory_order_relaxed);
+  CUcontext ctx = nullptr;
+  if (d.api.cuCtxGetCurrent(&ctx) != CUDA_SUCCESS || !ctx) return CUDA_ERROR_INVALID_CONTEXT;
   if (!s.table.erase(a.base)) return CUDA_ERROR_INVALID_VALUE;  // another thread freed it meanwhile
-  try {
-    glake::shim::GlakeScope scope;
-    glake::gmlake::device_allocator(a.device).free(static_cast<glake::DevPtr>(a.base));
-  } catch (const std::exception& e) {
-    glake::shim::warn_once(std::string("free") + e.what(), "cuMemFree(" + glake::shim::hex(a.base) +
-                                                               ") failed in glake: " + e.what());
-    return CUDA_ERROR_UNKNOWN;
+  if (glake::shim::FreeQueue::enabled() && s.frees.defer(ctx, a, d.api)) {
+    s.counters.free_deferred.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    // cudaFree's implicit synchronisation: nothing queued before the free may see the memory reused.
+    if (CUresult r = d.api.cuCtxSynchronize()) {  // e.g. during a capture: refused, nothing freed
+      s.table.insert(a);
+      return r;
+    }
+    s.counters.free_syncs.fetch_add(1, std::memory_order_relaxed);
+    if (!glake::shim::give_back(a)) return CUDA_ERROR_UNKNOWN;
   }
+  glake::shim::reap(ctx, false);
   s.counters.free_calls.fetch_add(1, std::memory_order_relaxed);
   s.counters.changes.fetch_add(1, std::memory_order_relaxed);
   return CUDA_SUCCESS;

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "shim/allocation_table.h"
+#include "shim/free_queue.h"
 
 namespace glake::shim {
 
@@ -25,6 +26,7 @@ struct ShimCounters {
   std::atomic<std::int64_t> passthrough_frees{0};   ///< frees of memory glake did not allocate
   std::atomic<std::int64_t> alloc_failures{0};      ///< cuMemAlloc answered with an error by glake (OOM, ...)
   std::atomic<std::int64_t> free_syncs{0};          ///< context synchronisations done by cuMemFree
+  std::atomic<std::int64_t> free_deferred{0};       ///< cuMemFree calls that queued the memory behind events
   std::atomic<std::int64_t> reentries{0};           ///< replaced calls made from inside glake (passed through)
   std::atomic<std::int64_t> ipc_refusals{0};        ///< cuIpcGetMemHandle on glake memory (NOT_SUPPORTED)
   std::atomic<std::int64_t> attribute_answers{0};   ///< pointer queries answered for glake memory
@@ -37,6 +39,7 @@ struct ShimState {
   std::string reason;  ///< why PassThrough (set once, before mode is stored)
   int owner_pid = 0;   ///< the process that started glake (a forked child differs)
   AllocationTable table;
+  FreeQueue frees;  ///< freed allocations waiting for the work queued before their free
   ShimCounters counters;
 };
 

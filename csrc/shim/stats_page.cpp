@@ -30,7 +30,8 @@ constexpr auto kPublishInterval = std::chrono::milliseconds(50);
 const char* const kShimCounterNames[] = {
     "shim.alloc_calls", "shim.free_calls", "shim.passthrough_allocs", "shim.passthrough_frees",
     "shim.alloc_failures", "shim.free_syncs", "shim.reentries", "shim.ipc_refusals", "shim.attribute_answers",
-    "shim.live_allocations", "shim.live_requested_bytes",
+    "shim.live_allocations", "shim.live_requested_bytes", "shim.free_deferred", "shim.free_pending",
+    "shim.free_pending_bytes",
 };
 constexpr std::uint32_t kShimCounters = sizeof(kShimCounterNames) / sizeof(kShimCounterNames[0]);
 
@@ -136,10 +137,12 @@ void write_locked(Page& p) {
   }
   std::int64_t live = 0, live_bytes = 0;
   s.table.totals(&live, &live_bytes);
+  std::int64_t pending = 0, pending_bytes = 0;
+  s.frees.totals(&pending, &pending_bytes);
   const ShimCounters& c = s.counters;
   const std::int64_t shim[] = {c.alloc_calls, c.free_calls, c.passthrough_allocs, c.passthrough_frees,
                                c.alloc_failures, c.free_syncs, c.reentries, c.ipc_refusals, c.attribute_answers,
-                               live, live_bytes};
+                               live, live_bytes, c.free_deferred, pending, pending_bytes};
   static_assert(sizeof(shim) / sizeof(shim[0]) == kShimCounters, "one value per name");
   begin_write(h);
   std::memcpy(p.shim_values(), shim, sizeof(shim));

@@ -1126,6 +1126,12 @@ CUresult CUDAAPI cuPointerGetAttributes(unsigned int n, CUpointer_attribute* a, 
   return f_cuPointerGetAttributes(n, a, d, p);
 }
 CUresult CUDAAPI cuIpcGetMemHandle(CUipcMemHandle* h, CUdeviceptr p) { return f_cuIpcGetMemHandle(h, p); }
+CUresult CUDAAPI cuStreamCreate(CUstream* s, unsigned int flags) { return f_cuStreamCreate(s, flags); }
+CUresult CUDAAPI cuStreamDestroy(CUstream s) { return f_cuStreamDestroy(s); }
+CUresult CUDAAPI cuStreamSynchronize(CUstream s) { return f_cuStreamSynchronize(s); }
+CUresult CUDAAPI cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
+  return f_cuMemcpyAsync(dst, src, n, s);
+}
 
 /// Calls of entry point `name` so far ("cuMemAlloc", "cuMemCreate", "cuCtxSynchronize", ...).
 long fake_calls(const char* name) {

@@ -8,6 +8,8 @@
 //   driver_api ipc       cuIpcGetMemHandle on cuMemAlloc memory
 //   driver_api fork      fork after allocating: what a child can do, and the parent goes on
 //   driver_api threads   8 threads allocating, writing, reading and freeing at once
+//   driver_api deferred  a buffer freed while a (slow) copy on a stream still reads it; a new
+//                        allocation written meanwhile must not change what the copy reads
 //
 // Lines starting "R " must be the same with and without the shim; "C " lines are counters that differ.
 #include <cuda.h>
@@ -186,7 +188,7 @@ int procaddr() {
               Q{"cuMemGetAddressRange", 12000}, Q{"cuPointerGetAttribute", 12000}, Q{"cuPointerGetAttributes", 12000},
               Q{"cuIpcGetMemHandle", 12000}, Q{"cuGetProcAddress", 12000}, Q{"cuMemcpyHtoD", 12000},
               Q{"cuMemGetInfo", 12000}, Q{"cuMemCreate", 12000}, Q{"cuCtxSynchronize", 13000}, Q{"cuInit", 12000},
-              Q{"cuMemAlloc", 2000}}) {
+              Q{"cuMemAlloc", 2000}, Q{"cuStreamCreate", 12000}, Q{"cuStreamDestroy", 12000}}) {
     void* mine = nullptr;
     void* real = nullptr;
     CUdriverProcAddressQueryResult s1{}, s2{};
@@ -274,6 +276,44 @@ int threads() {
   return 0;
 }
 
+/// A free while queued work still reads the buffer (FAKE_CUDA_COPY_DELAY_US makes the copy slow):
+/// whatever the next allocation gets, writing it must not change what the copy delivers. Once more
+/// with a stream destroyed right after its copy was queued.
+int deferred() {
+  setup();
+  const size_t n = 4 << 20;
+  int ok = 1;
+  for (bool destroy : {false, true}) {
+    CUstream s;
+    CHECK(cuStreamCreate(&s, CU_STREAM_NON_BLOCKING));
+    CUdeviceptr a, c, b;
+    CHECK(cuMemAlloc(&a, n));
+    CHECK(cuMemAlloc(&c, n));
+    std::vector<unsigned char> want(n), junk(n, 0x5a), got(n, 0);
+    for (size_t i = 0; i < n; ++i) want[i] = static_cast<unsigned char>((i * 13 + 7) & 0xff);
+    CHECK(cuMemcpyHtoD(a, want.data(), n));
+    CHECK(cuMemcpyAsync(c, a, n, s));  // still reading a for FAKE_CUDA_COPY_DELAY_US
+    if (destroy) CHECK(cuStreamDestroy(s));
+    CHECK(cuMemFree(a));
+    usleep(100000);  // the legacy stream is idle by now: only the copy's stream holds a back
+    CHECK(cuMemAlloc(&b, n));
+    CHECK(cuMemcpyHtoD(b, junk.data(), n));  // the legacy stream: does not wait for s
+    if (destroy) {
+      CHECK(cuCtxSynchronize());
+    } else {
+      CHECK(cuStreamSynchronize(s));
+      CHECK(cuStreamDestroy(s));
+    }
+    CHECK(cuMemcpyDtoH(got.data(), c, n));
+    ok &= got == want;
+    CHECK(cuMemFree(b));
+    CHECK(cuMemFree(c));
+  }
+  std::printf("R deferred_ok %d\n", ok);
+  print_counters();
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -284,6 +324,7 @@ int main(int argc, char** argv) {
   if (mode == "fork") return forked();
   if (mode == "threads") return threads();
   if (mode == "suspend") return suspended();
+  if (mode == "deferred") return deferred();
   std::fprintf(stderr, "unknown mode %s\n", mode.c_str());
   return 2;
 }

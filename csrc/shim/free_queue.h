@@ -1,0 +1,80 @@
+// Deferred frees: how cuMemFree of glake memory returns without synchronising the context.
+//
+// cuMemFree "may perform implicit synchronization" (the driver API's own words), and cudaFree has
+// long been said to. A program under the shim that frees buffer by buffer (XLA's platform allocator
+// frees a step's outputs each step) would wait for the GPU at every free. Instead, a free records
+// one event on every stream of the calling thread's context (the legacy stream, every stream made
+// by cuStreamCreate*, and the last work of streams destroyed since, while it runs) and queues the
+// allocation; it goes back to glake's allocator once all those events have completed, so no work
+// queued before the free can see its memory reused. Streams are learnt from cuStreamCreate* and
+// cuStreamDestroy, which the shim replaces for this. Where an event cannot be recorded (a stream
+// captures, a stream of another context), the free synchronises as before.
+//
+// GLAKE_SHIM_FREE=sync keeps the synchronising free for programs that rely on it.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "shim/allocation_table.h"
+
+namespace glake::shim {
+
+struct RealApi;
+
+/// The streams of each context and the frees waiting for their events.
+class FreeQueue {
+ public:
+  /// Whether frees are deferred ($GLAKE_SHIM_FREE, read once: "defer", the default, or "sync").
+  static bool enabled();
+
+  /// A stream `s` made in context `ctx` (cuStreamCreate*).
+  void stream_created(CUcontext ctx, CUstream s);
+  /// Before cuStreamDestroy(s): an event after its last work, kept until that work has run.
+  void stream_destroying(CUstream s, const RealApi& api);
+
+  /// Queues the free of `a` made in `ctx` behind an event on each of ctx's streams. False when an
+  /// event could not be recorded: the caller frees synchronously instead (nothing was queued).
+  bool defer(CUcontext ctx, const ShimAllocation& a, const RealApi& api);
+  /// The queued allocations of `ctx` whose events have all completed, oldest first, taken off the
+  /// queue (with `wait`: every queued one, after waiting for its events).
+  std::vector<ShimAllocation> take_done(CUcontext ctx, const RealApi& api, bool wait);
+
+  /// Allocations queued (all contexts) and their requested bytes.
+  void totals(std::int64_t* count, std::int64_t* bytes) const;
+
+ private:
+  /// An event that is destroyed when the last free waiting on it is done.
+  struct Mark {
+    CUevent event = nullptr;
+    const RealApi* api = nullptr;
+    ~Mark();
+  };
+  using MarkPtr = std::shared_ptr<Mark>;
+  struct Pending {
+    ShimAllocation alloc;
+    std::vector<MarkPtr> marks;
+  };
+  struct Context {
+    std::vector<CUstream> streams;  ///< besides the legacy stream
+    std::vector<MarkPtr> retired;   ///< last work of destroyed streams, until it has run
+    std::deque<Pending> queue;
+  };
+
+  static bool done(const Pending& p, const RealApi& api);
+  MarkPtr record(CUstream s, const RealApi& api);
+
+  mutable std::mutex mutex_;
+  std::map<CUcontext, Context> contexts_;
+  std::map<CUstream, CUcontext> owner_;
+  std::int64_t count_ = 0, bytes_ = 0;
+};
+
+}  // namespace glake::shim
