@@ -44,7 +44,7 @@ bool FreeQueue::enabled() {
 }
 
 FreeQueue::Mark::~Mark() {
-  if (event && api && api->cuEventDestroy) api->cuEventDestroy(event);  // CUDA frees it once its work is done
+  if (event && spare) spare->push_back(event);
 }
 
 void FreeQueue::stream_created(CUcontext ctx, CUstream s) {
@@ -53,18 +53,22 @@ void FreeQueue::stream_created(CUcontext ctx, CUstream s) {
   owner_[s] = ctx;
 }
 
-FreeQueue::MarkPtr FreeQueue::record(CUstream s, const RealApi& api) {
+FreeQueue::MarkPtr FreeQueue::record(Context& c, CUstream s, const RealApi& api) {
   CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
   if (api.cuStreamIsCapturing(s, &status) != CUDA_SUCCESS || status != CU_STREAM_CAPTURE_STATUS_NONE) {
     return nullptr;  // an event recorded there would become a node of the graph, never to complete
   }
   auto m = std::make_shared<Mark>();
-  m->api = &api;
-  if (api.cuEventCreate(&m->event, CU_EVENT_DISABLE_TIMING) != CUDA_SUCCESS) {
+  if (!c.spare.empty()) {
+    m->event = c.spare.back();
+    c.spare.pop_back();
+  } else if (api.cuEventCreate(&m->event, CU_EVENT_DISABLE_TIMING) != CUDA_SUCCESS) {
     m->event = nullptr;
     return nullptr;
   }
-  if (api.cuEventRecord(m->event, s) != CUDA_SUCCESS) return nullptr;  // e.g. a stream of another context
+  m->spare = &c.spare;  // a map node's member: stays where it is
+  // A failed record (a stream of another context) leaves the event as it was: spare again.
+  if (api.cuEventRecord(m->event, s) != CUDA_SUCCESS) return nullptr;
   return m;
 }
 
@@ -78,7 +82,7 @@ void FreeQueue::stream_destroying(CUstream s, const RealApi& api) {
   c.streams.erase(std::remove(c.streams.begin(), c.streams.end(), s), c.streams.end());
   RelaxedCapture relaxed(api);
   CUcontext current = nullptr;
-  MarkPtr m = api.cuCtxGetCurrent(&current) == CUDA_SUCCESS && current == ctx ? record(s, api) : nullptr;
+  MarkPtr m = api.cuCtxGetCurrent(&current) == CUDA_SUCCESS && current == ctx ? record(c, s, api) : nullptr;
   if (m) {
     c.retired.push_back(std::move(m));
   } else {
@@ -103,11 +107,11 @@ bool FreeQueue::defer(CUcontext ctx, const ShimAllocation& a, const RealApi& api
   if (unknown) return false;
   Pending p{a, {}};
   p.marks.reserve(c.streams.size() + 1 + c.retired.size());
-  MarkPtr legacy = record(nullptr, api);  // the legacy stream: blocking streams' work before it, too
+  MarkPtr legacy = record(c, nullptr, api);  // the legacy stream: blocking streams' work before it, too
   if (!legacy) return false;
   p.marks.push_back(std::move(legacy));
   for (CUstream s : c.streams) {
-    MarkPtr m = record(s, api);
+    MarkPtr m = record(c, s, api);
     if (!m) return false;
     p.marks.push_back(std::move(m));
   }

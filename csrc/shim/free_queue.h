@@ -51,10 +51,11 @@ class FreeQueue {
   void totals(std::int64_t* count, std::int64_t* bytes) const;
 
  private:
-  /// An event that is destroyed when the last free waiting on it is done.
+  /// An event of one context; back to that context's spare events when the last free waiting on it
+  /// is done (always with the queue's mutex held).
   struct Mark {
     CUevent event = nullptr;
-    const RealApi* api = nullptr;
+    std::vector<CUevent>* spare = nullptr;
     ~Mark();
   };
   using MarkPtr = std::shared_ptr<Mark>;
@@ -66,10 +67,11 @@ class FreeQueue {
     std::vector<CUstream> streams;  ///< besides the legacy stream
     std::vector<MarkPtr> retired;   ///< last work of destroyed streams, until it has run
     std::deque<Pending> queue;
+    std::vector<CUevent> spare;     ///< events whose work is done, for the next records
   };
 
   static bool done(const Pending& p, const RealApi& api);
-  MarkPtr record(CUstream s, const RealApi& api);
+  static MarkPtr record(Context& c, CUstream s, const RealApi& api);
 
   mutable std::mutex mutex_;
   std::map<CUcontext, Context> contexts_;
