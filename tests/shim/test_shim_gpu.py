@@ -45,6 +45,15 @@ def test_driver_program_on_the_gpu(shim, driver_program, runtime_dir):
     assert "R attr_ok 1" in shimmed.stdout and "R done" in shimmed.stdout
 
 
+@pytest.mark.parametrize("free_mode", ["defer", "sync"])
+def test_frees_while_a_stream_copies_on_the_gpu(shim, driver_program, runtime_dir, free_mode):
+    # the deferred-free program on the real driver: events on the legacy and a non-blocking stream,
+    # a stream destroyed with its copy queued; what the copies deliver is intact either way
+    out = run([str(driver_program), "deferred"], gpu_env(runtime_dir, GLAKE_SHIM_FREE=free_mode), True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "R deferred_ok 1" in out.stdout, out.stdout
+
+
 def test_cuda_runtime_program_on_the_gpu(shim, runtime_program, runtime_dir):
     env = gpu_env(runtime_dir)
     plain, shimmed = run([str(runtime_program)], env, False), run([str(runtime_program)], env, True)
