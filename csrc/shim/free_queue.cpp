@@ -129,7 +129,7 @@ bool FreeQueue::done(const Pending& p, const RealApi& api) {
   return true;
 }
 
-std::vector<ShimAllocation> FreeQueue::take_done(CUcontext ctx, const RealApi& api, bool wait) {
+std::vector<ShimAllocation> FreeQueue::take_done(CUcontext ctx, const RealApi& api) {
   std::vector<ShimAllocation> out;
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = contexts_.find(ctx);
@@ -138,18 +138,27 @@ std::vector<ShimAllocation> FreeQueue::take_done(CUcontext ctx, const RealApi& a
   std::deque<Pending>& q = it->second.queue;
   // Oldest first, up to the first still running: a later free's events were recorded after an
   // earlier one's on the same streams, so they seldom finish first (and then wait one more call).
-  while (!q.empty()) {
-    if (wait) {
-      for (const MarkPtr& m : q.front().marks) api.cuEventSynchronize(m->event);
-    } else if (!done(q.front(), api)) {
-      break;
-    }
+  while (!q.empty() && done(q.front(), api)) {
     out.push_back(q.front().alloc);
     --count_;
     bytes_ -= static_cast<std::int64_t>(q.front().alloc.size);
     q.pop_front();
   }
   return out;
+}
+
+bool FreeQueue::take_oldest(CUcontext ctx, const RealApi& api, ShimAllocation* out) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = contexts_.find(ctx);
+  if (it == contexts_.end() || it->second.queue.empty()) return false;
+  RelaxedCapture relaxed(api);
+  std::deque<Pending>& q = it->second.queue;
+  for (const MarkPtr& m : q.front().marks) api.cuEventSynchronize(m->event);
+  *out = q.front().alloc;
+  --count_;
+  bytes_ -= static_cast<std::int64_t>(out->size);
+  q.pop_front();
+  return true;
 }
 
 void FreeQueue::totals(std::int64_t* count, std::int64_t* bytes) const {

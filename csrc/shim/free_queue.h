@@ -43,9 +43,11 @@ class FreeQueue {
   /// Queues the free of `a` made in `ctx` behind an event on each of ctx's streams. False when an
   /// event could not be recorded: the caller frees synchronously instead (nothing was queued).
   bool defer(CUcontext ctx, const ShimAllocation& a, const RealApi& api);
-  /// The queued allocations of `ctx` whose events have all completed, oldest first, taken off the
-  /// queue (with `wait`: every queued one, after waiting for its events).
-  std::vector<ShimAllocation> take_done(CUcontext ctx, const RealApi& api, bool wait);
+  /// The queued allocations of `ctx` whose events have all completed, oldest first, taken off the queue.
+  std::vector<ShimAllocation> take_done(CUcontext ctx, const RealApi& api);
+
+  /// The oldest queued allocation of `ctx`, after waiting for its events; false if none is queued.
+  bool take_oldest(CUcontext ctx, const RealApi& api, ShimAllocation* out);
 
   /// Allocations queued (all contexts) and their requested bytes.
   void totals(std::int64_t* count, std::int64_t* bytes) const;

@@ -54,26 +54,6 @@ bool give_back(const ShimAllocation& a) {
   return true;
 }
 
-/// Gives back the deferred frees of `ctx` whose work is done (all of them, waiting, with `wait`).
-void reap(CUcontext ctx, bool wait) {
-  for (const ShimAllocation& a : state().frees.take_done(ctx, real_driver().api, wait)) give_back(a);
-}
-
-/// Whether glake serves this thread's calls now (false inside glake's core: those reach the driver).
-bool glake_serves() {
-  if (in_glake()) {
-    state().counters.reentries.fetch_add(1, std::memory_order_relaxed);
-    return false;
-  }
-  return ensure_started() == Mode::Active;
-}
-
-/// The live glake allocation containing `ptr`, when glake is active in this process.
-bool glake_allocation(CUdeviceptr ptr, ShimAllocation* a) {
-  if (state().mode.load(std::memory_order_acquire) != static_cast<int>(Mode::Active) || in_glake()) return false;
-  return state().table.find(static_cast<std::uintptr_t>(ptr), a);
-}
-
 /// `bytes` from glake's allocator of `device` (glake_serves() was true).
 CUresult glake_malloc(CUdeviceptr* dptr, std::size_t bytes, int device, const char* call) {
   ShimState& s = state();
@@ -96,6 +76,65 @@ CUresult glake_malloc(CUdeviceptr* dptr, std::size_t bytes, int device, const ch
   s.counters.changes.fetch_add(1, std::memory_order_relaxed);
   *dptr = static_cast<CUdeviceptr>(p);
   return CUDA_SUCCESS;
+}
+
+/// Gives back the deferred frees of `ctx` whose work is done.
+void reap(CUcontext ctx) {
+  for (const ShimAllocation& a : state().frees.take_done(ctx, real_driver().api)) give_back(a);
+}
+
+/// Waits for the oldest deferred free of `ctx` and gives it back; false if none waits.
+bool reap_oldest(CUcontext ctx) {
+  ShimAllocation a;
+  if (!state().frees.take_oldest(ctx, real_driver().api, &a)) return false;
+  give_back(a);
+  return true;
+}
+
+/// Before allocating `bytes` on `device`: the frees whose work is done go back; then, while glake's
+/// cache holds fewer free bytes than asked for and frees still wait, the oldest is waited for. So
+/// the allocator grows only when the queued frees could not have served the request either (an
+/// idle GPU answers in microseconds; a busy one is waited for, as a synchronising free would).
+void reap_for(CUcontext ctx, int device, std::size_t bytes) {
+  reap(ctx);
+  while (true) {
+    std::int64_t pending = 0, pending_bytes = 0;
+    state().frees.totals(&pending, &pending_bytes);
+    if (!pending) return;
+    std::int64_t cached = 0;
+    {
+      GlakeScope scope;
+      const gmlake::AllocatorStats st = gmlake::device_allocator(device).stats();
+      cached = st.reserved_bytes.current - st.allocated_bytes.current;
+    }
+    if (cached >= static_cast<std::int64_t>(bytes) || !reap_oldest(ctx)) return;
+  }
+}
+
+/// glake_malloc after reap_for; on out-of-memory, every deferred free of `ctx` is waited for and
+/// given back, then it tries once more.
+CUresult malloc_after_frees(CUdeviceptr* dptr, std::size_t bytes, int device, CUcontext ctx, const char* call) {
+  reap_for(ctx, device, bytes);
+  CUresult r = glake_malloc(dptr, bytes, device, call);
+  if (r != CUDA_ERROR_OUT_OF_MEMORY || !reap_oldest(ctx)) return r;
+  while (reap_oldest(ctx)) {
+  }
+  return glake_malloc(dptr, bytes, device, call);
+}
+
+/// Whether glake serves this thread's calls now (false inside glake's core: those reach the driver).
+bool glake_serves() {
+  if (in_glake()) {
+    state().counters.reentries.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  return ensure_started() == Mode::Active;
+}
+
+/// The live glake allocation containing `ptr`, when glake is active in this process.
+bool glake_allocation(CUdeviceptr ptr, ShimAllocation* a) {
+  if (state().mode.load(std::memory_order_acquire) != static_cast<int>(Mode::Active) || in_glake()) return false;
+  return state().table.find(static_cast<std::uintptr_t>(ptr), a);
 }
 
 /// Answers one attribute for a glake allocation; false for those the real driver answers truthfully.
@@ -134,17 +173,7 @@ CUresult CUDAAPI cuMemAlloc_v2(CUdeviceptr* dptr, size_t bytesize) {
     if (dptr && bytesize) state().counters.passthrough_allocs.fetch_add(1, std::memory_order_relaxed);
     return d.api.cuMemAlloc(dptr, bytesize);  // the driver's answer, errors included
   }
-  glake::shim::reap(ctx, false);
-  CUresult r = glake::shim::glake_malloc(dptr, bytesize, device, "cuMemAlloc");
-  if (r == CUDA_ERROR_OUT_OF_MEMORY) {  // frees still waiting for the GPU: wait for them, then try again
-    std::int64_t pending = 0, bytes = 0;
-    state().frees.totals(&pending, &bytes);
-    if (pending) {
-      glake::shim::reap(ctx, true);
-      r = glake::shim::glake_malloc(dptr, bytesize, device, "cuMemAlloc");
-    }
-  }
-  return r;
+  return glake::shim::malloc_after_frees(dptr, bytesize, device, ctx, "cuMemAlloc");
 }
 
 CUresult CUDAAPI cuMemAllocPitch_v2(CUdeviceptr* dptr, size_t* pPitch, size_t WidthInBytes, size_t Height,
@@ -159,10 +188,9 @@ CUresult CUDAAPI cuMemAllocPitch_v2(CUdeviceptr* dptr, size_t* pPitch, size_t Wi
     if (valid) state().counters.passthrough_allocs.fetch_add(1, std::memory_order_relaxed);
     return d.api.cuMemAllocPitch(dptr, pPitch, WidthInBytes, Height, ElementSizeBytes);
   }
-  glake::shim::reap(ctx, false);
   // Rows padded to 512 bytes: a multiple of every GPU's texture pitch alignment, as cuMemAllocPitch gives.
   const size_t pitch = (WidthInBytes + 511) / 512 * 512;
-  CUresult r = glake::shim::glake_malloc(dptr, pitch * Height, device, "cuMemAllocPitch");
+  CUresult r = glake::shim::malloc_after_frees(dptr, pitch * Height, device, ctx, "cuMemAllocPitch");
   if (r == CUDA_SUCCESS) *pPitch = pitch;
   return r;
 }
@@ -191,7 +219,7 @@ CUresult CUDAAPI cuMemFree_v2(CUdeviceptr dptr) {
     s.counters.free_syncs.fetch_add(1, std::memory_order_relaxed);
     if (!glake::shim::give_back(a)) return CUDA_ERROR_UNKNOWN;
   }
-  glake::shim::reap(ctx, false);
+  glake::shim::reap(ctx);
   s.counters.free_calls.fetch_add(1, std::memory_order_relaxed);
   s.counters.changes.fetch_add(1, std::memory_order_relaxed);
   return CUDA_SUCCESS;
