@@ -34,8 +34,14 @@ SIZES = [4 << 10, 64 << 10, 1 << 20, 2 << 20, 8 << 20, 32 << 20, 128 << 20]
 MiB = 1 << 20
 
 JAX_STEP = r"""
-import ctypes, json, threading, time
+import ctypes, json, os, sys, threading, time
 import jax, jax.numpy as jnp
+
+def handshake(word):
+    # under the shim the benchmark reads this process's stats page around the timed steps
+    if os.environ.get("SHIM_BENCH_HANDSHAKE"):
+        print(word, os.getpid(), flush=True)
+        sys.stdin.readline()
 
 cuda = ctypes.CDLL("libcuda.so.1")
 peak = [0]
@@ -103,12 +109,14 @@ for i in range(3):
     state, l = step(state, x, y)
 l.block_until_ready()
 t.start()
+handshake("BEFORE")
 times = []
 for i in range(STEPS):
     t0 = time.perf_counter()
     state, l = step(state, x, y)
     l.block_until_ready()
     times.append(time.perf_counter() - t0)
+handshake("AFTER")
 stop.set()
 t.join()
 times.sort()
@@ -127,6 +135,60 @@ def run(cmd: List[str], shim: bool, env: Dict[str, str], timeout: int = 300) -> 
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(full)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return out.stdout
+
+
+SHIM_COUNTERS = ("alloc_calls", "free_calls", "free_deferred", "free_syncs", "passthrough_allocs",
+                 "passthrough_frees", "attribute_answers")
+ALLOC_COUNTERS = ("num_segments_created", "num_segments_released", "num_stitches", "num_sync_all_streams",
+                  "num_alloc_retries")
+
+
+def run_jax_under_shim(code: str, env: Dict[str, str], timeout: int = 300) -> Dict[str, object]:
+    """The JAX step script under `glake run --shim`, with the shim's counters over its timed steps
+    (read from the process's stats page before and after them)."""
+    import time
+
+    from glake.stats import shim_page
+
+    err_file = tempfile.TemporaryFile(mode="w+")  # a pipe left unread could fill and stall the child
+    proc = subprocess.Popen([*glake_cmd(), "run", "--shim", "--", sys.executable, "-c", code],
+                            env=dict(env, SHIM_BENCH_HANDSHAKE="1"), text=True, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=err_file)
+
+    def failed(why: str) -> RuntimeError:
+        proc.kill()
+        proc.wait()
+        err_file.seek(0)
+        return RuntimeError(f"JAX step under the shim: {why}\n{err_file.read()[-3000:]}")
+
+    try:
+        seen = {}
+        for word in ("BEFORE", "AFTER"):
+            line = proc.stdout.readline()
+            while line and not line.startswith(word):
+                line = proc.stdout.readline()
+            if not line:
+                raise failed(f"the script ended before saying {word}")
+            time.sleep(0.2)  # the page is republished at most every 50 ms
+            page = shim_page.read_pid(int(line.split()[1]))
+            if page is None:
+                raise failed("no stats page for the shimmed process")
+            counters = {}
+            for sec in page["sections"]:  # the shim's, then device 0's allocator's
+                if sec["name"] == "shim" or (sec["name"] == "allocator" and sec["device"] == 0):
+                    counters.update(sec["counters"])
+            seen[word] = {k: counters.get(k, 0) for k in SHIM_COUNTERS + ALLOC_COUNTERS}
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if proc.returncode != 0:
+        raise failed(f"exit status {proc.returncode}")
+    res = json.loads(out.splitlines()[-1])
+    res["shim_counters"] = {k: seen["AFTER"][k] - seen["BEFORE"][k] for k in SHIM_COUNTERS + ALLOC_COUNTERS}
+    return res
 
 
 def build(tmp: str) -> str:
@@ -188,16 +250,23 @@ def main() -> None:
         results["jax"], rows = {}, []
         for model in args.jax_models.split(","):
             code = JAX_STEP.replace("STEPS", str(args.jax_steps)).replace("MODEL_NAME", model)
-            res = {shim: json.loads(run([sys.executable, "-c", code], shim, jenv).splitlines()[-1])
-                   for shim in (False, True)}
+            res = {False: json.loads(run([sys.executable, "-c", code], False, jenv).splitlines()[-1]),
+                   True: run_jax_under_shim(code, jenv)}
+            per_step = {k: v / args.jax_steps for k, v in res[True]["shim_counters"].items()}
             speedup = res[False]["step_ms"] / res[True]["step_ms"]
-            results["jax"][model] = {"driver": res[False], "shim": res[True], "speedup": speedup}
+            results["jax"][model] = {"driver": res[False], "shim": res[True], "speedup": speedup,
+                                     "shim_calls_per_step": per_step}
             rows.append([model, round(res[False]["step_ms"], 2), round(res[True]["step_ms"], 2), round(speedup, 2),
                          round(res[False]["peak_used"] / MiB), round(res[True]["peak_used"] / MiB),
-                         round(res[False]["loss"], 6), round(res[True]["loss"], 6)])
-        print_table("JAX training step, XLA_PYTHON_CLIENT_ALLOCATOR=platform (median of steps)",
+                         round(res[False]["loss"], 6), round(res[True]["loss"], 6),
+                         *[round(per_step[k], 1) for k in SHIM_COUNTERS[:5]]])
+        for model in results["jax"]:
+            print(f"{model}: under the shim, per timed step: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in results["jax"][model]["shim_calls_per_step"].items()))
+        print_table("JAX training step, XLA_PYTHON_CLIENT_ALLOCATOR=platform (median of steps; the shim's "
+                    "calls per step over the timed steps)",
                     ["model", "driver ms", "shim ms", "speed-up", "driver peak MiB", "shim peak MiB",
-                     "driver loss", "shim loss"], rows)
+                     "driver loss", "shim loss", *SHIM_COUNTERS[:5]], rows)
     write_json("shim", {"args": vars(args), "results": results})
 
 
