@@ -120,7 +120,8 @@ handshake("AFTER")
 stop.set()
 t.join()
 times.sort()
-print(json.dumps({"step_ms": times[len(times) // 2] * 1e3, "peak_used": peak[0], "loss": float(l)}))
+print(json.dumps({"step_ms": times[len(times) // 2] * 1e3, "peak_used": peak[0], "loss": float(l),
+                  "jax": jax.__version__}))
 """
 
 
@@ -213,6 +214,9 @@ def main() -> None:
                     help="mlp: 4 wide layers, SGD (the GEMMs dominate); adam: 32 layers of 1024 with Adam "
                          "(about 200 buffers a step, as a real model's optimizer makes)")
     ap.add_argument("--only-jax", action="store_true", help="skip the latency and trace parts")
+    ap.add_argument("--jax-allocator", default="platform",
+                    help="XLA_PYTHON_CLIENT_ALLOCATOR for the JAX steps: platform (the issue's), or address "
+                         "(newer XLA: where platform became BFC-backed, the synchronous pass-through)")
     args = ap.parse_args()
     unknown = set(args.jax_models.split(",")) - {"mlp", "adam"}
     if unknown:
@@ -246,7 +250,7 @@ def main() -> None:
                         ["seed", "peak live", "driver", "shim", "shim / driver"],
                         [[r[0], round(r[1]), round(r[2]), round(r[3]), round(r[4], 3)] for r in rows])
     if not args.no_jax:
-        jenv = dict(env, XLA_PYTHON_CLIENT_ALLOCATOR="platform", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        jenv = dict(env, XLA_PYTHON_CLIENT_ALLOCATOR=args.jax_allocator, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         results["jax"], rows = {}, []
         for model in args.jax_models.split(","):
             code = JAX_STEP.replace("STEPS", str(args.jax_steps)).replace("MODEL_NAME", model)
@@ -263,7 +267,7 @@ def main() -> None:
         for model in results["jax"]:
             print(f"{model}: under the shim, per timed step: " + ", ".join(
                 f"{k} {v:.1f}" for k, v in results["jax"][model]["shim_calls_per_step"].items()))
-        print_table("JAX training step, XLA_PYTHON_CLIENT_ALLOCATOR=platform (median of steps; the shim's "
+        print_table(f"JAX training step, XLA_PYTHON_CLIENT_ALLOCATOR={args.jax_allocator} (median of steps; the shim's "
                     "calls per step over the timed steps)",
                     ["model", "driver ms", "shim ms", "speed-up", "driver peak MiB", "shim peak MiB",
                      "driver loss", "shim loss", *SHIM_COUNTERS[:5]], rows)
