@@ -80,8 +80,8 @@ void StitchAllocator::suspend(HostCopier* copier, const std::vector<DevPtr>& dis
   }
   std::vector<std::size_t> sizes;
   for (const Run& r : runs) sizes.push_back(r.size);
-  std::size_t host_bytes = 0, file_bytes = 0, reused = 0;
-  std::vector<HostBufferPtr> buffers = host_reserve_.take(sizes, &reused);
+  std::size_t host_bytes = 0, file_bytes = 0;
+  auto [buffers, reused] = host_reserve_.take(sizes);
   std::vector<HostCopy> copies;
   for (std::size_t i = 0; i < runs.size(); ++i) {
     const Run& r = runs[i];

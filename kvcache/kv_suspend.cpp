@@ -65,7 +65,9 @@ std::unique_ptr<Suspension> KvManager::save_live(HostCopier& io, bool discard) {
   const std::vector<Run> runs = runs_of(first, nullptr, cb);
   std::vector<std::size_t> sizes;
   for (const Run& r : runs) sizes.push_back(r.count * cb);
-  s->buffers = host_reserve_.take(sizes, &s->reused_bytes);
+  HostReserve::Taken taken = host_reserve_.take(sizes);
+  s->buffers = std::move(taken.buffers);
+  s->reused_bytes = taken.reused;
   std::vector<HostCopy> copies;
   for (std::size_t i = 0; i < runs.size(); ++i) {
     const Run& r = runs[i];

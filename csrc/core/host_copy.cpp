@@ -120,14 +120,16 @@ std::atomic<std::size_t> g_kept_bytes{0};  // every HostReserve's bytes
 
 HostReserve::~HostReserve() { drop(); }
 
-std::vector<HostBufferPtr> HostReserve::take(const std::vector<std::size_t>& sizes, std::size_t* reused) {
-  std::vector<HostBufferPtr> out(sizes.size());
+HostReserve::Taken HostReserve::take(const std::vector<std::size_t>& sizes) {
+  Taken taken;
+  std::vector<HostBufferPtr>& out = taken.buffers;
+  out.resize(sizes.size());
   for (std::size_t i = 0; i < sizes.size(); ++i) {  // resident already: no fault, no file, no new RAM
     auto it = kept_.find(sizes[i]);
     if (it == kept_.end()) continue;
     out[i] = std::move(it->second);
     kept_.erase(it);
-    *reused += sizes[i];
+    taken.reused += sizes[i];
     bytes_ -= sizes[i];
     g_kept_bytes -= sizes[i];
   }
@@ -138,7 +140,7 @@ std::vector<HostBufferPtr> HostReserve::take(const std::vector<std::size_t>& siz
     out[i] = std::make_unique<HostBuffer>(sizes[i], pending);
     if (!out[i]->file_backed()) pending += sizes[i];
   }
-  return out;
+  return taken;
 }
 
 void HostReserve::give_back(std::vector<HostBufferPtr> buffers) {

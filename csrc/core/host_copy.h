@@ -87,10 +87,15 @@ class GLAKE_API HostReserve {
   ~HostReserve();
   HostReserve(const HostReserve&) = delete;
   HostReserve& operator=(const HostReserve&) = delete;
-  /// One buffer per entry of `sizes`, in order: a kept one of exactly that size where there is one
-  /// (their bytes added to `*reused`), else a new HostBuffer. Kept buffers left over are unmapped
-  /// first. Throws OutOfMemoryError (the buffers made so far are unmapped; the reserve is then empty).
-  std::vector<HostBufferPtr> take(const std::vector<std::size_t>& sizes, std::size_t* reused);
+  /// What take() hands out: one buffer per size asked for, and the bytes of them that were kept ones.
+  struct Taken {
+    std::vector<HostBufferPtr> buffers;
+    std::size_t reused = 0;
+  };
+  /// One buffer per entry of `sizes`, in order: a kept one of exactly that size where there is one,
+  /// else a new HostBuffer. Kept buffers left over are unmapped first. Throws OutOfMemoryError (the
+  /// buffers made so far are unmapped; the reserve is then empty).
+  Taken take(const std::vector<std::size_t>& sizes);
   /// A resume's buffers, its data copied back: kept when $GLAKE_SUSPEND_KEEP_HOST=1, else unmapped.
   void give_back(std::vector<HostBufferPtr> buffers);
   /// Unmaps every kept buffer; returns the bytes given back.
