@@ -15,6 +15,7 @@
 
 #include <cuda.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -34,6 +35,8 @@ class FreeQueue {
  public:
   /// Whether frees are deferred ($GLAKE_SHIM_FREE, read once: "defer", the default, or "sync").
   static bool enabled();
+  /// Whether the real driver has every entry point deferral needs.
+  static bool supported(const RealApi& api);
 
   /// A stream `s` made in context `ctx` (cuStreamCreate*).
   void stream_created(CUcontext ctx, CUstream s);
@@ -41,13 +44,22 @@ class FreeQueue {
   void stream_destroying(CUstream s, const RealApi& api);
 
   /// Queues the free of `a` made in `ctx` behind an event on each of ctx's streams. False when an
-  /// event could not be recorded: the caller frees synchronously instead (nothing was queued).
+  /// event could not be recorded or a destroyed stream's last work is unknown: the caller frees
+  /// synchronously instead (nothing was queued) and then calls synchronised().
   bool defer(CUcontext ctx, const ShimAllocation& a, const RealApi& api);
+  /// After the caller synchronised `ctx`: destroyed streams' work, known or not, is done.
+  void synchronised(CUcontext ctx);
   /// The queued allocations of `ctx` whose events have all completed, oldest first, taken off the queue.
   std::vector<ShimAllocation> take_done(CUcontext ctx, const RealApi& api);
 
-  /// The oldest queued allocation of `ctx`, after waiting for its events; false if none is queued.
+  /// The oldest queued allocation of `ctx`, after waiting for its events (without the queue's lock);
+  /// false if none is queued or it could not be waited for.
   bool take_oldest(CUcontext ctx, const RealApi& api, ShimAllocation* out);
+
+  /// fork(): the lock held across it; the child starts empty (its parent's handles are not its own).
+  void before_fork() { mutex_.lock(); }
+  void after_fork_parent() { mutex_.unlock(); }
+  void after_fork_child();
 
   /// Allocations queued (all contexts) and their requested bytes.
   void totals(std::int64_t* count, std::int64_t* bytes) const;
@@ -66,19 +78,21 @@ class FreeQueue {
     std::vector<MarkPtr> marks;
   };
   struct Context {
+    std::vector<CUevent> spare;     ///< events whose work is done, for the next records (first: the
+                                    ///< marks below go back to it as they are destroyed)
     std::vector<CUstream> streams;  ///< besides the legacy stream
-    std::vector<MarkPtr> retired;   ///< last work of destroyed streams, until it has run
+    std::vector<MarkPtr> retired;   ///< last work of destroyed streams, until it has run (null: unknown)
     std::deque<Pending> queue;
-    std::vector<CUevent> spare;     ///< events whose work is done, for the next records
   };
 
   static bool done(const Pending& p, const RealApi& api);
   static MarkPtr record(Context& c, CUstream s, const RealApi& api);
+  void pop_front(std::deque<Pending>& q);
 
-  mutable std::mutex mutex_;
+  std::mutex mutex_;
   std::map<CUcontext, Context> contexts_;
   std::map<CUstream, CUcontext> owner_;
-  std::int64_t count_ = 0, bytes_ = 0;
+  std::atomic<std::int64_t> count_{0}, bytes_{0};  // read without the lock (the stats page)
 };
 
 }  // namespace glake::shim

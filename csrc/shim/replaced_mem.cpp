@@ -107,7 +107,9 @@ void reap_for(CUcontext ctx, int device, std::size_t bytes) {
       const gmlake::AllocatorStats st = gmlake::device_allocator(device).stats();
       cached = st.reserved_bytes.current - st.allocated_bytes.current;
     }
-    if (cached >= static_cast<std::int64_t>(bytes) || !reap_oldest(ctx)) return;
+    const auto want = static_cast<std::int64_t>(bytes);
+    if (cached >= want || cached + pending_bytes < want) return;  // enough now, or the queue could not make it so
+    if (!reap_oldest(ctx)) return;
   }
 }
 
@@ -216,6 +218,7 @@ CUresult CUDAAPI cuMemFree_v2(CUdeviceptr dptr) {
       s.table.insert(a);
       return r;
     }
+    s.frees.synchronised(ctx);
     s.counters.free_syncs.fetch_add(1, std::memory_order_relaxed);
     if (!glake::shim::give_back(a)) return CUDA_ERROR_UNKNOWN;
   }

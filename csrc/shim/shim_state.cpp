@@ -22,10 +22,17 @@ thread_local int t_glake_depth = 0;
 std::mutex g_start_mutex;  // held while starting, and across fork() (pthread_atfork)
 
 /// Fork handlers: a child never uses the parent's driver state (CUDA does not survive fork).
-void before_fork() { g_start_mutex.lock(); }
-void after_fork_parent() { g_start_mutex.unlock(); }
+void before_fork() {
+  g_start_mutex.lock();
+  state().frees.before_fork();
+}
+void after_fork_parent() {
+  state().frees.after_fork_parent();
+  g_start_mutex.unlock();
+}
 void after_fork_child() {
   ShimState& s = state();
+  s.frees.after_fork_child();  // the parent's streams, events and queued frees are not the child's
   if (s.mode.load() == static_cast<int>(Mode::Active)) {
     // The allocator, its chunks and the parent's context belong to the parent: this child passes
     // everything to the real driver and publishes no stats (the parent's page stays the parent's).
