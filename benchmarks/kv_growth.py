@@ -28,6 +28,12 @@ of tokens the mapped chunks hold (released slots' kept chunks and lookahead incl
 live sequence backed up to exactly its length + lookahead, each queued request up to its prompt,
 whole chunks only (DecodeSim.fewest_chunks). No chunk-granular manager can exceed it; with 16 tokens
 per chunk the partial last chunk of each sequence alone costs a few percent at ShareGPT lengths.
+"KV util" and "util bound" are sampled while the step's kernels run (after its launches, before its
+releases): what the cache holds while the GPU uses it. "util at sync" and "bound at sync" are sampled
+right after the step's device synchronisation, the one instant at which the sequences released during
+the step still hold chunks no manager may have unmapped yet (the kernels that read them finished only
+then), while the ideal manager has already dropped them: on a GPU that sample sits below its bound by
+about one step's releases.
 
 Then a fork workload: --fork-seqs sequences that share a --system-prompt-token prefix, each with its
 own ShareGPT prompt and output: physical bytes with fork() vs. each sequence holding its own prefix.
@@ -149,6 +155,8 @@ class DecodeSim:
         for i in live:
             self.length[i] += 1
             self.left[i] -= 1
+        # what the KV holds while the step's kernels run (before this step's releases): see sample()
+        self.in_step = self.sample()
         # admissions: the requests queued last step, whose prompts the mapper backed during this
         # step's work; they decode from the next step on
         for i, s, p, o in self.pending:
@@ -168,6 +176,10 @@ class DecodeSim:
         for k, a, b in (("reserve_batch", t0, t_reserved), ("plan", t_reserved, t_planned),
                         ("launch", t_planned, t_launched), ("admit", t_launched, t_end)):
             self.phase_ms[k].append((b - a) / 1e6)
+
+    def sample(self) -> tuple:
+        """(tokens in use, chunks mapped, chunks an ideal manager would hold) now."""
+        return self.tokens_in_use(), self.kv.physical_chunks, self.fewest_chunks(self.kv.lookahead_tokens)
 
     def fewest_chunks(self, lookahead: int) -> int:
         """Chunks an ideal manager with this lookahead would hold now: each live sequence backed up to
@@ -238,6 +250,7 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
         kv.wait_mapper()
         s0, c0, t0_mem = kv.stats(), core.stats(backend), torch_memory(kv)
         times, waiting_steps, used, mapped, ideal = [], 0, 0, 0, 0
+        step_used, step_mapped, step_ideal = 0, 0, 0
         sim.batch_us.clear()
         for v in sim.phase_ms.values():
             v.clear()
@@ -249,9 +262,10 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             sync(kv)
             times.append(time.perf_counter() - t0)
             sim.phase_ms["sync"].append((times[-1] - (t_host - t0)) * 1e3)
-            used += sim.tokens_in_use()
-            mapped += kv.physical_chunks
-            ideal += sim.fewest_chunks(lookahead or 0)
+            u, m, i = sim.sample()
+            used, mapped, ideal = used + u, mapped + m, ideal + i
+            u, m, i = sim.in_step
+            step_used, step_mapped, step_ideal = step_used + u, step_mapped + m, step_ideal + i
             if kv.sync_waits > w0:
                 waiting_steps += 1
         s1, c1, t1_mem = kv.stats(), core.stats(backend), torch_memory(kv)
@@ -274,8 +288,10 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             "mapper_busy_ms": (s1["mapper_busy_ns"] - s0["mapper_busy_ns"]) / 1e6,
             "driver_map_ms": (c1["time_ns.map"] - c0["time_ns.map"] + c1["time_ns.set_access"]
                               - c0["time_ns.set_access"] + c1["time_ns.create"] - c0["time_ns.create"]) / 1e6,
-            "utilisation": used / (mapped * chunk_tokens) if mapped else 0.0,
-            "utilisation_bound": used / (ideal * chunk_tokens) if ideal else 0.0,
+            "utilisation": step_used / (step_mapped * chunk_tokens) if step_mapped else 0.0,
+            "utilisation_bound": step_used / (step_ideal * chunk_tokens) if step_ideal else 0.0,
+            "utilisation_at_sync": used / (mapped * chunk_tokens) if mapped else 0.0,
+            "utilisation_bound_at_sync": used / (ideal * chunk_tokens) if ideal else 0.0,
             "peak_chunks": s1["chunks_physical"],
             "reserve_batch_us_p50": statistics.median(sim.batch_us) if sim.batch_us else 0.0,
             "idle_batch_us": idle,
@@ -392,17 +408,21 @@ def main() -> None:
         waiting = sum(r["steps_waiting"] for r in rs)
         util = pooled(rs, "utilisation")
         bound = pooled(rs, "utilisation_bound") if la is not None else None  # premapped: no such bound
+        util_sync = pooled(rs, "utilisation_at_sync")
+        bound_sync = pooled(rs, "utilisation_bound_at_sync") if la is not None else None
         summary.append({"mode": name, "lookahead_tokens": la, "step_ms_mean": mean, "ratio_vs_premapped": mean / anchor,
                         "step_ms_p99": pooled(rs, "step_ms_p99"), "steps_waiting": waiting,
                         "wait_ms_per_step": sum(r["wait_ms"] for r in rs) / steps,
                         "maps_background": sum(r["maps_background"] for r in rs),
                         "maps_sync": sum(r["maps_sync"] for r in rs), "utilisation": util,
-                        "utilisation_bound": bound,
+                        "utilisation_bound": bound, "utilisation_at_sync": util_sync,
+                        "utilisation_bound_at_sync": bound_sync,
                         "reserve_batch_us_p50": statistics.median(r["reserve_batch_us_p50"] for r in rs)})
         rows.append([name, round(mean, 3), round(pooled(rs, "step_ms_p99"), 3), round(mean / anchor, 4),
                      f"{waiting}/{steps}", round(sum(r["wait_ms"] for r in rs) / steps, 4),
                      sum(r["maps_background"] for r in rs), sum(r["maps_sync"] for r in rs), round(util, 4),
-                     "-" if bound is None else round(bound, 4),
+                     "-" if bound is None else round(bound, 4), round(util_sync, 4),
+                     "-" if bound_sync is None else round(bound_sync, 4),
                      round(statistics.median(r["reserve_batch_us_p50"] for r in rs), 1)])
     shape = f"{args.layers}L x {args.kv_heads} KV heads x {args.head_dim} x {args.dtype}"
     if not args.attention:
@@ -410,7 +430,7 @@ def main() -> None:
                                                   if args.emulate_step_ms else ")")
     print_table(f"KV growth, backend={backend}, {args.seqs} sequences, {shape}, {args.steps} steps x {args.repeats}",
                 ["mode", "step ms", "p99 ms", "vs premapped", "steps waiting", "wait ms/step", "maps bg",
-                 "maps sync", "KV util", "util bound", "reserve_batch us"], rows)
+                 "maps sync", "KV util", "util bound", "util at sync", "bound at sync", "reserve_batch us"], rows)
     half = lambda xs, first: xs[:len(xs) // 2] if first else xs[len(xs) // 2:]  # noqa: E731
     print_table("Where a step's time goes (ms per step: host phases, then the device wait), first and second half",
                 ["mode", "half", *PHASES, "step"],

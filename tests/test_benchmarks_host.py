@@ -45,6 +45,7 @@ def test_kv_growth_utilisation_never_above_its_bound(tmp_path):
     for mode in ("sync", "lookahead=2"):
         r = summary[mode]
         assert 0 < r["utilisation"] <= r["utilisation_bound"] + 1e-9 <= 1 + 1e-9, r
+        assert 0 < r["utilisation_at_sync"] <= r["utilisation_bound_at_sync"] + 1e-9 <= 1 + 1e-9, r
 
 
 def test_multipath_host_dry_run(tmp_path):
