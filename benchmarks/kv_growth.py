@@ -49,6 +49,7 @@ own ShareGPT prompt and output: physical bytes with fork() vs. each sequence hol
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -98,6 +99,10 @@ class DecodeSim:
         self.length: List[int] = []   # tokens cached (the next token is written at this position)
         self.left: List[int] = []     # tokens still to generate
         self.batch_us: List[float] = []  # host time of each step's one reserve_batch of all sequences
+        # of it, the thread's CPU time, and its context switches (voluntary: it blocked; involuntary: it
+        # was preempted): which tells a call that ran slowly from one that waited
+        self.batch_cpu_us: List[float] = []
+        self.batch_switches = [0, 0]
         self.last_batch = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # the last step's (slots, lengths)
         self.phase_ms: Dict[str, List[float]] = {k: [] for k in PHASES}  # host ms of each step's phases
         self.pending: List[tuple] = []  # (batch position, slot, prompt, output) admitted next step
@@ -127,10 +132,17 @@ class DecodeSim:
         live = [i for i in range(len(self.slot)) if i not in waiting]
         batch_slots = np.fromiter((self.slot[i] for i in live), np.int64, len(live))
         batch_lens = np.fromiter((self.length[i] + 1 for i in live), np.int64, len(live))
+        r0 = resource.getrusage(resource.RUSAGE_THREAD)
+        c0 = time.thread_time_ns()
         t0 = time.perf_counter_ns()
         kv.reserve_batch(batch_slots, batch_lens)  # the hot path: one call per step for all sequences
         t_reserved = time.perf_counter_ns()
+        c1 = time.thread_time_ns()
+        r1 = resource.getrusage(resource.RUSAGE_THREAD)
         self.batch_us.append((t_reserved - t0) / 1e3)
+        self.batch_cpu_us.append((c1 - c0) / 1e3)
+        self.batch_switches[0] += r1.ru_nvcsw - r0.ru_nvcsw
+        self.batch_switches[1] += r1.ru_nivcsw - r0.ru_nivcsw
         self.last_batch = (batch_slots, batch_lens)
         live.sort(key=lambda i: self.length[i])
         slots = np.asarray([self.slot[i] for i in live])
@@ -252,6 +264,8 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
         times, waiting_steps, used, mapped, ideal = [], 0, 0, 0, 0
         step_used, step_mapped, step_ideal = 0, 0, 0
         sim.batch_us.clear()
+        sim.batch_cpu_us.clear()
+        sim.batch_switches = [0, 0]
         for v in sim.phase_ms.values():
             v.clear()
         for _ in range(args.steps):
@@ -294,6 +308,8 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             "utilisation_bound_at_sync": used / (ideal * chunk_tokens) if ideal else 0.0,
             "peak_chunks": s1["chunks_physical"],
             "reserve_batch_us_p50": statistics.median(sim.batch_us) if sim.batch_us else 0.0,
+            "reserve_batch_cpu_us_p50": statistics.median(sim.batch_cpu_us) if sim.batch_cpu_us else 0.0,
+            "reserve_batch_switches": {"voluntary": sim.batch_switches[0], "involuntary": sim.batch_switches[1]},
             "idle_batch_us": idle,
             "top_ops": top,
             "step_ms_each": [round(t * 1e3, 2) for t in times],  # in order: when a mode slows down
@@ -438,6 +454,14 @@ def main() -> None:
                              for k in PHASES],
                   round(statistics.fmean(half(results[name][0]["step_ms_each"], h == "1st")), 2)]
                  for name, _ in modes for h in ("1st", "2nd") if results[name][0]["step_ms_each"]])
+    print_table("reserve_batch inside the step (host µs, median; the thread's CPU time of it; context switches "
+                "during the calls: voluntary = it blocked, involuntary = it was preempted)",
+                ["mode", "wall us", "thread CPU us", "voluntary switches", "involuntary switches", "calls"],
+                [[name, round(statistics.median(r["reserve_batch_us_p50"] for r in results[name]), 1),
+                  round(statistics.median(r["reserve_batch_cpu_us_p50"] for r in results[name]), 1),
+                  sum(r["reserve_batch_switches"]["voluntary"] for r in results[name]),
+                  sum(r["reserve_batch_switches"]["involuntary"] for r in results[name]),
+                  sum(r["steps"] for r in results[name])] for name, _ in modes])
     print_table("reserve_batch's parts with the device idle (host µs, median of 500 calls on the last step's batch)",
                 ["mode", *results[modes[0][0]][0]["idle_batch_us"]],
                 [[name, *[round(statistics.median(r["idle_batch_us"][k] for r in results[name]), 1)
