@@ -8,12 +8,14 @@ Targets (issue 16): >= 40 GB/s each way, device memory left <= 0.1 GiB plus what
 (the CUDA context, torch's kernels); first token after a server's wake <= 2x the time to copy its weights
 back.
 
+Fresh host memory is faulted in by GLAKE_SUSPEND_PREFAULT_THREADS threads (default 8) while the copy
+fills it (csrc/core/host_copy.h, FaultAhead). ``--prefault-threads 0,8,12`` runs each size once per
+value, each in a process of its own with that setting (0: the copy faults its pages in itself).
+
 ``--probe`` adds, per size, where suspend's time can go on this machine, each part measured alone in
 the same process: the transparent-huge-page setting; faulting in fresh anonymous memory with 8
-threads (what the suspend buffers' prefault does); multipath's device-to-pageable copy into memory
-already faulted in and into fresh memory; allocating pinned memory and copying into it; and the
-suspend again with the buffers prefaulted by 8 threads (GLAKE_SUSPEND_PREFAULT_THREADS=8; the default
-is 0, no prefault).
+threads; multipath's device-to-pageable copy into memory already faulted in and into fresh memory;
+allocating pinned memory and copying into it.
 
 ``--keep-host`` adds, per size, two suspend/resume cycles with GLAKE_SUSPEND_KEEP_HOST=1 and shows the
 second: its suspend copies into the host buffers the first resume kept (resident memory).
@@ -167,7 +169,7 @@ def worker(gib: int, with_probe: bool, cycles: int) -> dict:
     r = {"gib": gib, "suspend_s": suspend_s[-1], "resume_s": resume_s[-1], "suspend_s_cycles": suspend_s,
          "resume_s_cycles": resume_s, "base_free": base_free, "held_free": held_free,
          "suspended_free": suspended_free, "total": total, "intact": got == want,
-         "prefault_threads": os.environ.get("GLAKE_SUSPEND_PREFAULT_THREADS", "0"),
+         "prefault_threads": os.environ.get("GLAKE_SUSPEND_PREFAULT_THREADS", "8 (default)"),
          "keep_host": os.environ.get("GLAKE_SUSPEND_KEEP_HOST", "0"), "host_kept_bytes": _C.host_reserve_bytes(),
          "suspend_driver_ms": _driver_ms(c0, c1, "unmap", "release"),
          "resume_driver_ms": _driver_ms(c1, c2, "create", "map", "set_access")}
@@ -260,7 +262,10 @@ def run_worker(args: List[str], env=None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-gib", default="1,16,80")
-    ap.add_argument("--probe", action="store_true", help="time the parts of a suspend alone, and the suspend with an 8-thread prefault")
+    ap.add_argument("--probe", action="store_true", help="time the parts of a suspend alone")
+    ap.add_argument("--prefault-threads", default="",
+                    help="comma-separated GLAKE_SUSPEND_PREFAULT_THREADS values, one fresh-memory run per size each "
+                         "(default: the library's default only)")
     ap.add_argument("--serve", action="store_true", help="an LLM engine's first token after a wake")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="the --serve request's prompt")
     ap.add_argument("--keep-host", action="store_true",
@@ -277,19 +282,17 @@ def main() -> None:
         print("RESULT " + json.dumps(serve_worker(args.prompt_tokens)))
         return
     rows, probes, results = [], [], []
-    # the default: fresh host memory, no prefault; --probe adds the prefaulted variant, --keep-host the
-    # second of two cycles that keep their host buffers
-    variants = [("fresh", None, 1)]
-    if args.probe:
-        variants.append((f"fresh, {PREFAULT_THREADS}-thread prefault",
-                         {"GLAKE_SUSPEND_PREFAULT_THREADS": str(PREFAULT_THREADS)}, 1))
+    # fresh host memory, faulted in ahead of the copy by the default number of threads or by each of
+    # --prefault-threads; --keep-host adds the second of two cycles that keep their host buffers
+    variants = [(f"fresh, {n} fault-ahead threads", {"GLAKE_SUSPEND_PREFAULT_THREADS": n}, 1)
+                for n in args.prefault_threads.split(",") if n] or [("fresh", None, 1)]
     if args.keep_host:
         variants.append(("kept (2nd cycle)", {"GLAKE_SUSPEND_KEEP_HOST": "1"}, 2))
     for gib in (int(x) for x in args.sizes_gib.split(",") if x):
         for label, env, cycles in variants:
             try:
                 r = run_worker(["--worker", str(gib), "--cycles", str(cycles)] +
-                               (["--probe"] if args.probe and env is None else []), env)
+                               (["--probe"] if args.probe and (label, env) == variants[0][:2] else []), env)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 rows.append([gib, label, "error", "", "", "", "", "", ""])
                 print(e)

@@ -81,7 +81,8 @@ void StitchAllocator::suspend(HostCopier* copier, const std::vector<DevPtr>& dis
   std::vector<std::size_t> sizes;
   for (const Run& r : runs) sizes.push_back(r.size);
   std::size_t host_bytes = 0, file_bytes = 0;
-  auto [buffers, reused] = host_reserve_.take(sizes);
+  HostReserve::Taken taken = host_reserve_.take(sizes);  // after `saved`: its faulting stops before they go
+  std::vector<HostBufferPtr>& buffers = taken.buffers;
   std::vector<HostCopy> copies;
   for (std::size_t i = 0; i < runs.size(); ++i) {
     const Run& r = runs[i];
@@ -98,7 +99,7 @@ void StitchAllocator::suspend(HostCopier* copier, const std::vector<DevPtr>& dis
   saved_ = std::move(saved);
   stats_.suspended_host_bytes = static_cast<std::int64_t>(host_bytes);
   stats_.suspended_file_bytes = static_cast<std::int64_t>(file_bytes);
-  stats_.suspended_reused_bytes = static_cast<std::int64_t>(reused);
+  stats_.suspended_reused_bytes = static_cast<std::int64_t>(taken.reused);
   suspended_ = true;
 }
 

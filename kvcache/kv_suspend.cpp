@@ -65,7 +65,7 @@ std::unique_ptr<Suspension> KvManager::save_live(HostCopier& io, bool discard) {
   const std::vector<Run> runs = runs_of(first, nullptr, cb);
   std::vector<std::size_t> sizes;
   for (const Run& r : runs) sizes.push_back(r.count * cb);
-  HostReserve::Taken taken = host_reserve_.take(sizes);
+  HostReserve::Taken taken = host_reserve_.take(sizes);  // after `s`: its faulting stops before they go
   s->buffers = std::move(taken.buffers);
   s->reused_bytes = taken.reused;
   std::vector<HostCopy> copies;

@@ -2,9 +2,11 @@
 // every layer that suspends (gmlake's allocator, kvcache's manager).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <map>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "driver/driver.h"
@@ -46,8 +48,7 @@ class GLAKE_API DriverCopier final : public HostCopier {
 };
 
 /// Host memory for suspended data, unmapped on destruction: anonymous, with transparent huge pages
-/// asked for (faulted in by the copy that fills it, or first by $GLAKE_SUSPEND_PREFAULT_THREADS
-/// threads when set: on an H200 host the copy's own faulting was the faster); or, when the bytes
+/// asked for (faulted in by the copy that fills it, and ahead of it by a FaultAhead); or, when the bytes
 /// would leave less than a tenth of RAM available (or exceed $GLAKE_SUSPEND_FILE_OVER bytes), a
 /// shared mapping of an unnamed, preallocated file in $GLAKE_SUSPEND_DIR (default /var/tmp), so that
 /// a suspend larger than RAM pages out to disk instead of failing. `pending`: bytes of other buffers
@@ -73,6 +74,36 @@ class GLAKE_API HostBuffer {
 
 using HostBufferPtr = std::unique_ptr<HostBuffer>;
 
+/// Threads that fault fresh host buffers in while a copy fills them: the buffers' bytes in 32 MiB
+/// blocks, taken in order (the order the batch copies them in) from a shared cursor, each faulted in
+/// with MADV_POPULATE_WRITE, so that the copy finds its pages present instead of faulting and zeroing
+/// them itself, page by page, inside its pipeline. Faulting a page in never changes bytes already
+/// written, so the copy and these threads may touch the same pages in any order. Stops (and joins)
+/// on destruction, which must come before the buffers are unmapped; once the copy has returned the
+/// rest of its work is moot. No threads for fewer than two blocks, or when `threads` is 0.
+class GLAKE_API FaultAhead {
+ public:
+  FaultAhead(const std::vector<const HostBuffer*>& buffers, unsigned threads);
+  ~FaultAhead();
+  FaultAhead(const FaultAhead&) = delete;
+  FaultAhead& operator=(const FaultAhead&) = delete;
+  /// Threads started (0: nothing to fault, or faulting off).
+  unsigned threads() const { return static_cast<unsigned>(pool_.size()); }
+  /// $GLAKE_SUSPEND_PREFAULT_THREADS, else 8 (capped at the hardware's threads).
+  static unsigned threads_from_env();
+
+ private:
+  struct Block {
+    char* p;
+    std::size_t n;
+  };
+  void work();
+  std::vector<Block> blocks_;
+  std::atomic<std::size_t> next_{0};
+  std::atomic<bool> stop_{false};
+  std::vector<std::thread> pool_;
+};
+
 /// The host buffers of one suspending object (an allocator, a KV cache), which owns its reserve and
 /// guards it with its own lock. suspend() asks it for one buffer per run to copy; resume() hands the
 /// buffers back. With $GLAKE_SUSPEND_KEEP_HOST=1 (read at each give_back) they stay mapped, their
@@ -87,14 +118,18 @@ class GLAKE_API HostReserve {
   ~HostReserve();
   HostReserve(const HostReserve&) = delete;
   HostReserve& operator=(const HostReserve&) = delete;
-  /// What take() hands out: one buffer per size asked for, and the bytes of them that were kept ones.
+  /// What take() hands out: one buffer per size asked for, the bytes of them that were kept ones, and
+  /// the threads faulting the new ones in (let it go once the copy into them has returned, and before
+  /// the buffers: declare the buffers' owner first).
   struct Taken {
     std::vector<HostBufferPtr> buffers;
     std::size_t reused = 0;
+    std::unique_ptr<FaultAhead> faulting;
   };
   /// One buffer per entry of `sizes`, in order: a kept one of exactly that size where there is one,
-  /// else a new HostBuffer. Kept buffers left over are unmapped first. Throws OutOfMemoryError (the
-  /// buffers made so far are unmapped; the reserve is then empty).
+  /// else a new HostBuffer, the new anonymous ones faulted in ahead of the copy
+  /// (FaultAhead::threads_from_env() threads). Kept buffers left over are unmapped first. Throws
+  /// OutOfMemoryError (the buffers made so far are unmapped; the reserve is then empty).
   Taken take(const std::vector<std::size_t>& sizes);
   /// A resume's buffers, its data copied back: kept when $GLAKE_SUSPEND_KEEP_HOST=1, else unmapped.
   void give_back(std::vector<HostBufferPtr> buffers);

@@ -155,9 +155,10 @@ def test_no_room_for_the_file_fails_cleanly_and_changes_nothing(monkeypatch):
     a.free(p)
 
 
-@pytest.mark.parametrize("threads", ["0", "3"])
+@pytest.mark.parametrize("threads", ["0", "3", "16"])
 def test_prefaulted_host_buffers_hold_the_same_bytes(monkeypatch, threads):
-    # 3 threads over a 200 MiB run: uneven slices, the last one short
+    # Threads fault the fresh host buffer in while the copy writes it: 200 MiB are 7 blocks of 32 MiB,
+    # the last one short; 16 threads are more than the blocks; 0: the copy faults pages in itself
     monkeypatch.setenv("GLAKE_SUSPEND_PREFAULT_THREADS", threads)
     a = glake.Allocator(backend=BACKEND, chunk_bytes="8MiB")
     p = a.malloc(200 * MiB)
