@@ -294,14 +294,15 @@ def main() -> None:
                 r = run_worker(["--worker", str(gib), "--cycles", str(cycles)] +
                                (["--probe"] if args.probe and (label, env) == variants[0][:2] else []), env)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
-                rows.append([gib, label, "error", "", "", "", "", "", ""])
+                rows.append([gib, label, "error", "", "", "", "", "", "", ""])
                 print(e)
                 continue
             results.append(r)
             left = (r["base_free"] - r["suspended_free"]) / GiB  # what the process still holds beyond its start
             rows.append([gib, label, round(r["suspend_s"], 3), round(gib * GiB / r["suspend_s"] / 1e9, 1),
                          round(r["suspend_driver_ms"]), round(r["resume_s"], 3),
-                         round(gib * GiB / r["resume_s"] / 1e9, 1), round(left, 3), r["intact"]])
+                         round(gib * GiB / r["resume_s"] / 1e9, 1), round(r["resume_driver_ms"]), round(left, 3),
+                         r["intact"]])
             if "probe" in r:
                 p = r["probe"]
                 probes.append([gib, round(p["prefault_gbs"], 1), round(p["d2h_faulted_gbs"], 1),
@@ -310,7 +311,7 @@ def main() -> None:
             print(f"  {gib} GiB, {label}: suspend {r['suspend_s']:.3f} s, resume {r['resume_s']:.3f} s", flush=True)
     print_table("glake.suspend / glake.resume (device synchronised around each)",
                 ["GiB", "host memory", "suspend s", "suspend GB/s", "of it unmap+release ms", "resume s", "resume GB/s",
-                 "GiB left vs start", "data intact"], rows)
+                 "of it create+map ms", "GiB left vs start", "data intact"], rows)
     payload: Dict[str, object] = {"args": vars(args), "results": results}
     if probes:
         payload["thp"] = _thp()
