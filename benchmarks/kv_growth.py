@@ -102,6 +102,9 @@ class DecodeSim:
         # of it, the thread's CPU time, and its context switches (voluntary: it blocked; involuntary: it
         # was preempted): which tells a call that ran slowly from one that waited
         self.batch_cpu_us: List[float] = []
+        self.first_submit_us: List[float] = []
+        self.canary = ((torch.zeros(1, dtype=torch.int32).pin_memory(), torch.zeros(1, dtype=torch.int32, device=dev))
+                       if args.first_submit and dev.type == "cuda" else None)
         self.batch_switches = [0, 0]
         self.last_batch = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # the last step's (slots, lengths)
         self.phase_ms: Dict[str, List[float]] = {k: [] for k in PHASES}  # host ms of each step's phases
@@ -132,6 +135,10 @@ class DecodeSim:
         live = [i for i in range(len(self.slot)) if i not in waiting]
         batch_slots = np.fromiter((self.slot[i] for i in live), np.int64, len(live))
         batch_lens = np.fromiter((self.length[i] + 1 for i in live), np.int64, len(live))
+        if self.canary is not None:  # --first-submit: the first submission after the sync is not reserve_batch's
+            c = time.perf_counter_ns()
+            self.canary[1].copy_(self.canary[0], non_blocking=True)
+            self.first_submit_us.append((time.perf_counter_ns() - c) / 1e3)
         r0 = resource.getrusage(resource.RUSAGE_THREAD)
         c0 = time.thread_time_ns()
         t0 = time.perf_counter_ns()
@@ -265,6 +272,7 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
         step_used, step_mapped, step_ideal = 0, 0, 0
         sim.batch_us.clear()
         sim.batch_cpu_us.clear()
+        sim.first_submit_us.clear()
         sim.batch_switches = [0, 0]
         for v in sim.phase_ms.values():
             v.clear()
@@ -309,6 +317,7 @@ def run_mode(name: str, lookahead: Optional[int], args, requests: np.ndarray, ba
             "peak_chunks": s1["chunks_physical"],
             "reserve_batch_us_p50": statistics.median(sim.batch_us) if sim.batch_us else 0.0,
             "reserve_batch_cpu_us_p50": statistics.median(sim.batch_cpu_us) if sim.batch_cpu_us else 0.0,
+            "first_submit_us_p50": statistics.median(sim.first_submit_us) if sim.first_submit_us else None,
             "reserve_batch_switches": {"voluntary": sim.batch_switches[0], "involuntary": sim.batch_switches[1]},
             "idle_batch_us": idle,
             "top_ops": top,
@@ -387,6 +396,9 @@ def main() -> None:
     ap.add_argument("--no-attention", dest="attention", action="store_false",
                     help="skip the K/V writes and attention: steps then time the manager alone (for quick "
                          "utilisation studies; not the step-time comparison)")
+    ap.add_argument("--first-submit", action="store_true",
+                    help="before each step's reserve_batch, time a 4-byte host-to-device copy of its own: the "
+                         "step's first submission to the device after the previous step's synchronisation")
     ap.add_argument("--emulate-step-ms", type=float, default=0.0,
                     help="with --no-attention: sleep this long per step in place of the GPU work, to check the "
                          "mapper's logic on a host (a sleep frees the GIL, kernel launches do not: no step-time claim)")
@@ -456,12 +468,15 @@ def main() -> None:
                  for name, _ in modes for h in ("1st", "2nd") if results[name][0]["step_ms_each"]])
     print_table("reserve_batch inside the step (host µs, median; the thread's CPU time of it; context switches "
                 "during the calls: voluntary = it blocked, involuntary = it was preempted)",
-                ["mode", "wall us", "thread CPU us", "voluntary switches", "involuntary switches", "calls"],
+                ["mode", "wall us", "thread CPU us", "voluntary switches", "involuntary switches", "calls",
+                 "a 4-byte copy before it us (--first-submit)"],
                 [[name, round(statistics.median(r["reserve_batch_us_p50"] for r in results[name]), 1),
                   round(statistics.median(r["reserve_batch_cpu_us_p50"] for r in results[name]), 1),
                   sum(r["reserve_batch_switches"]["voluntary"] for r in results[name]),
                   sum(r["reserve_batch_switches"]["involuntary"] for r in results[name]),
-                  sum(r["steps"] for r in results[name])] for name, _ in modes])
+                  sum(r["steps"] for r in results[name]),
+                  "-" if results[name][0]["first_submit_us_p50"] is None
+                  else round(statistics.median(r["first_submit_us_p50"] for r in results[name]), 1)] for name, _ in modes])
     print_table("reserve_batch's parts with the device idle (host µs, median of 500 calls on the last step's batch)",
                 ["mode", *results[modes[0][0]][0]["idle_batch_us"]],
                 [[name, *[round(statistics.median(r["idle_batch_us"][k] for r in results[name]), 1)

@@ -1,7 +1,8 @@
 """The libcuda shim on a real GPU and driver: a driver-API program, a CUDA runtime program (static and
 shared cudart, which the fake libcuda cannot host) and PyTorch training a step (with and without its
 caching allocator) give the same results under `glake run --shim` as without it, and their memory
-comes from glake (the shim's stats page says so)."""
+comes from glake (the shim's stats page says so); so do JAX with the platform allocator and CuPy without
+its pool."""
 
 from __future__ import annotations
 
@@ -88,6 +89,44 @@ for _ in range(3):
 print(json.dumps({"result": losses, "page": page}))
 """
 
+JAX_PROGRAM = r"""
+import json, os
+import jax, jax.numpy as jnp
+k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+w1, w2 = jax.random.normal(k1, (512, 2048)) * 0.02, jax.random.normal(k2, (2048, 512)) * 0.02
+x = jax.random.normal(k3, (256, 512))
+y = jnp.roll(x, 1, axis=1)
+loss = lambda w, x, y: jnp.mean((jax.nn.gelu(x @ w[0]) @ w[1] - y) ** 2)
+step = jax.jit(lambda w, x, y: jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, w, jax.grad(loss)(w, x, y)))
+w, losses = (w1, w2), []
+for _ in range(3):
+    w = step(w, x, y)
+    losses.append(round(float(loss(w, x, y)), 3))
+assert jax.devices()[0].platform == "gpu", jax.devices()
+""" + PAGE + """
+print(json.dumps({"result": losses, "page": page}))
+"""
+
+CUPY_PROGRAM = r"""
+import json, os
+import cupy as cp
+cp.cuda.set_allocator(None)  # the pool off: every array is a cudaMalloc, every drop a cudaFree
+cp.cuda.set_pinned_memory_allocator(None)
+rs = cp.random.RandomState(0)
+a = rs.standard_normal((1024, 1024), dtype=cp.float32)
+out = []
+keep = [rs.standard_normal(n, dtype=cp.float32) for n in (1 << 20, 3 << 19, 1 << 22)]  # 4-16 MiB, live
+for i in range(4):  # arrays of sizes that do not repeat, made and dropped: a fragmenting pattern
+    b = a @ a.T / 1024 + i
+    c = cp.fft.rfft(b, axis=1)
+    out.append(round(float(cp.abs(c).mean()), 3))
+    a = cp.tanh(b[: 1024 - 64 * (i + 1)].repeat(2, axis=0)[:1024])
+out.append(round(float(sum(float(k.sum()) for k in keep)), 1))
+""" + PAGE + """
+print(json.dumps({"result": out, "page": page}))
+"""
+
+
 def check_same_under_the_shim(runtime_dir, program: str, min_live: int, **env_extra: str) -> None:
     """``program`` prints its results and (under the shim) its own stats page: same results both ways,
     the page active, no re-entry, at least ``min_live`` bytes of glake memory live when it looked."""
@@ -105,6 +144,7 @@ def check_same_under_the_shim(runtime_dir, program: str, min_live: int, **env_ex
     alloc = next(x for x in page["sections"] if x["name"] == "allocator")
     assert shim_sec["labels"]["mode"] == "active", page["process"]
     assert shim_sec["counters"]["reentries"] == 0
+    print("shim counters:", shim_sec["counters"], "allocator live bytes:", alloc["counters"]["requested_bytes.all.current"])
     assert alloc["counters"]["requested_bytes.all.current"] >= min_live
 
 
@@ -115,3 +155,16 @@ def test_torch_trains_a_step_under_the_shim(runtime_dir):
 
 def test_torch_without_its_cache_under_the_shim(runtime_dir):
     check_same_under_the_shim(runtime_dir, TORCH_PROGRAM, 8 << 20, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+
+
+def test_jax_platform_allocator_under_the_shim(runtime_dir):
+    # XLA_PYTHON_CLIENT_ALLOCATOR=platform: XLA asks the driver for each buffer; the arrays live
+    # when the page is read (two weight matrices, 8 MiB) are glake memory
+    pytest.importorskip("jax")
+    check_same_under_the_shim(runtime_dir, JAX_PROGRAM, 8 << 20, XLA_PYTHON_CLIENT_ALLOCATOR="platform",
+                              XLA_PYTHON_CLIENT_PREALLOCATE="false")
+
+
+def test_cupy_without_its_pool_under_the_shim(runtime_dir):
+    pytest.importorskip("cupy")
+    check_same_under_the_shim(runtime_dir, CUPY_PROGRAM, 24 << 20)
