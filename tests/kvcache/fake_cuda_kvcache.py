@@ -79,6 +79,43 @@ def suspend_resume_retry():
     assert fake.fake_live_vmm_handles() == handles and fake.fake_violations() == 0
 
 
+def lengths_published_in_stream_order():
+    """Every publish_lengths is seen, in order, by the work queued after it on its stream: the host
+    writes each publish into a staging buffer, so a buffer reused while its copy still waits in a
+    lagging stream would hand a later step's lengths to an earlier kernel. Two streams whose copies
+    lag (FAKE_CUDA_COPY_DELAY_US: 2 ms a copy, the host's step is far shorter), switching every 7 steps;
+    150 publishes wrap the staging ring (64) twice."""
+    os.environ["FAKE_CUDA_COPY_DELAY_US"] = "2000"  # read when each stream is made
+    m = _C.KvManager(8, 512, 4096, None, 0, 0, "cuda")  # 512 tokens a chunk: no mapping after the first step
+    slots = [m.allocate() for _ in range(8)]
+    streams, dst = [ctypes.c_void_p(), ctypes.c_void_p()], [ctypes.c_uint64(), ctypes.c_uint64()]
+    steps, n = 150, 8 * 4
+    seen = ctypes.c_uint64()
+    for k in range(2):
+        assert fake.cuStreamCreate(ctypes.byref(streams[k]), 0) == 0
+        assert fake.cuMemAlloc_v2(ctypes.byref(dst[k]), n) == 0
+    assert fake.cuMemAlloc_v2(ctypes.byref(seen), steps * n) == 0
+    for step in range(steps):
+        k = (step // 7) % 2
+        m.reserve_batch(np.asarray(slots, np.int64), np.asarray([step + 1 + i for i in range(8)], np.int64))
+        m.publish_lengths(dst[k].value, streams[k].value)
+        # what a kernel queued next on this stream reads: a copy of the lengths, in the stream's order
+        assert fake.cuMemcpyAsync(ctypes.c_uint64(seen.value + step * n), dst[k], ctypes.c_size_t(n), streams[k]) == 0
+    # the host ran a whole ring ahead of a stream: a staging buffer was due while its copy still waited
+    assert m.stats()["lengths_waits"] > 0, "the copies never lagged a ring behind: the test tests nothing"
+    assert fake.cuCtxSynchronize() == 0
+    got = np.ctypeslib.as_array((ctypes.c_int32 * (steps * 8)).from_address(seen.value)).reshape(steps, 8)
+    want = np.arange(1, steps + 1)[:, None] + np.arange(8)[None, :]
+    bad = np.nonzero((got != want).any(axis=1))[0]
+    assert bad.size == 0, f"steps {bad[:10].tolist()} saw {got[bad[0]].tolist()}, not {want[bad[0]].tolist()}"
+    for k in range(2):
+        fake.cuMemFree_v2(dst[k])
+        fake.cuStreamDestroy_v2(streams[k])
+    fake.cuMemFree_v2(seen)
+    m.close()
+    assert fake.fake_violations() == 0
+
+
 if __name__ == "__main__":
     name = sys.argv[1]
     assert _C.backend_name() == "cuda", "run with GLAKE_BACKEND=cuda and the fake libcuda on LD_LIBRARY_PATH"
