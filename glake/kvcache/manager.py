@@ -321,9 +321,10 @@ class KVCache:
         """Brings :attr:`lengths` up to date: each slot's reserved length, 0 for slots with no live sequence.
 
         The contract: the C++ side keeps an int32 array of reserved lengths; this call copies it into
-        a pinned staging buffer (one of 4, reused once the copy out of it has completed) and enqueues
-        an asynchronous copy to the device tensor on the current stream. Work queued on that stream
-        afterwards sees the new values; nothing waits for the GPU unless it is 4 publishes behind.
+        a pinned staging buffer (one of 64, reused once the copies out of its group of 16 have
+        completed) and enqueues an asynchronous copy to the device tensor on the current stream. Work
+        queued on that stream afterwards sees the new values; nothing waits for the GPU unless it is
+        about 48 publishes behind.
         :meth:`reserve_batch` calls it; after ``allocate``/``release``/``fork``/``swap_in`` or single
         ``reserve`` calls, call it before the attention that reads :attr:`lengths`. On the host
         backend the tensor is updated at once.
