@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -93,7 +94,10 @@ FaultAhead::FaultAhead(const std::vector<const HostBuffer*>& buffers, unsigned t
   }
   if (blocks_.size() < 2) return;
   threads = static_cast<unsigned>(std::min<std::size_t>(threads, blocks_.size()));
-  for (unsigned t = 0; t < threads; ++t) pool_.emplace_back([this] { work(); });
+  try {
+    for (unsigned t = 0; t < threads; ++t) pool_.emplace_back([this] { work(); });
+  } catch (const std::system_error&) {  // no more threads to be had: those started do the work
+  }
 }
 
 FaultAhead::~FaultAhead() {

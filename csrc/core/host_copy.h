@@ -80,15 +80,14 @@ using HostBufferPtr = std::unique_ptr<HostBuffer>;
 /// them itself, page by page, inside its pipeline. Faulting a page in never changes bytes already
 /// written, so the copy and these threads may touch the same pages in any order. Stops (and joins)
 /// on destruction, which must come before the buffers are unmapped; once the copy has returned the
-/// rest of its work is moot. No threads for fewer than two blocks, or when `threads` is 0.
+/// rest of its work is moot. No threads for fewer than two blocks, or when `threads` is 0; fewer when
+/// the system has no more to give.
 class GLAKE_API FaultAhead {
  public:
   FaultAhead(const std::vector<const HostBuffer*>& buffers, unsigned threads);
   ~FaultAhead();
   FaultAhead(const FaultAhead&) = delete;
   FaultAhead& operator=(const FaultAhead&) = delete;
-  /// Threads started (0: nothing to fault, or faulting off).
-  unsigned threads() const { return static_cast<unsigned>(pool_.size()); }
   /// $GLAKE_SUSPEND_PREFAULT_THREADS, else 8 (capped at the hardware's threads).
   static unsigned threads_from_env();
 
