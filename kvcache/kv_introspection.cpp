@@ -54,6 +54,7 @@ KvStats KvManager::stats() {
   s.slots_free = static_cast<std::int64_t>(slots_.free_stack().size());
   s.fences_pending = static_cast<std::int64_t>(fences_.pending_slots());
   s.mapper_passes = mapper_ ? mapper_->passes() : 0;
+  s.mapper_wakeups = mapper_ ? mapper_->wakeups() : 0;
   s.mapper_busy_ns = mapper_ ? mapper_->busy_ns() : 0;
   s.lengths_waits = mirror_.waits();
   s.suspended = suspended_.load();

@@ -274,7 +274,7 @@ void KvManager::release(std::int64_t slot, StreamHandle stream) {
   });
 }
 
-bool KvManager::reserve_fast(std::int64_t slot, std::int64_t length) {
+bool KvManager::reserve_fast(std::int64_t slot, std::int64_t length, std::vector<int>* wake) {
   if (slot < 0 || slot >= layout_.max_seqs || length < 0 || length > layout_.max_seq_len || closed_.load() ||
       suspended_.load()) {  // the locked path raises (suspend() runs on this thread: no race)
     return false;
@@ -289,7 +289,11 @@ bool KvManager::reserve_fast(std::int64_t slot, std::int64_t length) {
     lengths_[i] = static_cast<std::int32_t>(length);
     if (length > s.watermark.load(std::memory_order_relaxed)) {
       s.watermark.store(kNever, std::memory_order_relaxed);
-      mapper_->request(i);  // watermark < kNever only with a mapper
+      if (wake) {
+        wake->push_back(i);
+      } else {
+        mapper_->request(i);  // watermark < kNever only with a mapper
+      }
     }
     return true;
   }
@@ -326,16 +330,29 @@ void KvManager::reserve(std::int64_t slot, std::int64_t length) {
   });
 }
 
-void KvManager::reserve_batch(const std::int64_t* slots, const std::int64_t* lengths, std::size_t n) {
+void KvManager::reserve_batch(const std::int64_t* slots, const std::int64_t* lengths, std::size_t n,
+                              const LengthsTarget* publish) {
+  // Slots whose watermark the fast path crossed (it set them to kNever: they must reach the mapper,
+  // whatever happens next), asked for once, after the publish.
+  struct WakeAtExit {
+    Mapper* mapper;
+    std::vector<int> slots;
+    ~WakeAtExit() {
+      if (mapper) mapper->request(slots);
+    }
+  } wake{mapper_.get(), {}};
   std::vector<std::pair<int, std::int64_t>> undo;  // (slot, target before) of fast reservations made
   std::size_t k = 0;
   for (; k < n; ++k) {
     const std::int64_t s = slots[k];
     const std::int64_t before = (s >= 0 && s < layout_.max_seqs) ? slots_[static_cast<int>(s)].target.load() : 0;
-    if (!reserve_fast(s, lengths[k])) break;
+    if (!reserve_fast(s, lengths[k], &wake.slots)) break;
     if (lengths[k] > before) undo.emplace_back(static_cast<int>(s), before);
   }
-  if (k == n) return;  // the common case: every sequence already backed
+  if (k == n) {  // the common case: every sequence already backed
+    if (publish) publish_lengths(publish->dst, publish->stream);
+    return;
+  }
   const auto t0 = std::chrono::steady_clock::now();
   locked_with_fences<bool>([&](std::vector<int>& fenced) -> std::optional<bool> {
     for (auto it = undo.rbegin(); it != undo.rend(); ++it) set_target(it->first, it->second);  // start from scratch
@@ -381,6 +398,7 @@ void KvManager::reserve_batch(const std::int64_t* slots, const std::int64_t* len
     }
     return true;
   });
+  if (publish) publish_lengths(publish->dst, publish->stream);
 }
 
 bool KvManager::can_reserve(std::int64_t slot, std::int64_t length) {

@@ -59,7 +59,7 @@ struct KvStats {
   std::int64_t chunks_reclaimable = 0, chunks_surplus = 0, chunks_free = 0, pool_cached_chunks = 0;
   std::optional<std::int64_t> chunks_budget;
   std::int64_t slots_active = 0, slots_released = 0, slots_free = 0, tokens_reserved = 0, fences_pending = 0;
-  std::uint64_t mapper_passes = 0, mapper_busy_ns = 0, lengths_waits = 0;
+  std::uint64_t mapper_passes = 0, mapper_wakeups = 0, mapper_busy_ns = 0, lengths_waits = 0;
   bool suspended = false;
   std::int64_t suspended_host_bytes = 0;  ///< bytes suspend() copied to host memory (0 when not suspended)
   std::int64_t suspended_reused_bytes = 0; ///< of them, bytes written into host memory kept from the last resume
@@ -70,6 +70,12 @@ struct KvStats {
 struct ForkResult {
   int slot = -1;
   std::size_t tail_src = 0, tail_dst = 0, tail_bytes = 0;
+};
+
+/// Where publish_lengths() copies the lengths: an int32 device array, ordered on a stream.
+struct LengthsTarget {
+  DevPtr dst = 0;
+  StreamHandle stream{};
 };
 
 /// Test hooks: a failing background map, and holding the mapper inside a trim with the lock held.
@@ -101,12 +107,16 @@ class KvManager {
   int allocate();
   /// Ends `slot`'s sequence; its chunks stay mapped; a fence is recorded on `stream` first.
   void release(std::int64_t slot, StreamHandle stream);
-  /// The lock-free fast path of reserve: true when done, false when the locked path must run.
-  bool reserve_fast(std::int64_t slot, std::int64_t length);
+  /// The lock-free fast path of reserve: true when done, false when the locked path must run. A slot
+  /// the mapper should now serve is asked for at once, or added to `wake` when given.
+  bool reserve_fast(std::int64_t slot, std::int64_t length, std::vector<int>* wake = nullptr);
   /// Guarantees backing for tokens [0, length) of `slot` (maps synchronously when needed).
   void reserve(std::int64_t slot, std::int64_t length);
-  /// reserve() for `n` slots at once, all or nothing: an OutOfMemoryError changes no slot.
-  void reserve_batch(const std::int64_t* slots, const std::int64_t* lengths, std::size_t n);
+  /// reserve() for `n` slots at once, all or nothing: an OutOfMemoryError changes no slot. With `publish`
+  /// the lengths are then published (publish_lengths); the mapper is woken once, after that: the slots
+  /// it should serve are gathered, so that its driver calls do not race the publish's copy.
+  void reserve_batch(const std::int64_t* slots, const std::int64_t* lengths, std::size_t n,
+                     const LengthsTarget* publish = nullptr);
   /// Whether reserve(slot, length) would succeed now (it may have to wait for a fence).
   bool can_reserve(std::int64_t slot, std::int64_t length);
   /// Tokens the chunks a reservation can still get would back (num_free_chunks x tokens per chunk).

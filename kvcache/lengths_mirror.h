@@ -44,7 +44,7 @@ class LengthsMirror {
   std::array<EventHandle, kGroups> events_{};
   std::array<bool, kGroups> recorded_{};
   int next_ = 0;           // the buffer the next publish fills
-  int open_ = -1;          // the group with copies its event does not cover yet (-1: none)
+  int open_ = -1;          // the group being filled (-1: none: the next publish opens one)
   StreamHandle stream_{};  // the open group's stream
   std::uint64_t waits_ = 0;
 };

@@ -20,6 +20,17 @@ void Mapper::request(int slot) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     queue_.push_back(slot);
+    ++wakeups_;
+  }
+  wake_.notify_one();
+}
+
+void Mapper::request(const std::vector<int>& slots) {
+  if (slots.empty()) return;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    queue_.insert(queue_.end(), slots.begin(), slots.end());
+    ++wakeups_;
   }
   wake_.notify_one();
 }
@@ -56,6 +67,11 @@ bool Mapper::alive() const {
 std::uint64_t Mapper::passes() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return passes_;
+}
+
+std::uint64_t Mapper::wakeups() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return wakeups_;
 }
 
 std::uint64_t Mapper::busy_ns() const {

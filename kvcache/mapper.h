@@ -33,6 +33,8 @@ class Mapper {
 
   /// Asks the thread to serve `slot` (any thread; cheap).
   void request(int slot);
+  /// Asks for all of `slots` at once: one lock, one wake-up (nothing when empty).
+  void request(const std::vector<int>& slots);
   /// From inside a pass: serve `slot` again once a fence may have completed.
   void retry_later(int slot);
   /// Blocks until nothing is queued and no pass runs, and any work waiting on a fence has been
@@ -44,6 +46,8 @@ class Mapper {
   bool alive() const;
   /// Passes run so far.
   std::uint64_t passes() const;
+  /// Wake-ups asked for so far (request() calls that queued something).
+  std::uint64_t wakeups() const;
   /// Nanoseconds spent in passes.
   std::uint64_t busy_ns() const;
 
@@ -59,7 +63,7 @@ class Mapper {
   std::set<int> retry_;
   std::uint64_t retry_rounds_ = 0;  // passes over the retry set finished
   bool busy_ = false, stop_ = false, running_ = false;
-  std::uint64_t passes_ = 0, busy_ns_ = 0;
+  std::uint64_t passes_ = 0, busy_ns_ = 0, wakeups_ = 0;
   std::thread thread_;
 };
 

@@ -78,7 +78,7 @@ py::dict stats_dict(kv::KvManager& m) {
       {"fork_tail_bytes", n.fork_tail_bytes}, {"releases", n.releases}, {"swaps_out", n.swaps_out},
       {"swaps_in", n.swaps_in}, {"bytes_swapped_out", n.bytes_swapped_out},
       {"bytes_swapped_in", n.bytes_swapped_in}, {"batches", n.batches},
-      {"mapper_passes", s.mapper_passes}, {"mapper_busy_ns", s.mapper_busy_ns}, {"lengths_waits", s.lengths_waits}};
+      {"mapper_passes", s.mapper_passes}, {"mapper_wakeups", s.mapper_wakeups}, {"mapper_busy_ns", s.mapper_busy_ns}, {"lengths_waits", s.lengths_waits}};
   for (const auto& [key, value] : counters) d[key] = value;
   d["fences_pending"] = s.fences_pending;
   d["suspended"] = s.suspended ? 1 : 0;
@@ -121,7 +121,8 @@ void bind_kvcache(py::module_& m) {
              return true;
            }, py::arg("slot"), py::arg("length"),
            "Guarantees backing for tokens [0, length); False (nothing done) when a mapper error is pending.")
-      .def("reserve_batch", [](kv::KvManager& k, py::handle slots, py::handle lengths) {
+      .def("reserve_batch", [](kv::KvManager& k, py::handle slots, py::handle lengths, DevPtr dst,
+                               StreamHandle stream) {
              if (k.mapper_failed()) return false;
              auto s = int_array(slots, "slots"), n = int_array(lengths, "lengths");
              if (s.size() != n.size()) {
@@ -131,10 +132,12 @@ void bind_kvcache(py::module_& m) {
              const std::int64_t* sp = s.data();
              const std::int64_t* np_ = n.data();
              const auto count = static_cast<std::size_t>(s.size());
+             const kv::LengthsTarget to{dst, stream};
              py::gil_scoped_release nogil;
-             k.reserve_batch(sp, np_, count);
+             k.reserve_batch(sp, np_, count, dst ? &to : nullptr);
              return true;
-           }, py::arg("slots"), py::arg("lengths"), "reserve() for every slot at once, all or nothing.")
+           }, py::arg("slots"), py::arg("lengths"), py::arg("dst") = 0, py::arg("stream") = StreamHandle{},
+           "reserve() for every slot at once, all or nothing; then, when dst is given, publish_lengths(dst, stream).")
       .def("can_reserve", [](kv::KvManager& k, py::handle slot, py::handle length) {
              const auto s = index_arg(slot, "slot"), n = index_arg(length, "length");
              py::gil_scoped_release nogil;

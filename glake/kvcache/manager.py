@@ -303,7 +303,9 @@ class KVCache:
 
         ``slots`` and ``lengths`` are int sequences or integer numpy arrays (an int64 array is read
         in place). When every sequence is already backed this is one C++ loop with no lock. Then
-        :attr:`lengths` is updated (see :meth:`publish_lengths`).
+        :attr:`lengths` is updated (see :meth:`publish_lengths`), and only then is the background
+        mapper woken for the sequences nearing their backed end, so that its driver calls do not
+        race the copy.
 
         Raises
         ------
@@ -313,9 +315,8 @@ class KVCache:
         InvalidArgumentError
             A slot that is not live or a length out of range; no slot changed.
         """
-        if not self._m.reserve_batch(slots, lengths):
+        if not self._m.reserve_batch(slots, lengths, self._lengths_ptr(), self._stream()):
             self._raise_mapper_error()
-        self.publish_lengths()
 
     def publish_lengths(self) -> None:
         """Brings :attr:`lengths` up to date: each slot's reserved length, 0 for slots with no live sequence.
@@ -486,7 +487,8 @@ class KVCache:
         hole below it); ``trimmed`` (surplus chunks the mapper unmapped from live sequences into
         the pool); ``sync_waits`` (reserve calls that mapped synchronously) and ``wait_ns`` (their
         time, lock waits included); ``fence_waits`` (engine calls that waited, unlocked, for a
-        fence), ``fences_recorded``; ``mapper_passes``, ``mapper_busy_ns``, ``mapper_errors``;
+        fence), ``fences_recorded``; ``mapper_passes``, ``mapper_wakeups`` (requests
+        that woke it: one per reserve_batch at most), ``mapper_busy_ns``, ``mapper_errors``;
         ``forks``, ``fork_tail_bytes``, ``releases``, ``swaps_out|in``, ``bytes_swapped_out|in``,
         ``batches`` (locked reserve_batch calls) and ``lengths_waits``.
         """

@@ -65,6 +65,24 @@ def test_fast_path_takes_no_lock_and_calls_no_driver(make_kv, backend, lookahead
     assert kv._m.locked_engine_calls > locked
 
 
+def test_reserve_batch_wakes_the_mapper_once_for_the_whole_batch(make_kv):
+    """The slots a batch takes past their watermark reach the mapper in one request, after the
+    lengths are published: one pass serves them all (one wake-up per slot raced the publish's copy
+    with the mapper's driver calls)."""
+    kv = make_kv(lookahead_tokens=4, max_seqs=8)
+    slots = [kv.allocate() for _ in range(8)]
+    kv.reserve_batch(slots, [11] * 8)  # 11 + 4 <= 16: within the first chunk, nothing queued
+    assert kv.wait_mapper()
+    before = kv.stats()
+    kv.reserve_batch(slots, [13] * 8)  # every slot past its watermark
+    assert kv.stats()["mapper_wakeups"] == before["mapper_wakeups"] + 1
+    assert kv.lengths[slots].tolist() == [13] * 8  # published before the call returned
+    assert kv.wait_mapper()
+    assert kv.stats()["mapper_passes"] == before["mapper_passes"] + 1
+    assert all(kv.capacity(s) == 32 for s in slots)
+    kv.check_invariants()
+
+
 def test_a_mapper_error_surfaces_on_the_next_reserve_once(make_kv):
     kv = make_kv(lookahead_tokens=4)
     s = kv.allocate()
