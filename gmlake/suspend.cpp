@@ -2,6 +2,8 @@
 // again (live data copied to host memory and back; the free cache dropped, not copied).
 #include "gmlake/stitch_allocator.h"
 
+#include <algorithm>
+
 namespace glake::gmlake {
 
 bool StitchAllocator::suspended() const {
@@ -106,26 +108,69 @@ void StitchAllocator::suspend(HostCopier* copier, const std::vector<DevPtr>& dis
 void StitchAllocator::resume(HostCopier* copier) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (!suspended_) return;
-  // Every chunk first: running out of memory changes nothing (the new chunks go with `made`).
-  std::map<const Segment*, std::vector<std::shared_ptr<PhysChunk>>> made;
-  try {
-    for (const auto& [seg, s] : saved_) {
-      for (std::size_t size : s.chunk_sizes) made[seg].push_back(PhysChunk::create(driver_, device_, size));
-    }
-  } catch (const OutOfMemoryError& e) {
-    throw OutOfMemoryError("resume of the allocator of device " + std::to_string(device_) + ": " + e.what() +
-                           " (still suspended: free device memory and call resume() again)");
-  }
-  DriverCopier plain(driver_, device_);
-  HostCopier& io = copier ? *copier : plain;
+  // The segments' chunks are created and mapped a slice at a time, in the copy's order, by a thread,
+  // while the runs of the slices before are copied back (copy_to_device_behind). A device that cannot
+  // give them all changes nothing: the slices mapped are unmapped again and the saved state stays.
+  struct Slice {
+    Segment* seg;
+    std::size_t offset, bytes;
+    std::vector<std::size_t> sizes;
+  };
+  constexpr std::size_t kSliceBytes = 64u << 20;
+  std::vector<Slice> slices;
   std::vector<HostCopy> copies;
+  std::vector<std::size_t> needs;  // per copy: the slices it needs mapped
   for (auto& seg : segments_) {
-    seg->range->map_many(0, made[seg.get()]);
-    for (const SavedRun& r : saved_[seg.get()].runs) {
-      copies.push_back(HostCopy{seg->range->ptr() + r.offset, r.bytes->ptr(), r.bytes->size()});
+    const auto found = saved_.find(seg.get());
+    if (found == saved_.end()) continue;
+    const std::size_t first = slices.size();
+    std::size_t end = 0;
+    for (std::size_t size : found->second.chunk_sizes) {
+      if (slices.size() == first || slices.back().bytes >= kSliceBytes) slices.push_back(Slice{seg.get(), end, 0, {}});
+      slices.back().sizes.push_back(size);
+      slices.back().bytes += size;
+      end += size;
+    }
+    std::size_t k = first;
+    for (const SavedRun& r : found->second.runs) {  // in offset order; each cut where its slices end
+      const std::size_t run_end = r.offset + r.bytes->size();
+      for (std::size_t at = r.offset; at < run_end; ++k) {
+        const std::size_t slice_end = slices[k].offset + slices[k].bytes;
+        if (slice_end <= at) continue;
+        const std::size_t to = std::min(run_end, slice_end);
+        copies.push_back(HostCopy{seg->range->ptr() + at, r.bytes->ptr() + (at - r.offset), to - at});
+        needs.push_back(k + 1);
+        at = to;
+        if (to < slice_end) break;  // the next run may start in this slice
+      }
     }
   }
-  io.to_device(copies);  // every segment's runs in one batch
+  std::size_t mapped = 0;  // slices [0, mapped) are mapped (written by the thread, read after it)
+  auto prepare = [&](std::size_t k) {
+    const Slice& sl = slices[k];
+    std::vector<std::shared_ptr<PhysChunk>> chunks;
+    for (std::size_t size : sl.sizes) chunks.push_back(PhysChunk::create(driver_, device_, size));
+    sl.seg->range->map_many(sl.offset, chunks);
+    ++mapped;
+  };
+  DriverCopier plain(driver_, device_);
+  try {
+    copy_to_device_behind(copier ? *copier : plain, copies, needs, slices.size(), prepare);
+  } catch (...) {
+    for (std::size_t k = 0; k < mapped; ++k) {
+      std::size_t at = slices[k].offset;
+      for (std::size_t size : slices[k].sizes) {
+        slices[k].seg->range->unmap(at);
+        at += size;
+      }
+    }
+    try {
+      throw;
+    } catch (const OutOfMemoryError& e) {
+      throw OutOfMemoryError("resume of the allocator of device " + std::to_string(device_) + ": " + e.what() +
+                             " (still suspended: free device memory and call resume() again)");
+    }
+  }
   map_stitches();
   std::vector<HostBufferPtr> done;
   for (auto& [seg, s] : saved_) {

@@ -9,6 +9,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -84,6 +87,67 @@ HostBuffer::HostBuffer(std::size_t size, std::size_t pending) : size_(size) {
 
 HostBuffer::~HostBuffer() {
   if (p_) munmap(p_, size_);
+}
+
+void copy_to_device_behind(HostCopier& io, const std::vector<HostCopy>& items, const std::vector<std::size_t>& needs,
+                           std::size_t steps, const std::function<void(std::size_t)>& prepare) {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::size_t done = 0;  // steps finished
+  bool stop = false;
+  std::exception_ptr failed;
+  std::thread worker([&] {
+    for (std::size_t k = 0; k < steps; ++k) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (stop) return;
+      }
+      std::exception_ptr e;
+      try {
+        prepare(k);
+      } catch (...) {
+        e = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      if (e) {
+        failed = e;
+        stop = true;
+      } else {
+        ++done;
+      }
+      cv.notify_all();
+      if (e) return;
+    }
+  });
+  std::exception_ptr copy_failed;
+  try {
+    std::size_t part_bytes = 64u << 20, i = 0;
+    while (i < items.size()) {
+      std::vector<HostCopy> part;
+      std::size_t bytes = 0, need = 0;
+      for (; i < items.size() && (part.empty() || bytes < part_bytes); ++i) {
+        part.push_back(items[i]);
+        bytes += items[i].n;
+        need = std::max(need, needs[i]);
+      }
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return done >= need || failed; });
+        if (failed) break;
+      }
+      io.to_device(part);
+      part_bytes *= 4;
+    }
+  } catch (...) {
+    copy_failed = std::current_exception();
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    stop = true;
+  }
+  worker.join();
+  if (failed) std::rethrow_exception(failed);
+  if (copy_failed) std::rethrow_exception(copy_failed);
 }
 
 FaultAhead::FaultAhead(const std::vector<const HostBuffer*>& buffers, unsigned threads) {

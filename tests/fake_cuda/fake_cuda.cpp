@@ -91,6 +91,7 @@ Ctx g_ctx[16] = {{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {
 thread_local Ctx* t_current = nullptr;
 
 std::atomic<int> g_violations{0};
+std::atomic<long> g_creates_left{-1};  // fake_fail_creates_after: creates that still succeed (-1: all)
 
 void violation(const std::string& what) {
   g_violations.fetch_add(1);
@@ -431,6 +432,11 @@ CUresult f_cuMemCreate(CUmemGenericAllocationHandle* h, size_t size, const CUmem
   // FAKE_CUDA_MAX_CHUNK=N: a chunk over N bytes fails as when physical memory is too scarce for it.
   if (const char* cap = std::getenv("FAKE_CUDA_MAX_CHUNK"); cap && size > std::strtoull(cap, nullptr, 10)) {
     return CUDA_ERROR_OUT_OF_MEMORY;
+  }
+  // fake_fail_creates_after(n): the device runs out after n more chunks.
+  for (long left = g_creates_left.load(); left >= 0;) {
+    if (left == 0) return CUDA_ERROR_OUT_OF_MEMORY;
+    if (g_creates_left.compare_exchange_weak(left, left - 1)) break;
   }
   // The name carries the device, so an importer in any process can tell a chunk of this fake.
   const std::string name = kChunkName + std::to_string(prop->location.id);
@@ -1141,6 +1147,10 @@ long fake_calls(const char* name) {
 }
 
 // ---- test helpers: no context needed ----
+
+/// The next `n` cuMemCreate calls succeed (within the other limits), those after fail with
+/// CUDA_ERROR_OUT_OF_MEMORY; n < 0: no such limit.
+void fake_fail_creates_after(long n) { g_creates_left.store(n); }
 
 void* fake_alloc_device(int device, size_t n) {
   Ctx* saved = t_current;

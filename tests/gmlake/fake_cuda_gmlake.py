@@ -34,6 +34,7 @@ fake.fake_stream_sleep.argtypes = [ctypes.c_void_p, ctypes.c_uint]
 fake.fake_stream_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 fake.fake_stream_sync.argtypes = [ctypes.c_void_p]
 fake.fake_set_capturing.argtypes = [ctypes.c_void_p, ctypes.c_int]
+fake.fake_fail_creates_after.argtypes = [ctypes.c_long]
 
 
 def view(ptr: int, n: int) -> np.ndarray:
@@ -499,6 +500,37 @@ def suspend_resume_retry():
     a.resume()
     assert not a.suspended
     assert np.array_equal(view(p, 20 * MiB), pattern(20 * MiB, 6))
+    a.free(p)
+    assert violations() == 0
+
+
+def resume_runs_out_midway():
+    """Resume maps a slice of chunks at a time while the slices before are copied back: a device that
+    runs out after some slices were mapped (and perhaps copied into) undoes them (still suspended, no
+    handle or mapping left over), and a later resume restores every byte."""
+    a = glake.Allocator(0, backend="cuda", chunk_bytes="2MiB")
+    base = live()
+    n = 256 * MiB  # 128 chunks: four 64 MiB slices
+    p = a.malloc(n)
+    view(p, n)[:] = pattern(n, 7)
+    a.suspend()
+    held = live()
+    assert held[0] == base[0] and held[2] == base[2], (held, base)
+    fake.fake_fail_creates_after(80)  # two slices and a half
+    creates, maps = fake.fake_calls(b"cuMemCreate"), fake.fake_calls(b"cuMemMap")
+    try:
+        a.resume()
+        raise AssertionError("resume succeeded without memory")
+    except glake.OutOfMemoryError as e:
+        assert "still suspended" in str(e), e
+    finally:
+        fake.fake_fail_creates_after(-1)
+    assert fake.fake_calls(b"cuMemCreate") - creates == 81, "the slices after the failure were not tried"
+    assert a.suspended and live() == held, (live(), held)
+    assert fake.fake_calls(b"cuMemMap") - maps == 64, "the two slices before the failure were mapped"
+    a.resume()
+    assert not a.suspended
+    assert np.array_equal(view(p, n), pattern(n, 7))
     a.free(p)
     assert violations() == 0
 

@@ -33,3 +33,7 @@ def test_a_chunk_too_large_for_the_memory_left_falls_back_to_granules(fake_libcu
 
 def test_a_failed_resume_leaves_the_allocator_suspended_and_a_later_one_restores_it(fake_libcuda):
     run_scenario(fake_libcuda, SCENARIOS, "suspend_resume_retry", devices=1)
+
+
+def test_a_resume_that_runs_out_midway_undoes_the_slices_it_mapped(fake_libcuda):
+    run_scenario(fake_libcuda, SCENARIOS, "resume_runs_out_midway", devices=1)

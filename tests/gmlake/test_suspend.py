@@ -50,6 +50,25 @@ def test_suspend_gives_the_memory_back_and_resume_restores_every_byte_at_the_sam
     a.free(p)
 
 
+def test_runs_that_cross_the_resume_slices_come_back_whole():
+    """Resume maps 64 MiB slices of a segment while the earlier ones copy: live runs that start,
+    end and pause inside slices (a free block between them) are cut at the slices and restored."""
+    a = glake.Allocator(backend=BACKEND, chunk_bytes="2MiB")
+    seg = a.malloc(200 * MiB)  # one segment of 100 chunks: slices [0, 64) [64, 128) [128, 192) [192, 200) MiB
+    a.free(seg)
+    parts = [a.malloc(n) for n in (50 * MiB, 30 * MiB, 90 * MiB)]  # carved from it: 0-50, 50-80, 80-170 MiB
+    assert a.stats()["reserved_bytes.all.current"] == 200 * MiB, "the test needs the three in one segment"
+    a.free(parts[0])  # a hole at the start: live 50-170 MiB, one run over three slices
+    for i, (p, n) in enumerate(zip(parts[1:], (30 * MiB, 90 * MiB))):
+        fill(p, n, 20 + i)
+    a.suspend()
+    a.resume()
+    for i, (p, n) in enumerate(zip(parts[1:], (30 * MiB, 90 * MiB))):
+        assert check(p, n, 20 + i), f"allocation {i} lost its contents"
+    for p in parts[1:]:
+        a.free(p)
+
+
 def test_the_free_cache_is_dropped_not_copied():
     a = glake.Allocator(backend=BACKEND, chunk_bytes="2MiB")
     keep = a.malloc(2 * MiB)
