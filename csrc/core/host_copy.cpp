@@ -91,6 +91,11 @@ HostBuffer::~HostBuffer() {
 
 void copy_to_device_behind(HostCopier& io, const std::vector<HostCopy>& items, const std::vector<std::size_t>& needs,
                            std::size_t steps, const std::function<void(std::size_t)>& prepare) {
+  if (const char* v = std::getenv("GLAKE_RESUME_OVERLAP"); v && std::string(v) == "0") {
+    for (std::size_t k = 0; k < steps; ++k) prepare(k);
+    io.to_device(items);
+    return;
+  }
   std::mutex mu;
   std::condition_variable cv;
   std::size_t done = 0;  // steps finished

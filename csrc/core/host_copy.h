@@ -57,6 +57,8 @@ class GLAKE_API DriverCopier final : public HostCopier {
 /// done: mapping runs an order of magnitude faster than the copy, so only the first part waits. When
 /// `prepare` or a copy throws, no further step or copy starts, the thread is joined and the first
 /// exception rethrown; undoing the steps done is the caller's (it knows what they made).
+/// $GLAKE_RESUME_OVERLAP=0 (read at each call): every step first, on the calling thread, then the
+/// items in one batch (the order before the overlap, kept to compare the two on a host).
 GLAKE_API void copy_to_device_behind(HostCopier& io, const std::vector<HostCopy>& items,
                                      const std::vector<std::size_t>& needs, std::size_t steps,
                                      const std::function<void(std::size_t)>& prepare);

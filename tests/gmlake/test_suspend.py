@@ -50,9 +50,12 @@ def test_suspend_gives_the_memory_back_and_resume_restores_every_byte_at_the_sam
     a.free(p)
 
 
-def test_runs_that_cross_the_resume_slices_come_back_whole():
+@pytest.mark.parametrize("overlap", ["1", "0"])
+def test_runs_that_cross_the_resume_slices_come_back_whole(monkeypatch, overlap):
     """Resume maps 64 MiB slices of a segment while the earlier ones copy: live runs that start,
-    end and pause inside slices (a free block between them) are cut at the slices and restored."""
+    end and pause inside slices (a free block between them) are cut at the slices and restored
+    (and so with GLAKE_RESUME_OVERLAP=0: everything mapped first)."""
+    monkeypatch.setenv("GLAKE_RESUME_OVERLAP", overlap)
     a = glake.Allocator(backend=BACKEND, chunk_bytes="2MiB")
     seg = a.malloc(200 * MiB)  # one segment of 100 chunks: slices [0, 64) [64, 128) [128, 192) [192, 200) MiB
     a.free(seg)
