@@ -476,6 +476,29 @@ def chunk_fallback():
     assert violations() == 0
 
 
+def resume_fails_while(a, starve, restore) -> None:
+    """With the device starved (``starve()``, undone by ``restore()`` afterwards), ``a.resume()`` raises
+    OutOfMemoryError saying the allocator is still suspended, and it is."""
+    starve()
+    try:
+        a.resume()
+        raise AssertionError("resume succeeded without memory")
+    except glake.OutOfMemoryError as e:
+        assert "still suspended" in str(e), e
+    finally:
+        restore()
+    assert a.suspended
+
+
+def resume_and_check(a, p: int, n: int, seed: int) -> None:
+    """A resume that succeeds and brings back the ``n`` bytes of ``pattern(n, seed)`` at ``p``."""
+    a.resume()
+    assert not a.suspended
+    assert np.array_equal(view(p, n), pattern(n, seed))
+    a.free(p)
+    assert violations() == 0
+
+
 def suspend_resume_retry():
     """A resume that cannot get its chunks fails cleanly (still suspended, nothing leaked) and a later
     one restores the data; while suspended the allocator holds no VMM handle."""
@@ -488,20 +511,11 @@ def suspend_resume_retry():
     a.suspend()
     held = live()[0]
     assert held == base, (held, base)  # the chunk went back to the driver
-    os.environ["FAKE_CUDA_MAX_CHUNK"] = str(2 * MiB)  # no 20 MiB chunk to be had now
-    try:
-        a.resume()
-        raise AssertionError("resume succeeded without memory")
-    except glake.OutOfMemoryError as e:
-        assert "still suspended" in str(e), e
-    finally:
-        del os.environ["FAKE_CUDA_MAX_CHUNK"]
-    assert a.suspended and live()[0] == held, live()
-    a.resume()
-    assert not a.suspended
-    assert np.array_equal(view(p, 20 * MiB), pattern(20 * MiB, 6))
-    a.free(p)
-    assert violations() == 0
+    resume_fails_while(  # no 20 MiB chunk to be had while starved
+        a, lambda: os.environ.__setitem__("FAKE_CUDA_MAX_CHUNK", str(2 * MiB)),
+        lambda: os.environ.pop("FAKE_CUDA_MAX_CHUNK"))
+    assert live()[0] == held, live()
+    resume_and_check(a, p, 20 * MiB, 6)
 
 
 def resume_runs_out_midway():
@@ -516,23 +530,13 @@ def resume_runs_out_midway():
     a.suspend()
     held = live()
     assert held[0] == base[0] and held[2] == base[2], (held, base)
-    fake.fake_fail_creates_after(80)  # two slices and a half
     creates, maps = fake.fake_calls(b"cuMemCreate"), fake.fake_calls(b"cuMemMap")
-    try:
-        a.resume()
-        raise AssertionError("resume succeeded without memory")
-    except glake.OutOfMemoryError as e:
-        assert "still suspended" in str(e), e
-    finally:
-        fake.fake_fail_creates_after(-1)
+    resume_fails_while(a, lambda: fake.fake_fail_creates_after(80),  # two slices and a half
+                       lambda: fake.fake_fail_creates_after(-1))
     assert fake.fake_calls(b"cuMemCreate") - creates == 81, "the slices after the failure were not tried"
-    assert a.suspended and live() == held, (live(), held)
+    assert live() == held, (live(), held)
     assert fake.fake_calls(b"cuMemMap") - maps == 64, "the two slices before the failure were mapped"
-    a.resume()
-    assert not a.suspended
-    assert np.array_equal(view(p, n), pattern(n, 7))
-    a.free(p)
-    assert violations() == 0
+    resume_and_check(a, p, n, 7)
 
 
 if __name__ == "__main__":
