@@ -147,8 +147,12 @@ void copy_to_device_behind(HostCopier& io, const std::vector<HostCopy>& items, c
     copy_failed = std::current_exception();
   }
   {
-    std::lock_guard<std::mutex> lock(mu);
-    stop = true;
+    std::unique_lock<std::mutex> lock(mu);
+    if (copy_failed) {
+      stop = true;  // the call fails anyway: no further step
+    } else {        // steps no copy needed (chunks holding no live data) must be done all the same
+      cv.wait(lock, [&] { return done == steps || failed; });
+    }
   }
   worker.join();
   if (failed) std::rethrow_exception(failed);

@@ -54,9 +54,10 @@ class GLAKE_API DriverCopier final : public HostCopier {
 /// in order and on that thread, makes some destination bytes usable (creates and maps chunks); items
 /// (in copy order) whose destinations step k prepared have `needs[i]` = k + 1. The items go to
 /// `io.to_device` in parts of growing size (64 MiB, then 4x each), each once the steps it needs are
-/// done: mapping runs an order of magnitude faster than the copy, so only the first part waits. When
-/// `prepare` or a copy throws, no further step or copy starts, the thread is joined and the first
-/// exception rethrown; undoing the steps done is the caller's (it knows what they made).
+/// done: mapping runs an order of magnitude faster than the copy, so only the first part waits. It
+/// returns once every step is done, those no item needs included. When `prepare` or a copy throws,
+/// no further step or copy starts, the thread is joined and the first exception rethrown; undoing
+/// the steps done is the caller's (it knows what they made).
 /// $GLAKE_RESUME_OVERLAP=0 (read at each call): every step first, on the calling thread, then the
 /// items in one batch (the order before the overlap, kept to compare the two on a host).
 GLAKE_API void copy_to_device_behind(HostCopier& io, const std::vector<HostCopy>& items,

@@ -72,6 +72,36 @@ def test_runs_that_cross_the_resume_slices_come_back_whole(monkeypatch, overlap)
         a.free(p)
 
 
+@pytest.mark.parametrize("with_live", [False, True])
+def test_resume_maps_segments_that_hold_no_live_data(with_live):
+    """A private pool's free segments survive a suspend (the pool is not released) and hold nothing to
+    copy back: resume maps them all the same, with no copy, or after the last copy, waiting for them
+    (found by the property test on the fake libcuda: reserved bytes with no physical memory)."""
+    base = physical()
+    a = glake.Allocator(backend=BACKEND, chunk_bytes="2MiB")
+    live = a.malloc(3 * MiB) if with_live else None
+    if live:
+        fill(live, 3 * MiB, 31)
+    a.begin_allocate_to_pool((1, 0), [0])
+    blocks = [a.malloc(2 * MiB) for _ in range(64)]  # 64 one-chunk segments of the pool
+    for p in blocks:
+        a.free(p)
+    a.end_allocate_to_pool((1, 0))
+    reserved = a.stats()["reserved_bytes.all.current"]
+    assert reserved >= 64 * 2 * MiB
+    a.suspend()
+    a.resume()
+    assert a.stats()["reserved_bytes.all.current"] == reserved
+    assert physical() - base == reserved, "a segment came back without its chunks"
+    if live:
+        assert check(live, 3 * MiB, 31)
+        a.free(live)
+    p = a.malloc(2 * MiB)  # and the pool's memory is usable
+    fill(p, 2 * MiB, 32)
+    assert check(p, 2 * MiB, 32)
+    a.free(p)
+
+
 def test_the_free_cache_is_dropped_not_copied():
     a = glake.Allocator(backend=BACKEND, chunk_bytes="2MiB")
     keep = a.malloc(2 * MiB)
