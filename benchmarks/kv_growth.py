@@ -242,7 +242,7 @@ def sync(kv: KVCache, spin: bool = False) -> None:
     ev = torch.cuda.Event()
     ev.record()
     while not ev.query():
-        pass
+        continue  # a busy wait, on purpose
 
 
 def profile_steps(sim: "DecodeSim", kv: KVCache, steps: int, top: int = 8) -> List[Dict]:

@@ -131,17 +131,15 @@ void StitchAllocator::resume(HostCopier* copier) {
       slices.back().bytes += size;
       end += size;
     }
-    std::size_t k = first;
-    for (const SavedRun& r : found->second.runs) {  // in offset order; each cut where its slices end
+    std::size_t k = first;  // the slice holding `at`; runs come in offset order
+    for (const SavedRun& r : found->second.runs) {  // each cut where its slices end
       const std::size_t run_end = r.offset + r.bytes->size();
-      for (std::size_t at = r.offset; at < run_end; ++k) {
-        const std::size_t slice_end = slices[k].offset + slices[k].bytes;
-        if (slice_end <= at) continue;
-        const std::size_t to = std::min(run_end, slice_end);
+      for (std::size_t at = r.offset; at < run_end;) {
+        while (slices[k].offset + slices[k].bytes <= at) ++k;
+        const std::size_t to = std::min(run_end, slices[k].offset + slices[k].bytes);
         copies.push_back(HostCopy{seg->range->ptr() + at, r.bytes->ptr() + (at - r.offset), to - at});
         needs.push_back(k + 1);
         at = to;
-        if (to < slice_end) break;  // the next run may start in this slice
       }
     }
   }
@@ -153,10 +151,7 @@ void StitchAllocator::resume(HostCopier* copier) {
     sl.seg->range->map_many(sl.offset, chunks);
     ++mapped;
   };
-  DriverCopier plain(driver_, device_);
-  try {
-    copy_to_device_behind(copier ? *copier : plain, copies, needs, slices.size(), prepare);
-  } catch (...) {
+  auto unmap_prepared = [&] {
     for (std::size_t k = 0; k < mapped; ++k) {
       std::size_t at = slices[k].offset;
       for (std::size_t size : slices[k].sizes) {
@@ -164,12 +159,17 @@ void StitchAllocator::resume(HostCopier* copier) {
         at += size;
       }
     }
-    try {
-      throw;
-    } catch (const OutOfMemoryError& e) {
-      throw OutOfMemoryError("resume of the allocator of device " + std::to_string(device_) + ": " + e.what() +
-                             " (still suspended: free device memory and call resume() again)");
-    }
+  };
+  DriverCopier plain(driver_, device_);
+  try {
+    copy_to_device_behind(copier ? *copier : plain, copies, needs, slices.size(), prepare);
+  } catch (const OutOfMemoryError& e) {
+    unmap_prepared();
+    throw OutOfMemoryError("resume of the allocator of device " + std::to_string(device_) + ": " + e.what() +
+                           " (still suspended: free device memory and call resume() again)");
+  } catch (...) {
+    unmap_prepared();
+    throw;
   }
   map_stitches();
   std::vector<HostBufferPtr> done;

@@ -10,10 +10,10 @@
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
-#include <exception>
-#include <mutex>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -116,7 +116,6 @@ void copy_to_device_behind(HostCopier& io, const std::vector<HostCopy>& items, c
       std::lock_guard<std::mutex> lock(mu);
       if (e) {
         failed = e;
-        stop = true;
       } else {
         ++done;
       }
