@@ -67,11 +67,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.conf is not None:
         env[CONF_ENV] = args.conf
     if args.shim:  # every cuMemAlloc of the program goes to glake; torch/CuPy are not hooked on top
+        from glake.errors import GlakeError
         from glake.shim import ShimError, shim_env
 
         try:
             env = shim_env(env)
-        except (ShimError, OSError) as e:
+            if env.get("GLAKE_DEDUP") == "1":  # the shim cannot start the broker (no Python there): start it now
+                from glake.dedup.client import BrokerClient
+                from glake.dedup.wire import SOCKET_ENV, socket_path
+
+                BrokerClient(env.get(SOCKET_ENV) or socket_path()).stats()
+        except (ShimError, GlakeError, OSError) as e:
             print(f"glake run --shim: {e}; the program was not started", file=sys.stderr)
             return 2
     else:

@@ -28,6 +28,7 @@ struct Block {
   std::size_t requested = 0;     ///< bytes the caller asked for (allocated blocks)
   StreamHandle stream = 0;       ///< the stream it was allocated on (free blocks: last used on)
   bool allocated = false;        ///< handed out (to a caller, or to a stitch as a member)
+  bool shared = false;           ///< some of its whole chunks are shared (share_chunk): see shared_chunks.cpp
   std::uint64_t free_seq = 0;    ///< when it was last freed (orders cross-stream reuse)
   PrivatePool* pool = nullptr;   ///< the private pool it belongs to, for life (null = the global cache)
   Block* prev = nullptr;         ///< neighbours inside the segment

@@ -139,6 +139,7 @@ void StitchAllocator::free(DevPtr ptr) {
     throw InvalidArgumentError("free(" + hex(ptr) + "): not allocated by this allocator");
   }
   Block* b = it->second;
+  if (b->shared) unshare(b);  // may throw OutOfMemoryError: then the allocation stays live
   allocated_.erase(it);
   const auto rounded = static_cast<std::int64_t>(b->size);
   stats_.num_frees++;
@@ -165,6 +166,10 @@ void StitchAllocator::record_stream(DevPtr ptr, StreamHandle stream) {
   if (it == allocated_.end()) throw InvalidArgumentError("record_stream(" + hex(ptr) + "): not a live allocation");
   Block* b = it->second;
   if (stream == b->stream) return;
+  if (b->shared) {
+    throw InvalidArgumentError("record_stream(" + hex(ptr) + "): the allocation has shared chunks (dedup), which "
+                               "free() replaces at once: it cannot wait for other streams");
+  }
   if (std::find(b->extra_streams.begin(), b->extra_streams.end(), stream) == b->extra_streams.end()) {
     b->extra_streams.push_back(stream);
   }

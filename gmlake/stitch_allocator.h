@@ -54,6 +54,15 @@ struct AllocatorStats {
   std::int64_t suspended_file_bytes = 0; ///< of them, bytes in file-backed memory (more than RAM allows)
   std::int64_t suspended_reused_bytes = 0; ///< of them, bytes written into host memory kept from the last resume
   std::int64_t kept_host_bytes = 0;      ///< host memory a resume kept for the next suspend ($GLAKE_SUSPEND_KEEP_HOST=1)
+  std::int64_t shared_bytes = 0;         ///< bytes of live allocations' chunks shared with share_chunk (dedup)
+  std::int64_t shared_imported_bytes = 0;///< of them, chunks of another owner mapped in place of ours (memory saved)
+};
+
+/// One physical chunk a live allocation covers whole (whole_chunks()).
+struct ChunkRef {
+  DevPtr ptr = 0;                      ///< where it is mapped in the allocation
+  std::shared_ptr<PhysChunk> chunk;    ///< the chunk mapped there now
+  bool shared = false;                 ///< already shared (share_chunk)
 };
 
 /// One block as seen by snapshot().
@@ -145,6 +154,18 @@ class GLAKE_API StitchAllocator {
   /// `graph` was reset or destroyed: release_pool({graph, 0}). No-op for unknown graphs.
   void release_graph(std::uint64_t graph);
 
+  /// The physical chunks that [ptr, ptr + bytes) covers whole, all inside one live allocation that
+  /// is neither stitched, small, in a private pool nor used on other streams (record_stream), for
+  /// content-based sharing (the shim's dedup). Throws InvalidArgumentError otherwise.
+  std::vector<ChunkRef> whole_chunks(DevPtr ptr, std::size_t bytes) const;
+  /// Shares the chunk whole_chunks() gave at `at`: maps `theirs` (same size: an identical chunk of
+  /// another process, imported) there read-only in place of ours, which is released; or, with
+  /// `theirs` null, makes ours read-only (it became the canonical copy others map). Until the
+  /// allocation is freed nobody may write there. free() maps fresh private chunks back first (so the
+  /// cache never hands out shared memory), suspend() unmaps shared chunks without copying them and
+  /// resume() maps the same chunks again. The device must not be using the chunk meanwhile.
+  void share_chunk(DevPtr at, std::shared_ptr<PhysChunk> theirs);
+
   /// Counters.
   AllocatorStats stats() const;
   /// Resets peaks to current values.
@@ -217,6 +238,8 @@ class GLAKE_API StitchAllocator {
   bool holds_live_data(const Segment& seg, std::size_t offset, std::size_t size, const std::set<DevPtr>& discard) const;
   void unmap_stitches();
   void map_stitches();
+  // ---- shared chunks (shared_chunks.cpp)
+  void unshare(Block* b);
   // ---- OOM report (oom_report.cpp)
   std::string oom_message(std::size_t size, std::size_t rounded, const std::string& cause) const;
 
@@ -258,7 +281,9 @@ class GLAKE_API StitchAllocator {
   struct SavedSegment {
     std::vector<std::size_t> chunk_sizes;
     std::vector<SavedRun> runs;
+    std::map<std::size_t, std::shared_ptr<PhysChunk>> shared;  ///< shared chunks by offset: mapped again, not copied
   };
+  std::map<DevPtr, bool> shared_chunks_;          ///< start of each shared chunk -> imported (not ours)
   std::map<const Segment*, SavedSegment> saved_;  ///< while suspended
   HostReserve host_reserve_;                      ///< suspend's host buffers, kept between cycles if asked
   bool suspended_ = false;

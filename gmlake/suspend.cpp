@@ -71,6 +71,10 @@ void StitchAllocator::suspend(HostCopier* copier, const std::vector<DevPtr>& dis
     };
     for (const Mapping& m : seg->range->mappings()) {
       s.chunk_sizes.push_back(m.chunk->size());
+      if (shared_chunks_.count(seg->range->ptr() + m.offset)) {
+        s.shared[m.offset] = m.chunk;  // kept, not copied: other processes read it, nobody writes it
+        continue;
+      }
       if (!holds_live_data(*seg, m.offset, m.chunk->size(), dropped)) continue;
       if (m.offset != run_end) {
         flush();
@@ -146,10 +150,19 @@ void StitchAllocator::resume(HostCopier* copier) {
   std::size_t mapped = 0;  // slices [0, mapped) are mapped (written by the thread, read after it)
   auto prepare = [&](std::size_t k) {
     const Slice& sl = slices[k];
+    const std::map<std::size_t, std::shared_ptr<PhysChunk>>& shared = saved_.at(sl.seg).shared;
     std::vector<std::shared_ptr<PhysChunk>> chunks;
-    for (std::size_t size : sl.sizes) chunks.push_back(PhysChunk::create(driver_, device_, size));
+    std::size_t at = sl.offset;
+    for (std::size_t size : sl.sizes) {
+      const auto kept = shared.find(at);
+      chunks.push_back(kept != shared.end() ? kept->second : PhysChunk::create(driver_, device_, size));
+      at += size;
+    }
     sl.seg->range->map_many(sl.offset, chunks);
     ++mapped;
+    for (auto it = shared.lower_bound(sl.offset); it != shared.end() && it->first < at; ++it) {
+      sl.seg->range->set_access(it->first, it->second->size(), /*read_only=*/true);  // nothing runs meanwhile
+    }
   };
   auto unmap_prepared = [&] {
     for (std::size_t k = 0; k < mapped; ++k) {

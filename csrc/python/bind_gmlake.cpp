@@ -75,6 +75,8 @@ py::dict stats_dict(const gm::StitchAllocator& a) {
   d["suspended_file_bytes"] = s.suspended_file_bytes;
   d["suspended_reused_bytes"] = s.suspended_reused_bytes;
   d["kept_host_bytes"] = s.kept_host_bytes;
+  d["shared_bytes"] = s.shared_bytes;
+  d["shared_imported_bytes"] = s.shared_imported_bytes;
   d["limit_bytes"] = limit;
   return d;
 }
@@ -135,6 +137,19 @@ void bind_gmlake(py::module_& m) {
       .def("record_stream", &gm::StitchAllocator::record_stream, py::arg("ptr"), py::arg("stream"), NoGil(),
            "Marks an allocation as used on another stream too.")
       .def("empty_cache", &gm::StitchAllocator::empty_cache, NoGil(), "Releases idle stitched ranges and free segments.")
+      .def("whole_chunks", [](const gm::StitchAllocator& a, DevPtr ptr, std::size_t bytes) {
+             std::vector<std::tuple<DevPtr, std::size_t, bool>> out;
+             for (const gm::ChunkRef& r : a.whole_chunks(ptr, bytes)) out.emplace_back(r.ptr, r.chunk->size(), r.shared);
+             return out;
+           }, py::arg("ptr"), py::arg("bytes"), NoGil(),
+           "(address, size, shared) of each chunk [ptr, ptr + bytes) covers whole, in one live allocation.")
+      .def("share_chunk", [](gm::StitchAllocator& a, DevPtr at, std::optional<PyChunk> theirs) {
+             std::shared_ptr<PhysChunk> c = theirs ? theirs->p : nullptr;
+             py::gil_scoped_release nogil;
+             a.share_chunk(at, std::move(c));
+           }, py::arg("at"), py::arg("theirs") = py::none(),
+           "Maps `theirs` read-only at chunk `at` in place of ours (None: makes ours read-only); free() makes it "
+           "private again.")
       .def("suspend", [](gm::StitchAllocator& a, const PyEngine* engine, const std::vector<DevPtr>& discard) {
              auto copier = copier_of(engine);
              py::gil_scoped_release nogil;

@@ -98,6 +98,12 @@ bool open_real(RealDriver& d, const std::string& path) {
   GLAKE_SHIM_RESOLVE(cuEventQuery, "cuEventQuery", 2000)
   GLAKE_SHIM_RESOLVE(cuEventSynchronize, "cuEventSynchronize", 2000)
   GLAKE_SHIM_RESOLVE(cuEventDestroy, "cuEventDestroy", 4000)
+  GLAKE_SHIM_RESOLVE(cuCtxGetId, "cuCtxGetId", 12000)
+  GLAKE_SHIM_RESOLVE(cuModuleLoadData, "cuModuleLoadData", 2000)
+  GLAKE_SHIM_RESOLVE(cuModuleGetFunction, "cuModuleGetFunction", 2000)
+  GLAKE_SHIM_RESOLVE(cuLaunchKernel, "cuLaunchKernel", 4000)
+  GLAKE_SHIM_RESOLVE(cuMemcpyDtoH, "cuMemcpyDtoH", 3020)
+  GLAKE_SHIM_RESOLVE(cuMemsetD32, "cuMemsetD32", 3020)
 #undef GLAKE_SHIM_RESOLVE
   return true;
 }

@@ -39,6 +39,13 @@ struct RealApi {
   PFN_cuEventQuery_v2000 cuEventQuery = nullptr;
   PFN_cuEventSynchronize_v2000 cuEventSynchronize = nullptr;
   PFN_cuEventDestroy_v4000 cuEventDestroy = nullptr;
+  // dedup's content operations (dedup_content.h)
+  PFN_cuCtxGetId_v12000 cuCtxGetId = nullptr;
+  PFN_cuModuleLoadData_v2000 cuModuleLoadData = nullptr;
+  PFN_cuModuleGetFunction_v2000 cuModuleGetFunction = nullptr;
+  PFN_cuLaunchKernel_v4000 cuLaunchKernel = nullptr;
+  PFN_cuMemcpyDtoH_v3020 cuMemcpyDtoH = nullptr;
+  PFN_cuMemsetD32_v3020 cuMemsetD32 = nullptr;
 };
 
 /// The loaded real driver: its dlopen handle, path and entry points.

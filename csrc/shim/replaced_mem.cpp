@@ -16,6 +16,7 @@
 
 #include "common/error.h"
 #include "gmlake/registry.h"
+#include "shim/dedup_share.h"
 #include "shim/real_driver.h"
 #include "shim/shim_state.h"
 
@@ -45,7 +46,8 @@ CUresult current_device(const RealDriver& d, int* device, CUcontext* context = n
 bool give_back(const ShimAllocation& a) {
   try {
     GlakeScope scope;
-    gmlake::device_allocator(a.device).free(static_cast<DevPtr>(a.base));
+    gmlake::device_allocator(a.device).free(static_cast<DevPtr>(a.base));  // shared chunks made private first
+    dedup::forget(a.base);
   } catch (const std::exception& e) {
     warn_once(std::string("free") + e.what(), "cuMemFree(" + hex(a.base) + ") failed in glake: " + e.what());
     return false;

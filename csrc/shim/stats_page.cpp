@@ -15,6 +15,7 @@
 
 #include "gmlake/registry.h"
 #include "shim/control.h"
+#include "shim/runtime_dir.h"
 
 #ifndef GLAKE_VERSION_STRING
 #define GLAKE_VERSION_STRING "unknown"
@@ -44,7 +45,7 @@ const char* const kAllocCounterNames[] = {
     "num_stitches", "num_stitch_reuses", "num_stitch_gc", "stitched_bytes.current", "stitched_bytes.peak",
     "mapped_va_bytes.current", "mapped_va_bytes.peak", "stitched_va_bytes.current", "num_segments_created",
     "num_segments_released", "num_sync_all_streams", "limit_bytes", "chunk_bytes", "suspended",
-    "suspended_host_bytes",
+    "suspended_host_bytes", "shared_bytes", "shared_imported_bytes",
 };
 constexpr std::uint32_t kAllocCounters = sizeof(kAllocCounterNames) / sizeof(kAllocCounterNames[0]);
 static_assert(kShimCounters <= kMaxShimCounters && kAllocCounters <= kMaxAllocCounters, "page too small");
@@ -59,7 +60,7 @@ void alloc_values(const gmlake::StitchAllocator& a, std::int64_t* v) {
       s.stitched_bytes.current, s.stitched_bytes.peak, s.mapped_va_bytes.current, s.mapped_va_bytes.peak,
       s.stitched_va_cached, s.num_segments_created, s.num_segments_released, s.num_sync_all_streams,
       static_cast<std::int64_t>(a.limit()), static_cast<std::int64_t>(a.config().chunk_bytes),
-      a.suspended() ? 1 : 0, s.suspended_host_bytes,
+      a.suspended() ? 1 : 0, s.suspended_host_bytes, s.shared_bytes, s.shared_imported_bytes,
   };
   static_assert(sizeof(values) / sizeof(values[0]) == kAllocCounters, "one value per name");
   std::memcpy(v, values, sizeof(values));
@@ -68,20 +69,6 @@ void alloc_values(const gmlake::StitchAllocator& a, std::int64_t* v) {
 std::uint64_t unix_ns() {
   return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                         std::chrono::system_clock::now().time_since_epoch()).count());
-}
-
-/// The per-user directory glake/stats/paths.py uses ($XDG_RUNTIME_DIR/glake, else /tmp/glake-$UID),
-/// created 0700; "" (with `why`) when it is not a private directory of this user.
-std::string runtime_dir(std::string& why) {
-  const char* xdg = std::getenv("XDG_RUNTIME_DIR");
-  const std::string dir = xdg && *xdg ? std::string(xdg) + "/glake" : "/tmp/glake-" + std::to_string(getuid());
-  mkdir(dir.c_str(), 0700);
-  struct stat st{};
-  if (lstat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != getuid()) {
-    why = dir + " is not a directory of this user";
-    return "";
-  }
-  return dir;
 }
 
 void copy_text(char* dst, std::size_t cap, const std::string& text) {

@@ -214,6 +214,9 @@ def top_rows(samples: Sequence[Mapping[str, Any]], previous: Mapping[Any, Mappin
         dd = [s for s in stats["sections"] if s["name"] == "dedup" and not s["error"]]
         saved = figure(dd[0]["counters"], "saved_bytes") if dd else NONE  # weights shared with other processes
         allocs = [s for s in stats["sections"] if s["name"] == "allocator"]
+        imported = sum(s["counters"].get("shared_imported_bytes", 0) for s in allocs if not s["error"])
+        if not dd and imported:  # a shim process's allocations shared by glake_shim_dedup_share
+            saved = fmt_bytes(imported)
         if not allocs:
             rows.append([pid, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE, saved, drv,
                          command_line(p, 40)])
