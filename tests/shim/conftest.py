@@ -49,6 +49,19 @@ def driver_program(fake_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def dedup_program(fake_dir) -> Path:
+    """tests/shim/programs/dedup_weights.cpp (the dedup hint's user), linked like the driver-API program."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if not cxx:
+        pytest.skip("needs a C++ compiler")
+    out = fake_dir.parent / "dedup_weights"
+    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{CUDA_INCLUDE}", f"-I{ROOT / 'csrc' / 'shim'}",
+                    str(PROGRAMS / "dedup_weights.cpp"), "-o", str(out), "-Wl,--no-as-needed", "-lstdc++",
+                    f"-L{fake_dir}", "-l:libcuda.so.1", "-ldl"], check=True)
+    return out
+
+
 @pytest.fixture(scope="session", params=["static", "shared"])
 def runtime_program(request, tmp_path_factory) -> Path:
     nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"

@@ -8,8 +8,6 @@ call says it is off."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -18,24 +16,11 @@ from typing import Dict, List
 import pytest
 
 from glake.dedup.client import BrokerClient
-from tests.shim.conftest import CUDA_INCLUDE, GLAKE, PROGRAMS, ROOT, base_env
+from tests.shim.conftest import GLAKE, base_env
 from tests.shim.test_shim import wait_for
 
 TIMEOUT = 60
 MIB = 16  # 8 chunks of 2 MiB
-
-
-@pytest.fixture(scope="module")
-def dedup_program(fake_dir) -> Path:
-    """tests/shim/programs/dedup_weights.cpp, linked with -l:libcuda.so.1 like the driver-API program."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if not cxx:
-        pytest.skip("needs a C++ compiler")
-    out = fake_dir.parent / "dedup_weights"
-    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{CUDA_INCLUDE}", f"-I{ROOT / 'csrc' / 'shim'}",
-                    str(PROGRAMS / "dedup_weights.cpp"), "-o", str(out), "-Wl,--no-as-needed", "-lstdc++",
-                    f"-L{fake_dir}", "-l:libcuda.so.1", "-ldl"], check=True)
-    return out
 
 
 @pytest.fixture
@@ -53,8 +38,8 @@ def env(fake_dir, runtime_dir, tmp_path):
 class Worker:
     """One dedup_weights process under `glake run --shim`, alive until told to exit."""
 
-    def __init__(self, program: Path, env: Dict[str, str], seed: int = 7, differ: int = -1) -> None:
-        args = [str(program), str(MIB), str(seed)] + ([str(differ)] if differ >= 0 else [])
+    def __init__(self, program: Path, env: Dict[str, str], seed: int = 7, differ: int = -1, mib: int = MIB) -> None:
+        args = [str(program), str(mib), str(seed)] + ([str(differ)] if differ >= 0 else [])
         self.proc = subprocess.Popen([*GLAKE, "run", "--shim", "--", *args], env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.r = self.read_until("intact")
@@ -76,13 +61,14 @@ class Worker:
         self.proc.stdin.flush()
         return self.read_until(tag)
 
-    def close(self) -> None:
+    def close(self) -> str:
+        """Ends the process; returns what it said on stderr."""
         if self.proc.poll() is None:
             try:
-                self.proc.communicate("exit\n", timeout=TIMEOUT)
+                return self.proc.communicate("exit\n", timeout=TIMEOUT)[1]
             except (subprocess.TimeoutExpired, BrokenPipeError, ValueError):
                 self.proc.kill()
-                self.proc.wait()
+        return self.proc.communicate()[1]
 
 
 def shared(w: Worker) -> int:

@@ -168,3 +168,59 @@ def test_jax_platform_allocator_under_the_shim(runtime_dir):
 def test_cupy_without_its_pool_under_the_shim(runtime_dir):
     pytest.importorskip("cupy")
     check_same_under_the_shim(runtime_dir, CUPY_PROGRAM, 24 << 20)
+
+
+@pytest.fixture
+def dedup_env(runtime_dir, tmp_path):
+    from glake.dedup.client import BrokerClient
+    from glake.errors import GlakeError
+
+    sock = str(tmp_path / "dedup.sock")
+    yield gpu_env(runtime_dir, GLAKE_DEDUP="1", GLAKE_DEDUP_SOCKET=sock)
+    try:
+        BrokerClient(sock, autostart=False).shutdown()
+    except GlakeError:
+        pass
+
+
+def test_dedup_hint_shares_equal_chunks_between_processes_on_the_gpu(shim, dedup_program, dedup_env):
+    """160 MiB (80 chunks: two broker batches) in each process; digests and comparisons on the GPU,
+    except in one process that computes them on the host (the two must give the same digests)."""
+    from tests.shim.test_shim_dedup import Worker
+
+    mib = 160
+    workers = []
+    try:
+        for env in (dedup_env, dedup_env, dict(dedup_env, GLAKE_DEDUP_HOST="1")):
+            workers.append(Worker(dedup_program, env, mib=mib))
+        workers.append(Worker(dedup_program, dedup_env, differ=5, mib=mib))
+        first, second, host, differ = workers
+        assert first.r["share"] == ["0", str(mib << 20)] and first.r["saved"] == ["0"]
+        assert second.r["saved"] == [str(mib << 20)] and host.r["saved"] == [str(mib << 20)]
+        assert differ.r["saved"] == [str((mib - 2) << 20)]  # chunk 5 stayed its own
+        for w in workers:
+            assert w.r["intact"] == ["1"] and w.ask("check", "intact")["intact"] == ["1"]
+        first.proc.kill()  # the exporter gone: the others read on
+        first.proc.wait()
+        assert second.ask("check", "intact")["intact"] == ["1"]
+        r = second.ask("free", "after_free")
+        assert r["rewrite"] == ["1"] and r["after_free"] == ["0", "0"]
+    finally:
+        errs = [w.close() for w in workers]
+    for w, err in zip(workers[1:], errs[1:]):
+        assert "dedup kernels cannot be used" not in err, err  # the GPU path ran (the host one where forced)
+
+
+def test_dedup_hint_never_shares_on_a_forced_collision_on_the_gpu(shim, dedup_program, dedup_env):
+    from tests.shim.test_shim_dedup import Worker
+
+    env = dict(dedup_env, GLAKE_DEDUP_TEST_COLLIDE="1")
+    workers = []
+    try:
+        workers.append(Worker(dedup_program, env, seed=1, mib=32))
+        workers.append(Worker(dedup_program, env, seed=2, mib=32))
+        assert workers[1].r["saved"] == ["0"] and workers[1].r["intact"] == ["1"]
+        assert workers[0].ask("check", "intact")["intact"] == ["1"]
+    finally:
+        for w in workers:
+            w.close()

@@ -5,11 +5,13 @@
 //     cuMemAlloc(MIB MiB), filled with bytes drawn from SEED (one byte changed in chunk DIFFER_CHUNK
 //     when given), glake_shim_dedup_share on all of it, then prints
 //       R share <CUresult> <shared bytes>   R saved <bytes>   R intact <0|1>   (and "R error <text>")
-//     and waits on stdin: "check" reads every byte back again ("R intact ..."), "write" writes into the
+//     (with "R mem_before <free device bytes>" before the allocation and "R share_us <time of the call>"),
+//     and waits on stdin: "mem" prints "R mem <free device bytes>", "check" reads every byte back again ("R intact ..."), "write" writes into the
 //     first chunk (shared memory is read-only: this faults), "free" frees the buffer, allocates the same
 //     size again and writes and reads it ("R rewrite <0|1>"), "exit" (or end of input) ends.
 #include <cuda.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -65,6 +67,9 @@ int main(int argc, char** argv) {
   CUcontext ctx;
   CHECK(cuDevicePrimaryCtxRetain(&ctx, dev));
   CHECK(cuCtxSetCurrent(ctx));
+  size_t free_bytes = 0, total_bytes = 0;
+  CHECK(cuMemGetInfo(&free_bytes, &total_bytes));
+  std::printf("R mem_before %zu\n", free_bytes);
   CUdeviceptr p = 0;
   CHECK(cuMemAlloc(&p, bytes));
   const std::vector<unsigned char> want = weights(bytes, seed, differ);
@@ -74,8 +79,10 @@ int main(int argc, char** argv) {
   if (!share) {
     std::printf("R share none 0\n");
   } else {
+    const auto t0 = std::chrono::steady_clock::now();
     const CUresult r = share(p, bytes, &shared);
-    std::printf("R share %d %zu\n", static_cast<int>(r), shared);
+    const auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0);
+    std::printf("R share %d %zu\nR share_us %lld\n", static_cast<int>(r), shared, static_cast<long long>(us.count()));
     if (r != CUDA_SUCCESS) {
       auto why = reinterpret_cast<const char* (*)()>(dlsym(RTLD_DEFAULT, "glake_shim_dedup_last_error"));
       std::printf("R error %s\n", why ? why() : "?");
@@ -88,7 +95,10 @@ int main(int argc, char** argv) {
   char line[64];
   while (std::fgets(line, sizeof(line), stdin)) {
     const std::string cmd(line, std::strcspn(line, "\n"));
-    if (cmd == "check") {
+    if (cmd == "mem") {
+      CHECK(cuMemGetInfo(&free_bytes, &total_bytes));
+      std::printf("R mem %zu\n", free_bytes);
+    } else if (cmd == "check") {
       std::printf("R intact %d\n", intact(p, want) ? 1 : 0);
     } else if (cmd == "write") {
       const unsigned char zero[64] = {};
