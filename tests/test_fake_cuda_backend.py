@@ -22,10 +22,10 @@ def test_core_and_allocator_suites_on_the_fake(fake_libcuda):
     env = fake_env(fake_libcuda, devices=2)
     env.update(GLAKE_TEST_FAKE_CUDA="1")
     env.pop("GLAKE_BACKEND")  # the suites choose their backends; auto-detection finds the fake
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda or allocator or pools or suspend",
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda or allocator or pools or suspend or shared",
                         "tests/test_core.py", "tests/gmlake/test_allocator.py",
                         "tests/gmlake/test_allocator_properties.py", "tests/gmlake/test_pools.py",
-                        "tests/gmlake/test_suspend.py"],
+                        "tests/gmlake/test_suspend.py", "tests/gmlake/test_shared_chunks.py"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     tail = r.stdout[-4000:] + r.stderr[-3000:]
     assert r.returncode == 0, tail

@@ -404,7 +404,7 @@ BrokerClient::~BrokerClient() { close_socket(); }
 std::string BrokerClient::default_path() {
   if (const char* env = std::getenv(kSocketEnv); env && *env) return env;
   std::string why;
-  const std::string dir = runtime_dir(why);
+  const std::string dir = private_runtime_dir(why);
   if (dir.empty()) throw Error("no dedup broker socket: " + why + " (or set " + std::string(kSocketEnv) + ")");
   return dir + "/dedup-v" + std::to_string(kProtocol) + ".sock";
 }
