@@ -21,8 +21,6 @@ namespace glake::shim::dedup {
 
 namespace {
 
-std::atomic<const char*> g_last_path{"host"};
-
 void check(CUresult r, const char* what) {
   if (r != CUDA_SUCCESS) throw Error(std::string("dedup: ") + what + " failed: " + result_name(r));
 }
@@ -204,19 +202,14 @@ std::vector<Digest> digests(const std::vector<CUdeviceptr>& ptrs, std::size_t ch
   if (ptrs.empty()) return {};
   const RealApi& real = api();
   std::vector<Digest> out;
-  const char* path = "host";
 #ifdef GLAKE_SHIM_DEDUP_PTX
   {
     std::lock_guard<std::mutex> lock(g_mu);
-    if (const Kernels* k = kernels(real)) {
-      out = kernel_digests(real, *k, ptrs, chunk);
-      path = "kernel";
-    }
+    if (const Kernels* k = kernels(real)) out = kernel_digests(real, *k, ptrs, chunk);
   }
 #endif
   if (out.empty()) out = host_digests(real, ptrs, chunk);
   if (forced_collisions()) std::fill(out.begin(), out.end(), Digest{});
-  g_last_path.store(path);
   return out;
 }
 
@@ -229,21 +222,15 @@ std::vector<bool> equal_chunks(const std::vector<CUdeviceptr>& a, const std::vec
   if (a.empty()) return {};
   const RealApi& real = api();
   std::vector<bool> out;
-  const char* path = "host";
 #ifdef GLAKE_SHIM_DEDUP_PTX
   {
     std::lock_guard<std::mutex> lock(g_mu);
-    if (const Kernels* k = kernels(real)) {
-      out = kernel_equal(real, *k, a, b, chunk);
-      path = "kernel";
-    }
+    if (const Kernels* k = kernels(real)) out = kernel_equal(real, *k, a, b, chunk);
   }
 #endif
   if (out.empty()) out = host_equal(real, a, b, chunk);
-  g_last_path.store(path);
   return out;
 }
 
-const char* last_path() { return g_last_path.load(); }
 
 }  // namespace glake::shim::dedup

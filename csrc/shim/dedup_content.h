@@ -22,8 +22,4 @@ std::vector<Digest> digests(const std::vector<CUdeviceptr>& ptrs, std::size_t ch
 /// Whether a[i] and b[i] (`chunk` bytes each) hold the same bytes, for every i (at most 64): same way.
 std::vector<bool> equal_chunks(const std::vector<CUdeviceptr>& a, const std::vector<CUdeviceptr>& b, std::size_t chunk);
 
-/// "kernel" or "host": how the last call was served ("host" before the first); GLAKE_DEDUP_HOST=1 forces
-/// "host" (to compare the two).
-const char* last_path();
-
 }  // namespace glake::shim::dedup

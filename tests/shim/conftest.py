@@ -36,30 +36,33 @@ def fake_dir(tmp_path_factory) -> Path:
     return build_fake(tmp_path_factory.mktemp("fake_cuda_shim"))
 
 
-@pytest.fixture(scope="session")
-def driver_program(fake_dir) -> Path:
-    """tests/shim/programs/driver_api.cpp, linked with -l:libcuda.so.1 (NEEDED libcuda.so.1)."""
+def compile_cpp(out: Path, sources: list, *flags: str) -> Path:
+    """Builds a C++17 test program from `sources` (skips the test without a compiler)."""
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if not cxx:
         pytest.skip("needs a C++ compiler")
-    out = fake_dir.parent / "driver_api"
-    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{CUDA_INCLUDE}", str(PROGRAMS / "driver_api.cpp"), "-o", str(out),
-                    "-Wl,--no-as-needed", "-lstdc++", f"-L{fake_dir}", "-l:libcuda.so.1", "-ldl", "-lpthread"],
-                   check=True)  # libstdc++ NEEDED: the fake (C++) exports its symbols, the real driver does not
+    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{CUDA_INCLUDE}", *map(str, sources), "-o", str(out), *flags],
+                   check=True, timeout=300)
     return out
+
+
+def against_libcuda(fake_dir: Path) -> list:
+    """Link flags of a program that NEEDs libcuda.so.1 (the fake at build time; the shim or a real driver
+    at run time). libstdc++ NEEDED too: the fake (C++) exports its symbols, the real driver does not."""
+    return ["-Wl,--no-as-needed", "-lstdc++", f"-L{fake_dir}", "-l:libcuda.so.1", "-ldl", "-lpthread"]
+
+
+@pytest.fixture(scope="session")
+def driver_program(fake_dir) -> Path:
+    """tests/shim/programs/driver_api.cpp."""
+    return compile_cpp(fake_dir.parent / "driver_api", [PROGRAMS / "driver_api.cpp"], *against_libcuda(fake_dir))
 
 
 @pytest.fixture(scope="session")
 def dedup_program(fake_dir) -> Path:
-    """tests/shim/programs/dedup_weights.cpp (the dedup hint's user), linked like the driver-API program."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if not cxx:
-        pytest.skip("needs a C++ compiler")
-    out = fake_dir.parent / "dedup_weights"
-    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{CUDA_INCLUDE}", f"-I{ROOT / 'csrc' / 'shim'}",
-                    str(PROGRAMS / "dedup_weights.cpp"), "-o", str(out), "-Wl,--no-as-needed", "-lstdc++",
-                    f"-L{fake_dir}", "-l:libcuda.so.1", "-ldl"], check=True)
-    return out
+    """tests/shim/programs/dedup_weights.cpp (the dedup hint's user)."""
+    return compile_cpp(fake_dir.parent / "dedup_weights", [PROGRAMS / "dedup_weights.cpp"],
+                       f"-I{ROOT / 'csrc' / 'shim'}", *against_libcuda(fake_dir))
 
 
 @pytest.fixture(scope="session", params=["static", "shared"])

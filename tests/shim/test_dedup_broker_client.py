@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 
 from glake.dedup import wire
 from glake.dedup.client import BrokerClient
-from tests.shim.conftest import PROGRAMS, ROOT
+from tests.shim.conftest import PROGRAMS, ROOT, compile_cpp
 
 TIMEOUT = 10
 SIZE = 4096
@@ -28,15 +27,10 @@ SIZE = 4096
 @pytest.fixture(scope="module")
 def program(tmp_path_factory) -> Path:
     """tests/shim/programs/dedup_broker_client.cpp, linked with the client's sources."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if not cxx:
-        pytest.skip("needs a C++ compiler")
-    out = tmp_path_factory.mktemp("dedup_client") / "dedup_broker_client"
     sources = [PROGRAMS / "dedup_broker_client.cpp", ROOT / "csrc/shim/dedup_broker.cpp",
                ROOT / "csrc/shim/runtime_dir.cpp", ROOT / "csrc/common/error.cpp"]
-    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-pthread", f"-I{ROOT / 'csrc'}", f"-I{ROOT}",
-                    *map(str, sources), "-o", str(out)], check=True, timeout=120)
-    return out
+    return compile_cpp(tmp_path_factory.mktemp("dedup_client") / "dedup_broker_client", sources, "-Wall", "-Wextra",
+                       "-pthread", f"-I{ROOT / 'csrc'}", f"-I{ROOT}")
 
 
 class Broker:

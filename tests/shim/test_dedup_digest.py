@@ -6,14 +6,13 @@ with the same weight function (dedup_kernels.cu); checking it needs a GPU."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.shim.conftest import PROGRAMS, ROOT
+from tests.shim.conftest import PROGRAMS, ROOT, compile_cpp
 
 M64 = (1 << 64) - 1
 
@@ -53,14 +52,9 @@ def reference_int(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def digest_program(tmp_path_factory) -> Path:
     """tests/shim/programs/dedup_digest.cpp with csrc/shim/dedup_digest.cpp (no driver dependency)."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if not cxx:
-        pytest.skip("needs a C++ compiler")
-    out = tmp_path_factory.mktemp("dedup_digest") / "dedup_digest"
-    subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc'}",
-                    str(PROGRAMS / "dedup_digest.cpp"), str(ROOT / "csrc" / "shim" / "dedup_digest.cpp"), "-o", str(out)],
-                   check=True)
-    return out
+    return compile_cpp(tmp_path_factory.mktemp("dedup_digest") / "dedup_digest",
+                       [PROGRAMS / "dedup_digest.cpp", ROOT / "csrc" / "shim" / "dedup_digest.cpp"],
+                       "-O2", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc'}")
 
 
 def patterns() -> dict:

@@ -126,6 +126,18 @@ def start_paused(driver_program, mode: str, env: dict):
     return proc, int(line.split()[1])
 
 
+def glake_cli(env: dict, *cmd: str) -> subprocess.CompletedProcess:
+    """`glake CMD...` in `env`."""
+    return subprocess.run([*GLAKE, *cmd], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def allocator_counters(pid: int, env: dict) -> dict:
+    """The allocator section's counters of process `pid`'s stats (`glake stats PID --json`)."""
+    out = glake_cli(env, "stats", str(pid), "--json")
+    assert out.returncode == 0, out.stderr
+    return next(s for s in json.loads(out.stdout)["sections"] if s["name"] == "allocator")["counters"]
+
+
 def wait_for(pred, timeout: float = 10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -199,12 +211,10 @@ def test_suspend_and_resume_a_shimmed_program_from_outside(shim, driver_program,
     try:
 
         def glake(*cmd):
-            return subprocess.run([*GLAKE, *cmd], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+            return glake_cli(env, *cmd)
 
         def allocator():
-            out = glake("stats", str(pid), "--json")
-            assert out.returncode == 0, out.stderr
-            return next(s for s in json.loads(out.stdout)["sections"] if s["name"] == "allocator")["counters"]
+            return allocator_counters(pid, env)
 
         wait_for(lambda: allocator()["allocation.all.current"] == 6)
         sus = glake("suspend", str(pid))

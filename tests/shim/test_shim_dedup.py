@@ -7,7 +7,6 @@ call says it is off."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from glake.dedup.client import BrokerClient
 from tests.shim.conftest import GLAKE, base_env
-from tests.shim.test_shim import wait_for
+from tests.shim.test_shim import allocator_counters, glake_cli, wait_for
 
 TIMEOUT = 60
 MIB = 16  # 8 chunks of 2 MiB
@@ -157,21 +156,13 @@ def test_suspend_keeps_shared_chunks_without_copying_them(shim, dedup_program, e
     workers.append(second)
     pid = second.proc.pid  # glake run execs the program: same pid
 
-    def glake(*cmd):
-        return subprocess.run([*GLAKE, *cmd], env=env, capture_output=True, text=True, timeout=TIMEOUT)
-
-    def allocator():
-        out = glake("stats", str(pid), "--json")
-        assert out.returncode == 0, out.stderr
-        return next(s for s in json.loads(out.stdout)["sections"] if s["name"] == "allocator")["counters"]
-
-    sus = glake("suspend", str(pid))
+    sus = glake_cli(env, "suspend", str(pid))
     assert sus.returncode == 0 and "suspended device(s) 0" in sus.stdout, sus.stdout + sus.stderr
-    c = wait_for(lambda: (c := allocator())["suspended"] == 1 and c)
+    c = wait_for(lambda: (c := allocator_counters(pid, env))["suspended"] == 1 and c)
     assert c["suspended_host_bytes"] == 0 and c["shared_bytes"] == MIB << 20  # nothing copied
-    res = glake("resume", str(pid))
+    res = glake_cli(env, "resume", str(pid))
     assert res.returncode == 0, res.stdout + res.stderr
-    wait_for(lambda: allocator()["suspended"] == 0)
+    wait_for(lambda: allocator_counters(pid, env)["suspended"] == 0)
     assert second.ask("check", "intact")["intact"] == ["1"]
     st = BrokerClient(env["GLAKE_DEDUP_SOCKET"], autostart=False).stats()
     assert st["holds"] == 2 * (MIB // 2)
