@@ -26,7 +26,11 @@ std::vector<ChunkRef> StitchAllocator::whole_chunks(DevPtr ptr, std::size_t byte
   const VirtualRange& r = *b->segment->range;
   for (const Mapping& m : r.mappings()) {
     const DevPtr at = r.ptr() + m.offset;
-    if (at >= ptr && at + m.chunk->size() <= ptr + bytes) out.push_back(ChunkRef{at, m.chunk, shared_chunks_.count(at) > 0});
+    // A chunk a stitched range maps too (an idle stitch spanning what is now this block) is left out:
+    // the stitch would keep it writable, and hand it out again.
+    if (at >= ptr && at + m.chunk->size() <= ptr + bytes && m.chunk->mappings() == 1) {
+      out.push_back(ChunkRef{at, m.chunk, shared_chunks_.count(at) > 0});
+    }
   }
   return out;
 }
@@ -45,6 +49,7 @@ void StitchAllocator::share_chunk(DevPtr at, std::shared_ptr<PhysChunk> theirs) 
   if (!m.chunk || r.ptr() + m.offset != at || at + m.chunk->size() > b->ptr + b->size) {
     throw InvalidArgumentError(where + ": not the start of a chunk the allocation covers whole");
   }
+  if (m.chunk->mappings() != 1) throw InvalidArgumentError(where + ": a stitched range maps that chunk too");
   const auto size = static_cast<std::int64_t>(m.chunk->size());
   if (theirs) {
     if (theirs->size() != m.chunk->size() || theirs->device() != device_) {
@@ -75,22 +80,46 @@ void StitchAllocator::share_chunk(DevPtr at, std::shared_ptr<PhysChunk> theirs) 
 }
 
 void StitchAllocator::unshare(Block* b) {
-  // Fresh chunks first, all of them, so that a device out of memory changes nothing.
   VirtualRange& r = *b->segment->range;
   const auto lo = shared_chunks_.lower_bound(b->ptr), hi = shared_chunks_.lower_bound(b->ptr + b->size);
+  auto forget = [&](std::map<DevPtr, bool>::iterator it, std::size_t size) {
+    stats_.shared_bytes -= static_cast<std::int64_t>(size);
+    if (it->second) stats_.shared_imported_bytes -= static_cast<std::int64_t>(size);
+    return shared_chunks_.erase(it);
+  };
+  if (suspended_) {  // nothing is mapped: the resume makes fresh chunks where the saved ones are dropped
+    auto& kept = saved_.at(b->segment).shared;
+    for (auto it = lo; it != hi;) {
+      const std::size_t offset = it->first - r.ptr(), size = kept.at(offset)->size();
+      kept.erase(offset);
+      it = forget(it, size);
+    }
+    b->shared = false;
+    return;
+  }
+  // Fresh chunks first, all of them, so that a device out of memory changes nothing; the free cache
+  // is given back once before giving up (the memory the sharing saved may be in use by now).
   std::vector<std::pair<std::size_t, std::shared_ptr<PhysChunk>>> fresh;
-  for (auto it = lo; it != hi; ++it) {
-    const std::size_t offset = it->first - r.ptr();
-    fresh.emplace_back(offset, PhysChunk::create(driver_, device_, r.chunk_at(offset)->size()));
+  for (int attempt = 0; fresh.empty() && lo != hi; ++attempt) {
+    try {
+      for (auto it = lo; it != hi; ++it) {
+        const std::size_t offset = it->first - r.ptr();
+        fresh.emplace_back(offset, PhysChunk::create(driver_, device_, r.chunk_at(offset)->size()));
+      }
+    } catch (const OutOfMemoryError&) {
+      fresh.clear();
+      if (attempt > 0 || release_cached(0) == 0) {
+        throw OutOfMemoryError("free(" + hex(b->ptr) + "): its shared chunks need fresh private memory before the "
+                               "cache may reuse them, and the device has none; the allocation stays live: free "
+                               "other memory and free it again");
+      }
+    }
   }
   auto it = lo;
   for (auto& [offset, chunk] : fresh) {
-    const auto size = static_cast<std::int64_t>(chunk->size());
     r.unmap(offset);  // the shared chunk: another process may still map it, never written here
     r.map(offset, chunk);
-    stats_.shared_bytes -= size;
-    if (it->second) stats_.shared_imported_bytes -= size;
-    it = shared_chunks_.erase(it);
+    it = forget(it, chunk->size());
   }
   b->shared = false;
 }

@@ -7,6 +7,7 @@
 #include "common/error.h"
 #include "core/host_copy.h"
 #include "gmlake/registry.h"
+#include "shim/dedup_share.h"
 #include "shim/shim_state.h"
 #include "shim/stats_page.h"
 
@@ -41,6 +42,7 @@ bool serve_control(ControlBlock* b) {
     return true;
   }
   std::uint64_t mask = 0;
+  const auto no_share = dedup::exclusive();  // not while glake_shim_dedup_share reads the chunks
   GlakeScope scope;  // glake's own driver calls go to the real driver
   try {
     for (std::uint32_t d = 0; d < kPageDevices; ++d) {

@@ -599,8 +599,24 @@ void BrokerClient::drop(const std::string& key) noexcept {
   std::lock_guard<std::mutex> lock(mutex_);
   forget_after_fork();
   if (const auto it = held_.find(key); it != held_.end()) {
-    it->second.makers.pop_back();
-    if (it->second.makers.empty()) held_.erase(it);
+    // The hold given back is one whose chunk is gone, if any (the caller's: it unmapped it first),
+    // so that the makers left can still export the chunk for a republish.
+    std::vector<FdMaker>& makers = it->second.makers;
+    auto gone = makers.end() - 1;
+    for (auto m = makers.begin(); m != makers.end(); ++m) {
+      int fd = -1;
+      try {
+        fd = (*m)();
+      } catch (...) {  // cannot be exported any more: as good as gone
+      }
+      if (fd < 0) {
+        gone = m;
+        break;
+      }
+      ::close(fd);
+    }
+    makers.erase(gone);
+    if (makers.empty()) held_.erase(it);
   }
   if (sock_ < 0) return;  // no connection: the broker holds nothing of ours
   try {

@@ -52,8 +52,9 @@ class BrokerClient {
   std::vector<int> publish(const std::vector<std::string>& keys, std::size_t size, const std::vector<FdMaker>& makers);
   /// One more hold on each key; false where the chunk is gone. Held ones are remembered with their maker.
   std::vector<bool> hold(const std::vector<std::string>& keys, const std::vector<FdMaker>& makers, std::size_t size);
-  /// Gives back one hold on `key` (forgets one remembered maker). Best effort: a broker that is gone
-  /// already dropped our holds with the connection (never throws).
+  /// Gives back one hold on `key` and forgets one remembered maker: one whose chunk is gone if there is
+  /// one (the holder dropping it unmapped its chunk first), so the others can still republish. Best
+  /// effort: a broker that is gone already dropped our holds with the connection (never throws).
   void drop(const std::string& key) noexcept;
   /// Number of reconnects done (for stats/tests).
   int reconnects() const;

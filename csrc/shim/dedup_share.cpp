@@ -39,8 +39,9 @@ struct Holding {
 };
 
 struct State {
-  std::mutex mutex;  // one share at a time; forget() waits for it
+  std::mutex share_mutex;  ///< one share at a time (it owns `broker`'s creation)
   std::unique_ptr<BrokerClient> broker;
+  std::mutex mutex;  ///< guards the rest, held briefly: frees never wait for a share in progress
   std::map<std::uintptr_t, Holding> by_base;
   std::int64_t mismatches = 0;
 };
@@ -107,14 +108,16 @@ void share_batch(gmlake::StitchAllocator& alloc, const std::vector<gmlake::Chunk
         makers.push_back(maker_of(refs[j].chunk));
       }
       const std::vector<int> others = broker.publish(fresh_keys, size, makers);
+      for (std::size_t n = 0; n < fresh.size(); ++n) fds[fresh[n]] = others[n];  // closed below, whatever happens
       for (std::size_t n = 0; n < fresh.size(); ++n) {
         const std::size_t j = fresh[n];
-        fds[j] = others[n];
         if (others[n] >= 0) continue;
         try {
           alloc.share_chunk(refs[j].ptr, nullptr);  // ours is the canonical copy: read-only from now on
         } catch (...) {
-          broker.drop(keys[j]);
+          for (std::size_t m = n; m < fresh.size(); ++m) {
+            if (others[m] < 0) broker.drop(keys[fresh[m]]);  // canonical, held by us, but not shared here
+          }
           throw;
         }
         holding.keys.push_back(keys[j]);
@@ -152,6 +155,7 @@ void share_batch(gmlake::StitchAllocator& alloc, const std::vector<gmlake::Chunk
   std::vector<std::size_t> equal;
   for (std::size_t n = 0; n < found.size(); ++n) {
     if (!same[n]) {
+      std::lock_guard<std::mutex> lock(st.mutex);
       ++st.mismatches;  // a digest collision: this chunk stays private
       continue;
     }
@@ -191,20 +195,37 @@ std::size_t share(CUdeviceptr ptr, std::size_t bytes) {
                                " bytes");
   }
   const RealDriver& d = real_driver();
+  CUdevice current = -1;
+  if (d.api.cuCtxGetDevice(&current) != CUDA_SUCCESS || current != a.device) {
+    throw InvalidArgumentError("glake_shim_dedup_share(" + hex(ptr) + "): the allocation is on device " +
+                               std::to_string(a.device) + "; make a context of that device current first");
+  }
   if (CUresult r = d.api.cuCtxSynchronize()) {  // no kernel may use the chunks while they are swapped
     throw Error("glake_shim_dedup_share: cuCtxSynchronize failed: " + result_name(r));
   }
   State& st = state_();
-  std::lock_guard<std::mutex> lock(st.mutex);
+  std::lock_guard<std::mutex> lock(st.share_mutex);
   GlakeScope scope;
   gmlake::StitchAllocator& alloc = gmlake::device_allocator(a.device);
   const std::vector<gmlake::ChunkRef> refs = alloc.whole_chunks(ptr, bytes);
   if (!st.broker) st.broker = std::make_unique<BrokerClient>();
-  Holding& holding = st.by_base[a.base];
+  Holding done;  // what this call shared: recorded for the allocation however the call ends
+  struct Record {
+    State& st;
+    std::uintptr_t base;
+    Holding& done;
+    ~Record() {
+      std::lock_guard<std::mutex> lock(st.mutex);
+      Holding& h = st.by_base[base];
+      h.keys.insert(h.keys.end(), done.keys.begin(), done.keys.end());
+      h.shared += done.shared;
+      h.saved += done.saved;
+    }
+  } record{st, a.base, done};
   const std::string where = device_key(a.device);
   std::vector<gmlake::ChunkRef> batch;
   auto flush = [&] {
-    if (!batch.empty()) share_batch(alloc, batch, where, holding, st);
+    if (!batch.empty()) share_batch(alloc, batch, where, done, st);
     batch.clear();
   };
   for (const gmlake::ChunkRef& r : refs) {
@@ -234,12 +255,18 @@ bool enabled() {
 void forget(std::uintptr_t base) {
   if (!enabled()) return;
   State& st = state_();
-  std::lock_guard<std::mutex> lock(st.mutex);
-  const auto it = st.by_base.find(base);
-  if (it == st.by_base.end()) return;
-  for (const std::string& key : it->second.keys) st.broker->drop(key);
-  st.by_base.erase(it);
+  std::vector<std::string> keys;
+  {
+    std::lock_guard<std::mutex> lock(st.mutex);
+    const auto it = st.by_base.find(base);
+    if (it == st.by_base.end()) return;
+    keys = std::move(it->second.keys);
+    st.by_base.erase(it);
+  }
+  for (const std::string& key : keys) st.broker->drop(key);  // its own lock: one round trip at a time
 }
+
+std::unique_lock<std::mutex> exclusive() { return std::unique_lock<std::mutex>(state_().share_mutex); }
 
 Figures figures() {
   State& st = state_();

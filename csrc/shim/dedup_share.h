@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <mutex>
 
 namespace glake::shim::dedup {
 
@@ -20,5 +21,8 @@ bool enabled();
 void forget(std::uintptr_t base);
 /// This process's figures.
 Figures figures();
+/// Waits for a glake_shim_dedup_share in progress and holds others off while the lock lives (a
+/// suspend must not unmap chunks a share is digesting).
+std::unique_lock<std::mutex> exclusive();
 
 }  // namespace glake::shim::dedup

@@ -3,6 +3,12 @@ the GPU, compared there and mapped with CU_MEM_ACCESS_FLAGS_PROT_READ; each proc
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tests.dedup.util import CHUNKS, broker
@@ -40,3 +46,20 @@ def test_gpu_modules_share_weights_and_compute_the_same(sock, workers):
     assert rb["saved_bytes"] == rb["shared_bytes"] > 0
     s = b.ask("stats")
     assert s["hash_bytes"] > 0 and s["compare_bytes"] > 0 and s["mismatches"] == 0
+
+
+def test_four_processes_loading_the_same_8b_shaped_weights_share_them(tmp_path):
+    """benchmarks/dedup.py's workers: Llama-3-8B-shaped bf16 weights (16 GB) made from one seed in 4
+    processes alive at once, each shared with glake.dedup.share; the last three map every whole chunk
+    from the first (what partial chunks and the packing leave out stays private) and no digest lies."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, GLAKE_BENCH_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "dedup.py"), "--procs", "4"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    run = json.loads((tmp_path / "dedup.json").read_text())["runs"][0]
+    first, *rest = run["workers"]
+    assert first["weight_bytes"] > 15e9 and first["saved_bytes"] == 0
+    for w in rest:
+        assert w["saved_bytes"] >= 0.999 * w["weight_bytes"] and w["mismatches"] == 0, w
+    assert run["weight_bytes_held"] <= 1.1 * first["weight_bytes"]  # one copy of the weights on the device

@@ -99,3 +99,55 @@ def test_suspend_keeps_shared_chunks_without_copying_them():
     assert [s for _, _, s in alloc.whole_chunks(p, 8 * MiB)] == [True, False, True, False]
     alloc.free(p)
     theirs.release()
+
+
+def test_chunks_an_idle_stitch_still_maps_are_not_shared():
+    """An idle stitched range keeps the chunks of blocks that are allocated again: sharing one of them
+    would leave it writable (and reusable) through the stitch, so it is left out and refused."""
+    alloc = new_allocator()
+    blocks = [alloc.malloc(4 * MiB) for _ in range(16)]
+    for p in blocks[::2]:
+        alloc.free(p)
+    big = alloc.malloc(32 * MiB)  # stitched over the 8 free blocks
+    assert alloc.stats()["num_stitches"] == 1
+    alloc.free(big)               # held, then reused shrunk: its tail's blocks go back to the pool
+    half = alloc.malloc(16 * MiB)
+    rest = [alloc.malloc(4 * MiB) for _ in range(4)]
+    stitched = {at for p in rest for at, _, _ in alloc.whole_chunks(p, 4 * MiB)}
+    every = {p + o for p in rest for o in (0, 2 * MiB)}
+    assert stitched < every  # some chunks of these blocks are mapped by the stitch too: left out
+    for at in every - stitched:
+        with pytest.raises(InvalidArgumentError, match="stitched range maps that chunk"):
+            alloc.share_chunk(at, None)
+    for at in stitched:
+        alloc.share_chunk(at, None)
+    for p in rest + [half] + blocks[1::2]:
+        alloc.free(p)
+    assert alloc.stats()["shared_bytes"] == 0
+    again = alloc.malloc(32 * MiB)
+    fill(again, 32 * MiB, 8)  # whatever it reuses is writable
+    assert check(again, 32 * MiB, 8)
+    alloc.free(again)
+
+
+def test_free_while_suspended_drops_the_kept_shared_chunks():
+    alloc = new_allocator()
+    p = alloc.malloc(8 * MiB)
+    fill(p, 8 * MiB, 6)
+    theirs = twin_of(p, 2 * MiB)
+    alloc.share_chunk(p, theirs)
+    alloc.share_chunk(p + 2 * MiB, None)
+    keep = alloc.malloc(4 * MiB)
+    fill(keep, 4 * MiB, 2)
+    alloc.suspend(None, [])
+    alloc.free(p)  # a shim program's cuMemFree while `glake suspend PID` holds it
+    st = alloc.stats()
+    assert st["shared_bytes"] == 0 and st["shared_imported_bytes"] == 0
+    alloc.resume(None)
+    assert check(keep, 4 * MiB, 2)
+    q = alloc.malloc(8 * MiB)  # the freed memory comes back private and writable
+    fill(q, 8 * MiB, 1)
+    assert check(q, 8 * MiB, 1)
+    for x in (q, keep):
+        alloc.free(x)
+    theirs.release()

@@ -248,3 +248,20 @@ def test_the_default_socket_is_wire_socket_path(program, tmp_path, monkeypatch):
     d = Driver(program, dict(os.environ, **{wire.SOCKET_ENV: str(tmp_path / "elsewhere.sock")}))
     assert d.ok("path") == [str(tmp_path / "elsewhere.sock")]
     d.quit()
+
+
+def test_a_drop_forgets_the_hold_whose_chunk_is_gone(broker, drivers):
+    """Two holds of one key in a process; the holder that drops has let go of its chunk first. The hold
+    kept must be the other one, or a broker restart would lose the key (a gone maker exports nothing)."""
+    a = drivers()
+    a.ok(f"memfd first {SIZE} 51")
+    a.ok(f"memfd second {SIZE} 51")
+    assert a.ok(f"publish {SIZE} k=first") == [-1]
+    assert a.ok(f"hold {SIZE} k=second") == [1]
+    a.ok("gone first")  # the first holder unmaps its chunk, then drops its hold
+    a.ok("drop k")
+    broker.kill()
+    broker.start()
+    assert a.ok("lookup other") == [-1]  # reconnects and publishes again what it holds: k, by the second
+    assert broker.stats()["chunks"] == 1
+    assert drivers().ok("lookup k") == [51]

@@ -114,7 +114,10 @@ def test_forced_collisions_never_share_unequal_bytes(shim, dedup_program, env, w
     env = dict(env, GLAKE_DEDUP_TEST_COLLIDE="1")  # every digest the same
     workers.append(Worker(dedup_program, env, seed=1))
     workers.append(Worker(dedup_program, env, seed=2))
-    assert saved(workers[1]) == 0  # all 8 compared unequal: nothing mapped from the first
+    # One key for every chunk: the first process's chunk 0 became the canonical one and its other 7
+    # compared unequal with it; the second's 8 all compared unequal with it: nothing else shared.
+    assert workers[0].r["share"] == ["0", str(2 << 20)] and workers[1].r["share"] == ["0", "0"]
+    assert saved(workers[0]) == 0 and saved(workers[1]) == 0
     assert workers[1].r["intact"] == ["1"] and workers[0].ask("check", "intact")["intact"] == ["1"]
 
 

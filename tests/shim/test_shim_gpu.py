@@ -219,6 +219,7 @@ def test_dedup_hint_never_shares_on_a_forced_collision_on_the_gpu(shim, dedup_pr
     try:
         workers.append(Worker(dedup_program, env, seed=1, mib=32))
         workers.append(Worker(dedup_program, env, seed=2, mib=32))
+        assert workers[0].r["share"] == ["0", str(2 << 20)] and workers[1].r["share"] == ["0", "0"]  # as on the fake
         assert workers[1].r["saved"] == ["0"] and workers[1].r["intact"] == ["1"]
         assert workers[0].ask("check", "intact")["intact"] == ["1"]
     finally:
