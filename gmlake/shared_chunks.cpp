@@ -11,7 +11,7 @@ std::vector<ChunkRef> StitchAllocator::whole_chunks(DevPtr ptr, std::size_t byte
   const std::string where = "whole_chunks(" + hex(ptr) + ", " + std::to_string(bytes) + ")";
   if (suspended_) throw InvalidArgumentError(where + ": the allocator is suspended");
   const Block* b = live_block_containing(ptr);
-  if (!b || bytes == 0 || ptr + bytes > b->ptr + b->size) {
+  if (!b || bytes == 0 || bytes > b->ptr + b->size - ptr) {
     throw InvalidArgumentError(where + ": not inside one live allocation");
   }
   if (b->kind != PoolKind::Large || b->stitch || b->pool || !b->extra_streams.empty()) {
@@ -28,7 +28,7 @@ std::vector<ChunkRef> StitchAllocator::whole_chunks(DevPtr ptr, std::size_t byte
     const DevPtr at = r.ptr() + m.offset;
     // A chunk a stitched range maps too (an idle stitch spanning what is now this block) is left out:
     // the stitch would keep it writable, and hand it out again.
-    if (at >= ptr && at + m.chunk->size() <= ptr + bytes && m.chunk->mappings() == 1) {
+    if (at >= ptr && at - ptr + m.chunk->size() <= bytes && m.chunk->mappings() == 1) {
       out.push_back(ChunkRef{at, m.chunk, shared_chunks_.count(at) > 0});
     }
   }

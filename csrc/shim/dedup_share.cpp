@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <typeinfo>
 #include <vector>
 
 #include "common/error.h"
@@ -189,7 +190,7 @@ std::size_t share(CUdeviceptr ptr, std::size_t bytes) {
   if (ensure_started() != Mode::Active || !state().table.find(static_cast<std::uintptr_t>(ptr), &a)) {
     throw InvalidArgumentError("glake_shim_dedup_share(" + hex(ptr) + "): not memory the shim allocated with cuMemAlloc");
   }
-  if (bytes == 0 || ptr + bytes > a.base + a.size) {
+  if (bytes == 0 || bytes > a.base + a.size - ptr) {
     throw InvalidArgumentError("glake_shim_dedup_share(" + hex(ptr) + ", " + std::to_string(bytes) +
                                "): past the end of its allocation at " + hex(a.base) + " of " + std::to_string(a.size) +
                                " bytes");
@@ -293,7 +294,7 @@ GLAKE_SHIM_EXPORT CUresult glake_shim_dedup_share(CUdeviceptr ptr, size_t bytes,
     return CUDA_SUCCESS;
   } catch (const std::exception& e) {
     dedup::t_last_error = e.what();
-    warn_once(std::string("dedup") + e.what(), std::string("glake_shim_dedup_share: ") + e.what());
+    warn_once(std::string("dedup-") + typeid(e).name(), std::string("glake_shim_dedup_share: ") + e.what());  // once per kind
     if (!dedup::enabled()) return CUDA_ERROR_NOT_SUPPORTED;
     if (dynamic_cast<const glake::InvalidArgumentError*>(&e)) return CUDA_ERROR_INVALID_VALUE;
     if (dynamic_cast<const glake::OutOfMemoryError*>(&e)) return CUDA_ERROR_OUT_OF_MEMORY;
