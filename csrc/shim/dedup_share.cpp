@@ -85,7 +85,8 @@ void close_all(const std::vector<int>& fds) {
   }
 }
 
-/// Shares `refs` (same size, not yet shared, at most kBatch) of the allocation at `base`.
+/// Shares `refs` (chunks of one allocation, of one size, not yet shared, at most kBatch); what it
+/// shared goes into `holding`.
 void share_batch(gmlake::StitchAllocator& alloc, const std::vector<gmlake::ChunkRef>& refs, const std::string& where,
                  Holding& holding, State& st) {
   const std::size_t size = refs.front().chunk->size();
