@@ -103,3 +103,10 @@ def test_shim_trace_host(tmp_path):
     runs = json.loads((tmp_path / "shim_trace_host.json").read_text())["runs"]
     assert [r["chunk_bytes"] for r in runs] == ["2MiB", "32MiB"]
     assert all(r["peak_physical_bytes"] >= r["peak_live_bytes"] > 0 for r in runs)
+
+
+def test_detokenize_tiny(tmp_path):
+    out = run_benchmark(tmp_path, "detokenize.py", "--seqs", "4", "--lengths", "20,40", "--steps", "2")
+    assert "Text upkeep" in out
+    runs = json.loads((tmp_path / "detokenize.json").read_text())["runs"]
+    assert [r["length"] for r in runs] == [20, 40]

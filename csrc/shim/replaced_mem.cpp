@@ -42,16 +42,19 @@ CUresult current_device(const RealDriver& d, int* device, CUcontext* context = n
   return CUDA_SUCCESS;
 }
 
-/// Gives a freed allocation's memory back to glake's allocator; false (said once) if glake refused:
-/// then the allocation is live again (a dedup-shared one that found no memory to become private in),
-/// and a later cuMemFree may try again.
+/// Gives a freed allocation's memory back to glake's allocator; false (said once) if glake refused.
+/// Out of memory (a dedup-shared buffer's chunks must become private first): the allocation is live
+/// again, and a later cuMemFree may try again.
 bool give_back(const ShimAllocation& a) {
   try {
     GlakeScope scope;
     gmlake::device_allocator(a.device).free(static_cast<DevPtr>(a.base));  // shared chunks made private first
-  } catch (const std::exception& e) {
+  } catch (const OutOfMemoryError& e) {  // a dedup-shared buffer found no memory to become private in
     warn_once(std::string("free") + e.what(), "cuMemFree(" + hex(a.base) + ") failed in glake: " + e.what());
     state().table.insert(a);
+    return false;
+  } catch (const std::exception& e) {
+    warn_once(std::string("free") + e.what(), "cuMemFree(" + hex(a.base) + ") failed in glake: " + e.what());
     return false;
   }
   dedup::forget(a.base);

@@ -67,6 +67,10 @@ class Sequence:
         self.finish_reason: Optional[str] = None
         self.logprobs: List[Dict[int, float]] = []
         self.text = ""                 # the detokenised output, when a tokenizer is known
+        # incremental detokenisation (StopChecker): output ids [prefix_offset, read_offset) are the context
+        # of the last decode; text holds everything decoded up to read_offset
+        self.prefix_offset = 0
+        self.read_offset = 0
         self.num_preemptions = 0
         # the request's other completions (n > 1) wait here until this one's prompt is prefilled, then
         # start as forks of its slot (sharing the prompt's chunks); see LLMEngine._fork_pending
