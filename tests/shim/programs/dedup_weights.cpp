@@ -19,18 +19,10 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "glake_shim.h"
 
 namespace {
-
-#define CHECK(call)                                                                \
-  do {                                                                             \
-    CUresult r_ = (call);                                                          \
-    if (r_ != CUDA_SUCCESS) {                                                      \
-      std::fprintf(stderr, "FAIL %s = %d at line %d\n", #call, int(r_), __LINE__); \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
 
 constexpr std::size_t kChunk = 2u << 20;
 

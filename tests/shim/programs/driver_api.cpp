@@ -24,16 +24,9 @@
 #include <thread>
 #include <vector>
 
-namespace {
+#include "check.h"
 
-#define CHECK(call)                                                                   \
-  do {                                                                                \
-    CUresult r_ = (call);                                                             \
-    if (r_ != CUDA_SUCCESS) {                                                         \
-      std::fprintf(stderr, "FAIL %s = %d at line %d\n", #call, int(r_), __LINE__);    \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
+namespace {
 
 /// The fake libcuda (FAKE_CUDA_PATH), for its call counters; null when not loaded.
 void* fake() {
