@@ -80,14 +80,3 @@ def write_json(name: str, payload: Dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {path}")
     return path
-
-
-def stop_dedup_broker(sock: str) -> None:
-    """Stops the dedup broker a benchmark started on `sock` (none there: nothing to do)."""
-    from glake.dedup.client import BrokerClient
-    from glake.errors import GlakeError
-
-    try:
-        BrokerClient(sock, autostart=False).shutdown()
-    except GlakeError:
-        pass

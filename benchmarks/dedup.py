@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, stop_dedup_broker, write_json  # noqa: E402
+from _common import print_table, write_json  # noqa: E402
 
 GiB = 1 << 30
 
@@ -151,7 +151,9 @@ def main() -> None:
             print(f"{n} processes: {r['used_bytes'] / GiB:.2f} GiB in use, of it {r['weight_bytes_held'] / GiB:.2f} "
                   f"GiB weights; share {max(w['share_s'] for w in r['workers']):.2f} s (slowest)", flush=True)
     finally:
-        stop_dedup_broker(sock)
+        from glake.dedup.client import stop_broker
+
+        stop_broker(sock)
     one = next((r["weight_bytes_held"] for r in runs if r["procs"] == 1), 0)
     rows = []
     for r in runs:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, stop_dedup_broker, write_json  # noqa: E402
+from _common import print_table, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 1 << 30
@@ -109,7 +109,9 @@ def main() -> None:
             print(f"{n} processes: {r['used_bytes'] / GiB:.2f} GiB in use, of it {r['weight_bytes_held'] / GiB:.2f} GiB "
                   f"weights; share {max(r['share_s']):.2f} s (slowest)", flush=True)
     finally:
-        stop_dedup_broker(sock)
+        from glake.dedup.client import stop_broker
+
+        stop_broker(sock)
     one = next((r["weight_bytes_held"] for r in runs if r["procs"] == 1), 0)
     weights = args.mib << 20
     rows = [[r["procs"], round(r["used_bytes"] / GiB, 2), round(r["context_bytes"] / GiB, 2),

@@ -228,6 +228,15 @@ class BrokerClient:
         self._held.setdefault(key, (size, []))[1].append(maker)
 
 
+def stop_broker(path: str) -> bool:
+    """Asks the broker on `path` to exit (``glake dedupd --stop``); False when none answers there."""
+    try:
+        BrokerClient(path, autostart=False).shutdown()
+    except (GlakeError, OSError):
+        return False
+    return True
+
+
 _client: Optional[BrokerClient] = None
 _client_lock = threading.Lock()
 

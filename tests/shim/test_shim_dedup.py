@@ -14,7 +14,7 @@ from typing import Dict, List
 
 import pytest
 
-from glake.dedup.client import BrokerClient
+from tests.dedup.util import broker, stop_broker
 from tests.shim.conftest import GLAKE, base_env
 from tests.shim.test_shim import allocator_counters, glake_cli, wait_for
 
@@ -28,10 +28,7 @@ def env(fake_dir, runtime_dir, tmp_path):
     e = base_env(fake_dir, runtime_dir, GLAKE_REAL_LIBCUDA=str(fake_dir / "libcuda.so.1"), GLAKE_DEDUP="1",
                  GLAKE_DEDUP_SOCKET=sock)
     yield e
-    try:
-        BrokerClient(sock, autostart=False).shutdown()
-    except Exception:  # no broker was started, or it is gone already
-        pass
+    stop_broker(sock)
 
 
 class Worker:
@@ -98,7 +95,7 @@ def test_processes_with_the_same_bytes_share_them(shim, dedup_program, env, work
     for w in workers:
         assert w.r["intact"] == ["1"]
         assert w.ask("check", "intact")["intact"] == ["1"]
-    st = BrokerClient(env["GLAKE_DEDUP_SOCKET"], autostart=False).stats()
+    st = broker(env["GLAKE_DEDUP_SOCKET"])
     assert st["chunks"] == MIB // 2 and st["holds"] == 3 * (MIB // 2)
 
 
@@ -149,7 +146,7 @@ def test_freed_memory_is_private_and_writable_again(shim, dedup_program, env, wo
     r = second.ask("free", "after_free")
     assert r["rewrite"] == ["1"] and r["after_free"] == ["0", "0"]  # holds given back with the buffer
     assert workers[0].ask("check", "intact")["intact"] == ["1"]  # the canonical bytes are untouched
-    st = BrokerClient(env["GLAKE_DEDUP_SOCKET"], autostart=False).stats()
+    st = broker(env["GLAKE_DEDUP_SOCKET"])
     assert st["holds"] == MIB // 2  # only the first process holds the chunks now
 
 
@@ -167,7 +164,7 @@ def test_suspend_keeps_shared_chunks_without_copying_them(shim, dedup_program, e
     assert res.returncode == 0, res.stdout + res.stderr
     wait_for(lambda: allocator_counters(pid, env)["suspended"] == 0)
     assert second.ask("check", "intact")["intact"] == ["1"]
-    st = BrokerClient(env["GLAKE_DEDUP_SOCKET"], autostart=False).stats()
+    st = broker(env["GLAKE_DEDUP_SOCKET"])
     assert st["holds"] == 2 * (MIB // 2)
 
 

@@ -172,15 +172,11 @@ def test_cupy_without_its_pool_under_the_shim(runtime_dir):
 
 @pytest.fixture
 def dedup_env(runtime_dir, tmp_path):
-    from glake.dedup.client import BrokerClient
-    from glake.errors import GlakeError
+    from tests.dedup.util import stop_broker
 
     sock = str(tmp_path / "dedup.sock")
     yield gpu_env(runtime_dir, GLAKE_DEDUP="1", GLAKE_DEDUP_SOCKET=sock)
-    try:
-        BrokerClient(sock, autostart=False).shutdown()
-    except GlakeError:
-        pass
+    stop_broker(sock)
 
 
 def test_dedup_hint_shares_equal_chunks_between_processes_on_the_gpu(shim, dedup_program, dedup_env):

@@ -1,4 +1,5 @@
-// CHECK(call) for the shim's test programs: a driver call that fails ends the program with its line.
+// For the shim's test programs: CHECK(call), which ends the program at a failed driver call with its
+// line, and the usual start (device 0's primary context, current).
 #pragma once
 
 #include <cuda.h>
@@ -14,3 +15,14 @@
       std::exit(1);                                                                \
     }                                                                              \
   } while (0)
+
+/// cuInit, then device 0's primary context made current.
+inline CUcontext primary_context() {
+  CHECK(cuInit(0));
+  CUdevice dev;
+  CHECK(cuDeviceGet(&dev, 0));
+  CUcontext ctx;
+  CHECK(cuDevicePrimaryCtxRetain(&ctx, dev));
+  CHECK(cuCtxSetCurrent(ctx));
+  return ctx;
+}

@@ -53,12 +53,7 @@ int main(int argc, char** argv) {
   const std::size_t bytes = std::strtoull(argv[1], nullptr, 10) << 20;
   const std::uint64_t seed = std::strtoull(argv[2], nullptr, 10);
   const long differ = argc > 3 ? std::strtol(argv[3], nullptr, 10) : -1;
-  CHECK(cuInit(0));
-  CUdevice dev;
-  CHECK(cuDeviceGet(&dev, 0));
-  CUcontext ctx;
-  CHECK(cuDevicePrimaryCtxRetain(&ctx, dev));
-  CHECK(cuCtxSetCurrent(ctx));
+  primary_context();
   size_t free_bytes = 0, total_bytes = 0;
   CHECK(cuMemGetInfo(&free_bytes, &total_bytes));
   std::printf("R mem_before %zu\n", free_bytes);

@@ -46,16 +46,6 @@ void print_counters() {
   }
 }
 
-CUcontext setup() {
-  CHECK(cuInit(0));
-  CUdevice dev;
-  CHECK(cuDeviceGet(&dev, 0));
-  CUcontext ctx;
-  CHECK(cuDevicePrimaryCtxRetain(&ctx, dev));
-  CHECK(cuCtxSetCurrent(ctx));
-  return ctx;
-}
-
 /// Fills `n` bytes at `p` with a pattern of `seed` and reads them back; true when they match.
 bool round_trip(CUdeviceptr p, size_t n, unsigned seed) {
   std::vector<unsigned char> in(n), out(n, 0);
@@ -74,7 +64,7 @@ void pause_if_asked() {
 }
 
 int basic() {
-  setup();
+  primary_context();
   const size_t MiB = 1 << 20;
   std::vector<CUdeviceptr> bufs;
   std::vector<size_t> sizes;
@@ -142,7 +132,7 @@ int basic() {
 /// Buffers filled, a pause (the test suspends and resumes the process from outside), then the same
 /// addresses read back: "R kept_ok 1" when every byte survived.
 int suspended() {
-  setup();
+  primary_context();
   const size_t MiB = 1 << 20;
   std::vector<CUdeviceptr> bufs;
   std::vector<size_t> sizes;
@@ -169,7 +159,7 @@ int suspended() {
 }
 
 int procaddr() {
-  setup();
+  primary_context();
   void* h = fake();
   auto fake_gpa = h ? reinterpret_cast<decltype(&cuGetProcAddress)>(dlsym(h, "cuGetProcAddress_v2")) : nullptr;
   if (!fake_gpa) {
@@ -197,7 +187,7 @@ int procaddr() {
 }
 
 int ipc() {
-  setup();
+  primary_context();
   CUdeviceptr p;
   CHECK(cuMemAlloc(&p, 4 << 20));
   CUipcMemHandle h;
@@ -210,7 +200,7 @@ int ipc() {
 }
 
 int forked() {
-  setup();
+  primary_context();
   CUdeviceptr p;
   CHECK(cuMemAlloc(&p, 8 << 20));
   int ok = round_trip(p, 8 << 20, 1);
@@ -243,7 +233,7 @@ int forked() {
 }
 
 int threads() {
-  CUcontext ctx = setup();
+  CUcontext ctx = primary_context();
   std::vector<std::thread> ts;
   std::vector<int> ok(8, 1);
   for (int t = 0; t < 8; ++t) {
@@ -273,7 +263,7 @@ int threads() {
 /// whatever the next allocation gets, writing it must not change what the copy delivers. Once more
 /// with a stream destroyed right after its copy was queued.
 int deferred() {
-  setup();
+  primary_context();
   const size_t n = 4 << 20;
   int ok = 1;
   for (bool destroy : {false, true}) {
