@@ -224,6 +224,60 @@ def hf_manager(torch, config, seed: int, device: str, max_new_tokens: int):
     return model, manager
 
 
+class StepTimeline:
+    """Each step of the measured run: its wall time, the batch it launched and how long the host waited
+    for the GPU in it (reading the sampled ids), so that steps can be told apart by kind and batch size:
+    a step whose host waited is bound by the GPU, one whose host did not is bound by the host."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.rows = engine, []
+        self._batch, self._wait = None, 0.0
+        run, complete = engine.runner.run, engine._complete
+
+        def timed_run(batch, ids=None):
+            self._batch = (len(batch.seqs), int(sum(batch.num_new)), all(n == 1 for n in batch.num_new))
+            return run(batch, ids)
+
+        def timed_complete(step, ahead=None):
+            t = time.perf_counter()
+            step.out.token_ids.tolist()  # the wait for the GPU; the engine's own read then finds the ids ready
+            self._wait += time.perf_counter() - t
+            return complete(step, ahead)
+        engine.runner.run, engine._complete = timed_run, timed_complete
+
+    def step(self):
+        self._batch, self._wait = None, 0.0
+        t = time.perf_counter()
+        done = self.engine.step()
+        self.rows.append((time.perf_counter() - t, self._wait, self._batch))
+        return done
+
+    def close(self) -> None:
+        del self.engine.runner.run, self.engine._complete
+
+    def classes(self) -> List[Dict[str, float]]:
+        """Steps grouped: those with prefill tokens, then decode-only ones by batch size."""
+        bounds = (32, 64, 128, 256, 384, 512, 1 << 30)
+        groups: Dict[str, List] = {}
+        for wall, wait, b in self.rows:
+            if b is None:
+                key = "no launch"
+            elif not b[2]:
+                key = "prefill (+decode)"
+            else:
+                top = next(x for x in bounds if b[0] <= x)
+                key = f"decode <= {top}" if top < (1 << 30) else f"decode > {bounds[-2]}"
+            groups.setdefault(key, []).append((wall, wait, b))
+        out = []
+        for key, rows in groups.items():
+            n = len(rows)
+            out.append({"kind": key, "steps": n, "seconds": sum(r[0] for r in rows),
+                        "mean_ms": 1e3 * sum(r[0] for r in rows) / n, "wait_ms": 1e3 * sum(r[1] for r in rows) / n,
+                        "mean_seqs": sum(r[2][0] for r in rows if r[2]) / n,
+                        "mean_tokens": sum(r[2][1] for r in rows if r[2]) / n})
+        return sorted(out, key=lambda r: r["kind"])
+
+
 def run_glake(torch, args, config, prompts, outputs) -> Dict[str, float]:
     from glake.serve import SamplingParams
 
@@ -246,9 +300,11 @@ def run_glake(torch, args, config, prompts, outputs) -> Dict[str, float]:
         steps, biggest = 0, 0
         if args.device == "cuda":
             torch.cuda.synchronize()
+        timeline = StepTimeline(engine) if args.timeline else None
+        step = timeline.step if timeline else engine.step
         t0 = time.perf_counter()
         while engine.has_unfinished():
-            done = engine.step()
+            done = step()
             steps += 1
             biggest = max(biggest, len(engine.scheduler.running))
             bar.update(len(done))
@@ -261,6 +317,13 @@ def run_glake(torch, args, config, prompts, outputs) -> Dict[str, float]:
         res.update(elapsed_s=elapsed, steps=steps, output_tokens=out_tok, prompt_tokens=sum(len(p) for p in prompts),
                    max_batch=biggest, preemptions=engine.scheduler.stats.preempted_recompute + engine.scheduler.stats.preempted_swap)
         res["output_tok_s"] = out_tok / elapsed
+        if timeline:
+            timeline.close()
+            res["timeline"] = timeline.classes()
+            if args.device == "cuda":
+                for row in res["timeline"]:
+                    if row["mean_tokens"]:
+                        row["gemms_alone_ms"] = gemms_alone(torch, engine.model, max(1, round(row["mean_tokens"])))
         res["total_tok_s"] = (out_tok + res["prompt_tokens"]) / elapsed
         if args.device == "cuda" and not args.no_profile:
             res.update(breakdown(torch, engine, prompts, args))
@@ -328,6 +391,8 @@ def main() -> None:
     ap.add_argument("--profile-batch", type=int, default=256, help="the batch of the decode-step breakdown "
                     "(at most --max-num-seqs)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--timeline", action="store_true", help="time every step of the run; print them by kind "
+                    "and batch size, with the host's wait for the GPU and the GEMMs alone at their mean tokens")
     args = ap.parse_args()
 
     import torch
@@ -359,6 +424,11 @@ def main() -> None:
                 "step_sampling_ms", "step_other_ms", "step_gpu_idle_frac", "gemms_alone_ms", "attention_alone_ms", "step_over_alone"]
         print_table("Decode step at --profile-batch (device ms by kernel class; alone = run by themselves)",
                     keys, [[round(g.get(k, 0.0), 3) if isinstance(g.get(k, 0.0), float) else g.get(k) for k in keys]])
+    if "timeline" in g:
+        keys = ["kind", "steps", "seconds", "mean_ms", "wait_ms", "mean_seqs", "mean_tokens", "gemms_alone_ms"]
+        print_table("The run's steps by kind (wall; wait = the host waiting for the sampled ids; GEMMs alone at "
+                    "the mean tokens)", keys, [[round(r[k], 3) if isinstance(r.get(k), float) else r.get(k, "-")
+                                              for k in keys] for r in g["timeline"]])
     if "host_schedule_ms" in g:
         keys = ["host_schedule_ms", "host_reserve_batch_ms", "host_run_ms", "host_sampler_ms", "host_rest_ms"]
         print_table("Host time of that step by phase (ms; rest = waiting for the sampled ids, then bookkeeping)",
