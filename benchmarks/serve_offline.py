@@ -19,7 +19,7 @@ import gc
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -258,24 +258,24 @@ class StepTimeline:
     def classes(self) -> List[Dict[str, float]]:
         """Steps grouped: those with prefill tokens, then decode-only ones by batch size."""
         bounds = (32, 64, 128, 256, 384, 512, 1 << 30)
-        groups: Dict[str, List] = {}
+        groups: Dict[Tuple[int, str], List] = {}
         for wall, wait, b in self.rows:
             if b is None:
-                key = "no launch"
+                key = (-2, "no launch")
             elif not b[2]:
-                key = "prefill (+decode)"
+                key = (-1, "prefill (+decode)")
             else:
                 top = next(x for x in bounds if b[0] <= x)
-                key = f"decode <= {top}" if top < (1 << 30) else f"decode > {bounds[-2]}"
+                key = (top, f"decode <= {top}" if top < (1 << 30) else f"decode > {bounds[-2]}")
             groups.setdefault(key, []).append((wall, wait, b))
         out = []
-        for key, rows in groups.items():
+        for (_, key), rows in sorted(groups.items()):
             n = len(rows)
             out.append({"kind": key, "steps": n, "seconds": sum(r[0] for r in rows),
                         "mean_ms": 1e3 * sum(r[0] for r in rows) / n, "wait_ms": 1e3 * sum(r[1] for r in rows) / n,
                         "mean_seqs": sum(r[2][0] for r in rows if r[2]) / n,
                         "mean_tokens": sum(r[2][1] for r in rows if r[2]) / n})
-        return sorted(out, key=lambda r: r["kind"])
+        return out
 
 
 def run_glake(torch, args, config, prompts, outputs) -> Dict[str, float]:
@@ -413,7 +413,7 @@ def main() -> None:
 
     rows = [[name, round(r["elapsed_s"], 1), r["output_tokens"], round(r["output_tok_s"]), round(r["total_tok_s"])]
             for name, r in results.items()]
-    print_table("Offline throughput (512 ShareGPT-length requests, greedy, ignore_eos)",
+    print_table(f"Offline throughput ({len(prompts)} ShareGPT-length requests, greedy, ignore_eos)",
                 ["engine", "time s", "output tokens", "output tok/s", "total tok/s"], rows)
     g = results["glake"]
     if "hf" in results:

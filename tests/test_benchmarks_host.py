@@ -70,10 +70,12 @@ def test_serve_offline_tiny(tmp_path):
     """The offline serving benchmark end to end on a tiny random model: every drawn output token comes out."""
     pytest.importorskip("transformers")
     out = run_benchmark(tmp_path, "serve_offline.py", "--tiny", "--requests", "12", "--max-num-seqs", "8",
-                        "--no-progress")
-    assert "Offline throughput" in out
+                        "--no-progress", "--timeline")
+    assert "Offline throughput" in out and "steps by kind" in out
     g = json.loads((tmp_path / "serve_offline.json").read_text())["results"]["glake"]
     assert g["output_tokens"] > 0 and g["steps"] > 0
+    assert sum(r["steps"] for r in g["timeline"]) == g["steps"]  # every step of the run, in one group
+    assert any(r["kind"] == "prefill (+decode)" for r in g["timeline"])
 
 
 def test_serve_online_tiny(tmp_path):

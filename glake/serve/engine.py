@@ -20,7 +20,8 @@ from glake.errors import InvalidArgumentError, OutOfMemoryError
 from glake.kvcache import KVCache
 from glake.serve.cuda_graphs import DecodeGraphs, default_buckets
 from glake.serve.kernels.decode_attention import available as kernels_available
-from glake.serve.layers.sampler import Sampler, SamplerOutput, SamplingTensors, to_device
+from glake.serve.layers.sampler import Sampler, SamplerOutput, SamplingTensors
+from glake.serve.layers.staging import to_device
 from glake.serve.model_runner import ModelRunner
 from glake.serve.models.loader import load_model
 from glake.serve.prefix_cache import PrefixCache
@@ -400,6 +401,7 @@ class LLMEngine:
                                        f"free KV chunks")
             return finished
         step = self._launch(batch)
+        self.scheduler.prefetch_prefills()  # the next step's prompt chunks mapped while this one computes
         if step is None:
             return finished
         if self.overlap_steps and step.pure_decode:

@@ -15,6 +15,7 @@ import torch
 from glake.kvcache import KVCache
 from glake.serve.cuda_graphs import DecodeGraphs
 from glake.serve.layers.attention import build_metadata
+from glake.serve.layers.staging import to_device
 from glake.serve.models.llama import LlamaForCausalLM
 from glake.serve.scheduler import ScheduledBatch
 
@@ -79,8 +80,8 @@ class ModelRunner:
                 tokens.extend(seq.token_ids[a:a + n])
         meta = build_metadata(slots, starts, ends, self.device, self.rows_per_slot, self.use_flash,
                               self.decode_kernel)
-        input_ids = torch.tensor(tokens, dtype=torch.int64).to(self.device) if ids is None else ids
+        input_ids = to_device(tokens, torch.int64, self.device) if ids is None else ids
         hidden = self.model(input_ids, meta.positions, meta, self.kv)
         rows = list(range(len(batch))) if ids is not None else [i for i in range(len(batch)) if batch.samples(i)]
-        last = torch.tensor([meta.query_start[i + 1] - 1 for i in rows], dtype=torch.int64).to(self.device)
+        last = to_device([meta.query_start[i + 1] - 1 for i in rows], torch.int64, self.device)
         return self.model.compute_logits(hidden[last]), rows

@@ -102,6 +102,7 @@ class Scheduler:
         self.swapped: Deque[Sequence] = deque()
         self.stats = SchedulerStats()
         self._free = 0  # chunks still obtainable this step, after what was planned so far
+        self._early = 0  # waiting sequences holding a slot already (prefetch_prefills)
 
     # ---- queue -----------------------------------------------------------------------------------
 
@@ -146,6 +147,8 @@ class Scheduler:
             return False
         if seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+            if seq.slot is not None:
+                self._early -= 1
         elif seq.status is SequenceStatus.SWAPPED and seq in self.swapped:
             self.swapped.remove(seq)
             if seq.swap_handle is not None:
@@ -163,6 +166,7 @@ class Scheduler:
                 s.swap_handle.discard()
                 s.swap_handle = None
         self.swapped.clear()
+        self._drop_early()
         self.waiting.clear()
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
@@ -197,7 +201,7 @@ class Scheduler:
     def free_slot(self, keep: Optional[int] = None) -> bool:
         """Whether a KV slot is free for one more sequence, evicting prefix-cache entries (not ``keep``) if needed."""
         cached = self.prefix_cache
-        while len(self.running) + (len(cached) if cached is not None else 0) >= self.num_slots:
+        while len(self.running) + self._early + (len(cached) if cached is not None else 0) >= self.num_slots:
             if cached is None or not cached.evict(keep):
                 return False
         return True
@@ -262,6 +266,8 @@ class Scheduler:
             budget -= n
             batch.seqs.append(seq)
             batch.num_new.append(n)
+        if preempted or self.swapped:
+            self._drop_early()  # slots taken early for waiting prompts go back: swapped sequences come first
         if not preempted:
             budget, planned = self._swap_in(batch, budget, planned)
         if not preempted and not self.swapped:
@@ -303,7 +309,7 @@ class Scheduler:
                                                                                           seq.num_tokens - 1)
             n = min(seq.num_tokens - p, budget)
             need = self._chunks(p + n) - self._chunks(p)  # a fork of p whole chunks shares them, copies nothing
-            if not self.free_slot(keep=src):
+            if seq.slot is None and not self.free_slot(keep=src):
                 break
             if not self._take(need):
                 if self._evict_for_memory(planned, keep=src):
@@ -312,8 +318,14 @@ class Scheduler:
                     continue
                 break
             self.waiting.popleft()
+            if seq.slot is not None:  # taken early by prefetch_prefills
+                self._early -= 1
+                if src is not None:  # a prefix cached since: the fork replaces it
+                    self.kv.release(seq.slot)
+                    seq.slot = None
             if src is None:
-                seq.slot = self.kv.allocate()  # a released slot's kept chunks count as obtainable: still n's worth
+                if seq.slot is None:  # a released slot's kept chunks count as obtainable: still n's worth
+                    seq.slot = self.kv.allocate()
             else:
                 seq.slot = self.kv.fork(src, p)
                 seq.num_cached_tokens = p
@@ -324,6 +336,58 @@ class Scheduler:
             budget -= n
             batch.seqs.append(seq)
             batch.num_new.append(n)
+
+    def _drop_early(self) -> None:
+        if not self._early:
+            return
+        for s in self.waiting:
+            if s.slot is not None:
+                self.kv.release(s.slot)
+                s.slot = None
+        self._early = 0
+
+    def prefetch_prefills(self) -> int:
+        """Starts backing the prompt tokens the next step is likely to compute, while this step computes.
+
+        It walks the next step's token budget as :meth:`schedule` will: running sequences first (a
+        decode takes one token, a prompt prefilled in chunks its next chunk), then the waiting ones at
+        the head of the queue, which get their KV slot now. Each such prompt chunk is passed to
+        ``kv.prefetch``: the cache's mapper maps its chunks in the background, so that the next step
+        does not map them on its critical path with the GPU idle (about 40 us a 2 MiB chunk; a
+        16k-token prefill is ~1,000 chunks on a Llama-3-8B-shaped cache). Only a hint: nothing is
+        reserved, the chunks count as free until then, a prompt that starts with a cached prefix is
+        left to fork at admission, and a waiting sequence that is aborted, or pushed back by a
+        preemption or a swap-in, gives its slot back. A no-op without the cache's mapper
+        (``lookahead_tokens=0``). Returns how many waiting sequences took a slot.
+        """
+        if not self.kv.lookahead_tokens or self.swapped:
+            return 0
+        budget = self.max_num_batched_tokens
+        for seq in self.running:
+            if budget <= 0:
+                return 0
+            n = min(max(1, seq.num_uncomputed_tokens), budget)
+            budget -= n
+            if n > 1:
+                self.kv.prefetch(seq.slot, seq.num_cached_tokens + n)
+        cached = len(self.prefix_cache) if self.prefix_cache is not None else 0
+        taken = 0
+        for seq in self.waiting:
+            if budget <= 0:
+                break
+            n = min(seq.num_uncomputed_tokens, budget)
+            budget -= n
+            if seq.slot is None:
+                busy = len(self.running) + self._early
+                if busy >= self.max_num_seqs or busy + cached >= self.num_slots:  # no slot free without evicting
+                    break
+                if self.prefix_cache is not None and self.prefix_cache.match(seq.token_ids, seq.num_tokens - 1)[1]:
+                    continue
+                seq.slot = self.kv.allocate()
+                self._early += 1
+                taken += 1
+            self.kv.prefetch(seq.slot, n)
+        return taken
 
 
 class StopChecker:

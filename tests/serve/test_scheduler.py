@@ -73,3 +73,67 @@ def test_scheduler_arguments_are_checked(hf):
         with pytest.raises(InvalidArgumentError, match="max_num_batched_tokens"):
             Scheduler(kv, 2, 0)
         assert Scheduler(kv, 99, 16).max_num_seqs == 2  # capped by the cache's slots
+
+
+def _admissions_run(hf, prefetch: bool, monkeypatch):
+    """6 prompts of 150 tokens (3 chunks of 64 tokens each) through a 160-token budget: prompts admitted
+    over several steps and prefilled in chunks across steps. The mapper is waited for after each step, so
+    that what it prefetched is there when the next one runs. Returns the outputs, the chunks mapped
+    synchronously in the first step and in all, and the most waiting sequences that held a slot."""
+    if not prefetch:
+        monkeypatch.setattr(Scheduler, "prefetch_prefills", lambda self: 0)
+    rnd = random.Random(1)
+    prompts = [[rnd.randrange(1, 128) for _ in range(150)] for _ in range(6)]
+    with LLM(hf, max_num_seqs=6, max_model_len=256, max_num_batched_tokens=160, kv_lookahead_tokens=2) as llm:
+        eng = llm.engine
+        seqs = [eng.add_request(p, SamplingParams(temperature=0, max_tokens=6))[0] for p in prompts]
+        early, first = 0, None
+        while eng.has_unfinished():
+            eng.step()
+            early = max(early, sum(s.slot is not None for s in eng.scheduler.waiting))
+            assert eng.kv.wait_mapper()
+            eng.kv.check_invariants()
+            if first is None:
+                first = eng.kv.stats()["maps_sync"]
+        total = eng.kv.stats()["maps_sync"]
+    monkeypatch.undo()
+    return [s.output_token_ids for s in seqs], first, total, early
+
+
+def test_prompts_next_in_line_are_backed_in_the_background_before_they_are_admitted(hf, monkeypatch):
+    outs, first, total, early = _admissions_run(hf, True, monkeypatch)
+    base_outs, base_first, base_total, base_early = _admissions_run(hf, False, monkeypatch)
+    assert outs == base_outs
+    assert base_early == 0 and early >= 1
+    # without the prefetch each step maps its new prompt chunks itself; with it only the first step does
+    assert base_total - base_first >= 8, (base_first, base_total)
+    assert total == first, (first, total)
+
+
+def test_a_waiting_request_holding_an_early_slot_gives_it_back_on_abort(hf):
+    with LLM(hf, max_num_seqs=4, max_model_len=192, max_num_batched_tokens=64, kv_lookahead_tokens=2) as llm:
+        eng = llm.engine
+        reqs = [eng.add_request(list(range(1, 61)), SamplingParams(temperature=0, max_tokens=4)) for _ in range(4)]
+        eng.step()
+        held = [r for r in reqs if r[0] in eng.scheduler.waiting and r[0].slot is not None]
+        assert held, "the next prompt in line should hold a slot after the first step"
+        active = eng.kv.stats()["slots_active"]
+        assert eng.abort(held[0]) == 1
+        assert held[0][0].slot is None and eng.kv.stats()["slots_active"] == active - 1
+        eng.kv.check_invariants()
+        while eng.has_unfinished():
+            eng.step()
+        assert all(r[0].finish_reason == "length" for r in reqs if r is not held[0])
+        assert eng.kv.stats()["slots_active"] == 0
+
+
+def test_early_slots_never_take_what_swapped_sequences_need(hf):
+    """Swapped-out sequences come back before waiting ones are admitted: slots taken early go back."""
+    prompts, params = workload(seed=3, n=12)
+    with LLM(hf, max_num_seqs=3, max_model_len=128, kv_memory_budget=3 * 2 ** 21, max_num_batched_tokens=40,
+             preemption_mode="swap", swap_min_tokens=1, kv_lookahead_tokens=2) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.engine.scheduler.stats.preempted_swap > 0
+        llm.engine.kv.check_invariants()
+    with LLM(hf, max_num_seqs=10, max_model_len=128) as llm:
+        assert [o.token_ids for o in outs] == [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

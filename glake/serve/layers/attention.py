@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from glake.kvcache import GatherIndex, attend, gather_index
 from glake.serve.kernels.decode_attention import decode_attention
+from glake.serve.layers.staging import tensor_to_device, to_device
 
 
 @dataclass
@@ -87,15 +88,16 @@ def build_metadata(slots: List[int], starts: List[int], ends: List[int], device:
     positions = torch.cat([torch.arange(s, e, dtype=torch.int64) for s, e in zip(starts, ends)])
     seq_slots = torch.tensor(slots, dtype=torch.int64)
     decode_only = all(n == 1 for n in lens)
-    meta = AttentionMetadata(token_slots.to(device), positions.to(device), seq_slots.to(device), list(slots), qs,
+    meta = AttentionMetadata(tensor_to_device(token_slots, device), tensor_to_device(positions, device),
+                             tensor_to_device(seq_slots, device), list(slots), qs,
                              list(starts), list(ends), decode_only)
     if decode_only and not flash:
-        meta.decode_index = gather_index(meta.seq_slots, torch.tensor(ends, dtype=torch.int64).to(device), max(ends))
+        meta.decode_index = gather_index(meta.seq_slots, to_device(ends, torch.int64, device), max(ends))
     if flash:
-        meta.cu_seqlens_q = torch.tensor(qs, dtype=torch.int32).to(device)
-        meta.seqused_k = torch.tensor(ends, dtype=torch.int32).to(device)
+        meta.cu_seqlens_q = to_device(qs, torch.int32, device)
+        meta.seqused_k = to_device(ends, torch.int32, device)
         # sequence i's keys start at its slot's first row; only seqused_k of them are read
-        meta.cu_seqlens_k = (torch.tensor(slots + [max(slots) + 1], dtype=torch.int32) * rows_per_slot).to(device)
+        meta.cu_seqlens_k = to_device([s * rows_per_slot for s in slots + [max(slots) + 1]], torch.int32, device)
         meta.rows_per_slot = rows_per_slot
         meta.decode_kernel = decode_kernel and decode_only
         meta.max_context = max(ends)

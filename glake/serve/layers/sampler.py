@@ -16,16 +16,8 @@ from typing import List, Optional
 
 import torch
 
+from glake.serve.layers.staging import to_device
 from glake.serve.sampling_params import SamplingParams
-
-
-def to_device(values: List, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a tensor on ``device``; on cuda through pinned memory, without waiting for the
-    stream (a plain ``torch.tensor(..., device=cuda)`` synchronises it: the host would wait for the GPU)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
