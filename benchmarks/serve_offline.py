@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
+from _gpu_trace import profile_steps  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -240,7 +241,7 @@ class StepTimeline:
 
         def timed_complete(step, ahead=None):
             t = time.perf_counter()
-            step.out.token_ids.tolist()  # the wait for the GPU; the engine's own read then finds the ids ready
+            step.out.to_host()  # the wait for the GPU; the engine's own read then finds the ids ready
             self._wait += time.perf_counter() - t
             return complete(step, ahead)
         engine.runner.run, engine._complete = timed_run, timed_complete
@@ -302,12 +303,34 @@ def run_glake(torch, args, config, prompts, outputs) -> Dict[str, float]:
             torch.cuda.synchronize()
         timeline = StepTimeline(engine) if args.timeline else None
         step = timeline.step if timeline else engine.step
-        t0 = time.perf_counter()
-        while engine.has_unfinished():
+        pending, traces, sched = sorted(args.trace, reverse=True), [], engine.scheduler
+
+        def one():
+            nonlocal steps, biggest
             done = step()
             steps += 1
-            biggest = max(biggest, len(engine.scheduler.running))
+            biggest = max(biggest, len(sched.running))
             bar.update(len(done))
+
+        t0 = time.perf_counter()
+        if args.trace_first and args.device == "cuda":
+            t = time.perf_counter()
+            trace = profile_steps(torch, one, args.trace_first, classify)
+            trace.update(at_most="first steps", running=len(sched.running),
+                         wall_ms=(time.perf_counter() - t) * 1e3 / args.trace_first)
+            traces.append(trace)
+        while engine.has_unfinished():
+            if pending and not sched.waiting and len(sched.running) <= pending[0] and args.device == "cuda":
+                at = pending.pop(0)
+                while pending and len(sched.running) <= pending[0]:
+                    pending.pop(0)
+                t = time.perf_counter()
+                trace = profile_steps(torch, one, args.trace_steps, classify)
+                trace.update(at_most=f"<= {at}", running=len(sched.running),
+                             wall_ms=(time.perf_counter() - t) * 1e3 / args.trace_steps)
+                traces.append(trace)
+                continue
+            one()
         if args.device == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
@@ -317,6 +340,8 @@ def run_glake(torch, args, config, prompts, outputs) -> Dict[str, float]:
         res.update(elapsed_s=elapsed, steps=steps, output_tokens=out_tok, prompt_tokens=sum(len(p) for p in prompts),
                    max_batch=biggest, preemptions=engine.scheduler.stats.preempted_recompute + engine.scheduler.stats.preempted_swap)
         res["output_tok_s"] = out_tok / elapsed
+        if traces:
+            res["traces"] = traces
         if timeline:
             timeline.close()
             res["timeline"] = timeline.classes()
@@ -383,6 +408,20 @@ def run_hf(torch, args, config, prompts, outputs) -> Dict[str, float]:
             "total_tok_s": (out_tok + sum(len(p) for p in prompts)) / elapsed}
 
 
+def print_trace(tr: Dict) -> None:
+    """One --trace window: the device's busy time per step, by class and kernel, and its idle gaps."""
+    print(f"\nTrace at {tr['at_most']} running ({tr['running']} after it), {tr['steps']} steps: wall "
+          f"{tr['wall_ms']:.2f} ms/step (profiled), device span {tr['span_ms']:.2f}, busy {tr['busy_ms']:.2f}, "
+          f"idle {100 * tr['idle_frac']:.1f}%, {tr['activities_per_step']:.0f} activities/step")
+    print_table("device ms per step by class", list(tr["classes"]), [[round(v, 3) for v in tr["classes"].values()]])
+    print_table("kernels (per step)", ["kernel", "ms", "calls", "mean us"],
+                [[k["name"], round(k["ms_per_step"], 3), round(k["calls_per_step"], 1), round(k["mean_us"], 1)]
+                 for k in tr["kernels"]])
+    print_table("idle gaps (per step)", ["gap", "count", "ms"],
+                [[b, round(v["count_per_step"], 1), round(v["ms_per_step"], 3)] for b, v in tr["gaps"].items()])
+    print_table("largest gaps", ["us", "after", "before"], [[g["us"], g["after"], g["before"]] for g in tr["largest_gaps"]])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(ap)
@@ -393,6 +432,11 @@ def main() -> None:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--timeline", action="store_true", help="time every step of the run; print them by kind "
                     "and batch size, with the host's wait for the GPU and the GEMMs alone at their mean tokens")
+    ap.add_argument("--trace", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="comma-separated batch sizes: when the running sequences first drop to each (all "
+                    "admitted), profile --trace-steps steps of the run on the GPU (time by kernel, idle gaps)")
+    ap.add_argument("--trace-steps", type=int, default=8)
+    ap.add_argument("--trace-first", type=int, default=0, help="also profile the run's first N steps (the prefills)")
     args = ap.parse_args()
 
     import torch
@@ -429,6 +473,8 @@ def main() -> None:
         print_table("The run's steps by kind (wall; wait = the host waiting for the sampled ids; GEMMs alone at "
                     "the mean tokens)", keys, [[round(r[k], 3) if isinstance(r.get(k), float) else r.get(k, "-")
                                               for k in keys] for r in g["timeline"]])
+    for tr in g.get("traces", []):
+        print_trace(tr)
     if "host_schedule_ms" in g:
         keys = ["host_schedule_ms", "host_reserve_batch_ms", "host_run_ms", "host_sampler_ms", "host_rest_ms"]
         print_table("Host time of that step by phase (ms; rest = waiting for the sampled ids, then bookkeeping)",

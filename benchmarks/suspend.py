@@ -134,6 +134,24 @@ def probe(torch, xs) -> Dict[str, float]:
     out["pinned_alloc_gbs"] = gbs(time.perf_counter() - t0)
     out["d2h_pinned_gbs"] = gbs(copy_into(pinned.data_ptr(), "device_to_pinned"))
     del pinned
+    # registering faulted pageable memory with the driver (cudaHostRegister), then DMA straight into
+    # and out of it: what a suspend would cost if its host buffers were pinned ahead of it
+    cudart = torch.cuda.cudart()
+    reg = _Anon(n)
+    reg.populate(PREFAULT_THREADS)
+    t0 = time.perf_counter()
+    rc = cudart.cudaHostRegister(reg.ptr, n, 0)
+    if int(rc) == 0:
+        out["register_faulted_gbs"] = gbs(time.perf_counter() - t0)
+        out["d2h_registered_gbs"] = gbs(copy_into(reg.ptr, "device_to_pinned"))
+        t0 = time.perf_counter()
+        for i, x in enumerate(xs):
+            eng.copy_raw(x.data_ptr(), reg.ptr + i * GiB, GiB, "pinned_to_device")
+        out["h2d_registered_gbs"] = gbs(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        cudart.cudaHostUnregister(reg.ptr)
+        out["unregister_gbs"] = gbs(time.perf_counter() - t0)
+    reg.close()
     return out
 
 
@@ -307,7 +325,9 @@ def main() -> None:
                 p = r["probe"]
                 probes.append([gib, round(p["prefault_gbs"], 1), round(p["d2h_faulted_gbs"], 1),
                                round(p["d2h_fresh_gbs"], 1), round(p["pinned_alloc_gbs"], 1),
-                               round(p["d2h_pinned_gbs"], 1)])
+                               round(p["d2h_pinned_gbs"], 1)] +
+                              [round(p[k], 1) if k in p else "-" for k in
+                               ("register_faulted_gbs", "d2h_registered_gbs", "h2d_registered_gbs", "unregister_gbs")])
             print(f"  {gib} GiB, {label}: suspend {r['suspend_s']:.3f} s, resume {r['resume_s']:.3f} s", flush=True)
     print_table("glake.suspend / glake.resume (device synchronised around each)",
                 ["GiB", "host memory", "suspend s", "suspend GB/s", "of it unmap+release ms", "resume s", "resume GB/s",
@@ -318,7 +338,8 @@ def main() -> None:
         print(f"transparent huge pages: {payload['thp']}")
         print_table(f"The parts of a suspend, each alone (GB/s; prefault = {PREFAULT_THREADS} threads, MADV_POPULATE_WRITE)",
                     ["GiB", "prefault fresh memory", "d2h into faulted pageable", "d2h into fresh pageable",
-                     "pinned alloc", "d2h into pinned"], probes)
+                     "pinned alloc", "d2h into pinned", "register faulted", "d2h registered",
+                     "h2d registered", "unregister"], probes)
     if args.serve:
         try:
             s = run_worker(["--serve-worker", "--prompt-tokens", str(args.prompt_tokens)])

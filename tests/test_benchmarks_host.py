@@ -112,3 +112,22 @@ def test_detokenize_tiny(tmp_path):
     assert "Text upkeep" in out
     runs = json.loads((tmp_path / "detokenize.json").read_text())["runs"]
     assert [r["length"] for r in runs] == [20, 40]
+
+
+def test_gpu_trace_summary_counts_busy_time_once_and_finds_the_gaps():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _gpu_trace import device_events, summarize
+
+    trace = {"traceEvents": [
+        {"cat": "kernel", "ph": "X", "ts": 0, "dur": 10, "name": "gemm_a"},
+        {"cat": "kernel", "ph": "X", "ts": 5, "dur": 7, "name": "norm"},          # overlaps the first
+        {"cat": "gpu_memcpy", "ph": "X", "ts": 112, "dur": 8, "name": "Memcpy HtoD"},  # after 100 us idle
+        {"cat": "kernel", "ph": "X", "ts": 123, "dur": 17, "name": "gemm_b"},
+        {"cat": "cpu_op", "ph": "X", "ts": 0, "dur": 500, "name": "host work"},   # not device activity
+    ]}
+    s = summarize(device_events(trace), 2, lambda n: "gemm" if "gemm" in n else "other")
+    assert s["span_ms"] == pytest.approx(0.140 / 2) and s["busy_ms"] == pytest.approx(0.037 / 2)
+    assert s["classes"] == pytest.approx({"gemm": 0.027 / 2, "other": 0.015 / 2})
+    assert [g["us"] for g in s["largest_gaps"]] == [100.0, 3.0]
+    assert s["largest_gaps"][0] == {"us": 100.0, "after": "norm", "before": "Memcpy HtoD"}
+    assert s["gaps"][">= 100 us"]["count_per_step"] == 0.5

@@ -481,8 +481,9 @@ class LLMEngine:
         """Reads ``step``'s sampled ids (the step's one host sync), appends them and applies the stop
         rules; returns the sequences finished. A sequence finished here that is in ``ahead`` (the step
         launched behind it) keeps its slot until ``ahead`` is completed."""
-        ids = step.out.token_ids.tolist()
-        lps = self._logprobs(step.out, step.seqs)
+        out = step.out.to_host()  # waits for this step alone, not for the one launched behind it
+        ids = out.token_ids.tolist()
+        lps = self._logprobs(out, step.seqs)
         finished: List[Sequence] = []
         busy = {id(s) for s in ahead.seqs} if ahead is not None else set()
         for j, seq in enumerate(step.seqs):

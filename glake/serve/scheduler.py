@@ -362,14 +362,17 @@ class Scheduler:
         """
         if not self.kv.lookahead_tokens or self.swapped:
             return 0
+        # Every early slot is taken before the first prefetch: the mapper holds the cache's lock while
+        # it maps a slot's chunks, and allocate() needs that lock.
         budget = self.max_num_batched_tokens
+        chunks = []  # (slot, length) to prefetch
         for seq in self.running:
             if budget <= 0:
-                return 0
+                break
             n = min(max(1, seq.num_uncomputed_tokens), budget)
             budget -= n
             if n > 1:
-                self.kv.prefetch(seq.slot, seq.num_cached_tokens + n)
+                chunks.append((seq.slot, seq.num_cached_tokens + n))
         cached = len(self.prefix_cache) if self.prefix_cache is not None else 0
         taken = 0
         for seq in self.waiting:
@@ -386,7 +389,9 @@ class Scheduler:
                 seq.slot = self.kv.allocate()
                 self._early += 1
                 taken += 1
-            self.kv.prefetch(seq.slot, n)
+            chunks.append((seq.slot, n))
+        for slot, length in chunks:
+            self.kv.prefetch(slot, length)
         return taken
 
 

@@ -126,3 +126,21 @@ def test_greedy_outputs_after_a_wake_equal_those_before():
         assert not engine.sleeping
         assert engine.runner.graphs is not None
     assert after == before
+
+
+def test_reading_a_steps_ids_waits_for_that_step_alone():
+    """The sampler queues its ids' copy to the host right behind itself: reading them later must not
+    wait for work launched after it (the decode step behind, with ``overlap_steps``)."""
+    from glake.serve.layers.sampler import Sampler, SamplingTensors
+
+    logits = torch.randn(6, 50, device="cuda")
+    params = [SamplingParams(temperature=0, logprobs=2)] * 6
+    t = SamplingTensors.build(params, [], [], [None] * 6, 50, logits.device)
+    out = Sampler()(logits, t)
+    torch.cuda._sleep(2_000_000_000)  # about a second of spinning queued behind the sampler
+    host = out.to_host()
+    assert not torch.cuda.current_stream().query(), "to_host() waited for the kernel queued behind the sampler"
+    assert host.token_ids.device.type == "cpu" and host.token_ids.tolist() == logits.argmax(-1).tolist()
+    assert torch.allclose(host.logprobs, logits.log_softmax(-1).max(-1).values.cpu())
+    assert host.top_ids.tolist() == logits.topk(2).indices.tolist()
+    torch.cuda.synchronize()

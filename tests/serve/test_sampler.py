@@ -142,3 +142,8 @@ def test_sampling_params_validate():
         with pytest.raises(InvalidArgumentError):
             SamplingParams(**bad)
     assert SamplingParams(stop="x").stop == ["x"] and SamplingParams(top_k=-1).top_k == 0
+
+
+def test_host_output_on_the_cpu_is_the_output_itself():
+    out = Sampler()(torch.randn(2, V), tensors([SamplingParams(temperature=0)] * 2))
+    assert out.to_host() is out and out.to_host().token_ids.tolist() == out.token_ids.tolist()

@@ -110,6 +110,26 @@ def test_prompts_next_in_line_are_backed_in_the_background_before_they_are_admit
     assert total == first, (first, total)
 
 
+def test_every_early_slot_is_taken_before_the_first_prefetch(hf):
+    """The mapper holds the cache's lock while it maps a prefetched slot: an allocate() after a
+    prefetch would wait for it, on the step's critical path."""
+    with LLM(hf, max_num_seqs=8, max_model_len=192, max_num_batched_tokens=256, kv_lookahead_tokens=2) as llm:
+        eng = llm.engine
+        for _ in range(8):
+            eng.add_request(list(range(1, 61)), SamplingParams(temperature=0, max_tokens=4))
+        calls, kv = [], eng.kv
+        allocate, prefetch = kv.allocate, kv.prefetch
+        kv.allocate = lambda: (calls.append("allocate"), allocate())[1]
+        kv.prefetch = lambda slot, n: (calls.append("prefetch"), prefetch(slot, n))[1]
+        eng.scheduler.max_num_batched_tokens = 128  # the first step admits two, the next two wait in line
+        eng.step()
+        del kv.allocate, kv.prefetch
+        after = calls[calls.index("prefetch"):]
+        assert "allocate" not in after and after.count("prefetch") >= 2, calls
+        while eng.has_unfinished():
+            eng.step()
+
+
 def test_a_waiting_request_holding_an_early_slot_gives_it_back_on_abort(hf):
     with LLM(hf, max_num_seqs=4, max_model_len=192, max_num_batched_tokens=64, kv_lookahead_tokens=2) as llm:
         eng = llm.engine

@@ -11,8 +11,8 @@ processing), as vLLM reports them by default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -74,12 +74,43 @@ class SamplingTensors:
 
 @dataclass
 class SamplerOutput:
-    """The sampled ids ``[B]`` and, when asked for, the sampled ids' logprobs ``[B]`` and the top-n ``[B, n]``."""
+    """The sampled ids ``[B]`` and, when asked for, the sampled ids' logprobs ``[B]`` and the top-n ``[B, n]``.
+
+    :meth:`copy_to_host` (the sampler calls it) queues their copy to host memory right behind the
+    sampler, and :meth:`to_host` waits for that copy alone. Reading the tensors directly instead
+    (``.tolist()``) queues the copy when it is called, behind whatever was launched since: with a
+    step left in flight, the host would wait for the step behind too, and the GPU would idle while
+    the host then did its bookkeeping.
+    """
 
     token_ids: torch.Tensor
     logprobs: Optional[torch.Tensor] = None
     top_ids: Optional[torch.Tensor] = None
     top_logprobs: Optional[torch.Tensor] = None
+    _host: Optional["SamplerOutput"] = field(default=None, repr=False, compare=False)
+    _ready: Optional[torch.cuda.Event] = field(default=None, repr=False, compare=False)
+
+    def _tensors(self) -> Tuple[Optional[torch.Tensor], ...]:
+        return self.token_ids, self.logprobs, self.top_ids, self.top_logprobs
+
+    def copy_to_host(self) -> None:
+        """Queues the copy of every tensor to (pinned) host memory on the current stream; returns at once."""
+        if self.token_ids.device.type != "cuda":
+            self._host = self
+            return
+        self._host = SamplerOutput(*(t.to("cpu", non_blocking=True) if t is not None else None
+                                     for t in self._tensors()))
+        self._ready = torch.cuda.Event()
+        self._ready.record()
+
+    def to_host(self) -> "SamplerOutput":
+        """The same output with host tensors, once the copy :meth:`copy_to_host` queued has landed
+        (queued now if it was not)."""
+        if self._host is None:
+            self.copy_to_host()
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host
 
 
 def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
@@ -143,6 +174,7 @@ class Sampler(torch.nn.Module):
             out.logprobs = lp.gather(-1, ids[:, None])[:, 0]
             if t.max_logprobs > 0:
                 out.top_logprobs, out.top_ids = lp.topk(t.max_logprobs, dim=-1)
+        out.copy_to_host()
         return out
 
     @staticmethod
