@@ -20,6 +20,10 @@ allocating pinned memory and copying into it.
 ``--keep-host`` adds, per size, two suspend/resume cycles with GLAKE_SUSPEND_KEEP_HOST=1 and shows the
 second: its suspend copies into the host buffers the first resume kept (resident memory).
 
+``--prepared`` adds, per size, a process that calls glake.prepare_suspend() first (timed apart): its
+suspend copies into host buffers faulted in and page-locked ahead, DMA'd without staging, and its
+resume copies back from them.
+
 ``--serve`` measures glake's LLM engine (a random Llama-3-8B-shaped model in bf16, weights through
 glake) going to sleep (level 1) and answering its next request: first-token latency awake and right
 after the wake, against the time of a pinned host-to-device copy of the weights' bytes (same run),
@@ -27,7 +31,7 @@ and whether the greedy tokens after the wake equal those before. The wake's time
 the multipath engine's copies (its busy time and number of copies) and the driver's create/map/
 set_access time.
 
-    python3 benchmarks/suspend.py [--sizes-gib 1,16,80] [--probe] [--keep-host] [--serve]
+    python3 benchmarks/suspend.py [--sizes-gib 1,16,80] [--probe] [--keep-host] [--prepared] [--serve]
 """
 
 from __future__ import annotations
@@ -155,7 +159,7 @@ def probe(torch, xs) -> Dict[str, float]:
     return out
 
 
-def worker(gib: int, with_probe: bool, cycles: int) -> dict:
+def worker(gib: int, with_probe: bool, cycles: int, prepare: bool = False) -> dict:
     import glake
     import glake.torch
     from glake import _C, core
@@ -168,6 +172,11 @@ def worker(gib: int, with_probe: bool, cycles: int) -> dict:
     want = float(xs[-1].double().sum())
     torch.cuda.synchronize()
     held_free, _ = torch.cuda.mem_get_info()
+    prepare_s = prepared = None
+    if prepare:
+        t0 = time.perf_counter()
+        prepared = glake.prepare_suspend()
+        prepare_s = time.perf_counter() - t0
     suspend_s, resume_s = [], []
     for _ in range(cycles):  # each cycle timed; the table shows the last
         c0 = core.stats("cuda")
@@ -187,6 +196,7 @@ def worker(gib: int, with_probe: bool, cycles: int) -> dict:
     r = {"gib": gib, "suspend_s": suspend_s[-1], "resume_s": resume_s[-1], "suspend_s_cycles": suspend_s,
          "resume_s_cycles": resume_s, "base_free": base_free, "held_free": held_free,
          "suspended_free": suspended_free, "total": total, "intact": got == want,
+         "prepare_s": prepare_s, "prepared_bytes": prepared,
          "prefault_threads": os.environ.get("GLAKE_SUSPEND_PREFAULT_THREADS", "8 (default)"),
          "keep_host": os.environ.get("GLAKE_SUSPEND_KEEP_HOST", "0"), "host_kept_bytes": _C.host_reserve_bytes(),
          "suspend_driver_ms": _driver_ms(c0, c1, "unmap", "release"),
@@ -289,28 +299,33 @@ def main() -> None:
     ap.add_argument("--keep-host", action="store_true",
                     help="also two suspend/resume cycles with GLAKE_SUSPEND_KEEP_HOST=1 (the second suspend reuses "
                          "the first's host buffers)")
+    ap.add_argument("--prepared", action="store_true",
+                    help="also a process that calls glake.prepare_suspend() before its suspend (timed apart)")
+    ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cycles", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--serve-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.probe, args.cycles)))
+        print("RESULT " + json.dumps(worker(args.worker, args.probe, args.cycles, args.prepare)))
         return
     if args.serve_worker:
         print("RESULT " + json.dumps(serve_worker(args.prompt_tokens)))
         return
-    rows, probes, results = [], [], []
+    rows, probes, results, prepared = [], [], [], []
     # fresh host memory, faulted in ahead of the copy by the default number of threads or by each of
     # --prefault-threads; --keep-host adds the second of two cycles that keep their host buffers
-    variants = [(f"fresh, {n} fault-ahead threads", {"GLAKE_SUSPEND_PREFAULT_THREADS": n}, 1)
-                for n in args.prefault_threads.split(",") if n] or [("fresh", None, 1)]
+    variants = [(f"fresh, {n} fault-ahead threads", {"GLAKE_SUSPEND_PREFAULT_THREADS": n}, 1, [])
+                for n in args.prefault_threads.split(",") if n] or [("fresh", None, 1, [])]
     if args.keep_host:
-        variants.append(("kept (2nd cycle)", {"GLAKE_SUSPEND_KEEP_HOST": "1"}, 2))
+        variants.append(("kept (2nd cycle)", {"GLAKE_SUSPEND_KEEP_HOST": "1"}, 2, []))
+    if args.prepared:
+        variants.append(("prepared", None, 1, ["--prepare"]))
     for gib in (int(x) for x in args.sizes_gib.split(",") if x):
-        for label, env, cycles in variants:
+        for k, (label, env, cycles, extra) in enumerate(variants):
             try:
-                r = run_worker(["--worker", str(gib), "--cycles", str(cycles)] +
-                               (["--probe"] if args.probe and (label, env) == variants[0][:2] else []), env)
+                r = run_worker(["--worker", str(gib), "--cycles", str(cycles)] + extra +
+                               (["--probe"] if args.probe and k == 0 else []), env)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 rows.append([gib, label, "error", "", "", "", "", "", "", ""])
                 print(e)
@@ -328,10 +343,16 @@ def main() -> None:
                                round(p["d2h_pinned_gbs"], 1)] +
                               [round(p[k], 1) if k in p else "-" for k in
                                ("register_faulted_gbs", "d2h_registered_gbs", "h2d_registered_gbs", "unregister_gbs")])
+            if r.get("prepare_s") is not None:
+                prepared.append([gib, round(r["prepare_s"], 2), round(r["prepared_bytes"] / r["prepare_s"] / 1e9, 1),
+                                 round(r["prepared_bytes"] / GiB, 2)])
             print(f"  {gib} GiB, {label}: suspend {r['suspend_s']:.3f} s, resume {r['resume_s']:.3f} s", flush=True)
     print_table("glake.suspend / glake.resume (device synchronised around each)",
                 ["GiB", "host memory", "suspend s", "suspend GB/s", "of it unmap+release ms", "resume s", "resume GB/s",
                  "of it create+map ms", "GiB left vs start", "data intact"], rows)
+    if prepared:
+        print_table("glake.prepare_suspend() before the 'prepared' rows (host buffers faulted in and page-locked)",
+                    ["GiB", "prepare s", "prepare GB/s", "GiB made ready"], prepared)
     payload: Dict[str, object] = {"args": vars(args), "results": results}
     if probes:
         payload["thp"] = _thp()

@@ -49,11 +49,11 @@ if not _C.cuda_backend_built():
 from glake import core  # noqa: E402  (after the warning, so it is issued once, here)
 from glake.allocator import Allocator  # noqa: E402
 from glake.core import backend_name  # noqa: E402  (the one definition)
-from glake.suspension import resume, suspend  # noqa: E402
+from glake.suspension import prepare_suspend, release_suspend_host, resume, suspend  # noqa: E402
 
 __all__ = [
     "backend_name", "core", "Allocator", "GlakeError", "OutOfMemoryError", "InvalidArgumentError",
-    "BackendUnavailableError", "GlakeWarning", "__version__", "suspend", "resume",
+    "BackendUnavailableError", "GlakeWarning", "__version__", "suspend", "resume", "prepare_suspend", "release_suspend_host",
 ]
 
 if os.environ.get("GLAKE_STATS") == "1":  # publish this process's stats (glake ps / stats / top / map)

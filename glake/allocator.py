@@ -118,6 +118,17 @@ class Allocator:
 
         self._impl.suspend(multipath.engine(self.backend, self.device).handle, sorted(int(p) for p in discard))
 
+    def prepare_suspend(self) -> int:
+        """Make the next :meth:`suspend`'s host memory ready now, while awake (see :func:`glake.prepare_suspend`).
+
+        Returns the bytes made ready (0 when the kept buffers already cover the live data).
+        """
+        return self._impl.prepare_suspend()
+
+    def drop_host_reserve(self) -> None:
+        """Give back the host memory this allocator keeps for its next suspend (prepared or kept)."""
+        self._impl.drop_host_reserve()
+
     def resume(self) -> None:
         """Take the device memory again at the same addresses and copy the data back (no-op if not suspended).
 

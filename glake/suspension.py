@@ -136,6 +136,31 @@ def resume(device: Optional[int] = None) -> List[int]:
     return sorted(done)
 
 
+def prepare_suspend(device: Optional[int] = None) -> int:
+    """Make the host memory of the next :func:`suspend` ready now, while the process is awake.
+
+    For glake's process-wide allocator of ``device`` (default: every device): host buffers of the
+    sizes its suspend would copy at this moment, faulted in and page-locked, kept by the allocator. A
+    suspend that then finds the same live data copies into resident, pinned memory with the copy
+    engines' DMA alone, and so does its resume back: a first suspend into fresh memory instead waits
+    for the kernel to fault in and zero every page (on an H200 host 17-24 GB/s against 47-55 GB/s
+    into prepared memory; docs/suspend.md). It takes seconds for tens of GiB (faulting, then
+    ``cuMemHostRegister``), without the allocator's lock: call it when the process goes idle, before
+    it may sleep. What it makes stays across suspend/resume cycles, as host RAM the process holds
+    while awake, until :func:`release_suspend_host`; an allocation made or freed since changes the
+    sizes, and a suspend then uses what still fits and makes the rest fresh. KV caches are not
+    prepared (a sleeping server discards its KV cache). Returns the bytes made ready.
+    """
+    return sum(_C.gmlake_global(d).prepare_suspend() for d in _devices(device))
+
+
+def release_suspend_host(device: Optional[int] = None) -> None:
+    """Give back the host memory glake's process-wide allocators keep for their next suspend
+    (:func:`prepare_suspend`'s, or ``GLAKE_SUSPEND_KEEP_HOST=1``'s)."""
+    for d in _devices(device):
+        _C.gmlake_global(d).drop_host_reserve()
+
+
 def suspended(device: Optional[int] = None) -> bool:
     """Whether anything glake manages on ``device`` (default: anywhere) is suspended now."""
     return any(_C.gmlake_global(d).suspended for d in _devices(device)) or \

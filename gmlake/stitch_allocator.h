@@ -127,6 +127,17 @@ class GLAKE_API StitchAllocator {
   void resume(HostCopier* copier = nullptr);
   /// True between suspend() and resume().
   bool suspended() const;
+  /// Makes the host memory of the next suspend ready now, while the process is awake (an idle
+  /// server, before it sleeps): buffers of the sizes suspend() would copy at this moment, faulted in
+  /// and page-locked (HostReserve::make_ready), kept by this allocator. A suspend whose runs have
+  /// those sizes then copies into resident, pinned memory, DMA'd without staging, and so does its
+  /// resume back; the buffers stay for the cycles after (drop_host_reserve() gives them back).
+  /// Sizes already kept are not made again. Drops the free cache first, as suspend() does (so the
+  /// runs are those it will copy). Returns the bytes made. Runs without the allocator's lock while
+  /// it faults and pins. Throws InvalidArgumentError when suspended, OutOfMemoryError.
+  std::size_t prepare_suspend();
+  /// Unmaps (and unregisters) every host buffer kept for the next suspend.
+  void drop_host_reserve();
   /// Sets the cap as a fraction of device memory (0 = none), like torch's.
   void set_memory_fraction(double fraction);
 
@@ -236,6 +247,15 @@ class GLAKE_API StitchAllocator {
   void retire_pool(PrivatePool* pool);
   // ---- suspend and resume (suspend.cpp)
   bool holds_live_data(const Segment& seg, std::size_t offset, std::size_t size, const std::set<DevPtr>& discard) const;
+  /// Consecutive chunks of a segment holding live data (not shared, not only `dropped` allocations).
+  struct LiveRun {
+    Segment* seg;
+    std::size_t offset, size;
+  };
+  struct SavedSegment;
+  /// The live runs of every segment, in order; with `saved`, each segment's chunk sizes and shared
+  /// chunks are recorded there too.
+  std::vector<LiveRun> live_runs(const std::set<DevPtr>& dropped, std::map<const Segment*, SavedSegment>* saved) const;
   void unmap_stitches();
   void map_stitches();
   // ---- shared chunks (shared_chunks.cpp)

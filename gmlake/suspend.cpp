@@ -36,6 +36,57 @@ void StitchAllocator::map_stitches() {
   }
 }
 
+std::vector<StitchAllocator::LiveRun> StitchAllocator::live_runs(const std::set<DevPtr>& dropped,
+                                                                 std::map<const Segment*, SavedSegment>* saved) const {
+  std::vector<LiveRun> runs;
+  for (const auto& seg : segments_) {
+    SavedSegment* s = saved ? &(*saved)[seg.get()] : nullptr;
+    std::size_t run_start = 0, run_end = 0;  // the run of live chunks being gathered: [start, end)
+    auto flush = [&] {
+      if (run_end > run_start) runs.push_back(LiveRun{seg.get(), run_start, run_end - run_start});
+    };
+    for (const Mapping& m : seg->range->mappings()) {
+      if (s) s->chunk_sizes.push_back(m.chunk->size());
+      if (shared_chunks_.count(seg->range->ptr() + m.offset)) {
+        if (s) s->shared[m.offset] = m.chunk;  // kept, not copied: other processes read it, nobody writes it
+        continue;
+      }
+      if (!holds_live_data(*seg, m.offset, m.chunk->size(), dropped)) continue;
+      if (m.offset != run_end) {
+        flush();
+        run_start = m.offset;
+      }
+      run_end = m.offset + m.chunk->size();
+    }
+    flush();
+  }
+  return runs;
+}
+
+std::size_t StitchAllocator::prepare_suspend() {
+  std::vector<std::size_t> sizes;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (suspended_) throw InvalidArgumentError("prepare_suspend of the allocator of device " + std::to_string(device_) +
+                                               ": already suspended");
+    release_cached(0);  // as suspend() does first: idle stitches give their blocks back, runs as it will see them
+    for (const LiveRun& r : live_runs({}, nullptr)) sizes.push_back(r.size);
+    sizes = host_reserve_.missing(sizes);
+  }
+  // Seconds for tens of GiB: made without the lock (malloc and free go on meanwhile).
+  std::vector<HostBufferPtr> ready = HostReserve::make_ready(sizes, driver_, device_);
+  std::size_t bytes = 0;
+  for (const HostBufferPtr& b : ready) bytes += b->size();
+  std::lock_guard<std::mutex> lock(mutex_);
+  host_reserve_.add(std::move(ready));
+  return bytes;
+}
+
+void StitchAllocator::drop_host_reserve() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  host_reserve_.drop();
+}
+
 void StitchAllocator::suspend(HostCopier* copier, const std::vector<DevPtr>& discard) {
   std::lock_guard<std::mutex> lock(mutex_);
   const std::string where = "suspend of the allocator of device " + std::to_string(device_);
@@ -57,42 +108,17 @@ void StitchAllocator::suspend(HostCopier* copier, const std::vector<DevPtr>& dis
   HostCopier& io = copier ? *copier : plain;
   // Copy first, so that a failure (host memory, the driver) leaves the allocator as it was. Every
   // segment's runs of live chunks are gathered, given host buffers together, then copied as one batch.
-  struct Run {
-    Segment* seg;
-    std::size_t offset, size;
-  };
-  std::vector<Run> runs;
   std::map<const Segment*, SavedSegment> saved;
-  for (auto& seg : segments_) {
-    SavedSegment& s = saved[seg.get()];
-    std::size_t run_start = 0, run_end = 0;  // the run of live chunks being gathered: [start, end)
-    auto flush = [&] {
-      if (run_end > run_start) runs.push_back(Run{seg.get(), run_start, run_end - run_start});
-    };
-    for (const Mapping& m : seg->range->mappings()) {
-      s.chunk_sizes.push_back(m.chunk->size());
-      if (shared_chunks_.count(seg->range->ptr() + m.offset)) {
-        s.shared[m.offset] = m.chunk;  // kept, not copied: other processes read it, nobody writes it
-        continue;
-      }
-      if (!holds_live_data(*seg, m.offset, m.chunk->size(), dropped)) continue;
-      if (m.offset != run_end) {
-        flush();
-        run_start = m.offset;
-      }
-      run_end = m.offset + m.chunk->size();
-    }
-    flush();
-  }
+  const std::vector<LiveRun> runs = live_runs(dropped, &saved);
   std::vector<std::size_t> sizes;
-  for (const Run& r : runs) sizes.push_back(r.size);
+  for (const LiveRun& r : runs) sizes.push_back(r.size);
   std::size_t host_bytes = 0, file_bytes = 0;
   HostReserve::Taken taken = host_reserve_.take(sizes);  // after `saved`: its faulting stops before they go
   std::vector<HostBufferPtr>& buffers = taken.buffers;
   std::vector<HostCopy> copies;
   for (std::size_t i = 0; i < runs.size(); ++i) {
-    const Run& r = runs[i];
-    copies.push_back(HostCopy{buffers[i]->ptr(), r.seg->range->ptr() + r.offset, r.size});
+    const LiveRun& r = runs[i];
+    copies.push_back(HostCopy{buffers[i]->ptr(), r.seg->range->ptr() + r.offset, r.size, buffers[i]->pinned()});
     host_bytes += r.size;
     if (buffers[i]->file_backed()) file_bytes += r.size;
     saved[r.seg].runs.push_back(SavedRun{r.offset, std::move(buffers[i])});
@@ -141,7 +167,7 @@ void StitchAllocator::resume(HostCopier* copier) {
       for (std::size_t at = r.offset; at < run_end;) {
         while (slices[k].offset + slices[k].bytes <= at) ++k;
         const std::size_t to = std::min(run_end, slices[k].offset + slices[k].bytes);
-        copies.push_back(HostCopy{seg->range->ptr() + at, r.bytes->ptr() + (at - r.offset), to - at});
+        copies.push_back(HostCopy{seg->range->ptr() + at, r.bytes->ptr() + (at - r.offset), to - at, r.bytes->pinned()});
         needs.push_back(k + 1);
         at = to;
       }

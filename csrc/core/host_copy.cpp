@@ -86,7 +86,20 @@ HostBuffer::HostBuffer(std::size_t size, std::size_t pending) : size_(size) {
 }
 
 HostBuffer::~HostBuffer() {
+  if (pinned_by_) {
+    try {
+      pinned_by_->host_unregister(pinned_device_, ptr());
+    } catch (...) {  // a destructor must not throw; unmapping below ends the registration anyway
+    }
+  }
   if (p_) munmap(p_, size_);
+}
+
+void HostBuffer::pin(Driver& driver, int device) {
+  if (pinned_by_) return;
+  driver.host_register(device, ptr(), size_);
+  pinned_by_ = &driver;
+  pinned_device_ = device;
 }
 
 void copy_to_device_behind(HostCopier& io, const std::vector<HostCopy>& items, const std::vector<std::size_t>& needs,
@@ -174,7 +187,13 @@ FaultAhead::FaultAhead(const std::vector<const HostBuffer*>& buffers, unsigned t
 
 FaultAhead::~FaultAhead() {
   stop_.store(true);
-  for (auto& t : pool_) t.join();
+  finish();
+}
+
+void FaultAhead::finish() {
+  for (auto& t : pool_) {
+    if (t.joinable()) t.join();
+  }
 }
 
 unsigned FaultAhead::threads_from_env() {
@@ -235,14 +254,55 @@ HostReserve::Taken HostReserve::take(const std::vector<std::size_t>& sizes) {
 
 void HostReserve::give_back(std::vector<HostBufferPtr> buffers) {
   const char* v = std::getenv("GLAKE_SUSPEND_KEEP_HOST");
-  if (!v || std::strcmp(v, "1") != 0) return;  // `buffers` unmap as they go
+  const bool keep = v && std::strcmp(v, "1") == 0;
   for (HostBufferPtr& b : buffers) {
-    if (!b || b->file_backed()) continue;
-    const std::size_t n = b->size();
-    kept_.emplace(n, std::move(b));
-    bytes_ += n;
-    g_kept_bytes += n;
+    if (b && !b->file_backed() && (keep || b->pinned())) add_one(std::move(b));
+  }  // the others unmap as they go
+}
+
+void HostReserve::add_one(HostBufferPtr b) {
+  const std::size_t n = b->size();
+  kept_.emplace(n, std::move(b));
+  bytes_ += n;
+  g_kept_bytes += n;
+}
+
+void HostReserve::add(std::vector<HostBufferPtr> buffers) {
+  for (HostBufferPtr& b : buffers) {
+    if (b) add_one(std::move(b));
   }
+}
+
+std::vector<std::size_t> HostReserve::missing(const std::vector<std::size_t>& sizes) const {
+  std::map<std::size_t, std::size_t> have;
+  for (const auto& [n, b] : kept_) ++have[n];
+  std::vector<std::size_t> out;
+  for (std::size_t n : sizes) {
+    auto it = have.find(n);
+    if (it != have.end() && it->second > 0) {
+      --it->second;
+    } else {
+      out.push_back(n);
+    }
+  }
+  return out;
+}
+
+std::vector<HostBufferPtr> HostReserve::make_ready(const std::vector<std::size_t>& sizes, Driver& driver, int device) {
+  std::vector<HostBufferPtr> out;
+  std::vector<const HostBuffer*> fresh;
+  std::size_t pending = 0;
+  for (std::size_t n : sizes) {
+    auto b = std::make_unique<HostBuffer>(n, pending);
+    if (b->file_backed()) continue;  // more than RAM allows: a suspend will page it out to a file
+    pending += n;
+    fresh.push_back(b.get());
+    out.push_back(std::move(b));
+  }
+  FaultAhead faulting(fresh, FaultAhead::threads_from_env());
+  faulting.finish();  // pinning memory already resident is ~26 GB/s on an H200 host; what no thread
+  for (HostBufferPtr& b : out) b->pin(driver, device);  // faulted in (tiny batches), pinning faults in
+  return out;
 }
 
 std::size_t HostReserve::drop() {

@@ -14,10 +14,12 @@
 
 namespace glake {
 
-/// One copy of a suspend's or resume's batch: `n` bytes from `src` to `dst`.
+/// One copy of a suspend's or resume's batch: `n` bytes from `src` to `dst`. `pinned`: the host side
+/// is page-locked (HostBuffer::pin), so a copier may DMA straight into or out of it.
 struct HostCopy {
   DevPtr dst, src;
   std::size_t n;
+  bool pinned = false;
 };
 
 /// How suspend() and resume() move live data between the device and host memory: a whole batch per
@@ -27,9 +29,11 @@ struct HostCopy {
 class GLAKE_API HostCopier {
  public:
   virtual ~HostCopier() = default;
-  /// Copies each item from device memory to pageable host memory; returns when all have landed.
+  /// Copies each item from device memory to host memory (pageable unless the item says pinned);
+  /// returns when all have landed.
   virtual void to_host(const std::vector<HostCopy>& items) = 0;
-  /// Copies each item from pageable host memory to device memory; returns when all have landed.
+  /// Copies each item from host memory (pageable unless the item says pinned) to device memory;
+  /// returns when all have landed.
   virtual void to_device(const std::vector<HostCopy>& items) = 0;
 };
 
@@ -82,11 +86,18 @@ class GLAKE_API HostBuffer {
   std::size_t size() const { return size_; }
   /// True when a file backs the bytes.
   bool file_backed() const { return file_backed_; }
+  /// Page-locks the bytes for `device`'s copies (Driver::host_register), so that they are DMA'd
+  /// without staging; unregistered on destruction. Throws what the driver throws.
+  void pin(Driver& driver, int device);
+  /// True after pin().
+  bool pinned() const { return pinned_by_ != nullptr; }
 
  private:
   void* p_ = nullptr;
   std::size_t size_ = 0;
   bool file_backed_ = false;
+  Driver* pinned_by_ = nullptr;
+  int pinned_device_ = 0;
 };
 
 using HostBufferPtr = std::unique_ptr<HostBuffer>;
@@ -105,6 +116,8 @@ class GLAKE_API FaultAhead {
   ~FaultAhead();
   FaultAhead(const FaultAhead&) = delete;
   FaultAhead& operator=(const FaultAhead&) = delete;
+  /// Waits until every block is faulted in (the threads run out of work), instead of stopping them.
+  void finish();
   /// $GLAKE_SUSPEND_PREFAULT_THREADS, else 8 (capped at the hardware's threads).
   static unsigned threads_from_env();
 
@@ -147,8 +160,19 @@ class GLAKE_API HostReserve {
   /// (FaultAhead::threads_from_env() threads). Kept buffers left over are unmapped first. Throws
   /// OutOfMemoryError (the buffers made so far are unmapped; the reserve is then empty).
   Taken take(const std::vector<std::size_t>& sizes);
-  /// A resume's buffers, its data copied back: kept when $GLAKE_SUSPEND_KEEP_HOST=1, else unmapped.
+  /// A resume's buffers, its data copied back: kept when $GLAKE_SUSPEND_KEEP_HOST=1 and the pinned
+  /// ones always (unregistering is as slow as the copy; a prepared object stays prepared), else unmapped.
   void give_back(std::vector<HostBufferPtr> buffers);
+  /// Host buffers for a suspend ahead of it, made without the owner's lock (it takes seconds for
+  /// tens of GiB): one per size, anonymous (a size that would need a file is left out), faulted in by
+  /// FaultAhead::threads_from_env() threads, then page-locked with `driver` for `device`. A suspend
+  /// into them writes resident, pinned memory, DMA'd without staging, and so does its resume back.
+  /// Throws OutOfMemoryError (nothing is left made).
+  static std::vector<HostBufferPtr> make_ready(const std::vector<std::size_t>& sizes, Driver& driver, int device);
+  /// Adds buffers (from make_ready) to the kept ones, for the next take().
+  void add(std::vector<HostBufferPtr> buffers);
+  /// The sizes of `sizes` that no kept buffer matches (each kept buffer matches one size).
+  std::vector<std::size_t> missing(const std::vector<std::size_t>& sizes) const;
   /// Unmaps every kept buffer; returns the bytes given back.
   std::size_t drop();
   /// Bytes kept by this reserve.
@@ -157,6 +181,7 @@ class GLAKE_API HostReserve {
   static std::size_t process_bytes();
 
  private:
+  void add_one(HostBufferPtr b);
   std::multimap<std::size_t, HostBufferPtr> kept_;
   std::size_t bytes_ = 0;
 };

@@ -263,6 +263,18 @@ void CudaDriver::host_free_pinned(int device, DevPtr ptr) {
   check(api_.p_cuMemFreeHost(reinterpret_cast<void*>(ptr)), "cuMemFreeHost(" + hex(ptr) + ")");
 }
 
+void CudaDriver::host_register(int device, DevPtr ptr, std::size_t size) {
+  check_device(device);
+  ContextGuard guard(*this, device);
+  check(api_.p_cuMemHostRegister(reinterpret_cast<void*>(ptr), size, CU_MEMHOSTREGISTER_PORTABLE),
+        "cuMemHostRegister(" + hex(ptr) + ", " + size_arg(size) + ", PORTABLE)");
+}
+
+void CudaDriver::host_unregister(int device, DevPtr ptr) {
+  ContextGuard guard(*this, device);
+  check(api_.p_cuMemHostUnregister(reinterpret_cast<void*>(ptr)), "cuMemHostUnregister(" + hex(ptr) + ")");
+}
+
 DevPtr CudaDriver::device_alloc(int device, std::size_t size) {
   check_device(device);
   ContextGuard guard(*this, device);

@@ -30,6 +30,7 @@ namespace glake {
   X(cuMemImportFromShareableHandle, 10020) X(cuMemGetInfo, 3020) X(cuMemcpy, 4000)                   \
   X(cuMemcpyAsync, 4000) X(cuMemsetD8, 3020) X(cuStreamCreate, 2000) X(cuStreamDestroy, 4000)         \
   X(cuStreamWaitEvent, 3020) X(cuMemHostAlloc, 2020) X(cuMemFreeHost, 2000) X(cuMemAlloc, 3020)      \
+  X(cuMemHostRegister, 6050) X(cuMemHostUnregister, 4000)                                            \
   X(cuMemFree, 3020) X(cuPointerGetAttributes, 7000) X(cuDeviceCanAccessPeer, 4000)                  \
   X(cuCtxEnablePeerAccess, 4000) X(cuStreamSynchronize, 2000) X(cuStreamIsCapturing, 10000)          \
   X(cuEventCreate, 2000) X(cuEventRecord, 2000) X(cuEventQuery, 2000) X(cuEventSynchronize, 2000)    \
@@ -77,6 +78,8 @@ class CudaDriver final : public Driver {
   void stream_wait_event(int device, StreamHandle stream, EventHandle event) override;
   DevPtr host_alloc_pinned(int device, std::size_t size) override;
   void host_free_pinned(int device, DevPtr ptr) override;
+  void host_register(int device, DevPtr ptr, std::size_t size) override;
+  void host_unregister(int device, DevPtr ptr) override;
   DevPtr device_alloc(int device, std::size_t size) override;
   void device_free(int device, DevPtr ptr) override;
   PointerInfo pointer_info(int device, DevPtr ptr) override;

@@ -215,6 +215,8 @@ namespace {
 void Driver::stream_wait_event(int, StreamHandle, EventHandle) { unsupported(*this, "stream_wait_event"); }
 DevPtr Driver::host_alloc_pinned(int, std::size_t) { unsupported(*this, "host_alloc_pinned"); }
 void Driver::host_free_pinned(int, DevPtr) { unsupported(*this, "host_free_pinned"); }
+void Driver::host_register(int, DevPtr, std::size_t) { unsupported(*this, "host_register"); }
+void Driver::host_unregister(int, DevPtr) { unsupported(*this, "host_unregister"); }
 DevPtr Driver::device_alloc(int, std::size_t) { unsupported(*this, "device_alloc"); }
 void Driver::device_free(int, DevPtr) { unsupported(*this, "device_free"); }
 PointerInfo Driver::pointer_info(int, DevPtr) { unsupported(*this, "pointer_info"); }

@@ -161,6 +161,11 @@ class GLAKE_API Driver {
   virtual DevPtr host_alloc_pinned(int device, std::size_t size);
   /// Frees memory from host_alloc_pinned.
   virtual void host_free_pinned(int device, DevPtr ptr);
+  /// Page-locks `size` bytes of ordinary host memory at `ptr` for every device's copies
+  /// (cuMemHostRegister, portable: copies then DMA straight into and out of it; host: no-op).
+  virtual void host_register(int device, DevPtr ptr, std::size_t size);
+  /// Undoes host_register of `ptr`.
+  virtual void host_unregister(int device, DevPtr ptr);
   /// Allocates `size` bytes of plain device memory (cuMemAlloc; host: aligned host memory).
   virtual DevPtr device_alloc(int device, std::size_t size);
   /// Frees memory from device_alloc.

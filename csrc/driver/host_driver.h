@@ -57,6 +57,8 @@ class HostDriver final : public Driver {
   void stream_wait_event(int, StreamHandle, EventHandle) override {}  // host events are always complete
   DevPtr host_alloc_pinned(int device, std::size_t size) override;
   void host_free_pinned(int device, DevPtr ptr) override;
+  void host_register(int device, DevPtr, std::size_t) override { check_device(device); }  // all of it is host memory
+  void host_unregister(int, DevPtr) override {}
   DevPtr device_alloc(int device, std::size_t size) override;
   void device_free(int device, DevPtr ptr) override;
   PointerInfo pointer_info(int, DevPtr) override { return PointerInfo{}; }  // cannot tell: all is host memory

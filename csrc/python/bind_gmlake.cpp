@@ -163,6 +163,10 @@ void bind_gmlake(py::module_& m) {
              a.resume(copier.get());
            }, py::arg("engine") = nullptr, "Takes the memory again and restores the data (through `engine` when given).")
       .def_property_readonly("suspended", &gm::StitchAllocator::suspended, "True between suspend() and resume().")
+      .def("prepare_suspend", &gm::StitchAllocator::prepare_suspend, NoGil(),
+           "Makes the next suspend's host memory ready now (faulted in and page-locked, kept); returns its bytes.")
+      .def("drop_host_reserve", &gm::StitchAllocator::drop_host_reserve, NoGil(),
+           "Gives back the host memory kept for the next suspend.")
       .def("set_memory_fraction", &gm::StitchAllocator::set_memory_fraction, py::arg("fraction"), NoGil(),
            "Caps reserved memory at a fraction of the device (0 = no cap).")
       .def("stats", &stats_dict, "Counters with torch's key names plus glake's.")

@@ -11,22 +11,32 @@ namespace glake::py_bind {
 
 /// suspend()'s and resume()'s copies through a multipath engine: pageable host memory staged through
 /// pinned buffers by several threads, a whole batch in one pipeline, instead of the driver's one
-/// synchronous memcpy at a time.
+/// synchronous memcpy at a time; page-locked host memory (prepared buffers) DMA'd directly.
 class EngineCopier final : public HostCopier {
  public:
   explicit EngineCopier(std::shared_ptr<multipath::CopyEngine> e) : e_(std::move(e)) {}
   void to_host(const std::vector<HostCopy>& items) override {
-    e_->copy_many(batch(items), multipath::MemKind::Pageable, multipath::MemKind::Device, 0, false);
+    for (bool pinned : {true, false}) {
+      const auto b = batch(items, pinned);
+      if (!b.empty()) e_->copy_many(b, host_kind(pinned), multipath::MemKind::Device, 0, false);
+    }
   }
   void to_device(const std::vector<HostCopy>& items) override {
-    e_->copy_many(batch(items), multipath::MemKind::Device, multipath::MemKind::Pageable, 0, false);
+    for (bool pinned : {true, false}) {
+      const auto b = batch(items, pinned);
+      if (!b.empty()) e_->copy_many(b, multipath::MemKind::Device, host_kind(pinned), 0, false);
+    }
   }
 
  private:
-  static std::vector<multipath::CopyItem> batch(const std::vector<HostCopy>& items) {
+  static multipath::MemKind host_kind(bool pinned) {
+    return pinned ? multipath::MemKind::Pinned : multipath::MemKind::Pageable;
+  }
+  static std::vector<multipath::CopyItem> batch(const std::vector<HostCopy>& items, bool pinned) {
     std::vector<multipath::CopyItem> out;
-    out.reserve(items.size());
-    for (const HostCopy& c : items) out.push_back(multipath::CopyItem{c.dst, c.src, c.n});
+    for (const HostCopy& c : items) {
+      if (c.pinned == pinned) out.push_back(multipath::CopyItem{c.dst, c.src, c.n});
+    }
     return out;
   }
   std::shared_ptr<multipath::CopyEngine> e_;

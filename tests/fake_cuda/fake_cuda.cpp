@@ -655,6 +655,33 @@ CUresult f_cuMemFreeHost(void* p) {
   if (capture_forbids("cuMemFreeHost")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
   return free_tracked(reinterpret_cast<std::uintptr_t>(p), false);
 }
+// Registered host memory: pinned for pointer attributes until unregistered; registering a range
+// that overlaps one already registered fails as in CUDA, and so does unregistering an unknown base.
+std::map<std::uintptr_t, std::size_t> g_registered;
+CUresult f_cuMemHostRegister(void* p, size_t n, unsigned int) {
+  COUNT_CALL();
+  NEED_CTX();
+  if (!p || !n) return CUDA_ERROR_INVALID_VALUE;
+  const auto lo = reinterpret_cast<std::uintptr_t>(p);
+  std::lock_guard<std::mutex> lock(g_mem_mu);
+  auto it = g_registered.lower_bound(lo);
+  if ((it != g_registered.end() && it->first < lo + n) ||
+      (it != g_registered.begin() && std::prev(it)->first + std::prev(it)->second > lo)) {
+    return CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED;
+  }
+  g_registered[lo] = n;
+  g_allocs[lo] = Alloc{n, -1};
+  return CUDA_SUCCESS;
+}
+CUresult f_cuMemHostUnregister(void* p) {
+  COUNT_CALL();
+  NEED_CTX();
+  std::lock_guard<std::mutex> lock(g_mem_mu);
+  const auto lo = reinterpret_cast<std::uintptr_t>(p);
+  if (!g_registered.erase(lo)) return CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED;
+  g_allocs.erase(lo);
+  return CUDA_SUCCESS;
+}
 
 CUresult f_cuPointerGetAttributes(unsigned int n, CUpointer_attribute* attrs, void** data, CUdeviceptr ptr) {
   COUNT_CALL();
@@ -1038,6 +1065,7 @@ const Entry kEntries[] = {
     E(cuMemAddressReserve, 10020), E(cuMemAddressFree, 10020), E(cuMemMap, 10020), E(cuMemSetAccess, 10020),
     E(cuMemUnmap, 10020), E(cuMemExportToShareableHandle, 10020), E(cuMemImportFromShareableHandle, 10020),
     E(cuMemAlloc, 3020), E(cuMemFree, 3020), E(cuMemHostAlloc, 2020), E(cuMemFreeHost, 2000),
+    E(cuMemHostRegister, 6050), E(cuMemHostUnregister, 4000),
     E(cuPointerGetAttributes, 7000), E(cuDeviceCanAccessPeer, 4000), E(cuCtxEnablePeerAccess, 4000),
     E(cuStreamCreate, 2000), E(cuStreamDestroy, 4000), E(cuStreamSynchronize, 2000),
     E(cuCtxSynchronize, 2000),
@@ -1190,6 +1218,13 @@ void fake_legacy_sync(int device) { legacy(device)->sync(); }
 int fake_live_allocations() {
   std::lock_guard<std::mutex> lock(g_mem_mu);
   return static_cast<int>(g_allocs.size());
+}
+/// Bytes of host memory registered (cuMemHostRegister) and not unregistered.
+size_t fake_registered_bytes() {
+  std::lock_guard<std::mutex> lock(g_mem_mu);
+  size_t n = 0;
+  for (const auto& [p, size] : g_registered) n += size;
+  return n;
 }
 int fake_peer_enabled(int accessor, int owner) {
   std::lock_guard<std::mutex> lock(g_mem_mu);

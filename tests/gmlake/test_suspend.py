@@ -8,7 +8,7 @@ import pytest
 import glake
 import glake.multipath
 from glake import _C
-from tests.gmlake.helpers import BACKEND, MiB, check, fill
+from tests.gmlake.helpers import BACKEND, ON_FAKE_CUDA, MiB, check, fill
 
 
 def physical() -> int:
@@ -332,3 +332,75 @@ def test_glake_suspend_refuses_to_discard_a_tensor_outside_glakes_device_memory(
         glake.suspend(discard=[torch.zeros(4)])
     with pytest.raises(glake.InvalidArgumentError, match="not a tensor and not registered"):
         glake.suspend(discard=[object()])
+
+
+def registered_bytes() -> int:
+    """Host memory page-locked with the driver (the fake libcuda counts it; the host backend pins nothing)."""
+    if not ON_FAKE_CUDA:
+        return 0
+    import ctypes
+
+    fake = ctypes.CDLL("libcuda.so.1")
+    fake.fake_registered_bytes.restype = ctypes.c_size_t
+    return fake.fake_registered_bytes()
+
+
+def test_a_prepared_suspend_lands_in_the_prepared_pinned_buffers_and_they_stay_for_the_next(monkeypatch):
+    monkeypatch.delenv("GLAKE_SUSPEND_KEEP_HOST", raising=False)
+    a = glake.Allocator(backend=BACKEND, chunk_bytes="8MiB")
+    p, q = a.malloc(6 * MiB), a.malloc(20 * MiB)
+    pinned_before = registered_bytes()
+    try:
+        made = a.prepare_suspend()
+        assert made > 0 and a.stats()["kept_host_bytes"] == made
+        assert a.prepare_suspend() == 0, "the kept buffers already cover the live data"
+        if ON_FAKE_CUDA:
+            assert registered_bytes() - pinned_before == made, "prepared buffers are page-locked with the driver"
+        engine = glake.multipath.engine(BACKEND, 0)
+        for cycle in range(2):  # the buffers serve each cycle, and stay after each resume (no env var)
+            fill(p, 6 * MiB, cycle)
+            fill(q, 20 * MiB, cycle + 7)
+            moved = engine.stats()["bytes"]
+            a.suspend()
+            st = a.stats()
+            assert st["suspended_host_bytes"] == made and st["suspended_reused_bytes"] == made
+            a.resume()
+            assert engine.stats()["bytes"] - moved == 2 * made
+            assert check(p, 6 * MiB, cycle) and check(q, 20 * MiB, cycle + 7)
+            assert a.stats()["kept_host_bytes"] == made
+        a.drop_host_reserve()
+        assert a.stats()["kept_host_bytes"] == 0 and registered_bytes() == pinned_before, "dropped and unregistered"
+        a.suspend()  # unprepared again: fresh memory, given back by the resume
+        assert a.stats()["suspended_reused_bytes"] == 0
+        a.resume()
+        assert a.stats()["kept_host_bytes"] == 0 and check(q, 20 * MiB, 8)
+    finally:
+        a.resume()
+        a.free(p)
+        a.free(q)
+    x = a.malloc(MiB)
+    a.suspend()
+    with pytest.raises(glake.InvalidArgumentError, match="already suspended"):
+        a.prepare_suspend()
+    a.resume()
+    a.free(x)
+
+
+def test_glake_prepare_suspend_covers_the_process_wide_allocator(monkeypatch):
+    monkeypatch.delenv("GLAKE_SUSPEND_KEEP_HOST", raising=False)
+    g = host_global_allocator()
+    p = g.malloc(6 * MiB, 0)
+    try:
+        fill(p, 6 * MiB, 5)
+        made = glake.prepare_suspend()
+        assert made >= 6 * MiB and g.stats()["kept_host_bytes"] == made
+        glake.suspend()
+        assert g.stats()["suspended_reused_bytes"] == g.stats()["suspended_host_bytes"] > 0
+        glake.resume()
+        assert check(p, 6 * MiB, 5) and g.stats()["kept_host_bytes"] == made
+    finally:
+        glake.resume()
+        glake.release_suspend_host()
+        assert g.stats()["kept_host_bytes"] == 0
+        g.free(p)
+        g.empty_cache()

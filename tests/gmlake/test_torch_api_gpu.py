@@ -36,5 +36,6 @@ def test_cupy_allocates_on_cupys_current_stream():
     run("cupy_stream", "glake")
 
 
-def test_suspend_gives_torchs_memory_back_and_resume_restores_tensors_and_graphs():
-    print(run("suspend_resume", "glake"))
+@pytest.mark.parametrize("scenario", ["suspend_resume", "suspend_resume_prepared"])
+def test_suspend_gives_torchs_memory_back_and_resume_restores_tensors_and_graphs(scenario):
+    print(run(scenario, "glake"))

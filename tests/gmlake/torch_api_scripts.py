@@ -263,10 +263,13 @@ def cupy_stream() -> None:
     print("cupy_stream ok")
 
 
-def suspend_resume() -> None:
+def suspend_resume(prepare: bool = False) -> None:
     """glake only: a training step, a captured graph; suspend gives the memory to the driver; after
-    resume the same tensors, the optimizer and the graph replay give what they gave before."""
+    resume the same tensors, the optimizer and the graph replay give what they gave before. With
+    ``prepare``, glake.prepare_suspend() first: the suspend and the resume go through its page-locked
+    host buffers (DMA without staging), which stay until released."""
     import glake
+    from glake import _C
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 1024)).cuda()
@@ -296,7 +299,12 @@ def suspend_resume() -> None:
     torch.cuda.synchronize()
     free_before, _ = torch.cuda.mem_get_info()
     reserved = torch.cuda.memory_reserved()
+    alloc = _C.gmlake_global(torch.cuda.current_device())
+    made = glake.prepare_suspend() if prepare else 0
     assert glake.suspend() == [torch.cuda.current_device()]
+    st = alloc.stats()
+    if prepare:
+        assert made > 0 and st["suspended_reused_bytes"] == st["suspended_host_bytes"] == made, (made, st)
     free_suspended, _ = torch.cuda.mem_get_info()
     assert free_suspended - free_before >= 0.9 * reserved, (free_before, free_suspended, reserved)
     try:
@@ -314,13 +322,22 @@ def suspend_resume() -> None:
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want_graph), "the graph replays differently after resume"
+    if prepare:
+        assert alloc.stats()["kept_host_bytes"] == made, "the prepared buffers stay for the next suspend"
+        glake.release_suspend_host()
+        assert alloc.stats()["kept_host_bytes"] == 0
     print(f"suspended {reserved / MiB:.0f} MiB reserved: device free {free_before / MiB:.0f} -> "
           f"{free_suspended / MiB:.0f} MiB")
     print("suspend_resume ok")
 
 
+def suspend_resume_prepared() -> None:
+    suspend_resume(prepare=True)
+
+
 SCENARIOS = {f.__name__: f for f in (memory_api, snapshot, oom, graphs, graphed_callables, mempool, trace_callbacks,
-                                     cudnn_benchmark, ipc, cupy_stream, suspend_resume)}
+                                     cudnn_benchmark, ipc, cupy_stream, suspend_resume,
+                                     suspend_resume_prepared)}
 
 if __name__ == "__main__":
     SCENARIOS[sys.argv[1]]()
