@@ -328,7 +328,7 @@ def suspend_resume(prepare: bool = False) -> None:
         assert alloc.stats()["kept_host_bytes"] == 0
     print(f"suspended {reserved / MiB:.0f} MiB reserved: device free {free_before / MiB:.0f} -> "
           f"{free_suspended / MiB:.0f} MiB")
-    print("suspend_resume ok")
+    print("suspend_resume_prepared ok" if prepare else "suspend_resume ok")
 
 
 def suspend_resume_prepared() -> None:
