@@ -316,6 +316,18 @@ class LLMEngine:
         self.sleeping, self._sleep_level = True, level
         return {"kv_bytes_freed": int(freed), "devices_suspended": devices, "level": level}
 
+    def prepare_sleep(self) -> int:
+        """Makes the host memory of the next :meth:`sleep` (level 1) ready while awake:
+        :func:`glake.prepare_suspend` for this engine's device (the weights in glake's allocator get
+        page-locked host buffers, kept from then on, so the sleep and the wake copy them at the copy
+        engines' speed). Safe to call from another thread while the engine steps. Returns the bytes
+        made ready (0 on the CPU, or when glake's allocator holds nothing of this engine)."""
+        if self.device.type != "cuda":
+            return 0
+        import glake
+
+        return glake.prepare_suspend(self.kv.device_index)
+
     def sleep_refusal(self, level: int) -> Optional[str]:
         """Why this engine cannot sleep at ``level`` whatever its requests (None: it can)."""
         if level not in (1, 2):

@@ -93,3 +93,50 @@ def test_idle_suspend_sleeps_when_idle_and_wakes_on_a_request(model_dir, tmp_pat
             assert not sleeping(c)
     finally:
         s.stop()
+
+
+def test_idle_suspend_prepares_the_sleep_half_way_then_sleeps(monkeypatch):
+    """The engine thread prepares (on a helper thread) after half the idle time, and sleeps only once
+    that preparation is done; a request after the wake is served as before."""
+    import asyncio
+
+    from glake.serve import SamplingParams
+    from glake.serve.api.async_engine import AsyncEngine
+    from glake.serve.engine import LLMEngine
+    from tests.serve.serve_util import tiny_llama
+
+    events = []
+    prepare, sleep = LLMEngine.prepare_sleep, LLMEngine.sleep
+
+    def slow_prepare(self):
+        events.append(("prepare", time.monotonic()))
+        time.sleep(0.3)  # a preparation longer than what is left of the idle time: the sleep waits
+        events.append(("prepared", time.monotonic()))
+        return prepare(self)
+
+    def recorded_sleep(self, level=1):
+        events.append(("sleep", time.monotonic()))
+        return sleep(self, level)
+
+    monkeypatch.setattr(LLMEngine, "prepare_sleep", slow_prepare)
+    monkeypatch.setattr(LLMEngine, "sleep", recorded_sleep)
+    start = time.monotonic()
+    eng = AsyncEngine(lambda: LLMEngine(tiny_llama(0), max_num_seqs=2, max_model_len=64), idle_suspend_s=0.4)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(e[0] == "sleep" for e in events):
+            assert time.monotonic() < deadline, f"never slept: {events}"
+            time.sleep(0.05)
+        kinds = [e[0] for e in events]
+        assert kinds[:3] == ["prepare", "prepared", "sleep"], events
+        assert events[0][1] - start >= 0.2 - 0.05, "prepared before half the idle time"
+
+        async def ask():
+            h = await eng.submit([1, 2, 3], SamplingParams(temperature=0, max_tokens=3))
+            n = 0
+            while not h.finished:
+                n += sum(len(d.token_ids) for d in (await h.next()).deltas)
+            return n
+        assert asyncio.run(ask()) == 3, "the woken engine answers"
+    finally:
+        eng.shutdown()

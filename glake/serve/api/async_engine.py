@@ -105,8 +105,9 @@ class AsyncEngine:
     metrics
         Where the engine thread records latencies and counters; a new :class:`ServeMetrics` if None.
     idle_suspend_s
-        Put the engine to sleep (:meth:`LLMEngine.sleep`) after this many seconds without a request;
-        the next request wakes it. None: never on its own.
+        Put the engine to sleep (:meth:`LLMEngine.sleep`) after this many seconds without a request,
+        preparing the sleep half way (:meth:`LLMEngine.prepare_sleep`); the next request wakes it.
+        None: never on its own.
 
     Raises
     ------
@@ -123,6 +124,7 @@ class AsyncEngine:
         self._ready = threading.Event()
         self._error: Optional[BaseException] = None
         self._tracked: Dict[int, _Tracked] = {}
+        self._preparing: Optional[threading.Thread] = None  # a running LLMEngine.prepare_sleep()
         self.snapshot: Dict[str, float] = {}  # replaced (never mutated) by the engine thread
         self.thread = threading.Thread(target=self._main, args=(make_engine,), name="glake-engine", daemon=True)
         self.thread.start()
@@ -235,17 +237,38 @@ class AsyncEngine:
             eng.close()
 
     def _wait_for_command(self) -> List[tuple]:
-        """The next command; with ``idle_suspend_s``, the engine sleeps when none came in that time."""
+        """The next command; with ``idle_suspend_s``, the engine sleeps when none came in that time.
+
+        Half way through, a helper thread prepares the sleep (:meth:`LLMEngine.prepare_sleep`: the
+        host memory of the suspend faulted in and page-locked, seconds for tens of GiB), so the sleep
+        and the wake after it copy at the copy engines' speed; a request arriving meanwhile is served
+        at once (the preparation takes no lock the engine needs), and the sleep waits for it."""
         idle = self.idle_suspend_s if not self._engine.sleeping else None
+        if idle is None:
+            return [self._commands.get()]
         try:
-            return [self._commands.get(timeout=idle)]
+            return [self._commands.get(timeout=idle / 2)]
         except queue.Empty:
+            pass
+        if self._preparing is None or not self._preparing.is_alive():  # again each idle spell: the
+            self._preparing = threading.Thread(target=self._prepare_sleep, name="glake-prepare-sleep", daemon=True)
+            self._preparing.start()  # layout may have changed; what is kept already is not made again
+        try:
+            return [self._commands.get(timeout=idle / 2)]
+        except queue.Empty:
+            self._preparing.join()
             try:
                 self._engine.sleep()
             except Exception as e:  # noqa: BLE001  (stays awake; said in the log)
                 print(f"glake serve: --idle-suspend: could not sleep: {e}", flush=True)
             self._publish()
             return [self._commands.get()]
+
+    def _prepare_sleep(self) -> None:
+        try:
+            self._engine.prepare_sleep()
+        except Exception as e:  # noqa: BLE001  (the sleep then copies into fresh memory; said in the log)
+            print(f"glake serve: --idle-suspend: could not prepare the sleep: {e}", flush=True)
 
     def _run_commands(self, cmds: List[tuple]) -> bool:
         eng = self._engine
