@@ -51,7 +51,7 @@ def test_cpu_python_snippets_run_as_written(code, tmp_path):
 
 
 def test_the_allocator_snippet_stitches():
-    (code,) = [c for c in PYTHON if "glake.Allocator(" in c]
+    (code,) = [c for c in PYTHON if "glake.Allocator(" in c and "stitch" in c]
     out = run_python(code, GLAKE_BACKEND="host")
     assert out.stdout.split()[:4] == ["1", "stitch;", "512", "MiB"], out.stdout  # nothing more reserved
 
