@@ -156,6 +156,141 @@ def probe(torch, xs) -> Dict[str, float]:
         cudart.cudaHostUnregister(reg.ptr)
         out["unregister_gbs"] = gbs(time.perf_counter() - t0)
     reg.close()
+    out.update(pinning_cost(torch, xs, copy_into))
+    return out
+
+
+class _CUmemLocation(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class _CUmemAllocationProp(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("requestedHandleTypes", ctypes.c_int), ("location", _CUmemLocation),
+                ("win32HandleMetaData", ctypes.c_void_p), ("compressionType", ctypes.c_ubyte),
+                ("gpuDirectRDMACapable", ctypes.c_ubyte), ("usage", ctypes.c_ushort), ("reserved", ctypes.c_ubyte * 4)]
+
+
+class _CUmemAccessDesc(ctypes.Structure):
+    _fields_ = [("location", _CUmemLocation), ("flags", ctypes.c_int)]
+
+
+def _vmm_host(torch, n: int, threads: int):
+    """``n`` bytes of page-locked host memory made through the driver's virtual memory API
+    (cuMemCreate at CU_MEM_LOCATION_TYPE_HOST_NUMA 0, 1 GiB handles created by ``threads`` threads,
+    mapped into one reserved range, read-write for this device and for the host); returns (address,
+    seconds, release function)."""
+    cu = ctypes.CDLL("libcuda.so.1")
+    u64, size_t = ctypes.c_uint64, ctypes.c_size_t
+    ctx = ctypes.c_void_p()
+    cu.cuCtxGetCurrent(ctypes.byref(ctx))
+
+    def ok(rc, what):
+        if rc != 0:
+            raise RuntimeError(f"{what}: CUresult {rc}")
+
+    prop = _CUmemAllocationProp(type=1, requestedHandleTypes=0, location=_CUmemLocation(3, 0))  # PINNED, HOST_NUMA
+    gran = size_t()
+    ok(cu.cuMemGetAllocationGranularity(ctypes.byref(gran), ctypes.byref(prop), 0), "cuMemGetAllocationGranularity")
+    piece = max(GiB // gran.value, 1) * gran.value
+    offsets = list(range(0, n, piece))
+    handles = [u64() for _ in offsets]
+    errors: List[str] = []
+
+    def create(k0: int) -> None:
+        cu.cuCtxSetCurrent(ctx)
+        for k in range(k0, len(offsets), threads):
+            rc = cu.cuMemCreate(ctypes.byref(handles[k]), size_t(min(piece, n - offsets[k])), ctypes.byref(prop), u64(0))
+            if rc != 0:
+                errors.append(f"cuMemCreate(host): CUresult {rc}")
+                return
+
+    t0 = time.perf_counter()
+    pool = [threading.Thread(target=create, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    base = u64()
+    mapped = 0
+
+    def release() -> None:
+        if mapped:
+            cu.cuMemUnmap(u64(base.value), size_t(mapped))
+        for h in handles:
+            if h.value:
+                cu.cuMemRelease(h)
+        if base.value:
+            cu.cuMemAddressFree(u64(base.value), size_t(n))
+
+    try:
+        if errors:
+            raise RuntimeError(errors[0])
+        ok(cu.cuMemAddressReserve(ctypes.byref(base), size_t(n), size_t(0), u64(0), u64(0)), "cuMemAddressReserve")
+        for off, h in zip(offsets, handles):
+            ok(cu.cuMemMap(u64(base.value + off), size_t(min(piece, n - off)), size_t(0), h, u64(0)), "cuMemMap(host)")
+            mapped = off + min(piece, n - off)
+        access = (_CUmemAccessDesc * 2)(_CUmemAccessDesc(_CUmemLocation(1, torch.cuda.current_device()), 3),
+                                        _CUmemAccessDesc(_CUmemLocation(3, 0), 3))
+        ok(cu.cuMemSetAccess(u64(base.value), size_t(n), access, size_t(2)), "cuMemSetAccess(device + host)")
+    except RuntimeError:
+        release()
+        raise
+    return base.value, time.perf_counter() - t0, release
+
+
+def pinning_cost(torch, xs, copy_into) -> Dict[str, float]:
+    """Device memory the driver takes for page-locked host memory of the suspend's size, by how it is
+    page-locked (cudaHostRegister of faulted anonymous memory with transparent huge pages asked for;
+    cudaHostAlloc; cuMemCreate on the host through the virtual memory API), and each one's make and
+    copy speed."""
+    n = len(xs) * GiB
+    gbs = lambda s: n / s / 1e9  # noqa: E731
+    out: Dict[str, float] = {}
+
+    def device_taken(before: int) -> float:
+        torch.cuda.synchronize()
+        return (before - torch.cuda.mem_get_info()[0]) / (1 << 20)
+
+    cudart = torch.cuda.cudart()
+    reg = _Anon(n)
+    reg.populate(PREFAULT_THREADS)
+    free0 = torch.cuda.mem_get_info()[0]
+    if int(cudart.cudaHostRegister(reg.ptr, n, 0)) == 0:
+        out["register_device_mib"] = device_taken(free0)
+        cudart.cudaHostUnregister(reg.ptr)
+    reg.close()
+    free0 = torch.cuda.mem_get_info()[0]
+    pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    out["host_alloc_device_mib"] = device_taken(free0)
+    del pinned
+    torch.cuda.synchronize()
+    free0 = torch.cuda.mem_get_info()[0]
+    try:
+        ptr, made_s, release = _vmm_host(torch, n, 1)
+    except (OSError, RuntimeError) as e:
+        out["vmm_host_error"] = str(e)
+        return out
+    try:
+        out["vmm_host_device_mib"] = device_taken(free0)
+        out["vmm_host_make_gbs"] = gbs(made_s)
+        out["d2h_vmm_host_gbs"] = gbs(copy_into(ptr, "device_to_pinned"))
+        view = (ctypes.c_float * 4).from_address(ptr + (len(xs) - 1) * GiB)  # the host reads what the copy wrote
+        out["vmm_host_cpu_reads_ok"] = float(list(view) == xs[-1][:4].cpu().tolist())
+        from glake import multipath
+
+        eng = multipath.engine("cuda", torch.cuda.current_device())
+        t0 = time.perf_counter()
+        for i, x in enumerate(xs):
+            eng.copy_raw(x.data_ptr(), ptr + i * GiB, GiB, "pinned_to_device")
+        out["h2d_vmm_host_gbs"] = gbs(time.perf_counter() - t0)
+    finally:
+        release()
+    try:
+        ptr, made_s, release = _vmm_host(torch, n, PREFAULT_THREADS)
+        release()
+        out["vmm_host_make_threads_gbs"] = gbs(made_s)
+    except (OSError, RuntimeError) as e:
+        out["vmm_host_error"] = str(e)
     return out
 
 
@@ -312,7 +447,7 @@ def main() -> None:
     if args.serve_worker:
         print("RESULT " + json.dumps(serve_worker(args.prompt_tokens)))
         return
-    rows, probes, results, prepared = [], [], [], []
+    rows, probes, pinning, results, prepared = [], [], [], [], []
     # fresh host memory, faulted in ahead of the copy by the default number of threads or by each of
     # --prefault-threads; --keep-host adds the second of two cycles that keep their host buffers
     variants = [(f"fresh, {n} fault-ahead threads", {"GLAKE_SUSPEND_PREFAULT_THREADS": n}, 1, [])
@@ -343,6 +478,12 @@ def main() -> None:
                                round(p["d2h_pinned_gbs"], 1)] +
                               [round(p[k], 1) if k in p else "-" for k in
                                ("register_faulted_gbs", "d2h_registered_gbs", "h2d_registered_gbs", "unregister_gbs")])
+                pinning.append([gib] + [round(p[k], 2) if k in p else "-" for k in
+                                        ("register_device_mib", "host_alloc_device_mib", "vmm_host_device_mib",
+                                         "vmm_host_make_gbs", "vmm_host_make_threads_gbs", "d2h_vmm_host_gbs",
+                                         "h2d_vmm_host_gbs")] +
+                               [bool(p["vmm_host_cpu_reads_ok"]) if "vmm_host_cpu_reads_ok" in p
+                                else p.get("vmm_host_error", "-")])
             if r.get("prepare_s") is not None:
                 prepared.append([gib, round(r["prepare_s"], 2), round(r["prepared_bytes"] / r["prepare_s"] / 1e9, 1),
                                  round(r["prepared_bytes"] / GiB, 2)])
@@ -361,6 +502,10 @@ def main() -> None:
                     ["GiB", "prefault fresh memory", "d2h into faulted pageable", "d2h into fresh pageable",
                      "pinned alloc", "d2h into pinned", "register faulted", "d2h registered",
                      "h2d registered", "unregister"], probes)
+        print_table("Device memory the driver takes for that much page-locked host memory, by how it is page-locked "
+                    "(MiB), and the virtual-memory host allocation's speeds (GB/s)",
+                    ["GiB", "cudaHostRegister", "cudaHostAlloc", "cuMemCreate(host)", "cuMemCreate(host) make",
+                     f"make, {PREFAULT_THREADS} threads", "d2h into it", "h2d from it", "host reads it"], pinning)
     if args.serve:
         try:
             s = run_worker(["--serve-worker", "--prompt-tokens", str(args.prompt_tokens)])
