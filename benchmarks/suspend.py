@@ -15,7 +15,9 @@ value, each in a process of its own with that setting (0: the copy faults its pa
 ``--probe`` adds, per size, where suspend's time can go on this machine, each part measured alone in
 the same process: the transparent-huge-page setting; faulting in fresh anonymous memory with 8
 threads; multipath's device-to-pageable copy into memory already faulted in and into fresh memory;
-allocating pinned memory and copying into it.
+allocating pinned memory and copying into it; and the device memory the driver takes for that much
+page-locked host memory, by how it is page-locked (cudaHostRegister, cuMemHostAlloc, cuMemCreate on
+the host through the virtual memory API), with each one's speeds.
 
 ``--keep-host`` adds, per size, two suspend/resume cycles with GLAKE_SUSPEND_KEEP_HOST=1 and shows the
 second: its suspend copies into the host buffers the first resume kept (resident memory).
@@ -29,9 +31,11 @@ glake) going to sleep (level 1) and answering its next request: first-token late
 after the wake, against the time of a pinned host-to-device copy of the weights' bytes (same run),
 and whether the greedy tokens after the wake equal those before. The wake's time is split into
 the multipath engine's copies (its busy time and number of copies) and the driver's create/map/
-set_access time.
+set_access time. Two processes: one whose first sleep copies into fresh host memory, one that calls
+``LLMEngine.prepare_sleep()`` first (as ``glake serve --prepare-sleep`` and ``--idle-suspend`` do).
 
     python3 benchmarks/suspend.py [--sizes-gib 1,16,80] [--probe] [--keep-host] [--prepared] [--serve]
+    python3 benchmarks/suspend.py --sizes-gib= --serve     # the engine's sleep and wake only
 """
 
 from __future__ import annotations
@@ -238,18 +242,67 @@ def _vmm_host(torch, n: int, threads: int):
     return base.value, time.perf_counter() - t0, release
 
 
+def _host_alloc(n: int, threads: int):
+    """``n`` bytes of cuMemHostAlloc(PORTABLE) memory (what glake's Driver::host_alloc_pinned makes), in
+    1 GiB pieces allocated by ``threads`` threads; returns (piece addresses, seconds, free function)."""
+    cu = ctypes.CDLL("libcuda.so.1")
+    ctx = ctypes.c_void_p()
+    cu.cuCtxGetCurrent(ctypes.byref(ctx))
+    sizes = [min(GiB, n - off) for off in range(0, n, GiB)]
+    ptrs = [ctypes.c_void_p() for _ in sizes]
+    errors: List[str] = []
+
+    def alloc(k0: int) -> None:
+        cu.cuCtxSetCurrent(ctx)
+        for k in range(k0, len(sizes), threads):
+            rc = cu.cuMemHostAlloc(ctypes.byref(ptrs[k]), ctypes.c_size_t(sizes[k]), ctypes.c_uint(1))  # PORTABLE
+            if rc != 0:
+                errors.append(f"cuMemHostAlloc: CUresult {rc}")
+                return
+
+    t0 = time.perf_counter()
+    pool = [threading.Thread(target=alloc, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    seconds = time.perf_counter() - t0
+
+    def free() -> None:
+        for q in ptrs:
+            if q.value:
+                cu.cuMemFreeHost(q)
+
+    if errors:
+        free()
+        raise RuntimeError(errors[0])
+    return [q.value for q in ptrs], seconds, free
+
+
 def pinning_cost(torch, xs, copy_into) -> Dict[str, float]:
     """Device memory the driver takes for page-locked host memory of the suspend's size, by how it is
     page-locked (cudaHostRegister of faulted anonymous memory with transparent huge pages asked for;
-    cudaHostAlloc; cuMemCreate on the host through the virtual memory API), and each one's make and
-    copy speed."""
+    cuMemHostAlloc; cuMemCreate on the host through the virtual memory API), read right after it is
+    made and again after a copy into all of it, and each one's make and copy speed."""
+    from glake import multipath
+
     n = len(xs) * GiB
     gbs = lambda s: n / s / 1e9  # noqa: E731
+    eng = multipath.engine("cuda", torch.cuda.current_device())
     out: Dict[str, float] = {}
 
     def device_taken(before: int) -> float:
         torch.cuda.synchronize()
         return (before - torch.cuda.mem_get_info()[0]) / (1 << 20)
+
+    def copy_pieces(ptrs: List[int], kind: str) -> float:
+        t0 = time.perf_counter()
+        for p, x in zip(ptrs, xs):
+            if kind == "device_to_pinned":
+                eng.copy_raw(p, x.data_ptr(), GiB, kind)
+            else:
+                eng.copy_raw(x.data_ptr(), p, GiB, kind)
+        return time.perf_counter() - t0
 
     cudart = torch.cuda.cudart()
     reg = _Anon(n)
@@ -257,12 +310,27 @@ def pinning_cost(torch, xs, copy_into) -> Dict[str, float]:
     free0 = torch.cuda.mem_get_info()[0]
     if int(cudart.cudaHostRegister(reg.ptr, n, 0)) == 0:
         out["register_device_mib"] = device_taken(free0)
+        copy_into(reg.ptr, "device_to_pinned")
+        out["register_device_mib_copied"] = device_taken(free0)
         cudart.cudaHostUnregister(reg.ptr)
     reg.close()
-    free0 = torch.cuda.mem_get_info()[0]
-    pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    out["host_alloc_device_mib"] = device_taken(free0)
-    del pinned
+    for threads in (1, PREFAULT_THREADS):
+        torch.cuda.synchronize()
+        free0 = torch.cuda.mem_get_info()[0]
+        try:
+            ptrs, made_s, free = _host_alloc(n, threads)
+        except (OSError, RuntimeError) as e:
+            out["host_alloc_error"] = str(e)
+            break
+        try:
+            out[f"host_alloc_make_gbs_{threads}"] = gbs(made_s)
+            if threads == 1:
+                out["host_alloc_device_mib"] = device_taken(free0)
+                out["d2h_host_alloc_gbs"] = gbs(copy_pieces(ptrs, "device_to_pinned"))
+                out["host_alloc_device_mib_copied"] = device_taken(free0)
+                out["h2d_host_alloc_gbs"] = gbs(copy_pieces(ptrs, "pinned_to_device"))
+        finally:
+            free()
     torch.cuda.synchronize()
     free0 = torch.cuda.mem_get_info()[0]
     try:
@@ -274,23 +342,12 @@ def pinning_cost(torch, xs, copy_into) -> Dict[str, float]:
         out["vmm_host_device_mib"] = device_taken(free0)
         out["vmm_host_make_gbs"] = gbs(made_s)
         out["d2h_vmm_host_gbs"] = gbs(copy_into(ptr, "device_to_pinned"))
+        out["vmm_host_device_mib_copied"] = device_taken(free0)
         view = (ctypes.c_float * 4).from_address(ptr + (len(xs) - 1) * GiB)  # the host reads what the copy wrote
         out["vmm_host_cpu_reads_ok"] = float(list(view) == xs[-1][:4].cpu().tolist())
-        from glake import multipath
-
-        eng = multipath.engine("cuda", torch.cuda.current_device())
-        t0 = time.perf_counter()
-        for i, x in enumerate(xs):
-            eng.copy_raw(x.data_ptr(), ptr + i * GiB, GiB, "pinned_to_device")
-        out["h2d_vmm_host_gbs"] = gbs(time.perf_counter() - t0)
+        out["h2d_vmm_host_gbs"] = gbs(copy_pieces([ptr + i * GiB for i in range(len(xs))], "pinned_to_device"))
     finally:
         release()
-    try:
-        ptr, made_s, release = _vmm_host(torch, n, PREFAULT_THREADS)
-        release()
-        out["vmm_host_make_threads_gbs"] = gbs(made_s)
-    except (OSError, RuntimeError) as e:
-        out["vmm_host_error"] = str(e)
     return out
 
 
@@ -346,7 +403,7 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
                  rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 
-def serve_worker(prompt_tokens: int) -> dict:
+def serve_worker(prompt_tokens: int, prepare: bool) -> dict:
     import glake.torch
     from glake import core, multipath
 
@@ -380,6 +437,11 @@ def serve_worker(prompt_tokens: int) -> dict:
     tokens_before = awake[-1][1]
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     free_awake, _ = torch.cuda.mem_get_info()
+    prepare_s = None
+    if prepare:  # what `glake serve --prepare-sleep` and --idle-suspend do while the engine is awake
+        t0 = time.perf_counter()
+        engine.prepare_sleep()
+        prepare_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     engine.sleep()
     sleep_s = time.perf_counter() - t0
@@ -408,7 +470,7 @@ def serve_worker(prompt_tokens: int) -> dict:
         torch.cuda.synchronize()
         copies.append(time.perf_counter() - t0)
     return {"weight_bytes": weight_bytes, "prompt_tokens": prompt_tokens, "ttft_awake_s": awake_s,
-            "ttft_after_wake_s": after_wake_s, "sleep_s": sleep_s, "wake_s": wake_s,
+            "ttft_after_wake_s": after_wake_s, "sleep_s": sleep_s, "wake_s": wake_s, "prepare_s": prepare_s,
             "weights_copy_s": statistics.median(copies), "freed_by_sleep": free_asleep - free_awake, "wake": wake_parts,
             "same_tokens": tokens_after == tokens_before}
 
@@ -440,12 +502,13 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--serve-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-prepare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.probe, args.cycles, args.prepare)))
         return
     if args.serve_worker:
-        print("RESULT " + json.dumps(serve_worker(args.prompt_tokens)))
+        print("RESULT " + json.dumps(serve_worker(args.prompt_tokens, args.serve_prepare)))
         return
     rows, probes, pinning, results, prepared = [], [], [], [], []
     # fresh host memory, faulted in ahead of the copy by the default number of threads or by each of
@@ -478,19 +541,24 @@ def main() -> None:
                                round(p["d2h_pinned_gbs"], 1)] +
                               [round(p[k], 1) if k in p else "-" for k in
                                ("register_faulted_gbs", "d2h_registered_gbs", "h2d_registered_gbs", "unregister_gbs")])
-                pinning.append([gib] + [round(p[k], 2) if k in p else "-" for k in
-                                        ("register_device_mib", "host_alloc_device_mib", "vmm_host_device_mib",
-                                         "vmm_host_make_gbs", "vmm_host_make_threads_gbs", "d2h_vmm_host_gbs",
-                                         "h2d_vmm_host_gbs")] +
-                               [bool(p["vmm_host_cpu_reads_ok"]) if "vmm_host_cpu_reads_ok" in p
-                                else p.get("vmm_host_error", "-")])
+                for how, pre in (("cudaHostRegister", "register"), ("cuMemHostAlloc", "host_alloc"),
+                                 ("cuMemCreate(host)", "vmm_host")):
+                    pinning.append([gib, how] + [round(p[k], 2) if k in p else "-" for k in
+                                                 (f"{pre}_device_mib", f"{pre}_device_mib_copied")] +
+                                   [round(p[k], 1) if k in p else "-" for k in
+                                    {"register": ("register_faulted_gbs", "-", "d2h_registered_gbs", "h2d_registered_gbs"),
+                                     "host_alloc": ("host_alloc_make_gbs_1", f"host_alloc_make_gbs_{PREFAULT_THREADS}",
+                                                    "d2h_host_alloc_gbs", "h2d_host_alloc_gbs"),
+                                     "vmm_host": ("vmm_host_make_gbs", "-", "d2h_vmm_host_gbs", "h2d_vmm_host_gbs")}[pre]] +
+                                   [p.get(f"{pre}_error", "")])
             if r.get("prepare_s") is not None:
                 prepared.append([gib, round(r["prepare_s"], 2), round(r["prepared_bytes"] / r["prepare_s"] / 1e9, 1),
                                  round(r["prepared_bytes"] / GiB, 2)])
             print(f"  {gib} GiB, {label}: suspend {r['suspend_s']:.3f} s, resume {r['resume_s']:.3f} s", flush=True)
-    print_table("glake.suspend / glake.resume (device synchronised around each)",
-                ["GiB", "host memory", "suspend s", "suspend GB/s", "of it unmap+release ms", "resume s", "resume GB/s",
-                 "of it create+map ms", "GiB left vs start", "data intact"], rows)
+    if rows:
+        print_table("glake.suspend / glake.resume (device synchronised around each)",
+                    ["GiB", "host memory", "suspend s", "suspend GB/s", "of it unmap+release ms", "resume s",
+                     "resume GB/s", "of it create+map ms", "GiB left vs start", "data intact"], rows)
     if prepared:
         print_table("glake.prepare_suspend() before the 'prepared' rows (host buffers faulted in and page-locked)",
                     ["GiB", "prepare s", "prepare GB/s", "GiB made ready"], prepared)
@@ -502,27 +570,35 @@ def main() -> None:
                     ["GiB", "prefault fresh memory", "d2h into faulted pageable", "d2h into fresh pageable",
                      "pinned alloc", "d2h into pinned", "register faulted", "d2h registered",
                      "h2d registered", "unregister"], probes)
-        print_table("Device memory the driver takes for that much page-locked host memory, by how it is page-locked "
-                    "(MiB), and the virtual-memory host allocation's speeds (GB/s)",
-                    ["GiB", "cudaHostRegister", "cudaHostAlloc", "cuMemCreate(host)", "cuMemCreate(host) make",
-                     f"make, {PREFAULT_THREADS} threads", "d2h into it", "h2d from it", "host reads it"], pinning)
+        print_table("Device memory the driver takes for that much page-locked host memory (MiB; right after it is "
+                    "made, and after a copy into all of it), by how it is page-locked, and its speeds (GB/s; make: "
+                    "register or allocate)",
+                    ["GiB", "page-locked by", "device MiB", "after a copy", "make", f"make, {PREFAULT_THREADS} threads",
+                     "d2h into it", "h2d from it", "error"], pinning)
     if args.serve:
-        try:
-            s = run_worker(["--serve-worker", "--prompt-tokens", str(args.prompt_tokens)])
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            print(e)
-        else:
-            payload["serve"] = s
-            ratio = s["ttft_after_wake_s"] / s["weights_copy_s"]
-            print_table(f"LLM engine sleep / wake (Llama-3-8B shape, {s['weight_bytes'] / 1e9:.2f} GB of weights, "
-                        f"{s['prompt_tokens']}-token prompt; target: first token after a wake <= 2x the weights' copy)",
-                        ["TTFT awake ms", "sleep s", "GiB freed", "TTFT after wake ms", "wake alone ms",
-                         "of it copies ms (n)", "of it driver ms", "weights pinned->GPU ms", "after wake / copy",
-                         "same tokens"],
-                        [[round(s["ttft_awake_s"] * 1e3, 1), round(s["sleep_s"], 2), round(s["freed_by_sleep"] / GiB, 1),
-                          round(s["ttft_after_wake_s"] * 1e3, 1), round(s["wake_s"] * 1e3, 1),
-                          f"{s['wake']['copy_ms']:.0f} ({s['wake']['copies']})", round(s["wake"]["driver_ms"]),
-                          round(s["weights_copy_s"] * 1e3, 1), round(ratio, 2), s["same_tokens"]]])
+        serve_rows = []
+        for label, extra in (("fresh", []), ("prepared", ["--serve-prepare"])):
+            try:
+                sr = run_worker(["--serve-worker", "--prompt-tokens", str(args.prompt_tokens)] + extra)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                print(e)
+                continue
+            payload.setdefault("serve", {})[label] = sr
+            ratio = sr["ttft_after_wake_s"] / sr["weights_copy_s"]
+            serve_rows.append([label, round(sr["ttft_awake_s"] * 1e3, 1),
+                               "-" if sr["prepare_s"] is None else round(sr["prepare_s"], 2),
+                               round(sr["sleep_s"], 2), round(sr["freed_by_sleep"] / GiB, 1),
+                               round(sr["ttft_after_wake_s"] * 1e3, 1), round(sr["wake_s"] * 1e3, 1),
+                               f"{sr['wake']['copy_ms']:.0f} ({sr['wake']['copies']})", round(sr["wake"]["driver_ms"]),
+                               round(sr["weights_copy_s"] * 1e3, 1), round(ratio, 2), sr["same_tokens"]])
+            last = sr
+        if serve_rows:
+            print_table(f"LLM engine sleep / wake (Llama-3-8B shape, {last['weight_bytes'] / 1e9:.2f} GB of weights, "
+                        f"{last['prompt_tokens']}-token prompt; target: first token after a wake <= 2x the weights' "
+                        "copy; prepared: LLMEngine.prepare_sleep() first, timed apart)",
+                        ["host memory", "TTFT awake ms", "prepare s", "sleep s", "GiB freed", "TTFT after wake ms",
+                         "wake alone ms", "of it copies ms (n)", "of it driver ms", "weights pinned->GPU ms",
+                         "after wake / copy", "same tokens"], serve_rows)
     write_json("suspend", payload)
 
 

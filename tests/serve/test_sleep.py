@@ -140,3 +140,47 @@ def test_idle_suspend_prepares_the_sleep_half_way_then_sleeps(monkeypatch):
         assert asyncio.run(ask()) == 3, "the woken engine answers"
     finally:
         eng.shutdown()
+
+
+def test_prepare_sleep_prepares_at_start_and_a_sleep_waits_for_it(monkeypatch):
+    """``prepare_sleep=True`` (``glake serve --prepare-sleep``): the preparation starts once the engine
+    is built, before any request or idle time, and a sleep asked for meanwhile runs after it."""
+    import asyncio
+
+    from glake.serve.api.async_engine import AsyncEngine
+    from glake.serve.api.cli import add_parsers
+    from glake.serve.engine import LLMEngine
+    from tests.serve.serve_util import tiny_llama
+
+    events = []
+    prepare, sleep = LLMEngine.prepare_sleep, LLMEngine.sleep
+
+    def slow_prepare(self):
+        events.append("prepare")
+        time.sleep(0.3)
+        events.append("prepared")
+        return prepare(self)
+
+    def recorded_sleep(self, level=1):
+        events.append("sleep")
+        return sleep(self, level)
+
+    monkeypatch.setattr(LLMEngine, "prepare_sleep", slow_prepare)
+    monkeypatch.setattr(LLMEngine, "sleep", recorded_sleep)
+    eng = AsyncEngine(lambda: LLMEngine(tiny_llama(0), max_num_seqs=2, max_model_len=64), prepare_sleep=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "prepare" not in events:
+            assert time.monotonic() < deadline, "never prepared"
+            time.sleep(0.01)
+        asyncio.run(eng.sleep())
+        assert events == ["prepare", "prepared", "sleep"], events
+        assert eng.sleeping
+    finally:
+        eng.shutdown()
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers())
+    assert parser.parse_args(["serve", "--prepare-sleep"]).prepare_sleep
+    assert not parser.parse_args(["serve"]).prepare_sleep

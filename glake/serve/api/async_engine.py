@@ -108,6 +108,11 @@ class AsyncEngine:
         Put the engine to sleep (:meth:`LLMEngine.sleep`) after this many seconds without a request,
         preparing the sleep half way (:meth:`LLMEngine.prepare_sleep`); the next request wakes it.
         None: never on its own.
+    prepare_sleep
+        Prepare the sleep as soon as the engine is built (on a helper thread), so that the first
+        sleep (``POST /sleep``, or ``idle_suspend_s``) and its wake copy at the copy engines' speed;
+        the page-locked host memory it takes is held from then on. A sleep waits for a preparation
+        still running.
 
     Raises
     ------
@@ -116,9 +121,10 @@ class AsyncEngine:
     """
 
     def __init__(self, make_engine: Callable[[], LLMEngine], metrics: Optional[ServeMetrics] = None,
-                 idle_suspend_s: Optional[float] = None) -> None:
+                 idle_suspend_s: Optional[float] = None, prepare_sleep: bool = False) -> None:
         self.metrics = metrics or ServeMetrics()
         self.idle_suspend_s = idle_suspend_s
+        self.prepare_sleep = prepare_sleep
         self._commands: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
         self._ids = itertools.count()
         self._ready = threading.Event()
@@ -212,6 +218,8 @@ class AsyncEngine:
             return
         self._ready.set()
         eng = self._engine
+        if self.prepare_sleep:
+            self._start_preparing()
         try:
             self._publish()
             while True:
@@ -234,6 +242,8 @@ class AsyncEngine:
             for t in self._tracked.values():
                 _post(t.loop, t.out, RequestUpdate(error=RuntimeError("the engine was shut down")))
             self._tracked.clear()
+            if self._preparing is not None:
+                self._preparing.join()  # it reads the allocator's layout: done before the engine goes
             eng.close()
 
     def _wait_for_command(self) -> List[tuple]:
@@ -250,25 +260,36 @@ class AsyncEngine:
             return [self._commands.get(timeout=idle / 2)]
         except queue.Empty:
             pass
-        if self._preparing is None or not self._preparing.is_alive():  # again each idle spell: the
-            self._preparing = threading.Thread(target=self._prepare_sleep, name="glake-prepare-sleep", daemon=True)
-            self._preparing.start()  # layout may have changed; what is kept already is not made again
+        # again each idle spell: the layout may have changed (what is kept already is not made again)
+        self._start_preparing()
         try:
             return [self._commands.get(timeout=idle / 2)]
         except queue.Empty:
-            self._preparing.join()
             try:
-                self._engine.sleep()
+                self._sleep()
             except Exception as e:  # noqa: BLE001  (stays awake; said in the log)
                 print(f"glake serve: --idle-suspend: could not sleep: {e}", flush=True)
             self._publish()
             return [self._commands.get()]
 
+    def _start_preparing(self) -> None:
+        """Runs :meth:`LLMEngine.prepare_sleep` on a helper thread, unless one is running."""
+        if self._preparing is None or not self._preparing.is_alive():
+            self._preparing = threading.Thread(target=self._prepare_sleep, name="glake-prepare-sleep", daemon=True)
+            self._preparing.start()
+
     def _prepare_sleep(self) -> None:
         try:
             self._engine.prepare_sleep()
         except Exception as e:  # noqa: BLE001  (the sleep then copies into fresh memory; said in the log)
-            print(f"glake serve: --idle-suspend: could not prepare the sleep: {e}", flush=True)
+            print(f"glake serve: could not prepare the sleep: {e}", flush=True)
+
+    def _sleep(self, level: int = 1) -> dict:
+        """:meth:`LLMEngine.sleep`, once a preparation still running is done (it makes the host memory
+        the sleep copies into)."""
+        if self._preparing is not None:
+            self._preparing.join()
+        return self._engine.sleep(level)
 
     def _run_commands(self, cmds: List[tuple]) -> bool:
         eng = self._engine
@@ -278,7 +299,8 @@ class AsyncEngine:
             if c[0] == "call":
                 _, name, args, loop, done = c
                 try:
-                    result, error = getattr(eng, name)(*args), None
+                    fn = self._sleep if name == "sleep" else getattr(eng, name)
+                    result, error = fn(*args), None
                 except Exception as e:  # noqa: BLE001  (handed to the caller)
                     result, error = None, e
                 loop.call_soon_threadsafe(_settle, done, result, error)

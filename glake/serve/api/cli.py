@@ -84,7 +84,8 @@ def make_engine_factory(args: argparse.Namespace, command: str):
 
 
 def run_server(factory: Callable[[], Any], name: str, host: str, port: int, api_key: Optional[str] = None,
-               log_level: str = "warning", idle_suspend_s: Optional[float] = None) -> None:
+               log_level: str = "warning", idle_suspend_s: Optional[float] = None,
+               prepare_sleep: bool = False) -> None:
     """The engine ``factory()`` builds, on its own thread, behind the OpenAI app under uvicorn until interrupted."""
     import uvicorn
 
@@ -94,7 +95,7 @@ def run_server(factory: Callable[[], Any], name: str, host: str, port: int, api_
     from glake.serve.api.metrics import ServeMetrics
 
     metrics = ServeMetrics()
-    engine = AsyncEngine(factory, metrics, idle_suspend_s)
+    engine = AsyncEngine(factory, metrics, idle_suspend_s, prepare_sleep)
     metrics.bind(lambda: engine.snapshot)
     app = create_app(OpenAIServing(engine, name), api_key=api_key)
     print(f"glake serve: {name} on http://{host}:{port}/v1 (max_model_len {engine.max_model_len})", flush=True)
@@ -108,7 +109,7 @@ def serve(args: argparse.Namespace) -> int:
     """``glake serve``: the engine thread, then uvicorn until interrupted."""
     factory, name = make_engine_factory(args, "serve")
     run_server(factory, args.served_model_name or name, args.host, args.port, args.api_key, args.log_level,
-               args.idle_suspend)
+               args.idle_suspend, args.prepare_sleep)
     return 0
 
 
@@ -135,6 +136,10 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--idle-suspend", type=float, metavar="SECONDS",
                    help="sleep (POST /sleep's level 1) after this many seconds without a request; the next wakes it")
+    s.add_argument("--prepare-sleep", action="store_true",
+                   help="page-lock the host memory a sleep copies into right after start-up (as much host RAM as "
+                        "glake holds on the device, kept from then on), so that the first sleep and its wake run "
+                        "at the copy engines' speed")
     s.set_defaults(func=serve)
     c = sub.add_parser("chat", help="chat with a model in the terminal (in-process engine)")
     add_engine_args(c)
