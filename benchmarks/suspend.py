@@ -178,6 +178,23 @@ class _CUmemAccessDesc(ctypes.Structure):
     _fields_ = [("location", _CUmemLocation), ("flags", ctypes.c_int)]
 
 
+def _on_threads(cu, threads: int, work) -> None:
+    """Runs ``work(t)`` for t in range(threads), each on a thread of its own with the calling thread's
+    CUDA context current (``cu``: libcuda), and waits for them all."""
+    ctx = ctypes.c_void_p()
+    cu.cuCtxGetCurrent(ctypes.byref(ctx))
+
+    def run(t: int) -> None:
+        cu.cuCtxSetCurrent(ctx)
+        work(t)
+
+    pool = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+
+
 def _vmm_host(torch, n: int, threads: int):
     """``n`` bytes of page-locked host memory made through the driver's virtual memory API
     (cuMemCreate at CU_MEM_LOCATION_TYPE_HOST_NUMA 0, 1 GiB handles created by ``threads`` threads,
@@ -185,8 +202,6 @@ def _vmm_host(torch, n: int, threads: int):
     seconds, release function)."""
     cu = ctypes.CDLL("libcuda.so.1")
     u64, size_t = ctypes.c_uint64, ctypes.c_size_t
-    ctx = ctypes.c_void_p()
-    cu.cuCtxGetCurrent(ctypes.byref(ctx))
 
     def ok(rc, what):
         if rc != 0:
@@ -201,7 +216,6 @@ def _vmm_host(torch, n: int, threads: int):
     errors: List[str] = []
 
     def create(k0: int) -> None:
-        cu.cuCtxSetCurrent(ctx)
         for k in range(k0, len(offsets), threads):
             rc = cu.cuMemCreate(ctypes.byref(handles[k]), size_t(min(piece, n - offsets[k])), ctypes.byref(prop), u64(0))
             if rc != 0:
@@ -209,11 +223,7 @@ def _vmm_host(torch, n: int, threads: int):
                 return
 
     t0 = time.perf_counter()
-    pool = [threading.Thread(target=create, args=(t,)) for t in range(threads)]
-    for th in pool:
-        th.start()
-    for th in pool:
-        th.join()
+    _on_threads(cu, threads, create)
     base = u64()
     mapped = 0
 
@@ -246,14 +256,11 @@ def _host_alloc(n: int, threads: int):
     """``n`` bytes of cuMemHostAlloc(PORTABLE) memory (what glake's Driver::host_alloc_pinned makes), in
     1 GiB pieces allocated by ``threads`` threads; returns (piece addresses, seconds, free function)."""
     cu = ctypes.CDLL("libcuda.so.1")
-    ctx = ctypes.c_void_p()
-    cu.cuCtxGetCurrent(ctypes.byref(ctx))
     sizes = [min(GiB, n - off) for off in range(0, n, GiB)]
     ptrs = [ctypes.c_void_p() for _ in sizes]
     errors: List[str] = []
 
     def alloc(k0: int) -> None:
-        cu.cuCtxSetCurrent(ctx)
         for k in range(k0, len(sizes), threads):
             rc = cu.cuMemHostAlloc(ctypes.byref(ptrs[k]), ctypes.c_size_t(sizes[k]), ctypes.c_uint(1))  # PORTABLE
             if rc != 0:
@@ -261,11 +268,7 @@ def _host_alloc(n: int, threads: int):
                 return
 
     t0 = time.perf_counter()
-    pool = [threading.Thread(target=alloc, args=(t,)) for t in range(threads)]
-    for th in pool:
-        th.start()
-    for th in pool:
-        th.join()
+    _on_threads(cu, threads, alloc)
     seconds = time.perf_counter() - t0
 
     def free() -> None:
