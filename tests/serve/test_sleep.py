@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 
@@ -178,8 +179,6 @@ def test_prepare_sleep_prepares_at_start_and_a_sleep_waits_for_it(monkeypatch):
         assert eng.sleeping
     finally:
         eng.shutdown()
-    import argparse
-
     parser = argparse.ArgumentParser()
     add_parsers(parser.add_subparsers())
     assert parser.parse_args(["serve", "--prepare-sleep"]).prepare_sleep
