@@ -361,7 +361,7 @@ def test_a_resume_whose_shared_chunk_is_gone_raises_stays_suspended_and_keeps_no
         a.share(0, g)  # chunk 0 shared (canonical), chunk 1 private
         a.suspend()
         suspended = _C.stats("host")["physical_bytes.current"]
-        BrokerClient(sock).shutdown()  # its only holder is suspended: the broker's fd was the last handle
+        stop_broker(sock)  # its only holder is suspended: the broker's fd was the last handle
         with pytest.raises(GlakeError, match="no longer has shared chunk 0"):
             a.resume()
         assert a.suspended and _C.stats("host")["physical_bytes.current"] == suspended  # nothing made is kept
