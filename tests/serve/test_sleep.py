@@ -96,22 +96,18 @@ def test_idle_suspend_sleeps_when_idle_and_wakes_on_a_request(model_dir, tmp_pat
         s.stop()
 
 
-def test_idle_suspend_prepares_the_sleep_half_way_then_sleeps(monkeypatch):
-    """The engine thread prepares (on a helper thread) after half the idle time, and sleeps only once
-    that preparation is done; a request after the wake is served as before."""
-    import asyncio
-
-    from glake.serve import SamplingParams
-    from glake.serve.api.async_engine import AsyncEngine
+@pytest.fixture
+def sleep_events(monkeypatch):
+    """``(kind, time)`` of every ``LLMEngine.prepare_sleep`` ("prepare" at its start, "prepared" at its
+    end: it is made to take 0.3 s, longer than what is left of a short idle time) and ``sleep`` call."""
     from glake.serve.engine import LLMEngine
-    from tests.serve.serve_util import tiny_llama
 
     events = []
     prepare, sleep = LLMEngine.prepare_sleep, LLMEngine.sleep
 
     def slow_prepare(self):
         events.append(("prepare", time.monotonic()))
-        time.sleep(0.3)  # a preparation longer than what is left of the idle time: the sleep waits
+        time.sleep(0.3)
         events.append(("prepared", time.monotonic()))
         return prepare(self)
 
@@ -121,8 +117,27 @@ def test_idle_suspend_prepares_the_sleep_half_way_then_sleeps(monkeypatch):
 
     monkeypatch.setattr(LLMEngine, "prepare_sleep", slow_prepare)
     monkeypatch.setattr(LLMEngine, "sleep", recorded_sleep)
+    return events
+
+
+def tiny_async_engine(**kw):
+    from glake.serve.api.async_engine import AsyncEngine
+    from glake.serve.engine import LLMEngine
+    from tests.serve.serve_util import tiny_llama
+
+    return AsyncEngine(lambda: LLMEngine(tiny_llama(0), max_num_seqs=2, max_model_len=64), **kw)
+
+
+def test_idle_suspend_prepares_the_sleep_half_way_then_sleeps(sleep_events):
+    """The engine thread prepares (on a helper thread) after half the idle time, and sleeps only once
+    that preparation is done; a request after the wake is served as before."""
+    import asyncio
+
+    from glake.serve import SamplingParams
+
+    events = sleep_events
     start = time.monotonic()
-    eng = AsyncEngine(lambda: LLMEngine(tiny_llama(0), max_num_seqs=2, max_model_len=64), idle_suspend_s=0.4)
+    eng = tiny_async_engine(idle_suspend_s=0.4)
     try:
         deadline = time.monotonic() + 30
         while not any(e[0] == "sleep" for e in events):
@@ -143,39 +158,22 @@ def test_idle_suspend_prepares_the_sleep_half_way_then_sleeps(monkeypatch):
         eng.shutdown()
 
 
-def test_prepare_sleep_prepares_at_start_and_a_sleep_waits_for_it(monkeypatch):
+def test_prepare_sleep_prepares_at_start_and_a_sleep_waits_for_it(sleep_events):
     """``prepare_sleep=True`` (``glake serve --prepare-sleep``): the preparation starts once the engine
     is built, before any request or idle time, and a sleep asked for meanwhile runs after it."""
     import asyncio
 
-    from glake.serve.api.async_engine import AsyncEngine
     from glake.serve.api.cli import add_parsers
-    from glake.serve.engine import LLMEngine
-    from tests.serve.serve_util import tiny_llama
 
-    events = []
-    prepare, sleep = LLMEngine.prepare_sleep, LLMEngine.sleep
-
-    def slow_prepare(self):
-        events.append("prepare")
-        time.sleep(0.3)
-        events.append("prepared")
-        return prepare(self)
-
-    def recorded_sleep(self, level=1):
-        events.append("sleep")
-        return sleep(self, level)
-
-    monkeypatch.setattr(LLMEngine, "prepare_sleep", slow_prepare)
-    monkeypatch.setattr(LLMEngine, "sleep", recorded_sleep)
-    eng = AsyncEngine(lambda: LLMEngine(tiny_llama(0), max_num_seqs=2, max_model_len=64), prepare_sleep=True)
+    events = sleep_events
+    eng = tiny_async_engine(prepare_sleep=True)
     try:
         deadline = time.monotonic() + 30
-        while "prepare" not in events:
+        while not any(e[0] == "prepare" for e in events):
             assert time.monotonic() < deadline, "never prepared"
             time.sleep(0.01)
         asyncio.run(eng.sleep())
-        assert events == ["prepare", "prepared", "sleep"], events
+        assert [e[0] for e in events] == ["prepare", "prepared", "sleep"], events
         assert eng.sleeping
     finally:
         eng.shutdown()
